@@ -1,0 +1,284 @@
+"""The job configuration: one dataclass per TOML section, a docstring per field.
+
+The docstring under each field is what `bagel-titan --help` prints for it. Plugins add their own
+sections (`bagel_titan_config_sections`); those are reached through `JobConfig.section(name)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class Job:
+    config_file: str = ""
+    """TOML file to read; CLI overrides take precedence over it."""
+    dump_folder: str = "./outputs"
+    """Folder under which the run folder is created."""
+    run_name: str = "run"
+    """Name of the run folder inside `dump_folder` (checkpoints, logs, exports, samples)."""
+    description: str = ""
+    """Free text, recorded in the resolved config."""
+    plugins: list[str] = field(default_factory=list)
+    """Extra plugin modules to load, beside the installed `bagel_titan` entry points."""
+    print_config: bool = False
+    """Print the resolved config as TOML and exit."""
+
+
+@dataclass
+class Model:
+    name: str = "bagel"
+    """Model spec to train (registered by a plugin)."""
+    flavor: str = "debug"
+    """Named size of the model spec (e.g. "debug", "7b-mot")."""
+    pretrained_path: str = ""
+    """Folder with pretrained weights to start from (format detected); empty: random init."""
+    tokenizer_path: str = ""
+    """Folder with tokenizer files; empty: `pretrained_path`, or the spec's bundled tokenizer."""
+    freeze: list[str] = field(default_factory=list)
+    """Module groups whose parameters are frozen (names defined by the model spec)."""
+
+
+@dataclass
+class Training:
+    steps: int = 100
+    """Optimizer steps to train for."""
+    grad_accum_steps: int = 1
+    """Microbatches (packs) per optimizer step on each data-parallel rank."""
+    max_norm: float = 1.0
+    """Gradient-norm clipping threshold; 0 disables clipping (the norm is still logged)."""
+    seed: int = 0
+    """Seed for model init, data order and flow-matching noise."""
+    deterministic: bool = False
+    """Use deterministic algorithms (bitwise-reproducible runs; slower)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device type; "auto" picks cuda when available."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter/compute dtype under FSDP mixed precision; master weights stay fp32."""
+    max_consecutive_nonfinite: int = 10
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class Optimizer:
+    name: Literal["AdamW"] = "AdamW"
+    """Optimizer class."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas."""
+    eps: float = 1e-15
+    """Adam epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """Kernel: "auto" takes fused on GPU, foreach otherwise."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to the peak lr."""
+    decay_type: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after warm-up."""
+    min_lr: float = 0.0
+    """Floor of the linear and cosine decays (absolute lr)."""
+
+
+@dataclass
+class Parallelism:
+    dp_shard: int = -1
+    """FSDP sharding degree; -1: the world size divided by `dp_replicate`."""
+    dp_replicate: int = 1
+    """Replication degree (HSDP when > 1 together with dp_shard > 1)."""
+    reshard_after_forward: Literal["default", "always", "never"] = "default"
+    """Free gathered parameters after forward: "default" reshards all but the last unit."""
+    cpu_offload: bool = False
+    """Keep sharded parameters and optimizer state on the CPU."""
+    transformer_layer_cls_to_wrap: list[str] = field(default_factory=list)
+    """Class names to shard as units; empty: the model spec's sharding units."""
+    fsdp: bool = True
+    """Wrap the model with FSDP2 (also on a single process, for one code path)."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward: every unit ("full") or every Nth ("selective")."""
+    selective_every: int = 2
+    """With "selective": checkpoint every Nth sharding unit."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each sharding unit and the loss."""
+    components: list[str] = field(default_factory=lambda: ["model", "loss"])
+    """What to compile: "model" (per unit) and/or "loss"."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save DCP checkpoints and resume from the latest complete one."""
+    folder: str = "checkpoint"
+    """Folder inside the run folder."""
+    interval: int = 500
+    """Save every N steps (and at the end of the run)."""
+    keep_latest_k: int = 0
+    """Keep only the newest K complete checkpoints; 0 keeps all."""
+    async_mode: Literal["disabled", "async"] = "disabled"
+    """"async": write in a background thread after a staging copy."""
+    load_step: int = -1
+    """Resume from this step; -1: the latest complete checkpoint."""
+    initial_load_path: str = ""
+    """A training checkpoint folder (step-N) to start from when the run has none of its own."""
+    initial_load_model_only: bool = True
+    """With `initial_load_path`: load only the model weights (fine-tuning from a checkpoint)."""
+    export_interval: int = 0
+    """Export inference weights every N steps; 0: only at the end of the run."""
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Dtype of exported weights."""
+    export_at_end: bool = True
+    """Export inference weights when the run ends."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10
+    """Log every N steps (console, TensorBoard, metrics.jsonl)."""
+    enable_tensorboard: bool = True
+    """Write TensorBoard event files into `<run>/tb`."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU; 0: look the device up in the table."""
+
+
+@dataclass
+class DatasetEntry:
+    path: str = ""
+    """A file, a folder, or a .yaml list of datasets."""
+    format: str = ""
+    """Reader name (parquet, arrow, json, jsonl, yaml, ...); empty: inferred from the extension."""
+    data_folder: str = ""
+    """Where relative image paths resolve."""
+    weight: float = 1.0
+    """Sampling weight in a mixture."""
+    name: str = ""
+    """Name used in logs and metrics; empty: the path."""
+
+
+@dataclass
+class Data:
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    """The training mixture."""
+    packing: bool = True
+    """Pack several samples into one sequence."""
+    packing_strategy: str = "first_fit"
+    """Packing strategy (first_fit, best_fit, best_fit_decreasing, none, or from a plugin)."""
+    packing_length: int = 4096
+    """Tokens per pack."""
+    packing_window: int = 256
+    """Samples buffered by look-ahead strategies (first_fit open bins, best_fit_decreasing)."""
+    oversize_policy: Literal["skip", "truncate"] = "skip"
+    """A sample longer than `packing_length`: skipped and counted, or truncated (text only)."""
+    num_workers: int = 2
+    """Dataloader worker processes per rank; 0 loads in the main process."""
+    prefetch_factor: int = 2
+    """Packs prefetched per worker."""
+    seed: int = -1
+    """Seed of the mixture and shuffling; -1: `training.seed`."""
+    loader: str = "packed"
+    """Dataloader builder (registered by a plugin)."""
+
+
+@dataclass
+class Validation:
+    enable: bool = False
+    """Run validation (held-out loss, samples) during training."""
+    interval: int = 100
+    """Every N steps (and at the end)."""
+    steps: int = 4
+    """Held-out packs per validation."""
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    """Held-out data; empty: no held-out loss."""
+
+
+@dataclass
+class Attention:
+    backend: str = "sdpa"
+    """Attention backend (eager, sdpa, flex, nsa, or from a plugin); options in [attention.<backend>]."""
+    vit_backend: str = ""
+    """Backend for the ViT's per-image attention; empty: same as `backend` (nsa uses sdpa)."""
+
+
+@dataclass
+class Loss:
+    components: list[str] = field(default_factory=lambda: ["ce", "flow_mse"])
+    """Loss components to sum (registered by plugins); options in [loss.<name>]."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Weight per component name; a component not listed weighs 1.0."""
+
+
+@dataclass
+class EMA:
+    enable: bool = False
+    """Keep an fp32 exponential moving average of the trainable parameters."""
+    decay: float = 0.9999
+    """EMA decay per update."""
+    start_step: int = 0
+    """Copy the weights (no averaging) until this step."""
+    update_interval: int = 1
+    """Update every N steps."""
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    data: Data = field(default_factory=Data)
+    validation: Validation = field(default_factory=Validation)
+    attention: Attention = field(default_factory=Attention)
+    loss: Loss = field(default_factory=Loss)
+    ema: EMA = field(default_factory=EMA)
+    plugin_sections: dict[str, Any] = field(default_factory=dict)
+    """Sections contributed by plugins, by dotted name (not a TOML key itself)."""
+
+    def section(self, name: str) -> Any:
+        """A section by dotted name: a core one ("training") or a plugin's ("attention.nsa")."""
+        if name in self.plugin_sections:
+            return self.plugin_sections[name]
+        if "." not in name and name in CORE_SECTIONS:
+            return getattr(self, name)
+        known = sorted(list(CORE_SECTIONS) + list(self.plugin_sections))
+        raise KeyError(f"no config section {name!r}; known sections: {', '.join(known)}")
+
+    def has_section(self, name: str) -> bool:
+        return name in self.plugin_sections or name in CORE_SECTIONS
+
+
+CORE_SECTIONS: dict[str, type] = {
+    "job": Job,
+    "model": Model,
+    "training": Training,
+    "optimizer": Optimizer,
+    "lr_scheduler": LRScheduler,
+    "parallelism": Parallelism,
+    "activation_checkpoint": ActivationCheckpoint,
+    "compile": Compile,
+    "checkpoint": Checkpoint,
+    "metrics": Metrics,
+    "data": Data,
+    "validation": Validation,
+    "attention": Attention,
+    "loss": Loss,
+    "ema": EMA,
+}

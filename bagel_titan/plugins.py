@@ -1,0 +1,158 @@
+"""Plugin manager and registries.
+
+Plugins are discovered through the entry-point group ``bagel_titan`` and the modules named in
+``[job] plugins``; each registry hook's objects are filed by name (see `hookspec.py`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterable, TypeVar
+
+import pluggy
+
+from bagel_titan import hookspec
+from bagel_titan.hookspec import PROJECT
+
+T = TypeVar("T")
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded, or two plugins clash."""
+
+
+class UnknownNameError(KeyError):
+    """A name in the config that no plugin registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0])
+
+
+@dataclass
+class Registry(Generic[T]):
+    """Named objects of one kind, each remembered with the plugin that registered it."""
+
+    kind: str
+    """What the objects are, for messages ("attention backend")."""
+    config_key: str
+    """The config key that selects one ("[attention] backend")."""
+    entries: dict[str, tuple[T, str]] = field(default_factory=dict)
+
+    def register(self, name: str, obj: T, plugin: str) -> None:
+        if name in self.entries:
+            other = self.entries[name][1]
+            raise PluginError(
+                f"two plugins register the {self.kind} {name!r}: {other!r} and {plugin!r}; "
+                f"uninstall one or remove it from [job] plugins"
+            )
+        self.entries[name] = (obj, plugin)
+
+    def get(self, name: str) -> T:
+        if name not in self.entries:
+            known = ", ".join(sorted(self.entries)) or "(none)"
+            close = difflib.get_close_matches(name, list(self.entries), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r} in {self.config_key}{hint} registered: {known}"
+            )
+        return self.entries[name][0]
+
+    def plugin_of(self, name: str) -> str:
+        return self.entries[name][1]
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+
+class PluginManager:
+    """Loads plugins and fills the registries from their hooks."""
+
+    def __init__(self, extra_modules: Iterable[str] = (), load_entry_points: bool = True):
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(hookspec)
+        if load_entry_points:
+            self.pm.load_setuptools_entrypoints(PROJECT)
+        for module_name in extra_modules:
+            self.load_module(module_name)
+        self.model_specs: Registry[Any] = Registry("model spec", "[model] name")
+        self.attention_backends: Registry[Any] = Registry("attention backend", "[attention] backend")
+        self.dataset_readers: Registry[Any] = Registry("dataset reader", "[[data.datasets]] format")
+        self.packing_strategies: Registry[Any] = Registry("packing strategy", "[data] packing_strategy")
+        self.loss_components: Registry[Any] = Registry("loss component", "[loss] components")
+        self.dataloaders: Registry[Any] = Registry("dataloader", "[data] loader")
+        self.config_sections: Registry[type] = Registry("config section", "the TOML file")
+        self._collect()
+
+    def load_module(self, module_name: str) -> None:
+        if self.pm.has_plugin(module_name):
+            return
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise PluginError(
+                f"cannot import plugin module {module_name!r} named in [job] plugins: {exc}; "
+                f"check the name and that its package is installed"
+            ) from exc
+        if any(self.pm.get_name(p) == module_name for p in self.pm.get_plugins()):
+            return
+        if self.pm.is_registered(module):
+            return
+        self.pm.register(module, name=module_name)
+
+    def _each(self, hook_name: str) -> Iterable[tuple[str, Any]]:
+        """(plugin name, result) for every implementation of a registry hook."""
+        hook = getattr(self.pm.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):  # registration order
+            result = impl.function()
+            if result is not None:
+                yield impl.plugin_name, result
+
+    def _collect(self) -> None:
+        def fill(registry: Registry, hook_name: str, key: Callable[[Any], str]) -> None:
+            for plugin, objects in self._each(hook_name):
+                for obj in objects:
+                    registry.register(key(obj), obj, plugin)
+
+        fill(self.model_specs, "bagel_titan_model_specs", lambda o: o.name)
+        fill(self.attention_backends, "bagel_titan_attention_backends", lambda o: o.name)
+        fill(self.dataset_readers, "bagel_titan_dataset_readers", lambda o: o.format)
+        fill(self.packing_strategies, "bagel_titan_packing_strategies", lambda o: o.name)
+        fill(self.loss_components, "bagel_titan_loss_components", lambda o: o.name)
+        fill(self.dataloaders, "bagel_titan_dataloaders", lambda o: o.name)
+        for plugin, sections in self._each("bagel_titan_config_sections"):
+            for name, section_type in sections.items():
+                self.config_sections.register(name, section_type, plugin)
+
+    @property
+    def hook(self):
+        """Call lifecycle hooks: ``manager.hook.bagel_titan_on_step_end(...)``."""
+        return self.pm.hook
+
+    def reader_for_path(self, path: str) -> Any:
+        """The reader whose extensions match `path` (when a dataset omits `format`)."""
+        for name in self.dataset_readers.names():
+            reader = self.dataset_readers.get(name)
+            if any(path.endswith(ext) for ext in getattr(reader, "extensions", ())):
+                return reader
+        known = {n: list(getattr(self.dataset_readers.get(n), "extensions", ())) for n in self.dataset_readers.names()}
+        raise UnknownNameError(
+            f"cannot infer the format of dataset path {path!r} from its extension; set `format` "
+            f"in its [[data.datasets]] entry to one of {self.dataset_readers.names()} "
+            f"(extensions: {known})"
+        )
+
+
+_MANAGERS: dict[tuple[str, ...], PluginManager] = {}
+
+
+def get_plugin_manager(extra_modules: Iterable[str] = ()) -> PluginManager:
+    """A process-wide manager per set of extra modules (entry points are scanned once)."""
+    key = tuple(extra_modules)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = PluginManager(key)
+    return _MANAGERS[key]

@@ -1,0 +1,307 @@
+"""The typed contracts that plugins implement.
+
+The core (trainer, parallelism, checkpointing, metrics) only ever talks to these objects; it never
+imports a plugin by name. A plugin returns instances of them from its hooks (see `hookspec.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from bagel_titan.config.job_config import JobConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and model outputs
+# ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Batch(Protocol):
+    """One packed microbatch as the collator of a model spec emits it.
+
+    The core treats it as opaque apart from these members.
+    """
+
+    num_tokens: int
+    """Real (non-padding) tokens in the pack; used for tokens/s."""
+
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch with every tensor on `device` (non-blocking where possible)."""
+        ...
+
+
+@dataclass
+class ModelOutputs:
+    """What a model's forward returns to the loss components.
+
+    Fields a model cannot produce stay None; a loss component that needs a missing field raises
+    a clear error naming it. `extras` carries anything model specific.
+    """
+
+    logits: torch.Tensor | None = None
+    """[N, V] next-token logits at the positions that carry a CE label."""
+    labels: torch.Tensor | None = None
+    """[N] int64 CE targets, aligned with `logits`."""
+    label_weights: torch.Tensor | None = None
+    """[N] float per-label weights (1/sqrt(text length) re-weighting); None means all 1."""
+    pred_velocity: torch.Tensor | None = None
+    """[M, P] predicted flow-matching velocity of the noised latent tokens."""
+    target_velocity: torch.Tensor | None = None
+    """[M, P] target velocity (noise - x0) of the same tokens."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossTerm:
+    """One loss component's contribution from one microbatch: a sum and the count it sums over.
+
+    The trainer divides `sum` by the count summed over every microbatch of the step and every
+    data-parallel rank (global normalisation), then multiplies by the component's weight.
+    """
+
+    sum: torch.Tensor
+    count: int
+
+
+class LossComponent(Protocol):
+    """A named loss term. Registered through `bagel_titan_loss_components`."""
+
+    name: str
+
+    def count(self, batch: Batch) -> int:
+        """How many elements this term sums over in `batch`, known before the forward (the
+        trainer all-reduces these counts before any backward so every microbatch can be scaled
+        by the global count)."""
+        ...
+
+    def __call__(self, outputs: ModelOutputs, batch: Batch) -> LossTerm:
+        """The term's (sum, count) for one microbatch; `count` equals `self.count(batch)`."""
+        ...
+
+
+class LossComponentFactory(Protocol):
+    """Builds a loss component from its `[loss.<name>]` options (a dict of TOML values)."""
+
+    name: str
+
+    def __call__(self, options: Mapping[str, Any]) -> LossComponent: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionLayerSpec:
+    """Shapes of one attention layer, given to a backend when the model is built."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    layer_index: int
+    role: str
+    """"llm" or "vit": lets a backend (NSA) treat the two differently."""
+
+
+class AttentionBackend(Protocol):
+    """A named attention implementation for packed sequences.
+
+    `build(spec)` returns the per-layer module the model calls as
+    `module(q_THD, k_THD, v_THD, meta, hidden_TD) -> out_THD` where `q` is [T, Hq, D], `k`/`v` are
+    [T, Hkv, D] and `meta` is the batch's attention metadata (built once per packed batch and
+    shared by all layers; see `bagel_titan_plugins.attention.meta.AttentionMeta`). The module
+    may own parameters (NSA gates and compression weights); they then live in the model's
+    state dict under the attention layer.
+    """
+
+    name: str
+
+    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawSample:
+    """A sample as a reader yields it, before any processing."""
+
+    dataset: str
+    """Name of the dataset it came from (the path or the name given in the config)."""
+    index: int
+    """Stable index inside that dataset: the same sample always has the same index."""
+    data: dict[str, Any]
+    """The record (messages, caption + image, ...); the processor interprets it."""
+    data_folder: str = ""
+    """Where relative image paths resolve."""
+
+
+class DatasetReader(Protocol):
+    """Streams raw samples of one format. Registered through `bagel_titan_dataset_readers`."""
+
+    format: str
+    extensions: tuple[str, ...]
+    """File extensions that select this reader when `format` is omitted (e.g. (".parquet",))."""
+
+    def iter_samples(
+        self, path: str, *, shard_index: int, num_shards: int, start: int
+    ) -> Iterator[RawSample]:
+        """Yield the samples of shard `shard_index` of `num_shards`, skipping the first `start`
+        samples of that shard (for exact resume). Must never load a whole large file at once."""
+        ...
+
+
+class PackingStrategy(Protocol):
+    """Turns a stream of token lengths into packs. A pure function of lengths: no tensors.
+
+    `new_packer(capacity, options)` returns a stateful `Packer`.
+    """
+
+    name: str
+
+    def new_packer(self, capacity: int, options: Mapping[str, Any]) -> "Packer": ...
+
+
+class Packer(Protocol):
+    """Streaming packer over (key, length) items; its state is part of every checkpoint."""
+
+    def add(self, key: Any, length: int) -> list[list[Any]]:
+        """Offer one item; returns the packs (lists of keys) that are complete now."""
+        ...
+
+    def flush(self) -> list[list[Any]]:
+        """Every open pack, at the end of the data."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Processor(Protocol):
+    """Model-specific: raw sample -> processed sample (tokenised, images transformed)."""
+
+    def __call__(self, sample: RawSample) -> "ProcessedSample": ...
+
+
+@runtime_checkable
+class ProcessedSample(Protocol):
+    num_tokens: int
+    """Length of the sample in the packed sequence."""
+
+
+class Collator(Protocol):
+    """Model-specific: a list of processed samples -> one packed batch."""
+
+    def __call__(self, samples: Sequence[ProcessedSample]) -> Batch: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Model spec
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelSpec(Protocol):
+    """Everything model specific the trainer needs. Registered through `bagel_titan_model_specs`."""
+
+    name: str
+    flavors: Mapping[str, Any]
+    """Named model arguments, e.g. "debug" and "7b-mot"."""
+
+    def build(self, job_config: "JobConfig") -> nn.Module:
+        """Build the model for `[model] flavor` (called under the meta device; no allocation)."""
+        ...
+
+    def init_weights(self, model: nn.Module) -> None:
+        """Random initialisation after materialisation (`to_empty`), including buffers."""
+        ...
+
+    def load_weights(self, model: nn.Module, path: str) -> None:
+        """Load a pretrained folder (format detected) into a materialised, maybe sharded model."""
+        ...
+
+    def export(self, model: nn.Module, path: str, dtype: torch.dtype, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write an inference-ready folder; `state_dict` (full tensors, e.g. the EMA) overrides
+        the model's own parameters."""
+        ...
+
+    def sharding_units(self, model: nn.Module) -> list[nn.Module]:
+        """Modules to wrap with `fully_shard` (transformer blocks), in forward order."""
+        ...
+
+    def frozen_modules(self, model: nn.Module, job_config: "JobConfig") -> list[nn.Module]:
+        """Modules whose parameters are frozen by the freeze policy of the config."""
+        ...
+
+    def flops(self, batch: Batch) -> float:
+        """Training FLOPs (forward + backward) of one packed batch."""
+        ...
+
+    def build_processor(self, job_config: "JobConfig") -> Processor: ...
+
+    def build_collator(self, job_config: "JobConfig") -> Collator: ...
+
+    def forward(self, model: nn.Module, batch: Batch, generator: torch.Generator | None) -> ModelOutputs:
+        """Run the model on one packed batch. `generator` seeds the flow-matching noise (differs
+        per step and per rank)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataloader
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainDataloader(Protocol):
+    """An endless, stateful iterator of packed batches for one data-parallel rank."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue with exactly the next batch: reader positions, mixing
+        RNG, packing buffer, per-worker state."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def data_stats(self) -> dict[str, float]:
+        """Counters for the metrics (e.g. ``data/skipped/<reason>``, ``data/samples``), cumulative
+        since the start of the run (restored on resume)."""
+        ...
+
+
+class DataloaderBuilder(Protocol):
+    """Builds the dataloader of one rank. Registered through `bagel_titan_dataloaders`,
+    selected with ``[data] loader``."""
+
+    name: str
+
+    def build(
+        self,
+        job_config: "JobConfig",
+        plugins: Any,
+        model_spec: ModelSpec,
+        *,
+        dp_rank: int,
+        dp_world_size: int,
+        datasets: Sequence[Any] | None = None,
+        infinite: bool = True,
+    ) -> TrainDataloader:
+        """`datasets` overrides `[data] datasets` (validation passes its own); `infinite=False`
+        ends after one pass (validation)."""
+        ...

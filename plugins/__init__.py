@@ -1,0 +1,1 @@
+"""First-party plugins of bagel-titan, installed as `bagel_titan_plugins`."""
