@@ -223,8 +223,10 @@ class ModelSpec(Protocol):
     flavors: Mapping[str, Any]
     """Named model arguments, e.g. "debug" and "7b-mot"."""
 
-    def build(self, job_config: "JobConfig") -> nn.Module:
-        """Build the model for `[model] flavor` (called under the meta device; no allocation)."""
+    def build(self, job_config: "JobConfig", plugins: Any) -> nn.Module:
+        """Build the model for `[model] flavor` (called under the meta device; no allocation).
+        `plugins` is the PluginManager: attention backends come from
+        `plugins.attention_backends.get(job_config.attention.backend)`."""
         ...
 
     def init_weights(self, model: nn.Module) -> None:

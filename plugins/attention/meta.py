@@ -24,6 +24,23 @@ SEGMENT_MODES = ("causal", "full", "noise")
 CAUSAL, FULL, NOISE = 0, 1, 2
 
 
+def mask_rule(
+    doc_ids: torch.Tensor, segment_ids: torch.Tensor, token_modes: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+) -> torch.Tensor:
+    """BAGEL's mask rule on per-token [T] tables for (broadcastable) query and key indices.
+
+    The single definition every backend derives its mask from (dense, flex mask_mod, NSA);
+    tensor ops only, so it traces inside flex attention.
+    """
+    doc_q, doc_k = doc_ids[q_idx], doc_ids[kv_idx]
+    seg_q, seg_k = segment_ids[q_idx], segment_ids[kv_idx]
+    mode_q, mode_k = token_modes[q_idx], token_modes[kv_idx]
+    same_doc = (doc_q == doc_k) & (doc_q >= 0)
+    earlier_visible = (seg_k < seg_q) & (mode_k != NOISE)
+    same_segment = (seg_k == seg_q) & ((mode_q != CAUSAL) | (kv_idx <= q_idx))
+    return same_doc & (earlier_visible | same_segment)
+
+
 @dataclass
 class AttentionMeta:
     """Per-batch attention metadata (all tensors on the batch's device).
@@ -73,13 +90,7 @@ class AttentionMeta:
 
         Written with tensor ops only so it also serves as a flex-attention mask_mod.
         """
-        doc_q, doc_k = self.doc_ids[q_idx], self.doc_ids[kv_idx]
-        seg_q, seg_k = self.segment_ids[q_idx], self.segment_ids[kv_idx]
-        mode_q, mode_k = self.token_modes[q_idx], self.token_modes[kv_idx]
-        same_doc = (doc_q == doc_k) & (doc_q >= 0)
-        earlier_visible = (seg_k < seg_q) & (mode_k != NOISE)
-        same_segment = (seg_k == seg_q) & ((mode_q != CAUSAL) | (kv_idx <= q_idx))
-        return same_doc & (earlier_visible | same_segment)
+        return mask_rule(self.doc_ids, self.segment_ids, self.token_modes, q_idx, kv_idx)
 
     def dense_mask(self) -> torch.Tensor:
         """[T, T] bool mask (True = may attend), cached."""

@@ -1,0 +1,31 @@
+# Two commands do the whole set-up on a fresh machine:
+#   make train   # creates .venv, installs, trains the tiny debug BAGEL on the bundled data (CPU)
+#   make test    # creates .venv, installs, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch; on a GPU machine use e.g. `make TORCH_SPEC="torch==2.11.0" train`.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= train_configs/debug_model.toml
+ARGS ?=
+
+.PHONY: setup train test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/bagel-titan --job.config_file $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,276 @@
+"""Save and resume training checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint is `<run>/<[checkpoint] folder>/step-<N>/` (see `layout.py`). It holds:
+
+- the shared states given to the manager (model, optimizer, lr_scheduler, train_state, ema):
+  saved once, sharded tensors by each rank's shard, so a different world size can load them
+  (DCP reshards);
+- per rank: `dataloader.dp_rank_<i>` (the exact data position of data-parallel rank i) and
+  `rng.rank_<r>` (global RNG states), pickled.
+
+Resume on a different data-parallel world size: model, optimizer, EMA, LR schedule and train
+state are resharded exactly. A data position cannot be mapped between different shardings, so
+the dataloader and RNG states are NOT restored: every rank keeps the freshly built state of its
+dataloader (its shard of the data from the start, as seeded by the config) and a warning names
+both world sizes. `restored_data_state` tells the trainer which case happened (it may e.g.
+derive a new data seed from the resumed step so the restarted data order differs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+from bagel_titan.checkpoint.layout import (
+    CheckpointInfo,
+    list_steps,
+    read_marker,
+    remove_checkpoint,
+    step_dir,
+    write_marker,
+)
+from bagel_titan.checkpoint.rng import rng_state, set_rng_state
+from bagel_titan.checkpoint.writer import CheckpointWriter
+from bagel_titan.config.job_config import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+DATALOADER = "dataloader"
+RNG = "rng"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint the config asks for cannot be loaded."""
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    path: str
+    future: Future
+
+
+class CheckpointManager:
+    """Periodic, optionally asynchronous, atomic DCP checkpoints of one run, and resume.
+
+    `states` maps names to objects with `state_dict()`/`load_state_dict()`: "model" (a
+    `ModelState`), "optimizer" (`OptimizerState`), "lr_scheduler", "train_state", "ema", and
+    "dataloader", whose state differs per data-parallel rank and is stored per rank. Every rank
+    constructs the manager and calls every method (they are collective).
+    """
+
+    def __init__(
+        self,
+        cfg: Checkpoint,
+        run_folder: str,
+        states: Mapping[str, Stateful],
+        dp_rank: int,
+        dp_world_size: int,
+    ):
+        if cfg.interval < 1:
+            raise ValueError(f"[checkpoint] interval must be >= 1, got {cfg.interval}")
+        if cfg.keep_latest_k < 0:
+            raise ValueError(f"[checkpoint] keep_latest_k must be >= 0, got {cfg.keep_latest_k}")
+        if cfg.async_mode not in ("disabled", "async"):
+            raise ValueError(
+                f"[checkpoint] async_mode must be 'disabled' or 'async', got {cfg.async_mode!r}"
+            )
+        self.cfg = cfg
+        self.root = os.path.join(run_folder, cfg.folder)
+        self.states = {k: v for k, v in states.items() if k != DATALOADER}
+        self.dataloader = states.get(DATALOADER)
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.restored_data_state = False
+        """After `load()`: whether the dataloader and RNG states were restored."""
+        self._pending: _PendingSave | None = None
+        self._last_saved_step = -1
+        # Async saves run collectives from a background thread: give them their own gloo group
+        # so they never interleave with the training loop's collectives.
+        self._async_pg = (
+            dist.new_group(backend="gloo") if cfg.enable and cfg.async_mode == "async" else None
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Saving
+
+    def maybe_save(self, step: int, force: bool = False) -> bool:
+        """Save after optimizer step `step` if it is on the interval (or `force`, e.g. at the
+        end of the run). Also finalises a finished asynchronous save. Returns whether a save
+        started."""
+        self._finalize_pending(block=False)
+        if not self.cfg.enable or step == self._last_saved_step:
+            return False
+        if not force and step % self.cfg.interval:
+            return False
+        self._save(step)
+        return True
+
+    def wait(self) -> None:
+        """Block until an in-flight asynchronous save is written and marked complete."""
+        self._finalize_pending(block=True)
+
+    def close(self) -> None:
+        """Finish any in-flight save and release the checkpoint process group."""
+        self.wait()
+        if self._async_pg is not None:
+            dist.destroy_process_group(self._async_pg)
+            self._async_pg = None
+
+    def _save(self, step: int) -> None:
+        self._finalize_pending(block=True)
+        path = step_dir(self.root, step)
+        if self.rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            if os.path.exists(path):  # a save of this step interrupted by a crash, or a rerun
+                remove_checkpoint(path)
+            os.makedirs(path)
+        dist.barrier()
+        state = self._shared_state_dicts()
+        if self.dataloader is not None:
+            state[DATALOADER] = {
+                f"dp_rank_{self.dp_rank}": pickle.dumps(self.dataloader.state_dict())
+            }
+        state[RNG] = {f"rank_{self.rank}": pickle.dumps(rng_state())}
+        writer = CheckpointWriter(path, step)
+        self._last_saved_step = step
+        if self._async_pg is None:
+            dcp.save(state, storage_writer=writer)
+            # dcp.save returns once every rank's data and the metadata are written.
+            self._mark_complete(step, path)
+            return
+        result = dcp.async_save(state, storage_writer=writer, process_group=self._async_pg)
+        future = getattr(result, "upload_completion", result)
+        self._pending = _PendingSave(step, path, future)
+
+    def _finalize_pending(self, block: bool) -> None:
+        pending = self._pending
+        if pending is None or (not block and not pending.future.done()):
+            return
+        self._pending = None
+        pending.future.result()  # re-raises a failed save
+        # The future of the coordinating rank completes after all ranks wrote and the metadata
+        # is on disk, so rank 0 can mark the checkpoint complete on its own.
+        self._mark_complete(pending.step, pending.path)
+
+    def _mark_complete(self, step: int, path: str) -> None:
+        if self.rank != 0:
+            return
+        write_marker(path, CheckpointInfo(step, self.world_size, self.dp_world_size))
+        logger.info("checkpoint step %d complete: %s", step, path)
+        self._apply_retention(step)
+
+    def _apply_retention(self, newest: int) -> None:
+        """Rank 0: keep the newest `keep_latest_k` complete checkpoints, and drop folders of
+        interrupted saves older than the newest complete one (nothing writes to them)."""
+        complete, incomplete = list_steps(self.root)
+        doomed = [s for s in incomplete if s < newest]
+        if self.cfg.keep_latest_k:
+            doomed += [s for s in complete[: -self.cfg.keep_latest_k] if s < newest]
+        for step in doomed:
+            remove_checkpoint(step_dir(self.root, step))
+            logger.info("removed checkpoint step %d (keep_latest_k=%d)", step, self.cfg.keep_latest_k)
+
+    def _shared_state_dicts(self) -> dict[str, Any]:
+        return {name: obj.state_dict() for name, obj in self.states.items()}
+
+    # ------------------------------------------------------------------------------------------
+    # Loading
+
+    def complete_steps(self) -> list[int]:
+        """Steps of this run with a complete checkpoint, ascending."""
+        return list_steps(self.root)[0]
+
+    def load(self, step: int = -1) -> int:
+        """Restore the run and return the step to continue after (0: start from scratch).
+
+        Order: `step` (or `[checkpoint] load_step`) if given, else the latest complete
+        checkpoint of this run, else `initial_load_path` (model only when
+        `initial_load_model_only`, returning 0), else nothing.
+        """
+        if not self.cfg.enable:
+            return 0
+        wanted = step if step != -1 else self.cfg.load_step
+        complete, incomplete = list_steps(self.root)
+        if wanted != -1:
+            if wanted not in complete:
+                state = "incomplete (interrupted save)" if wanted in incomplete else "missing"
+                raise CheckpointError(
+                    f"[checkpoint] load_step = {wanted} but {step_dir(self.root, wanted)} is "
+                    f"{state}; complete checkpoints: {complete or 'none'}"
+                )
+            return self._load_from(step_dir(self.root, wanted), model_only=False)
+        if complete:
+            return self._load_from(step_dir(self.root, complete[-1]), model_only=False)
+        if self.cfg.initial_load_path:
+            restored = self._load_from(
+                self.cfg.initial_load_path, model_only=self.cfg.initial_load_model_only
+            )
+            return 0 if self.cfg.initial_load_model_only else restored
+        return 0
+
+    def _load_from(self, path: str, model_only: bool) -> int:
+        info = read_marker(path)
+        if info is None:
+            raise CheckpointError(
+                f"{path} is not a complete bagel-titan checkpoint (no COMPLETE marker): either "
+                f"its save was interrupted or it is not a step-<N> folder of a training run"
+            )
+        names = ["model"] if model_only else list(self.states)
+        self._check_present(path, names)
+        state = {name: self.states[name].state_dict() for name in names}
+        same_layout = info.dp_world_size == self.dp_world_size and info.world_size == self.world_size
+        restore_data = not model_only and same_layout
+        if restore_data:
+            if self.dataloader is not None:
+                state[DATALOADER] = {f"dp_rank_{self.dp_rank}": b""}
+            state[RNG] = {f"rank_{self.rank}": b""}
+        elif not model_only:
+            logger.warning(
+                "checkpoint %s was saved with %d data-parallel ranks (world size %d), this run "
+                "has %d (world size %d): model, optimizer, EMA, LR schedule and train state are "
+                "resharded, but data positions and RNG states cannot be mapped; every rank "
+                "starts its data shard afresh",
+                path, info.dp_world_size, info.world_size, self.dp_world_size, self.world_size,
+            )
+        dcp.load(state, checkpoint_id=path)
+        for name in names:
+            self.states[name].load_state_dict(state[name])
+        if restore_data:
+            if self.dataloader is not None:
+                self.dataloader.load_state_dict(
+                    pickle.loads(state[DATALOADER][f"dp_rank_{self.dp_rank}"])
+                )
+            set_rng_state(pickle.loads(state[RNG][f"rank_{self.rank}"]))
+        self.restored_data_state = restore_data
+        self._last_saved_step = info.step if os.path.dirname(path) == self.root else -1
+        logger.info(
+            "loaded %s from %s (step %d)", "model weights" if model_only else "checkpoint", path, info.step
+        )
+        return info.step
+
+    def _check_present(self, path: str, names: list[str]) -> None:
+        saved = {fqn.split(".", 1)[0] for fqn in FileSystemReader(path).read_metadata().state_dict_metadata}
+        missing = [n for n in names if n not in saved]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {path} has no state for {missing} (saved: {sorted(saved)}); was it "
+                f"saved with that component disabled (e.g. [ema] enable = false)? Start from it "
+                f"with [checkpoint] initial_load_path and initial_load_model_only = true instead"
+            )

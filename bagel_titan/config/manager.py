@@ -1,0 +1,289 @@
+"""Build a validated JobConfig from defaults < TOML file < command-line overrides.
+
+Overrides are ``--section.key value`` or ``--section.key=value``; nested sections use more dots
+(``--attention.nsa.topk 8``). A flag given alone (``--job.print_config``) means true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from bagel_titan.config.fields import (
+    ConfigError,
+    build_dataclass,
+    closest,
+    coerce,
+    field_docs,
+    field_types,
+    parse_cli_value,
+    tomllib,
+    type_name,
+)
+from bagel_titan.config.job_config import CORE_SECTIONS, JobConfig
+
+
+@dataclass
+class CommandLine:
+    """The command line split into its parts (no types yet: sections may come from plugins)."""
+
+    overrides: list[tuple[str, str]] = field(default_factory=list)
+    """(dotted key, raw value) in the order given."""
+    help: bool = False
+
+
+def split_command_line(argv: Sequence[str]) -> CommandLine:
+    cli = CommandLine()
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            cli.help = True
+            i += 1
+            continue
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(
+                f"unexpected argument {arg!r}: options look like --section.key value "
+                f"(see bagel-titan --help)"
+            )
+        body = arg[2:]
+        if "=" in body:
+            key, raw = body.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, raw = body, args[i + 1]
+            i += 2
+        else:
+            key, raw = body, "true"
+            i += 1
+        if "." not in key:
+            raise ConfigError(f"--{key}: options are --section.key (for example --training.steps 10)")
+        cli.overrides.append((key.replace("-", "_"), raw))
+    return cli
+
+
+def all_sections(plugin_sections: dict[str, type]) -> dict[str, type]:
+    return {**CORE_SECTIONS, **plugin_sections}
+
+
+def _resolve_key(dotted: str, sections: dict[str, type]) -> tuple[str, str]:
+    """Split ``attention.nsa.topk`` into (section "attention.nsa", key "topk")."""
+    section, _, key = dotted.rpartition(".")
+    if section in sections:
+        return section, key
+    top = dotted.split(".", 1)[0]
+    if top not in sections:
+        raise ConfigError(f"unknown section {top!r} in --{dotted}{closest(top, list(sections))}")
+    raise ConfigError(
+        f"unknown section {section!r} in --{dotted}{closest(section, list(sections))} "
+        f"known sections: {', '.join(sorted(sections))}"
+    )
+
+
+def _field_type(section_cls: type, section: str, key: str) -> Any:
+    types_ = field_types(section_cls)
+    names = [f.name for f in dataclasses.fields(section_cls) if f.init]
+    if key not in names:
+        raise ConfigError(f"unknown key {key!r} in [{section}]{closest(key, names)} valid keys: {', '.join(names)}")
+    return types_[key]
+
+
+def _split_tables(raw: dict[str, Any], sections: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """Flatten a TOML document into {section name: its own keys} (sub-sections split off)."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def visit(prefix: str, table: dict[str, Any]) -> None:
+        own = out.setdefault(prefix, {})
+        for key, value in table.items():
+            child = f"{prefix}.{key}"
+            if child in sections and isinstance(value, dict):
+                visit(child, value)
+            else:
+                own[key] = value
+
+    for name, table in raw.items():
+        if name not in sections:
+            raise ConfigError(
+                f"unknown section [{name}]{closest(name, list(sections))} "
+                f"known sections: {', '.join(sorted(s for s in sections if '.' not in s))}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table, got {table!r}")
+        visit(name, table)
+    return out
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--job.config_file: no such file {path!r}")
+    try:
+        with open(file, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def plugin_modules(raw_toml: dict[str, Any], cli: CommandLine) -> list[str]:
+    """`[job] plugins` (needed before the sections are known, since plugins add sections)."""
+    modules = raw_toml.get("job", {}).get("plugins", [])
+    for key, raw in cli.overrides:
+        if key == "job.plugins":
+            modules = parse_cli_value(key, list[str], raw)
+    return coerce("job.plugins", list[str], modules)
+
+
+def config_file_of(cli: CommandLine) -> str:
+    path = ""
+    for key, raw in cli.overrides:
+        if key == "job.config_file":
+            path = raw
+    return path
+
+
+def build_job_config(
+    raw_toml: dict[str, Any], cli: CommandLine, plugin_sections: dict[str, type]
+) -> JobConfig:
+    sections = all_sections(plugin_sections)
+    tables = _split_tables(raw_toml, sections)
+    for dotted, raw in cli.overrides:
+        section, key = _resolve_key(dotted, sections)
+        tp = _field_type(sections[section], section, key)
+        tables.setdefault(section, {})[key] = parse_cli_value(dotted, tp, raw)
+    values = {name: build_dataclass(cls, tables.get(name, {}), name) for name, cls in sections.items()}
+    job_config = JobConfig(**{name: values[name] for name in CORE_SECTIONS})
+    job_config.plugin_sections = {name: values[name] for name in plugin_sections}
+    validate(job_config)
+    return job_config
+
+
+def validate(cfg: JobConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    positive = {
+        "training.steps": cfg.training.steps,
+        "training.grad_accum_steps": cfg.training.grad_accum_steps,
+        "metrics.log_freq": cfg.metrics.log_freq,
+        "data.packing_length": cfg.data.packing_length,
+        "checkpoint.interval": cfg.checkpoint.interval,
+        "ema.update_interval": cfg.ema.update_interval,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError(f"optimizer.betas must hold two numbers, got {cfg.optimizer.betas}")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
+
+
+def load_job_config(argv: Sequence[str], plugins_factory=None) -> tuple[JobConfig, Any]:
+    """Parse `argv` (without the program name) into a JobConfig and its PluginManager."""
+    from bagel_titan.plugins import get_plugin_manager
+
+    cli = split_command_line(argv)
+    path = config_file_of(cli)
+    raw = read_toml(path) if path else {}
+    factory = plugins_factory or get_plugin_manager
+    plugins = factory(plugin_modules(raw, cli))
+    sections = {name: plugins.config_sections.get(name) for name in plugins.config_sections.names()}
+    clashes = set(sections) & set(CORE_SECTIONS)
+    if clashes:
+        raise ConfigError(f"plugin sections {sorted(clashes)} clash with core sections")
+    job_config = build_job_config(raw, cli, sections)
+    job_config.job.config_file = path
+    return job_config, plugins
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: --help and the resolved TOML
+# ---------------------------------------------------------------------------------------------
+
+
+def help_text(plugin_sections: dict[str, type]) -> str:
+    lines = [
+        "usage: bagel-titan --job.config_file FILE.toml [--section.key value ...]",
+        "",
+        "Every key below can be set in the TOML file ([section] key = value) or on the command",
+        "line (--section.key value or --section.key=value); the command line wins.",
+    ]
+    for name, cls in all_sections(plugin_sections).items():
+        lines += ["", f"[{name}]" + (f"  (from a plugin)" if name in plugin_sections else "")]
+        docs = field_docs(cls)
+        types_ = field_types(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            value = getattr(default, f.name)
+            shown = _toml_value(value) if not _is_table_list(value) else "[]"
+            lines.append(f"  --{name}.{f.name} ({type_name(types_[f.name])}, default: {shown})")
+            if docs.get(f.name):
+                lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines) + "\n"
+
+
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and any(dataclasses.is_dataclass(v) for v in value)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if dataclasses.is_dataclass(value):
+        return _toml_value(dataclasses.asdict(value))
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The resolved config as a TOML document that `load_job_config` reads back identically."""
+    sections = {**{n: getattr(cfg, n) for n in CORE_SECTIONS}, **cfg.plugin_sections}
+    out: list[str] = []
+    for name, section in sections.items():
+        out.append(f"[{name}]")
+        table_lists = []
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if _is_table_list(value):
+                table_lists.append((f.name, value))
+            else:
+                out.append(f"{f.name} = {_toml_value(value)}")
+        for key, items in table_lists:
+            for item in items:
+                out.append("")
+                out.append(f"[[{name}.{key}]]")
+                for k, v in dataclasses.asdict(item).items():
+                    out.append(f"{k} = {_toml_value(v)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def main_help(argv: Sequence[str]) -> str:
+    """Help text including the sections of plugins named in `argv`'s TOML / --job.plugins."""
+    from bagel_titan.plugins import get_plugin_manager
+
+    cli = split_command_line([a for a in argv if a not in ("-h", "--help")])
+    path = config_file_of(cli)
+    raw = read_toml(path) if path else {}
+    plugins = get_plugin_manager(plugin_modules(raw, cli))
+    sections = {name: plugins.config_sections.get(name) for name in plugins.config_sections.names()}
+    return help_text(sections)
+
+
+def print_error(exc: Exception) -> None:
+    print(f"bagel-titan: config error: {exc}", file=sys.stderr)

@@ -1,0 +1,81 @@
+"""FSDP2 (`fully_shard`) per unit, then the root: FSDP over a 1-D mesh, HSDP over a 2-D one.
+
+Mixed precision: parameters are gathered in `param_dtype` for compute, gradients reduced in
+`reduce_dtype`; the sharded master weights (and so the optimizer) stay fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from bagel_titan.config.job_config import Parallelism
+
+_RESHARD_POLICIES = ("default", "always", "never")
+
+
+def reshard_after_forward_for(policy: str, unit_index: int, num_units: int) -> bool:
+    """Whether unit `unit_index` frees its gathered parameters after forward.
+
+    "default" keeps the last unit gathered: backward starts with it, so resharding it would
+    only gather it again immediately.
+    """
+    if policy == "always":
+        return True
+    if policy == "never":
+        return False
+    if policy == "default":
+        return unit_index < num_units - 1
+    raise ValueError(
+        f"[parallelism] reshard_after_forward must be one of {', '.join(_RESHARD_POLICIES)}, "
+        f"got {policy!r}"
+    )
+
+
+def apply_fsdp(
+    model: nn.Module,
+    units: Sequence[nn.Module],
+    mesh: DeviceMesh,
+    parallelism_cfg: Parallelism,
+    param_dtype: torch.dtype = torch.float32,
+    reduce_dtype: torch.dtype = torch.float32,
+    ignored_modules: Sequence[nn.Module] = (),
+) -> nn.Module:
+    """`fully_shard` every unit, then the root (which takes the remaining parameters).
+
+    `ignored_modules` (e.g. a frozen VAE) stay outside FSDP: full, unsharded, replicated on
+    every rank, and not gathered or reduced. Returns `model` (sharded in place; parameters
+    become DTensors, state-dict keys are unchanged).
+    """
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    offload: OffloadPolicy = CPUOffloadPolicy() if parallelism_cfg.cpu_offload else OffloadPolicy()
+    policy = parallelism_cfg.reshard_after_forward
+    ignored = {p for m in ignored_modules for p in m.parameters()}
+    for index, unit in enumerate(units):
+        if any(p in ignored for p in unit.parameters()):
+            raise ValueError(
+                f"sharding unit {index} ({type(unit).__name__}) contains parameters of an "
+                f"ignored (frozen, unsharded) module; a module cannot be both"
+            )
+        fully_shard(
+            unit,
+            mesh=mesh,
+            reshard_after_forward=reshard_after_forward_for(policy, index, len(units)),
+            mp_policy=mp_policy,
+            offload_policy=offload,
+        )
+    fully_shard(
+        model,
+        mesh=mesh,
+        # FSDP keeps the root's parameters gathered after forward regardless (backward needs
+        # them first); the flag only matters for its nested state.
+        reshard_after_forward=policy != "never",
+        mp_policy=mp_policy,
+        offload_policy=offload,
+        ignored_params=ignored or None,
+    )
+    return model

@@ -1,0 +1,75 @@
+"""Process-group lifecycle, device choice, seeding and deterministic mode.
+
+Launch with `torchrun` (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). A plain
+`python` launch runs as a single-rank group, so the training code has one path.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """The device of this rank: `cuda:<LOCAL_RANK>` or the CPU.
+
+    `device` is `[training] device`: "auto" picks CUDA when available, "cuda" requires it.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"[training] device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("[training] device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
+    """Initialise the default process group from the torchrun environment (no-op if done).
+
+    On CUDA the group is "cuda:nccl,cpu:gloo": the gloo half carries CPU collectives such as
+    asynchronous checkpoint saves. Without torchrun variables the job is a single rank.
+    """
+    if dist.is_initialized():
+        return
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if all(key in os.environ for key in _TORCHRUN_ENV):
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+
+
+def destroy_distributed() -> None:
+    """Tear down the default process group (safe to call twice)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch (CPU and CUDA) and Python's `random` with the same value on every rank, so
+    model initialisation agrees across ranks; per-rank randomness uses its own generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels for bitwise-reproducible runs (`[training] deterministic`)."""
+    torch.use_deterministic_algorithms(enabled, warn_only=False)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+    if enabled:
+        # cuBLAS needs a fixed workspace to be deterministic; must be set before first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -1,0 +1,77 @@
+"""Metric sinks: the console line, TensorBoard event files and `metrics.jsonl`.
+
+Every sink receives the same dict of numbers for a logged step, so the three never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+logger = logging.getLogger("bagel_titan")
+
+# Order of the console line; anything else is appended alphabetically.
+CONSOLE_ORDER = ("loss", "grad_norm", "lr", "tokens_per_s", "mfu_pct", "memory/max_reserved_gib")
+
+
+def format_console(step: int, metrics: dict[str, float]) -> str:
+    def fmt(key: str, value: float) -> str:
+        if isinstance(value, float) and (abs(value) >= 1e4 or (0 < abs(value) < 1e-3)):
+            return f"{key} {value:.3e}"
+        if isinstance(value, float):
+            return f"{key} {value:.4f}"
+        return f"{key} {value}"
+
+    keys = [k for k in CONSOLE_ORDER if k in metrics]
+    keys += sorted(k for k in metrics if k not in CONSOLE_ORDER and (k.startswith("loss/") or k.startswith("data/skipped")))
+    return f"step {step:>6}  " + "  ".join(fmt(k, metrics[k]) for k in keys)
+
+
+class MetricsLogger:
+    """Writes logged steps to the console, TensorBoard and `<run>/metrics.jsonl` (rank 0 only)."""
+
+    def __init__(self, run_folder: str, enable_tensorboard: bool, is_rank0: bool):
+        self.is_rank0 = is_rank0
+        self.jsonl = None
+        self.tb = None
+        if not is_rank0:
+            return
+        os.makedirs(run_folder, exist_ok=True)
+        # Append: a resumed run continues the same file (its steps continue where it stopped).
+        self.jsonl = open(os.path.join(run_folder, "metrics.jsonl"), "a", buffering=1)
+        if enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_folder, "tb"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_rank0:
+            return
+        logger.info(format_console(step, metrics))
+        record: dict[str, Any] = {"step": step}
+        for key, value in metrics.items():
+            record[key] = value if math.isfinite(value) else str(value)
+            if self.tb is not None:
+                self.tb.add_scalar(key, value, step)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if self.is_rank0 and self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def log_image(self, tag: str, image_HWC, step: int) -> None:
+        if self.is_rank0 and self.tb is not None:
+            self.tb.add_image(tag, image_HWC, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+            self.tb = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None

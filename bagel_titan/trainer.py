@@ -1,0 +1,338 @@
+"""The build phase and the training loop. Nothing model specific: that comes from the model spec.
+
+Build: model on the meta device -> freeze -> parallelize (AC, compile, FSDP2) -> materialise and
+initialise / load -> optimizer, LR schedule, EMA -> dataloader -> checkpoint manager (resume).
+Loop: microbatches -> forward -> loss components (normalised by their global counts) ->
+backward -> clip -> non-finite guard -> step -> EMA -> metrics -> checkpoint -> export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bagel_titan.checkpoint.export import export_weights
+from bagel_titan.checkpoint.manager import CheckpointManager
+from bagel_titan.checkpoint.states import ModelState, OptimizerState
+from bagel_titan.config.job_config import JobConfig
+from bagel_titan.config.manager import to_toml
+from bagel_titan.distributed.parallel_dims import ParallelDims
+from bagel_titan.distributed.parallelize import parallelize
+from bagel_titan.distributed.utils import init_distributed, select_device, set_deterministic, set_seed
+from bagel_titan.metrics.device_flops import device_name, peak_flops_per_second
+from bagel_titan.metrics.logger import MetricsLogger
+from bagel_titan.metrics.throughput import ThroughputMeter
+from bagel_titan.optim.ema import EMA
+from bagel_titan.optim.lr_scheduler import build_lr_scheduler
+from bagel_titan.optim.optimizer import build_optimizer
+from bagel_titan.protocols import Batch, LossComponent
+from bagel_titan.train_state import TrainState
+
+logger = logging.getLogger("bagel_titan")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot continue (too many consecutive non-finite steps)."""
+
+
+def loss_options(job_config: JobConfig, name: str) -> dict[str, Any]:
+    section = f"loss.{name}"
+    if job_config.has_section(section):
+        return dataclasses.asdict(job_config.section(section))
+    return {}
+
+
+class Trainer:
+    """Owns everything a run needs; `train()` runs the loop to `training.steps`."""
+
+    def __init__(self, job_config: JobConfig, plugins: Any):
+        self.job_config = cfg = job_config
+        self.plugins = plugins
+        self.device = select_device(cfg.training.device)
+        init_distributed(self.device)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.run_folder = os.path.join(cfg.job.dump_folder, cfg.job.run_name)
+        if self.rank == 0:
+            os.makedirs(self.run_folder, exist_ok=True)
+            with open(os.path.join(self.run_folder, "config.toml"), "w") as f:
+                f.write(to_toml(cfg))
+
+        set_seed(cfg.training.seed)
+        set_deterministic(cfg.training.deterministic)
+        self.parallel_dims = ParallelDims(
+            dp_replicate=cfg.parallelism.dp_replicate,
+            dp_shard=cfg.parallelism.dp_shard,
+            world_size=self.world_size,
+        )
+        mesh = self.parallel_dims.build_mesh(self.device.type)
+        self.dp_rank = self.parallel_dims.dp_rank
+        self.dp_world_size = self.parallel_dims.dp_world_size
+
+        # -- model --
+        self.model_spec = plugins.model_specs.get(cfg.model.name)
+        with torch.device("meta"):
+            model = self.model_spec.build(cfg, plugins)
+        for module in self.model_spec.frozen_modules(model, cfg):
+            module.requires_grad_(False)
+        parallelize(model, self.model_spec.sharding_units(model), cfg, mesh)
+        self.model: nn.Module = model
+        self.model.to_empty(device=self.device)
+        with torch.no_grad():
+            self.model_spec.init_weights(self.model)
+        if cfg.model.pretrained_path:
+            self.model_spec.load_weights(self.model, cfg.model.pretrained_path)
+        self.model.train()
+
+        # -- optimisation --
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps, cfg.optimizer.lr)
+        self.ema = (
+            EMA(self.model, cfg.ema.decay, cfg.ema.start_step, cfg.ema.update_interval) if cfg.ema.enable else None
+        )
+        self.loss_components: list[LossComponent] = [
+            plugins.loss_components.get(name)(loss_options(cfg, name)) for name in cfg.loss.components
+        ]
+        self.loss_weights = [cfg.loss.weights.get(name, 1.0) for name in cfg.loss.components]
+        unknown = set(cfg.loss.weights) - set(cfg.loss.components)
+        if unknown:
+            raise ValueError(
+                f"[loss] weights names {sorted(unknown)} that are not in [loss] components "
+                f"{cfg.loss.components}; add them to components or remove their weights"
+            )
+        self.loss_fn = self._compute_loss
+        if cfg.compile.enable and "loss" in cfg.compile.components:
+            self.loss_fn = torch.compile(self._compute_loss)
+
+        # -- data --
+        loader_builder = plugins.dataloaders.get(cfg.data.loader)
+        self.dataloader = loader_builder.build(
+            cfg, plugins, self.model_spec, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size
+        )
+        self._data_iter = None
+
+        # -- state, checkpoints, metrics --
+        self.train_state = TrainState()
+        states: dict[str, Any] = {
+            "model": ModelState(self.model),
+            "optimizer": OptimizerState(self.model, self.optimizer),
+            "lr_scheduler": self.lr_scheduler,
+            "train_state": self.train_state,
+            "dataloader": self.dataloader,
+        }
+        if self.ema is not None:
+            states["ema"] = self.ema
+        self.checkpointer = CheckpointManager(
+            cfg.checkpoint, self.run_folder, states, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size
+        )
+        self.checkpointer.load()
+        self.param_dtype = DTYPES[cfg.training.dtype]
+        self.peak_flops = peak_flops_per_second(self.device, self.param_dtype, cfg.metrics.peak_tflops)
+        self.metrics_logger = MetricsLogger(self.run_folder, cfg.metrics.enable_tensorboard, self.rank == 0)
+        self.throughput = ThroughputMeter(self.peak_flops)
+        self.consecutive_nonfinite = 0
+        self._stop_signal: int | None = None
+        self._pending: tuple[torch.Tensor, list[int], float] | None = None
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        num_params = sum(p.numel() for p in self.model.parameters())
+        num_trainable = sum(p.numel() for p in self.trainable_params)
+        if self.rank == 0:
+            logger.info(
+                f"model {cfg.model.name}/{cfg.model.flavor}: {num_params / 1e6:.2f}M parameters "
+                f"({num_trainable / 1e6:.2f}M trainable) on {self.world_size} rank(s), device "
+                f"{device_name(self.device)}; run folder {self.run_folder}"
+            )
+
+    # -----------------------------------------------------------------------------------------
+
+    def _compute_loss(self, outputs, batch: Batch, global_counts: list[int]):
+        """Σ weight * term.sum / global count, plus the detached sums for logging."""
+        total = None
+        sums = []
+        for component, weight, count in zip(self.loss_components, self.loss_weights, global_counts):
+            term = component(outputs, batch)
+            sums.append(term.sum.detach().float())
+            if count == 0:
+                contribution = term.sum * 0.0  # keeps the graph (and FSDP's hooks) connected
+            else:
+                contribution = term.sum.float() * (weight / count)
+            total = contribution if total is None else total + contribution
+        return total, sums
+
+    def _noise_generator(self, step: int, microbatch: int) -> torch.Generator:
+        """Noise differs per step, microbatch and data-parallel rank, and is reproducible."""
+        generator = torch.Generator(device=self.device)
+        seed = (self.job_config.training.seed * 1_000_003 + step) * 1_009 + microbatch
+        generator.manual_seed(seed * 65_537 + self.dp_rank)
+        return generator
+
+    def _next_batches(self) -> list[Batch]:
+        if self._data_iter is None:
+            self._data_iter = iter(self.dataloader)
+        batches = [next(self._data_iter) for _ in range(self.job_config.training.grad_accum_steps)]
+        return [b.to(self.device) for b in batches]
+
+    def _all_reduce_sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def forward_backward(self, batches: list[Batch], step: int) -> tuple[torch.Tensor, list[int], int, bool]:
+        """Accumulate the gradients of one step's microbatches.
+
+        Returns the per-component loss sums of this rank, the global counts, the global token
+        count and whether any rank received a stop signal (all from one all-reduce).
+        """
+        local_counts = [float(sum(c.count(b) for b in batches)) for c in self.loss_components]
+        local_tokens = float(sum(b.num_tokens for b in batches))
+        reduced = self._all_reduce_sum(local_counts + [local_tokens, float(self._stop_signal is not None)])
+        global_counts = [int(c) for c in reduced[: len(local_counts)]]
+        global_tokens = int(reduced[len(local_counts)])
+        stop_requested = reduced[-1] > 0
+
+        sums = torch.zeros(len(self.loss_components), dtype=torch.float64, device=self.device)
+        for index, batch in enumerate(batches):
+            outputs = self.model_spec.forward(self.model, batch, self._noise_generator(step, index))
+            loss, term_sums = self.loss_fn(outputs, batch, global_counts)
+            # FSDP averages gradients over the data-parallel ranks; the loss is already a global
+            # mean, so undo that average.
+            (loss * self.dp_world_size).backward()
+            sums += torch.stack(term_sums).double()
+        return sums, global_counts, global_tokens, stop_requested
+
+    def train_step(self, batches: list[Batch]) -> bool:
+        """One optimizer step over this rank's microbatches; returns whether to stop the run."""
+        step = self.train_state.step + 1
+        sums, global_counts, global_tokens, stop_requested = self.forward_backward(batches, step)
+        grad_norm = self._clip_grad_norm()
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.consecutive_nonfinite = 0
+        else:
+            self.consecutive_nonfinite += 1
+            self.train_state.nonfinite_steps += 1
+            logger.warning(
+                f"step {step}: non-finite loss or gradient (grad norm {grad_norm}); step skipped "
+                f"({self.consecutive_nonfinite} in a row, {self.train_state.nonfinite_steps} in all)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.train_state.step = step
+        self.train_state.tokens_seen += global_tokens
+        if finite and self.ema is not None:
+            self.ema.update(step)
+        self.throughput.add(sum(b.num_tokens for b in batches), sum(self.model_spec.flops(b) for b in batches))
+        if self.consecutive_nonfinite >= self.job_config.training.max_consecutive_nonfinite:
+            raise TrainingStopped(
+                f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
+                f"(last at step {step}); lower [optimizer] lr, check the data, or raise "
+                f"[training] max_consecutive_nonfinite"
+            )
+        self._pending = (sums, global_counts, grad_norm)
+        return stop_requested
+
+    def _clip_grad_norm(self) -> float:
+        max_norm = self.job_config.training.max_norm
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.trainable_params, max_norm if max_norm > 0 else float("inf"), foreach=True
+        )
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _step_metrics(self) -> dict[str, float]:
+        sums, global_counts, grad_norm = self._pending
+        reduced = self._all_reduce_sum(sums.tolist())
+        metrics: dict[str, float] = {}
+        total = 0.0
+        for component, weight, count, value in zip(self.loss_components, self.loss_weights, global_counts, reduced):
+            mean = value / count if count else 0.0
+            metrics[f"loss/{component.name}"] = mean
+            total += weight * mean
+        metrics["loss"] = total
+        metrics["grad_norm"] = grad_norm
+        metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+        metrics.update(self.throughput.read())
+        metrics["tokens_seen"] = float(self.train_state.tokens_seen)
+        metrics["nonfinite_steps"] = float(self.train_state.nonfinite_steps)
+        if self.device.type == "cuda":
+            metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            metrics["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        for key, value in self.dataloader.data_stats().items():
+            metrics[key] = float(value)
+        return metrics
+
+    # -----------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            if self._stop_signal is None:
+                logger.warning(f"received signal {signum}: stopping after this step")
+            self._stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def train(self) -> TrainState:
+        cfg = self.job_config
+        previous_handlers = self._install_signal_handlers()
+        self.plugins.hook.bagel_titan_on_train_start(trainer=self)
+        try:
+            while self.train_state.step < cfg.training.steps:
+                data_start = time.perf_counter()
+                batches = self._next_batches()
+                data_wait = time.perf_counter() - data_start
+                stop_requested = self.train_step(batches)
+                step = self.train_state.step
+                metrics: dict[str, float] = {}
+                if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
+                    metrics = self._step_metrics()
+                    metrics["data_wait_s"] = data_wait
+                    self.metrics_logger.log(step, metrics)
+                self.plugins.hook.bagel_titan_on_step_end(trainer=self, step=step, metrics=metrics)
+                self.checkpointer.maybe_save(step)
+                if cfg.checkpoint.export_interval and step % cfg.checkpoint.export_interval == 0:
+                    self.export(os.path.join(self.run_folder, "exports", f"step-{step}"))
+                if stop_requested:
+                    logger.warning(f"stopping at step {step} on request")
+                    self.checkpointer.maybe_save(step, force=True)
+                    break
+            else:
+                self.checkpointer.maybe_save(self.train_state.step, force=True)
+                if cfg.checkpoint.export_at_end:
+                    self.export(os.path.join(self.run_folder, "exports", "final"))
+        finally:
+            self.checkpointer.wait()
+            self.plugins.hook.bagel_titan_on_train_end(trainer=self)
+            self.metrics_logger.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+        return self.train_state
+
+    def export(self, path: str) -> None:
+        """Inference weights in the model spec's layout (the EMA's, when kept)."""
+        dtype = DTYPES[self.job_config.checkpoint.export_dtype]
+        export_weights(self.model_spec, self.model, path, dtype, ema=self.ema)
+        if self.rank == 0:
+            logger.info(f"exported weights to {path}")
+
+    def close(self) -> None:
+        self.checkpointer.close()

@@ -1,0 +1,246 @@
+"""`sdpa`: `torch.nn.functional.scaled_dot_product_attention` over a packed batch.
+
+Two ways to apply BAGEL's mask rule, chosen by ``[attention.sdpa] strategy``:
+
+- ``dense``: one SDPA call over the whole pack with the [T, T] boolean mask, built once per batch
+  and cached on the metadata. No Python loop; memory and work grow with T^2 (the kernel skips
+  nothing), which is fine for packs of a few thousand tokens.
+- ``per_document``: one SDPA call per document, each with its own [L, L] mask, or none at all
+  when the document is plain causal text (``is_causal``) or a single ``full`` segment (a ViT
+  image): then flash attention applies on a GPU. Work grows with the sum of L^2.
+- ``auto`` (default): ``dense`` for packs up to `dense_max_tokens` tokens, else ``per_document``.
+
+Grouped-query attention uses ``enable_gqa=True`` (no repeated K/V) whenever a fused kernel
+accepts it for the call at hand; on CUDA, masked calls whose only fused kernel lacks GQA support
+get K/V repeated instead, which beats the unfused fallback by far.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bagel_titan.protocols import AttentionLayerSpec
+
+from .meta import CAUSAL, FULL, AttentionMeta
+from .options import config_from_options
+
+STRATEGIES = ("auto", "dense", "per_document")
+
+
+@dataclass
+class SDPAConfig:
+    """Options of the `sdpa` backend, the TOML table ``[attention.sdpa]``."""
+
+    strategy: str = "auto"
+    """How the mask rule is applied: "dense" (one call, [T, T] mask), "per_document" (one call
+    per document, unmasked where the document allows) or "auto" (dense up to
+    `dense_max_tokens`, per document above)."""
+    dense_max_tokens: int = 4096
+    """Largest pack (tokens, padding included) that "auto" attends with one dense-masked call."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"[attention.sdpa] strategy = {self.strategy!r} is not one of {list(STRATEGIES)}"
+            )
+        if self.dense_max_tokens < 0:
+            raise ValueError(f"[attention.sdpa] dense_max_tokens must be >= 0, got {self.dense_max_tokens}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped-query SDPA
+# ---------------------------------------------------------------------------------------------
+
+
+def _fused_kernel_accepts(params: Any) -> bool:
+    checks = (
+        torch.backends.cuda.can_use_flash_attention,
+        torch.backends.cuda.can_use_efficient_attention,
+        torch.backends.cuda.can_use_cudnn_attention,
+    )
+    return any(check(params, False) for check in checks)
+
+
+@functools.lru_cache(maxsize=64)
+def _native_gqa_is_fused(device_type: str, dtype: torch.dtype, head_dim: int, masked: bool, causal: bool, grad: bool) -> bool:
+    """Whether a fused CUDA kernel runs SDPA with ``enable_gqa=True`` for calls of this kind,
+    or no fused kernel runs it anyway (then native GQA costs nothing extra)."""
+    device = torch.device(device_type)
+    q = torch.zeros(1, 4, 128, head_dim, device=device, dtype=dtype, requires_grad=grad)
+    kv = torch.zeros(1, 2, 128, head_dim, device=device, dtype=dtype, requires_grad=grad)
+    kv_rep = torch.zeros(1, 4, 128, head_dim, device=device, dtype=dtype, requires_grad=grad)
+    mask = torch.ones(128, 128, dtype=torch.bool, device=device) if masked else None
+    SDPAParams = torch.backends.cuda.SDPAParams
+    if _fused_kernel_accepts(SDPAParams(q, kv, kv, mask, 0.0, causal, True)):
+        return True
+    return not _fused_kernel_accepts(SDPAParams(q, kv_rep, kv_rep, mask, 0.0, causal, False))
+
+
+def sdpa_gqa(
+    q_BHTD: torch.Tensor,
+    k_BHTD: torch.Tensor,
+    v_BHTD: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """SDPA with Hq a multiple of Hkv, without repeating K/V where a fused kernel allows it."""
+    num_heads, num_kv_heads = q_BHTD.shape[1], k_BHTD.shape[1]
+    if num_heads == num_kv_heads:
+        return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=attn_mask, is_causal=is_causal)
+    native = q_BHTD.device.type != "cuda" or _native_gqa_is_fused(
+        q_BHTD.device.type, q_BHTD.dtype, q_BHTD.shape[-1], attn_mask is not None, is_causal, torch.is_grad_enabled()
+    )
+    if not native:
+        group = num_heads // num_kv_heads
+        k_BHTD = k_BHTD.repeat_interleave(group, dim=1)
+        v_BHTD = v_BHTD.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(
+        q_BHTD, k_BHTD, v_BHTD, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=native
+    )
+
+
+def _to_BHTD(x_THD: torch.Tensor) -> torch.Tensor:
+    return x_THD.transpose(0, 1).unsqueeze(0)
+
+
+def _from_BHTD(x_BHTD: torch.Tensor) -> torch.Tensor:
+    return x_BHTD.squeeze(0).transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-batch plans, cached on the metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def sdpa_dense_mask(meta: AttentionMeta) -> torch.Tensor:
+    """[T, T] bool: the mask rule, plus the diagonal for padding tokens.
+
+    A padding row with no visible key would make SDPA produce NaN (and NaN gradients); letting
+    it see itself keeps everything finite, and its output is zeroed afterwards.
+    """
+
+    def build() -> torch.Tensor:
+        mask_TT = meta.dense_mask()
+        is_pad_T = meta.doc_ids < 0
+        if bool(is_pad_T.any()):
+            mask_TT = mask_TT | torch.diag(is_pad_T)
+        return mask_TT
+
+    return meta.cached("sdpa_dense_mask", build)
+
+
+def valid_token_mask(meta: AttentionMeta) -> torch.Tensor | None:
+    """[T, 1, 1] 1.0 for real tokens and 0.0 for padding, or None when there is no padding."""
+
+    def build() -> torch.Tensor | None:
+        is_real_T = meta.doc_ids >= 0
+        return None if bool(is_real_T.all()) else is_real_T[:, None, None]
+
+    return meta.cached("valid_token_mask", build)
+
+
+@dataclass(frozen=True)
+class DocumentCall:
+    """One SDPA call of the per-document strategy: tokens [start, end) of one document."""
+
+    start: int
+    end: int
+    is_causal: bool
+    mask_LL: torch.Tensor | None
+    """The document's own mask; None when `is_causal` or the document is one `full` segment."""
+
+
+def document_calls(meta: AttentionMeta) -> list[DocumentCall]:
+    """The per-document calls of a batch (cached): unmasked where a document's rule allows."""
+
+    def build() -> list[DocumentCall]:
+        segments_by_doc: dict[int, list[tuple[int, int, int]]] = {}
+        for start, end, mode, doc in meta.segment_bounds:
+            segments_by_doc.setdefault(doc, []).append((start, end, mode))
+        calls = []
+        for doc in sorted(segments_by_doc):
+            segments = segments_by_doc[doc]
+            start, end = segments[0][0], segments[-1][1]
+            modes = {mode for _, _, mode in segments}
+            if modes == {CAUSAL}:
+                calls.append(DocumentCall(start, end, True, None))
+            elif len(segments) == 1 and modes == {FULL}:
+                calls.append(DocumentCall(start, end, False, None))
+            else:
+                idx = torch.arange(start, end, device=meta.device)
+                calls.append(DocumentCall(start, end, False, meta.allowed(idx[:, None], idx[None, :])))
+        return calls
+
+    return meta.cached("sdpa_document_calls", build)
+
+
+# ---------------------------------------------------------------------------------------------
+# The strategies
+# ---------------------------------------------------------------------------------------------
+
+
+def sdpa_dense(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    """One SDPA call over the pack with the cached dense mask; padding rows give zeros."""
+    out_THD = _from_BHTD(sdpa_gqa(_to_BHTD(q_THD), _to_BHTD(k_THD), _to_BHTD(v_THD), sdpa_dense_mask(meta)))
+    valid_T11 = valid_token_mask(meta)
+    return out_THD if valid_T11 is None else out_THD * valid_T11
+
+
+def sdpa_per_document(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    """One SDPA call per document (documents are contiguous); tokens outside any document give zeros."""
+    pieces: list[torch.Tensor] = []
+    pos = 0
+    for call in document_calls(meta):
+        if call.start > pos:
+            pieces.append(q_THD.new_zeros(call.start - pos, *q_THD.shape[1:]))
+        s = slice(call.start, call.end)
+        out_BHLD = sdpa_gqa(
+            _to_BHTD(q_THD[s]), _to_BHTD(k_THD[s]), _to_BHTD(v_THD[s]), call.mask_LL, is_causal=call.is_causal
+        )
+        pieces.append(_from_BHTD(out_BHLD))
+        pos = call.end
+    if pos < q_THD.shape[0]:
+        pieces.append(q_THD.new_zeros(q_THD.shape[0] - pos, *q_THD.shape[1:]))
+    return torch.cat(pieces, dim=0)
+
+
+class SDPAAttention(nn.Module):
+    """Per-layer SDPA module (no parameters)."""
+
+    def __init__(self, config: SDPAConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(
+        self,
+        q_THD: torch.Tensor,
+        k_THD: torch.Tensor,
+        v_THD: torch.Tensor,
+        meta: AttentionMeta,
+        hidden_TD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        strategy = self.config.strategy
+        if strategy == "auto":
+            strategy = "dense" if meta.num_tokens <= self.config.dense_max_tokens else "per_document"
+        if strategy == "dense":
+            return sdpa_dense(q_THD, k_THD, v_THD, meta)
+        return sdpa_per_document(q_THD, k_THD, v_THD, meta)
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.config.strategy!r}"
+
+
+class SDPABackend:
+    """The `sdpa` attention backend: PyTorch's fused attention kernels."""
+
+    name = "sdpa"
+    config_section = "attention.sdpa"
+
+    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
+        return SDPAAttention(config_from_options(SDPAConfig, options, self.config_section))

@@ -1,0 +1,204 @@
+"""Qwen2 decoder with Mixture-of-Transformers (MoT) experts, over one packed sequence.
+
+Understanding tokens (text and ViT) go through the plain weights, generation tokens (VAE latents)
+through the `_moe_gen` twin of every per-token module; attention is one joint attention over the
+whole pack through the configured attention backend. Module names equal the release's
+state-dict keys (`language_model.model.layers.{i}.self_attn.q_proj_moe_gen.weight`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bagel_titan.protocols import AttentionLayerSpec
+
+from .config import LLMArgs
+
+AttentionFactory = Callable[[AttentionLayerSpec], nn.Module]
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: statistics in fp32, result cast back before the weight multiplies."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+@dataclass
+class MoTRouting:
+    """Which tokens of the pack go to which expert; built once per batch.
+
+    `und` and `gen` partition [0, T); `inverse` puts `cat(x[und], x[gen])` back in pack order.
+    """
+
+    und: torch.Tensor
+    """[Nu] int64 understanding token positions (text, ViT)."""
+    gen: torch.Tensor
+    """[Ng] int64 generation token positions (all VAE tokens, clean and noised)."""
+    inverse: torch.Tensor
+    """[T] int64 index into cat(und, gen) for every pack position."""
+
+    @classmethod
+    def build(cls, und: torch.Tensor, gen: torch.Tensor, num_tokens: int) -> "MoTRouting":
+        order = torch.cat([und, gen])
+        if order.numel() != num_tokens:
+            raise ValueError(
+                f"MoT routing covers {order.numel()} positions but the pack has {num_tokens} tokens: every "
+                f"token must be text, ViT or VAE (check packed_text_indexes / packed_vit_token_indexes / "
+                f"packed_vae_token_indexes)"
+            )
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(num_tokens, device=order.device)
+        return cls(und=und, gen=gen, inverse=inverse)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[self.und], x[self.gen]
+
+    def merge(self, x_und: torch.Tensor, x_gen: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x_und, x_gen])[self.inverse]
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, head_dim] fp32 cos and sin of Qwen2's default RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
+    freqs_TF = position_ids.float()[:, None] * inv_freq[None, :]
+    emb_TD = torch.cat([freqs_TF, freqs_TF], dim=-1)
+    return emb_TD.cos(), emb_TD.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    return x_THD * cos_TD[:, None, :] + _rotate_half(x_THD) * sin_TD[:, None, :]
+
+
+class Qwen2MLP(nn.Module):
+    """SwiGLU MLP without biases."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PackedAttentionMoT(nn.Module):
+    """Joint attention with per-expert q/k/v/o projections and per-expert qk-norm."""
+
+    def __init__(self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        d, q_dim, kv_dim = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        for suffix in ("", "_moe_gen"):
+            setattr(self, f"q_proj{suffix}", nn.Linear(d, q_dim, bias=True))
+            setattr(self, f"k_proj{suffix}", nn.Linear(d, kv_dim, bias=True))
+            setattr(self, f"v_proj{suffix}", nn.Linear(d, kv_dim, bias=True))
+            setattr(self, f"o_proj{suffix}", nn.Linear(q_dim, d, bias=False))
+            norm = (lambda: RMSNorm(self.head_dim, args.rms_norm_eps)) if args.qk_norm else nn.Identity
+            setattr(self, f"q_norm{suffix}", norm())
+            setattr(self, f"k_norm{suffix}", norm())
+        self.attn_core = attention_factory(
+            AttentionLayerSpec(num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                               hidden_size=d, layer_index=layer_index, role="llm")
+        )
+
+    def _qkv(self, x_ND: torch.Tensor, suffix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = x_ND.shape[0]
+        q_NHD = getattr(self, f"q_proj{suffix}")(x_ND).view(n, self.num_heads, self.head_dim)
+        k_NHD = getattr(self, f"k_proj{suffix}")(x_ND).view(n, self.num_kv_heads, self.head_dim)
+        v_NHD = getattr(self, f"v_proj{suffix}")(x_ND).view(n, self.num_kv_heads, self.head_dim)
+        # qk-norm and RoPE run in fp32 (as the release does), attention in the compute dtype.
+        q_NHD = getattr(self, f"q_norm{suffix}")(q_NHD.float())
+        k_NHD = getattr(self, f"k_norm{suffix}")(k_NHD.float())
+        return q_NHD, k_NHD, v_NHD
+
+    def forward(self, x_und: torch.Tensor, x_gen: torch.Tensor, routing: MoTRouting,
+                cos_TD: torch.Tensor, sin_TD: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        q_und, k_und, v_und = self._qkv(x_und, "")
+        q_gen, k_gen, v_gen = self._qkv(x_gen, "_moe_gen")
+        v_THD = routing.merge(v_und, v_gen)
+        q_THD = apply_rotary(routing.merge(q_und, q_gen).float(), cos_TD, sin_TD).to(v_THD.dtype)
+        k_THD = apply_rotary(routing.merge(k_und, k_gen).float(), cos_TD, sin_TD).to(v_THD.dtype)
+        out_THD = self.attn_core(q_THD, k_THD, v_THD, meta, routing.merge(x_und, x_gen))
+        out_und, out_gen = routing.split(out_THD.reshape(out_THD.shape[0], -1))
+        return self.o_proj(out_und), self.o_proj_moe_gen(out_gen)
+
+
+class Qwen2MoTDecoderLayer(nn.Module):
+    """One decoder layer: every norm and MLP has an understanding and a generation expert."""
+
+    def __init__(self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory):
+        super().__init__()
+        self.self_attn = PackedAttentionMoT(args, layer_index, attention_factory)
+        self.mlp = Qwen2MLP(args.hidden_size, args.intermediate_size)
+        self.mlp_moe_gen = Qwen2MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.input_layernorm_moe_gen = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm_moe_gen = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, h_TD: torch.Tensor, routing: MoTRouting, cos_TD: torch.Tensor, sin_TD: torch.Tensor, meta) -> torch.Tensor:
+        h_und, h_gen = routing.split(h_TD)
+        a_und, a_gen = self.self_attn(self.input_layernorm(h_und), self.input_layernorm_moe_gen(h_gen),
+                                      routing, cos_TD, sin_TD, meta)
+        h_und, h_gen = h_und + a_und, h_gen + a_gen
+        h_und = h_und + self.mlp(self.post_attention_layernorm(h_und))
+        h_gen = h_gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h_gen))
+        return routing.merge(h_und, h_gen)
+
+
+class Qwen2MoTModel(nn.Module):
+    """Embeddings, decoder layers and the per-expert final norm (`model.*` keys)."""
+
+    def __init__(self, args: LLMArgs, attention_factory: AttentionFactory):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Qwen2MoTDecoderLayer(args, i, attention_factory) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, h_TD: torch.Tensor, routing: MoTRouting, position_ids: torch.Tensor, meta,
+                layer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Run every layer on the packed input embeddings; returns the final-normed hidden states.
+        `layer_outputs`, when given, collects each layer's residual stream (parity checks)."""
+        cos_TD, sin_TD = rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+        for layer in self.layers:
+            h_TD = layer(h_TD, routing, cos_TD, sin_TD, meta)
+            if layer_outputs is not None:
+                layer_outputs.append(h_TD)
+        h_und, h_gen = routing.split(h_TD)
+        return routing.merge(self.norm(h_und), self.norm_moe_gen(h_gen))
+
+
+class Qwen2MoTForCausalLM(nn.Module):
+    """The `language_model` of BAGEL: decoder plus an untied `lm_head`."""
+
+    def __init__(self, args: LLMArgs, attention_factory: AttentionFactory):
+        super().__init__()
+        if args.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings = true is not supported: BAGEL's lm_head is untied")
+        self.model = Qwen2MoTModel(args, attention_factory)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

@@ -1,0 +1,169 @@
+"""The "bagel" ModelSpec: everything BAGEL-specific the model-agnostic trainer calls."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from bagel_titan.protocols import AttentionLayerSpec, ModelOutputs
+
+from . import weights
+from .batch import BagelPackedBatch
+from .config import FLAVORS, BagelArchitecture, BagelConfig, architecture_for
+from .flops import training_flops
+from .modeling import Bagel
+
+FREEZE_GROUPS = ("llm", "vit", "connector", "und", "gen")
+"""`[model] freeze` names: the whole LLM, the ViT, the connector, the understanding experts
+(+ embeddings, lm_head, final norm), the generation experts (+ latent projections, timestep MLP)."""
+
+UND_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+
+def _options_of(job_config, name: str) -> dict[str, Any]:
+    section = f"attention.{name}"
+    return dataclasses.asdict(job_config.section(section)) if job_config.has_section(section) else {}
+
+
+def attention_factories(job_config, plugins) -> tuple[Callable[[AttentionLayerSpec], nn.Module], Callable[[AttentionLayerSpec], nn.Module]]:
+    """(LLM, ViT) attention-module factories from `[attention]`; the ViT uses `vit_backend`, else
+    the LLM backend's `vit_fallback` (nsa), else the LLM backend."""
+    llm_name = job_config.attention.backend
+    llm_backend = plugins.attention_backends.get(llm_name)
+    vit_name = job_config.attention.vit_backend or getattr(llm_backend, "vit_fallback", None) or llm_name
+    vit_backend = plugins.attention_backends.get(vit_name)
+    llm_options, vit_options = _options_of(job_config, llm_name), _options_of(job_config, vit_name)
+    return (lambda spec: llm_backend.build(spec, llm_options)), (lambda spec: vit_backend.build(spec, vit_options))
+
+
+def build_bagel(arch: BagelArchitecture, options: BagelConfig | None = None, *, backend: Any = None,
+                vit_backend: Any = None) -> Bagel:
+    """A Bagel with explicit backends (objects with `build(spec, options)`); eager by default.
+
+    For tests and tools that do not go through a JobConfig; materialises nothing itself (call it
+    under `torch.device("meta")` for a shape-only model)."""
+    if backend is None:
+        from bagel_titan_plugins.attention.eager import EagerBackend
+
+        backend = EagerBackend()
+    vit_backend = vit_backend or backend
+    return Bagel(arch, options or BagelConfig(), lambda s: backend.build(s, {}), lambda s: vit_backend.build(s, {}))
+
+
+def build_bagel_for_tests(flavor: str = "debug", seed: int = 0, **options: Any) -> Bagel:
+    """A materialised, randomly initialised fp32 CPU model with eager attention."""
+    model = build_bagel(architecture_for(flavor), BagelConfig(**options))
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
+
+
+class BagelSpec:
+    """ModelSpec "bagel" (see `bagel_titan.protocols.ModelSpec`)."""
+
+    name = "bagel"
+    flavors: Mapping[str, BagelArchitecture] = FLAVORS
+
+    def __init__(self) -> None:
+        self._built: Bagel | None = None
+
+    # -- build / weights -------------------------------------------------------------------------
+
+    @staticmethod
+    def bagel_config(job_config) -> BagelConfig:
+        return job_config.section("bagel") if job_config.has_section("bagel") else BagelConfig()
+
+    def build(self, job_config, plugins) -> Bagel:
+        arch = architecture_for(job_config.model.flavor)
+        llm_attention, vit_attention = attention_factories(job_config, plugins)
+        model = Bagel(arch, self.bagel_config(job_config), llm_attention, vit_attention)
+        model.tokenizer_path = job_config.model.tokenizer_path or job_config.model.pretrained_path
+        self._built = model
+        return model
+
+    def init_weights(self, model: Bagel) -> None:
+        model.init_weights()
+
+    def load_weights(self, model: Bagel, path: str) -> None:
+        weights.load_weights(model, path)
+
+    def export(self, model: Bagel, path: str, dtype: torch.dtype,
+               state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        write = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        weights.export(model, path, dtype, state_dict, write=write)
+
+    # -- parallelism / freezing ------------------------------------------------------------------
+
+    def sharding_units(self, model: Bagel) -> list[nn.Module]:
+        units: list[nn.Module] = []
+        if model.options.visual_und:
+            units += list(model.vit_model.vision_model.encoder.layers)
+        return units + list(model.language_model.model.layers)
+
+    def frozen_modules(self, model: Bagel, job_config) -> list[nn.Module]:
+        groups = list(job_config.model.freeze)
+        unknown = sorted(set(groups) - set(FREEZE_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown group(s) {unknown} in [model] freeze; known: {list(FREEZE_GROUPS)}")
+        return [m for g in groups for m in self.group_modules(model, g)]
+
+    @staticmethod
+    def group_modules(model: Bagel, group: str) -> list[nn.Module]:
+        """The modules of one freeze group (empty for a modality that is off)."""
+        lm = model.language_model.model
+        if group == "llm":
+            return [model.language_model]
+        if group == "vit":
+            return [model.vit_model] if model.options.visual_und else []
+        if group == "connector":
+            return [model.connector] if model.options.visual_und else []
+        if group == "und":
+            mods: list[nn.Module] = [lm.embed_tokens, lm.norm, model.language_model.lm_head]
+            for layer in lm.layers:
+                mods += [getattr(layer.self_attn, n) for n in UND_ATTN]
+                mods += [layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
+            return mods
+        if group == "gen":
+            mods = [lm.norm_moe_gen]
+            for layer in lm.layers:
+                mods += [getattr(layer.self_attn, f"{n}_moe_gen") for n in UND_ATTN]
+                mods += [layer.mlp_moe_gen, layer.input_layernorm_moe_gen, layer.post_attention_layernorm_moe_gen]
+            if model.options.visual_gen:
+                mods += [model.time_embedder, model.vae2llm, model.llm2vae]
+            return mods
+        raise ValueError(f"unknown freeze group {group!r}; known: {list(FREEZE_GROUPS)}")
+
+    # -- data / compute --------------------------------------------------------------------------
+
+    def flops(self, batch: BagelPackedBatch) -> float:
+        if self._built is None:
+            raise RuntimeError("BagelSpec.flops needs the architecture: call build() first")
+        return float(training_flops(batch, self._built.arch, self._built.options))
+
+    def _data_kwargs(self, job_config) -> dict[str, Any]:
+        arch = architecture_for(job_config.model.flavor)
+        return {"vit_patch_size": arch.vit.patch_size, "vae_downsample": arch.vae.downsample}
+
+    def build_processor(self, job_config):
+        from .processor import BagelProcessor
+
+        tokenizer_path = job_config.model.tokenizer_path or job_config.model.pretrained_path
+        return BagelProcessor(job_config, self.bagel_config(job_config), tokenizer_path, **self._data_kwargs(job_config))
+
+    def build_collator(self, job_config):
+        from .collator import BagelCollator
+
+        return BagelCollator(job_config, self.bagel_config(job_config), **self._data_kwargs(job_config))
+
+    def forward(self, model: Bagel, batch: BagelPackedBatch, generator: torch.Generator | None) -> ModelOutputs:
+        result = model(batch, generator)
+        return ModelOutputs(
+            logits=result.ce_logits,
+            labels=batch.packed_label_ids,
+            label_weights=batch.ce_loss_weights,
+            pred_velocity=result.pred_velocity,
+            target_velocity=result.target_velocity,
+        )

@@ -1,0 +1,221 @@
+"""The FLUX autoencoder (frozen): encoder to scaled latents, decoder back to pixels.
+
+Key names equal FLUX's `ae.safetensors` (`encoder.down.{i}.block.{j}.conv1`, ...). `FrozenVAE`
+keeps it outside the trained module tree, so neither FSDP nor the optimizer ever sees it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEArgs
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all spatial positions (1x1 conv projections)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _group_norm(channels)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        b, c, hh, ww = h.shape
+        q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(2, 3) for t in (self.q(h), self.k(h), self.v(h)))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, c, hh, ww)
+        return x + self.proj_out(out)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(channels: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels)
+    return mid
+
+
+class Encoder(nn.Module):
+    """Pixels [B, 3, H, W] -> moments [B, 2*z, H/ds, W/ds] (mean and log-variance)."""
+
+    def __init__(self, a: VAEArgs):
+        super().__init__()
+        self.conv_in = nn.Conv2d(a.in_channels, a.ch, 3, padding=1)
+        in_mult = (1,) + tuple(a.ch_mult)
+        self.down = nn.ModuleList()
+        block_in = a.ch
+        for level, mult in enumerate(a.ch_mult):
+            down = nn.Module()
+            block_in = a.ch * in_mult[level]
+            blocks = nn.ModuleList()
+            for _ in range(a.num_res_blocks):
+                blocks.append(ResnetBlock(block_in, a.ch * mult))
+                block_in = a.ch * mult
+            down.block = blocks
+            if level != len(a.ch_mult) - 1:
+                down.downsample = Downsample(block_in)
+            self.down.append(down)
+        self.mid = _mid(block_in)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * a.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for down in self.down:
+            for block in down.block:
+                h = block(h)
+            if hasattr(down, "downsample"):
+                h = down.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latents [B, z, h, w] (unscaled) -> pixels [B, 3, h*ds, w*ds]."""
+
+    def __init__(self, a: VAEArgs):
+        super().__init__()
+        block_in = a.ch * a.ch_mult[-1]
+        self.conv_in = nn.Conv2d(a.z_channels, block_in, 3, padding=1)
+        self.mid = _mid(block_in)
+        ups: list[nn.Module] = []
+        for level in reversed(range(len(a.ch_mult))):
+            up = nn.Module()
+            blocks = nn.ModuleList()
+            for _ in range(a.num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, a.ch * a.ch_mult[level]))
+                block_in = a.ch * a.ch_mult[level]
+            up.block = blocks
+            if level != 0:
+                up.upsample = Upsample(block_in)
+            ups.insert(0, up)
+        self.up = nn.ModuleList(ups)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, a.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for up in reversed(self.up):
+            for block in up.block:
+                h = block(h)
+            if hasattr(up, "upsample"):
+                h = up.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    """FLUX AE with its scale/shift: `encode` gives the latents BAGEL trains on."""
+
+    def __init__(self, args: VAEArgs):
+        super().__init__()
+        self.args = args
+        self.encoder = Encoder(args)
+        self.decoder = Decoder(args)
+
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample the posterior (mean + std * eps) and scale/shift it; `eps` overrides the draw."""
+        mean, logvar = self.moments(images).chunk(2, dim=1)
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean + torch.exp(0.5 * logvar) * eps
+        return self.args.scale_factor * (z - self.args.shift_factor)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents / self.args.scale_factor + self.args.shift_factor)
+
+
+class FrozenVAE:
+    """Holds the autoencoder outside the trained module tree (a plain attribute of the model).
+
+    FSDP, `model.to_empty`, the optimizer and `model.state_dict()` never see it; the model spec
+    materialises it, loads `ae.safetensors` into it and moves it to the compute device on use
+    (bfloat16 on GPU unless `[bagel] vae_dtype` says otherwise).
+    """
+
+    def __init__(self, args: VAEArgs, dtype_policy: str = "auto"):
+        self.args = args
+        self.dtype_policy = dtype_policy
+        self.module = AutoEncoder(args).requires_grad_(False).eval()
+
+    def dtype_for(self, device: torch.device) -> torch.dtype:
+        policy = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        if self.dtype_policy in policy:
+            return policy[self.dtype_policy]
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Allocate storage (after a meta-device build) and give it PyTorch's default init."""
+        device = torch.device(device)
+        if any(p.is_meta for p in self.module.parameters()):
+            self.module.to_empty(device=device)
+            for m in self.module.modules():
+                if isinstance(m, (nn.Conv2d, nn.GroupNorm)):
+                    m.reset_parameters()
+
+    def on(self, device: torch.device) -> AutoEncoder:
+        """The module on `device` in its dtype (moved once, then a no-op)."""
+        p = next(self.module.parameters())
+        dtype = self.dtype_for(device)
+        if p.device != device or p.dtype != dtype:
+            self.module.to(device=device, dtype=dtype)
+        return self.module
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, 3, H, W] pixels in [-1, 1] -> fp32 latents [n, z, H/ds, W/ds] (scaled and shifted)."""
+        ae = self.on(images.device)
+        dtype = next(ae.parameters()).dtype
+        eps = None if eps is None else eps.to(dtype)
+        return ae.encode(images.to(dtype), generator=generator, eps=eps).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        ae = self.on(latents.device)
+        return ae.decode(latents.to(next(ae.parameters()).dtype)).float()

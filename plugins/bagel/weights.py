@@ -1,0 +1,205 @@
+"""Weights in and out: the official BAGEL folder, the HF "LE" layout, and bf16 export.
+
+Official folder: `ema.safetensors` (or `model.safetensors`) with the model's keys, `ae.safetensors`
+with the VAE's, `llm_config.json`, `vit_config.json`, tokenizer files.
+LE layout (LMMS Engine): `config.json` (with `llm_config`/`vit_config`/`vae_config`) plus
+safetensors shards listed in `model.safetensors.index.json` (or one `model.safetensors`); the same
+keys, with the VAE inside under `vae_model.`.
+
+Loading streams one tensor at a time (`safe_open`) into a materialised, possibly FSDP2-sharded
+model: a rank never holds the full model on its CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import llm_config_dict, release_config_dict, vit_config_dict
+from .modeling import Bagel, assign_full
+
+POSITION_TABLES = {
+    "latent_pos_embed.pos_embed": "max_latent_size",
+    "vit_pos_embed.pos_embed": "vit_max_num_patch_per_side",
+}
+"""Fixed sin-cos tables: recomputed, optional in a checkpoint, always written on export."""
+
+VAE_PREFIX_LE = "vae_model."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+@dataclass
+class WeightSource:
+    """Where each tensor of a pretrained folder lives: key -> file, for the model and the VAE."""
+
+    layout: str
+    """"official", "le" or "fixture"."""
+    model_files: dict[str, str] = field(default_factory=dict)
+    vae_files: dict[str, str] = field(default_factory=dict)
+    """VAE key (without any prefix, e.g. `encoder.conv_in.weight`) -> (file, stored key)."""
+    vae_stored_keys: dict[str, str] = field(default_factory=dict)
+
+
+def _keys_of(path: str) -> list[str]:
+    with safe_open(path, "pt") as f:
+        return list(f.keys())
+
+
+def detect(folder: str) -> WeightSource:
+    """Find the layout of a pretrained folder; an unknown folder lists what was looked for."""
+    has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
+    join = lambda name: os.path.join(folder, name)  # noqa: E731
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"[model] pretrained_path {folder!r} is not a folder")
+    if has("llm_config.json") and (has("ema.safetensors") or has("model.safetensors")):
+        model_file = join("ema.safetensors" if has("ema.safetensors") else "model.safetensors")
+        if not has("ae.safetensors"):
+            raise FileNotFoundError(f"official BAGEL folder {folder!r} has no ae.safetensors (the FLUX VAE)")
+        source = WeightSource("official", {k: model_file for k in _keys_of(model_file)})
+        for k in _keys_of(join("ae.safetensors")):
+            source.vae_files[k], source.vae_stored_keys[k] = join("ae.safetensors"), k
+        return source
+    if has("weights.safetensors") and has("vae_weights.safetensors") and has("config.json"):
+        source = WeightSource("fixture", {k: join("weights.safetensors") for k in _keys_of(join("weights.safetensors"))})
+        for k in _keys_of(join("vae_weights.safetensors")):
+            source.vae_files[k], source.vae_stored_keys[k] = join("vae_weights.safetensors"), k
+        return source
+    if has("config.json") and (has("model.safetensors.index.json") or has("model.safetensors")):
+        if has("model.safetensors.index.json"):
+            with open(join("model.safetensors.index.json")) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = {k: join(v) for k, v in weight_map.items()}
+        else:
+            files = {k: join("model.safetensors") for k in _keys_of(join("model.safetensors"))}
+        source = WeightSource("le")
+        for k, path in files.items():
+            if k.startswith(VAE_PREFIX_LE):
+                source.vae_files[k[len(VAE_PREFIX_LE):]] = path
+                source.vae_stored_keys[k[len(VAE_PREFIX_LE):]] = k
+            else:
+                source.model_files[k] = path
+        return source
+    raise FileNotFoundError(
+        f"cannot tell the weight layout of {folder!r}: expected an official BAGEL folder (llm_config.json + "
+        f"ema.safetensors or model.safetensors + ae.safetensors) or the LE layout (config.json + "
+        f"model.safetensors.index.json or model.safetensors)"
+    )
+
+
+def _stream(files: Mapping[str, str], stored: Mapping[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) one at a time, opening each file once."""
+    by_file: dict[str, list[str]] = {}
+    for key, path in files.items():
+        by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        with safe_open(path, "pt") as f:
+            for key in keys:
+                yield key, f.get_tensor(stored[key] if stored else key)
+
+
+def _check_keys(kind: str, expected: set[str], found: set[str], optional: set[str], where: str) -> None:
+    missing = sorted(expected - found - optional)
+    unexpected = sorted(found - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"{kind} weights in {where} do not match the model: missing {len(missing)} {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}; unexpected {len(unexpected)} {unexpected[:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''} (check [model] flavor and the [bagel] visual_und / "
+            f"visual_gen options against the checkpoint)"
+        )
+
+
+def _check_position_table(model: Bagel, key: str, shape: tuple[int, ...], where: str) -> None:
+    own = tuple(model.state_dict()[key].shape)
+    if shape != own:
+        setting = POSITION_TABLES[key]
+        side = int(round(shape[0] ** 0.5))
+        raise ValueError(
+            f"{key} in {where} has {shape[0]} rows ({side}x{side}) but [bagel] {setting} = "
+            f"{getattr(model.options, setting)} gives {own[0]}; set {setting} = {side}"
+        )
+
+
+def load_weights(model: Bagel, folder: str) -> str:
+    """Load a pretrained folder (layout detected) into `model` and its VAE; returns the layout.
+
+    The sin-cos tables are recomputed (a checkpoint's copy only has its shape checked).
+    """
+    source = detect(folder)
+    load_from_source(model, source, folder)
+    return source.layout
+
+
+def load_from_source(model: Bagel, source: WeightSource, where: str) -> None:
+    own = model.state_dict()
+    _check_keys("model", set(own), set(source.model_files), set(POSITION_TABLES), where)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    for key, tensor in _stream(source.model_files):
+        if key in POSITION_TABLES:
+            _check_position_table(model, key, tuple(tensor.shape), where)
+            continue
+        assign_full(params[key], tensor)
+    model.reset_position_tables()
+    if model.vae is not None:
+        model.vae.materialize(model.language_model.lm_head.weight.device)
+        vae_params = model.vae.module.state_dict(keep_vars=True)
+        _check_keys("VAE", set(vae_params), set(source.vae_files), set(), where)
+        for key, tensor in _stream(source.vae_files, source.vae_stored_keys):
+            assign_full(vae_params[key], tensor)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def export(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16,
+           state_dict: Mapping[str, torch.Tensor] | None = None, *, write: bool = True) -> None:
+    """Write an official-layout folder the release code loads unchanged.
+
+    `ema.safetensors` in `dtype` (both sin-cos tables included), `ae.safetensors` (fp32),
+    `llm_config.json`, `vit_config.json` (built layers + 1, the release's convention),
+    `config.json`, and the tokenizer files of `model.tokenizer_path`. `state_dict` overrides the
+    model's tensors (e.g. EMA weights). Under FSDP every rank must call this (full tensors are
+    gathered); only ranks with `write=True` touch the disk.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    overrides = dict(state_dict or {})
+    for key, value in model.state_dict().items():
+        value = overrides.pop(key, value)
+        full = _full(value).detach()
+        if write:
+            tensors[key] = full.to(device="cpu", dtype=dtype).contiguous()
+    if overrides:
+        raise KeyError(f"export state_dict has keys the model does not: {sorted(overrides)[:20]}")
+    if not write:
+        return
+    os.makedirs(folder, exist_ok=True)
+    torch_dtype = str(dtype).removeprefix("torch.")
+    save_file(tensors, os.path.join(folder, "ema.safetensors"), metadata={"format": "pt"})
+    if model.vae is not None:
+        vae = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.vae.module.state_dict().items()}
+        save_file(vae, os.path.join(folder, "ae.safetensors"), metadata={"format": "pt"})
+    configs = {
+        "llm_config.json": llm_config_dict(model.arch, torch_dtype),
+        "vit_config.json": vit_config_dict(model.arch, torch_dtype),
+        "config.json": release_config_dict(model.arch, model.options, torch_dtype),
+    }
+    for name, content in configs.items():
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=2)
+    if model.tokenizer_path:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(model.tokenizer_path, name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(folder, name))

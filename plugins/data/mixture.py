@@ -1,0 +1,148 @@
+"""Weighted mixing of several datasets for one shard (data-parallel rank x loader worker).
+
+Deterministic: the k-th draw of shard s depends only on (seed, s, k), so the mixing state is a
+counter. Every dataset restarts when its shard is exhausted (epochs repeat); its position
+inside the current epoch is the whole reader state (readers skip `start` rows by metadata).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from bagel_titan.protocols import RawSample
+
+
+@dataclass
+class Source:
+    """One dataset of the mixture, resolved: its reader and where its images live."""
+
+    name: str
+    path: str
+    reader: Any
+    weight: float
+    data_folder: str = ""
+
+    def iter_shard(self, shard_index: int, num_shards: int, start: int) -> Iterator[RawSample]:
+        for sample in self.reader.iter_samples(self.path, shard_index=shard_index, num_shards=num_shards, start=start):
+            sample.dataset = self.name
+            sample.data_folder = sample.data_folder or self.data_folder
+            yield sample
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """A raw sample and where it came from: (source, epoch, position in the shard's pass)."""
+
+    source: int
+    epoch: int
+    position: int
+    sample: RawSample
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.source, self.epoch, self.position)
+
+
+class MixtureStream:
+    """Endless (or one-pass) weighted stream over the sources of one shard, with exact state."""
+
+    def __init__(self, sources: list[Source], *, shard_index: int, num_shards: int, seed: int, infinite: bool):
+        if not sources:
+            raise ValueError("the dataset mixture is empty; add at least one [[data.datasets]] entry")
+        total = sum(s.weight for s in sources)
+        if any(s.weight < 0 for s in sources) or total <= 0:
+            raise ValueError(f"dataset weights must be >= 0 with a positive sum, got "
+                             f"{[(s.name, s.weight) for s in sources]}")
+        self.sources = sources
+        self.shard_index = shard_index
+        self.num_shards = num_shards
+        self.seed = seed
+        self.infinite = infinite
+        running = 0.0
+        self.cumulative = []
+        for s in sources:
+            running += s.weight / total
+            self.cumulative.append(running)
+        self.draws = 0
+        self.epochs = [0] * len(sources)
+        self.positions = [0] * len(sources)
+        self.current = 0  # one-pass mode: the source being read
+        self._iters: list[Iterator[RawSample] | None] = [None] * len(sources)
+
+    def _choose(self) -> int:
+        u = random.Random(f"{self.seed}:{self.shard_index}:{self.draws}").random()
+        self.draws += 1
+        return min(bisect.bisect_right(self.cumulative, u), len(self.sources) - 1)
+
+    def _next_of(self, i: int) -> RawSample | None:
+        if self._iters[i] is None:
+            self._iters[i] = self.sources[i].iter_shard(self.shard_index, self.num_shards, self.positions[i])
+        return next(self._iters[i], None)
+
+    def __iter__(self) -> "MixtureStream":
+        return self
+
+    def __next__(self) -> Drawn:
+        if not self.infinite:
+            while self.current < len(self.sources):
+                i = self.current
+                sample = self._next_of(i)
+                if sample is not None:
+                    drawn = Drawn(i, 0, self.positions[i], sample)
+                    self.positions[i] += 1
+                    return drawn
+                self.current += 1
+            raise StopIteration
+        i = self._choose()
+        sample = self._next_of(i)
+        if sample is None:  # end of this shard's pass: next epoch
+            if self.positions[i] == 0:
+                raise ValueError(
+                    f"dataset {self.sources[i].name!r} has no samples for shard {self.shard_index} of "
+                    f"{self.num_shards} (data-parallel ranks x loader workers); it is empty or has "
+                    f"fewer rows than shards: add data, lower [data] num_workers, or drop it")
+            self.epochs[i] += 1
+            self.positions[i] = 0
+            self._iters[i] = None
+            sample = self._next_of(i)
+        drawn = Drawn(i, self.epochs[i], self.positions[i], sample)
+        self.positions[i] += 1
+        return drawn
+
+    def fetch(self, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], RawSample]:
+        """Re-read the samples at `keys` (to rebuild a restored packing buffer), one pass per source."""
+        found: dict[tuple[int, int, int], RawSample] = {}
+        by_source: dict[int, list[tuple[int, int, int]]] = {}
+        for key in keys:
+            by_source.setdefault(key[0], []).append(key)
+        for i, wanted in by_source.items():
+            wanted.sort(key=lambda k: k[2])
+            first = wanted[0][2]
+            stream = self.sources[i].iter_shard(self.shard_index, self.num_shards, first)
+            position, sample = first, next(stream, None)
+            for key in wanted:
+                while position < key[2]:
+                    position, sample = position + 1, next(stream, None)
+                if sample is None:
+                    raise RuntimeError(f"cannot re-read sample {key} of dataset {self.sources[i].name!r} "
+                                       f"while resuming: the dataset changed since the checkpoint")
+                found[key] = sample
+        return found
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"draws": self.draws, "epochs": list(self.epochs), "positions": list(self.positions),
+                "current": self.current, "names": [s.name for s in self.sources]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = [s.name for s in self.sources]
+        if list(state["names"]) != names:
+            raise ValueError(f"the checkpoint's data mixture {list(state['names'])} differs from the "
+                             f"configured one {names}; resume with the same [[data.datasets]]")
+        self.draws = int(state["draws"])
+        self.epochs = [int(e) for e in state["epochs"]]
+        self.positions = [int(p) for p in state["positions"]]
+        self.current = int(state["current"])
+        self._iters = [None] * len(self.sources)

@@ -1,0 +1,192 @@
+"""The per-shard pipeline: mixture -> processor -> oversize policy -> packer -> collator.
+
+`PackedIterable` is the torch IterableDataset each loader worker runs; its `state_dict()` is
+the worker's exact position (mixing counter, reader positions, packer buffer, ready packs), so
+that torchdata's StatefulDataLoader can resume it batch for batch. Buffered samples are not
+stored: their keys are, and they are re-read and re-processed on resume (the processor is a
+deterministic function of the raw sample).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from bagel_titan.protocols import RawSample
+
+from .bad_samples import BadSampleCounter, BadSampleError, as_bad_record
+from .mixture import Drawn, MixtureStream, Source
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineOptions:
+    """The `[data]` settings one shard's pipeline needs."""
+
+    packing_length: int
+    strategy: Any
+    """A registered PackingStrategy."""
+    window: int
+    oversize_policy: str
+    seed: int
+    infinite: bool
+
+
+@dataclass
+class WorkerOutput:
+    """What a worker sends per pack: the batch, and the counters that changed while building it."""
+
+    batch: Any
+    stats: dict[str, int]
+
+
+def _as_key(key: Any) -> tuple[int, int, int]:
+    return tuple(int(k) for k in key)  # type: ignore[return-value]
+
+
+class PackedIterable(IterableDataset):
+    """Packed batches of one data-parallel rank; each loader worker runs one shard of it."""
+
+    def __init__(self, sources: list[Source], processor: Callable[[RawSample], Any],
+                 collator: Callable[[list[Any]], Any], options: PipelineOptions, *,
+                 dp_rank: int, dp_world_size: int):
+        super().__init__()
+        self.sources = sources
+        self.processor = processor
+        self.collator = collator
+        self.options = options
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self._restore: dict[str, Any] | None = None
+        self._live: _ShardRun | None = None
+
+    def _shard(self) -> tuple[int, int]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self.dp_rank * workers + worker, self.dp_world_size * workers
+
+    def __iter__(self) -> Iterator[WorkerOutput]:
+        shard_index, num_shards = self._shard()
+        run = _ShardRun(self, shard_index, num_shards)
+        if self._restore is not None:
+            run.load_state_dict(self._restore)
+            self._restore = None
+        self._live = run
+        return iter(run)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._live is None:
+            return dict(self._restore) if self._restore is not None else {}
+        return self._live.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restore = state if state else None
+        self._live = None
+
+
+class _ShardRun:
+    """One shard's live iteration (mixture position, packer, buffered samples, ready packs)."""
+
+    def __init__(self, owner: PackedIterable, shard_index: int, num_shards: int):
+        o = owner.options
+        self.owner = owner
+        self.mixture = MixtureStream(owner.sources, shard_index=shard_index, num_shards=num_shards,
+                                     seed=o.seed, infinite=o.infinite)
+        self.packer = o.strategy.new_packer(o.packing_length, {"window": o.window})
+        self.samples: dict[tuple[int, int, int], Any] = {}
+        self.ready: list[list[tuple[int, int, int]]] = []
+        self.bad = BadSampleCounter()
+        self.pending_stats: Counter[str] = Counter()
+        self.finished = False
+
+    # -- one sample ---------------------------------------------------------------------------
+    def _skip(self, error: BadSampleError, drawn: Drawn) -> None:
+        self.bad.record(error, drawn.sample.dataset, drawn.sample.index)
+        self.pending_stats[f"skipped/{error.reason}"] += 1
+
+    def _process(self, drawn: Drawn) -> Any | None:
+        """The processed sample, or None (counted) when the record is bad."""
+        bad = as_bad_record(drawn.sample.data)
+        if bad is not None:
+            self._skip(bad, drawn)
+            return None
+        try:
+            sample = self.owner.processor(drawn.sample)
+        except BadSampleError as error:
+            self._skip(error, drawn)
+            return None
+        except Exception as exc:  # never crash the run on one sample
+            self._skip(BadSampleError("processor_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"), drawn)
+            return None
+        o = self.owner.options
+        if sample.num_tokens > o.packing_length:
+            truncated = None
+            if o.oversize_policy == "truncate" and hasattr(sample, "truncated"):
+                truncated = sample.truncated(o.packing_length)
+            if truncated is None:
+                self._skip(BadSampleError("oversize", f"{sample.num_tokens} tokens > [data] packing_length "
+                                          f"{o.packing_length} (oversize_policy = {o.oversize_policy!r})"), drawn)
+                return None
+            self.pending_stats["truncated"] += 1
+            sample = truncated
+        return sample
+
+    # -- iteration ----------------------------------------------------------------------------
+    def _emit(self) -> WorkerOutput:
+        keys = self.ready.pop(0)
+        batch = self.owner.collator([self.samples.pop(k) for k in keys])
+        stats = dict(self.pending_stats)
+        self.pending_stats = Counter()
+        return WorkerOutput(batch, stats)
+
+    def __iter__(self) -> Iterator[WorkerOutput]:
+        while True:
+            if self.ready:
+                yield self._emit()
+                continue
+            if self.finished:
+                return
+            drawn = next(self.mixture, None)
+            if drawn is None:
+                self.ready.extend([_as_key(k) for k in pack] for pack in self.packer.flush())
+                self.finished = True
+                continue
+            sample = self._process(drawn)
+            if sample is None:
+                continue
+            self.samples[drawn.key] = sample
+            self.ready.extend([_as_key(k) for k in pack] for pack in self.packer.add(drawn.key, sample.num_tokens))
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mixture": self.mixture.state_dict(),
+            "packer": self.packer.state_dict(),
+            "buffered": [list(k) for k in self.samples],
+            "ready": [[list(k) for k in pack] for pack in self.ready],
+            "pending_stats": dict(self.pending_stats),
+            "finished": self.finished,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mixture.load_state_dict(state["mixture"])
+        self.packer.load_state_dict(state["packer"])
+        self.ready = [[_as_key(k) for k in pack] for pack in state["ready"]]
+        self.pending_stats = Counter(state["pending_stats"])
+        self.finished = bool(state["finished"])
+        keys = [_as_key(k) for k in state["buffered"]]
+        raw = self.mixture.fetch(keys)
+        self.samples = {}
+        for key in keys:
+            sample = self._process(Drawn(key[0], key[1], key[2], raw[key]))
+            if sample is None:
+                raise RuntimeError(f"sample {key} was buffered at the checkpoint but is now skipped: "
+                                   f"the data or the processor changed since the checkpoint")
+            self.samples[key] = sample

@@ -1,0 +1,77 @@
+"""The `sdpa` backend equals the eager reference on packed multimodal batches (fp32, CPU)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan_plugins.attention.eager import EagerBackend
+from bagel_titan_plugins.attention.meta import AttentionMeta
+from bagel_titan_plugins.attention.sdpa import SDPABackend, SDPAConfig, document_calls
+from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
+
+SPEC = AttentionLayerSpec(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=32, layer_index=0, role="llm")
+
+
+def _grads(module, inputs):
+    out = module(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta, inputs.hidden_TD)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    q_grad, k_grad, v_grad = torch.autograd.grad((out * weight).sum(), (inputs.q_THD, inputs.k_THD, inputs.v_THD))
+    return out, q_grad, k_grad, v_grad
+
+
+@pytest.mark.parametrize("strategy", ["dense", "per_document", "auto"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_sdpa_matches_eager_forward_and_grad(strategy, seed, kv_heads):
+    rng = random.Random(seed)
+    docs = random_pack(rng, num_tokens=96, num_docs=rng.randint(3, 5))
+    inputs = random_inputs(docs, num_heads=4, num_kv_heads=kv_heads, head_dim=16, pad=7, seed=seed, requires_grad=True)
+    spec = AttentionLayerSpec(4, kv_heads, 16, 32, 0, "llm")
+    eager = EagerBackend().build(spec, {})
+    sdpa = SDPABackend().build(spec, {"strategy": strategy, "dense_max_tokens": 64})
+
+    expected = _grads(eager, inputs)
+    actual = _grads(sdpa, inputs)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    pad_out = actual[0][-7:]
+    assert torch.equal(pad_out, torch.zeros_like(pad_out)), "padding tokens must give exactly zero"
+
+
+def test_vit_full_documents_use_unmasked_calls():
+    meta = AttentionMeta.full_documents([5, 9, 3])
+    calls = document_calls(meta)
+    assert [(c.start, c.end, c.is_causal, c.mask_LL) for c in calls] == [(0, 5, False, None), (5, 14, False, None), (14, 17, False, None)]
+    inputs = random_inputs([[(5, "full")], [(9, "full")], [(3, "full")]], num_heads=4, num_kv_heads=2, head_dim=16)
+    out = SDPABackend().build(SPEC, {"strategy": "per_document"})(inputs.q_THD, inputs.k_THD, inputs.v_THD, meta)
+    ref = EagerBackend().build(SPEC, {})(inputs.q_THD, inputs.k_THD, inputs.v_THD, meta)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_text_only_documents_use_is_causal():
+    meta = AttentionMeta.from_segments([[(4, "causal"), (3, "causal")], [(6, "causal"), (2, "full")]])
+    calls = document_calls(meta)
+    assert calls[0].is_causal and calls[0].mask_LL is None
+    assert not calls[1].is_causal and calls[1].mask_LL is not None
+
+
+def test_sdpa_bf16_close_to_eager():
+    rng = random.Random(3)
+    inputs = random_inputs(random_pack(rng, 80, 3), num_heads=4, num_kv_heads=2, head_dim=16, pad=5, dtype=torch.bfloat16)
+    meta = inputs.meta
+    ref = EagerBackend().build(SPEC, {})(inputs.q_THD.float(), inputs.k_THD.float(), inputs.v_THD.float(), meta)
+    for strategy in ("dense", "per_document"):
+        out = SDPABackend().build(SPEC, {"strategy": strategy})(inputs.q_THD, inputs.k_THD, inputs.v_THD, meta)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_unknown_option_names_the_section_and_known_keys():
+    with pytest.raises(ValueError, match=r"\[attention.sdpa\].*dense_max_tokens"):
+        SDPABackend().build(SPEC, {"stratgy": "dense"})
+    with pytest.raises(ValueError, match="strategy"):
+        SDPAConfig(strategy="loop")

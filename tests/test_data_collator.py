@@ -1,0 +1,209 @@
+"""The BAGEL collator reproduces the reference fixture's packed batch from its raw ingredients,
+and the processor builds the right segments from the example data."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bagel_titan.config.job_config import JobConfig
+from bagel_titan.protocols import RawSample
+from bagel_titan_plugins.bagel.collator import BagelCollator
+from bagel_titan_plugins.bagel.processor import (
+    BagelProcessor, BagelSample, DroppedImage, SpecialTokens, TextSegment, VaeSegment, VitSegment,
+)
+from bagel_titan_plugins.data.bad_samples import BadSampleError
+from bagel_titan_plugins.data.example_data import write_example_data
+
+FIXTURES = Path(os.environ.get("BAGEL_REFERENCE_DIR", "/work/shared/bagel_reference"))
+FIXTURE_DIRS = sorted(p for p in FIXTURES.glob("seed*") if (p / "batch.json").exists())
+
+
+@dataclass
+class BagelSection:
+    """The `[bagel]` fields the processor and collator read."""
+
+    latent_patch_size: int = 2
+    max_latent_size: int = 8
+    vit_max_num_patch_per_side: int = 8
+    visual_und: bool = True
+    visual_gen: bool = True
+
+
+def samples_from_fixture(meta: dict, tensors: dict[str, torch.Tensor]) -> list[BagelSample]:
+    """The fixture's sequence plans + raw ingredients as processed samples."""
+    samples = []
+    for s, plan in enumerate(meta["samples"]):
+        segments, t, i = [], 0, 0
+        for item in plan["sequence_plan"]:
+            if item["type"] == "text":
+                label = item["special_token_label"] if item["special_token_loss"] else None
+                ids = tensors[f"raw.sample{s}.text{t}"].tolist()
+                segments.append(TextSegment(ids, loss=bool(item["loss"]), eos_label=label))
+                t += 1
+            elif item["type"] == "vit_image":
+                segments.append(VitSegment(tensors[f"raw.sample{s}.image{i}"], meta["vit_patch_size"]))
+                i += 1
+            else:
+                image = tensors[f"raw.sample{s}.image{i}"]
+                segments.append(VaeSegment(image, meta["vae_image_downsample"], noised=bool(item["loss"])))
+                i += 1
+        samples.append(BagelSample(segments, ("fixture", s)))
+    return samples
+
+
+@pytest.mark.skipif(not FIXTURE_DIRS, reason=f"no reference fixture under {FIXTURES}")
+@pytest.mark.parametrize("folder", FIXTURE_DIRS, ids=lambda p: p.name)
+def test_collator_reproduces_reference_batch(folder: Path):
+    meta = json.loads((folder / "batch.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "batch.safetensors"))
+    ids = meta["special_token_ids"]
+    special = SpecialTokens(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
+    section = BagelSection(config["latent_patch_size"], config["max_latent_size"], config["vit_max_num_patch_per_side"])
+    collator = BagelCollator(JobConfig(), section, vit_patch_size=meta["vit_patch_size"],
+                             vae_downsample=meta["vae_image_downsample"] // config["latent_patch_size"],
+                             special_tokens=special)
+    samples = samples_from_fixture(meta, tensors)
+    batch = collator(samples)
+
+    assert batch.sequence_length == meta["sequence_length"]
+    assert sum(s.num_tokens for s in samples) == meta["sequence_length"]
+    real = meta["num_real_samples"]
+    assert batch.sample_lens == meta["sample_lens"][:real]  # the fixture adds a flex padding sample
+    n_pad_splits = len(meta["split_lens"]) - len(batch.split_lens)
+    assert n_pad_splits == 1
+    assert batch.split_lens == meta["split_lens"][:-1]
+    assert batch.attn_modes == meta["attn_modes"][:-1]
+    assert [list(s) for s in batch.patchified_vae_latent_shapes] == meta["patchified_vae_latent_shapes"]
+    for name in ("packed_text_ids", "packed_text_indexes", "packed_position_ids", "packed_label_ids",
+                 "ce_loss_indexes", "packed_vit_token_indexes", "packed_vit_position_ids",
+                 "packed_latent_position_ids", "packed_vae_token_indexes", "mse_loss_indexes"):
+        assert torch.equal(getattr(batch, name), tensors[name]), name
+    assert torch.equal(batch.vit_token_seqlens.long(), tensors["vit_token_seqlens"])
+    torch.testing.assert_close(batch.ce_loss_weights, tensors["ce_loss_weights"])
+    torch.testing.assert_close(batch.packed_vit_tokens, tensors["packed_vit_tokens"], rtol=0, atol=0)
+    torch.testing.assert_close(batch.padded_images, tensors["padded_images"], rtol=0, atol=0)
+    timesteps = tensors["packed_timesteps"]
+    noised_tokens = torch.cat([torch.full((h * w,), noised) for (h, w), noised
+                               in zip(batch.patchified_vae_latent_shapes, batch.vae_image_noised)])
+    assert torch.equal(noised_tokens, torch.isfinite(timesteps))
+
+
+# ---------------------------------------------------------------------------------------------
+# The processor on real records
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> dict[str, str]:
+    return write_example_data(str(tmp_path_factory.mktemp("example")), num_samples=32)
+
+
+def make_processor(tokenizer: str, **overrides) -> BagelProcessor:
+    from bagel_titan_plugins.bagel.processor_config import ProcessorConfig
+
+    job = JobConfig()
+    job.plugin_sections["bagel.processor"] = ProcessorConfig(vit_min_size=16, vit_max_size=32, vae_min_size=16,
+                                                             vae_max_size=32, min_image_side=8, **overrides)
+    return BagelProcessor(job, BagelSection(), tokenizer, vit_patch_size=4, vae_downsample=2)
+
+
+def image_item(width=40, height=24):
+    from bagel_titan_plugins.data.example_data import Scene, render
+
+    return {"type": "image_url", "image_url": {"url": {"bytes": render(Scene("circle", "red", "blue", "large", .5, .5), width, height), "path": None}}}
+
+
+def test_understanding_sample_segments_and_loss(example):
+    processor = make_processor(example["tokenizer"])
+    raw = RawSample("d", 0, {"messages": [
+        {"role": "system", "content": "you describe shapes ."},
+        {"role": "user", "content": [image_item(), {"type": "text", "text": "what shape is in the image ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "it is a circle ."}]},
+    ]})
+    sample = processor(raw)
+    kinds = [type(s).__name__ for s in sample.segments]
+    assert kinds == ["TextSegment", "VitSegment", "TextSegment", "TextSegment"]
+    system, vit, question, answer = sample.segments
+    assert not system.loss and not question.loss and answer.loss
+    assert processor.tokenizer.decode(answer.ids) == "it is a circle ."
+    # 40x24 -> long side capped at 32 px, multiples of the 4 px patch: 32x20 (keeps aspect 5:3).
+    assert tuple(vit.image.shape) == (3, 20, 32)
+    assert vit.image.min() >= -1 and vit.image.max() <= 1
+    assert sample.num_tokens == sum(len(s.ids) + 2 for s in (system, question, answer)) + 8 * 5 + 2
+
+
+def test_generation_and_editing_samples(example):
+    processor = make_processor(example["tokenizer"], text_dropout_prob=0.0, vit_dropout_prob=0.0, vae_dropout_prob=0.0)
+    t2i = processor(RawSample("d", 1, {"caption": "a red circle", "image": image_item()["image_url"]["url"]}))
+    assert [type(s).__name__ for s in t2i.segments] == ["TextSegment", "VaeSegment"]
+    assert t2i.segments[1].noised and tuple(t2i.segments[1].image.shape) == (3, 20, 32)  # multiples of 2*2
+    edit = processor(RawSample("d", 2, {"messages": [
+        {"role": "user", "content": [image_item(), {"type": "text", "text": "make it green"}]},
+        {"role": "assistant", "content": [image_item()]},
+    ]}))
+    kinds = [(type(s).__name__, getattr(s, "noised", None)) for s in edit.segments]
+    assert kinds == [("VaeSegment", False), ("VitSegment", None), ("TextSegment", None), ("VaeSegment", True)]
+
+
+def test_conditioning_dropout_is_deterministic_per_sample(example):
+    processor = make_processor(example["tokenizer"], text_dropout_prob=0.5, vit_dropout_prob=0.5, vae_dropout_prob=0.5)
+    record = {"messages": [
+        {"role": "user", "content": [image_item(), {"type": "text", "text": "make it green"}]},
+        {"role": "assistant", "content": [image_item()]},
+    ]}
+    layouts = set()
+    for index in range(40):
+        first = processor(RawSample("d", index, record))
+        again = processor(RawSample("d", index, record))
+        layout = tuple(type(s).__name__ for s in first.segments)
+        assert layout == tuple(type(s).__name__ for s in again.segments)
+        layouts.add(layout)
+    assert len(layouts) > 2  # the draws differ between samples
+    assert any("DroppedImage" in layout for layout in layouts)
+
+
+@pytest.mark.parametrize("data, reason", [
+    ({"messages": []}, "empty_messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]}, "unknown_content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "nope.png"}}]},
+                   {"role": "assistant", "content": "x"}]}, "image_missing"),
+    ({"caption": "a", "image": b"not an image"}, "image_corrupt"),
+    ({"caption": "a", "image": "data:image/png;base64,@@@"}, "image_corrupt"),
+    ({"caption": "a", "image": image_item(4, 4)["image_url"]["url"]}, "image_too_small"),
+    ({"messages": [{"role": "user", "content": "hello"}]}, "no_target"),
+    ({"foo": 1}, "unknown_content"),
+])
+def test_bad_records_raise_with_reason(example, tmp_path, data, reason):
+    processor = make_processor(example["tokenizer"])
+    with pytest.raises(BadSampleError) as info:
+        processor(RawSample("d", 0, data, data_folder=str(tmp_path)))
+    assert info.value.reason == reason
+
+
+def test_image_sources_path_and_data_url(example, tmp_path):
+    import base64
+
+    processor = make_processor(example["tokenizer"])
+    png = image_item()["image_url"]["url"]["bytes"]
+    (tmp_path / "img.png").write_bytes(png)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    for source, folder in (("img.png", str(tmp_path)), (str(tmp_path / "img.png"), ""), (url, "")):
+        sample = processor(RawSample("d", 0, {"caption": "a red circle", "image": source}, data_folder=folder))
+        assert isinstance(sample.segments[-1], VaeSegment)
+
+
+def test_text_only_truncation(example):
+    processor = make_processor(example["tokenizer"])
+    sample = processor(RawSample("d", 0, {"text": "a red circle on a blue background " * 10}))
+    cut = sample.truncated(20)
+    assert cut is not None and cut.num_tokens == 20
+    assert processor(RawSample("d", 1, {"caption": "a", "image": image_item()["image_url"]["url"]})).truncated(5) is None
+    assert DroppedImage().num_tokens == 0
