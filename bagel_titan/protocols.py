@@ -71,7 +71,8 @@ class LossTerm:
     """
 
     sum: torch.Tensor
-    count: int
+    count: float
+    """Elements summed (a float: a weighted loss counts the sum of its weights)."""
 
 
 class LossComponent(Protocol):
@@ -79,7 +80,7 @@ class LossComponent(Protocol):
 
     name: str
 
-    def count(self, batch: Batch) -> int:
+    def count(self, batch: Batch) -> float:
         """How many elements this term sums over in `batch`, known before the forward (the
         trainer all-reduces these counts before any backward so every microbatch can be scaled
         by the global count)."""
@@ -216,6 +217,18 @@ class Collator(Protocol):
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class GeneratedSamples:
+    """What a model spec generates for inspection during validation; the core writes it out
+    (PNG files under `<run>/samples/step-N/`, TensorBoard images and text)."""
+
+    images: dict[str, Any] = field(default_factory=dict)
+    """{name: uint8 array [H, W, 3]} e.g. images generated from fixed prompts."""
+    texts: dict[str, str] = field(default_factory=dict)
+    """{name: text} e.g. the prompt/question and the model's answer."""
+
+
+
 class ModelSpec(Protocol):
     """Everything model specific the trainer needs. Registered through `bagel_titan_model_specs`."""
 
@@ -257,6 +270,11 @@ class ModelSpec(Protocol):
     def build_processor(self, job_config: "JobConfig") -> Processor: ...
 
     def build_collator(self, job_config: "JobConfig") -> Collator: ...
+
+    def generate_samples(self, model: nn.Module, job_config: "JobConfig", step: int) -> GeneratedSamples:
+        """Optional: images and texts to look at during validation (called on every rank, since
+        the model may be sharded; only rank 0's result is written)."""
+        ...
 
     def forward(self, model: nn.Module, batch: Batch, generator: torch.Generator | None) -> ModelOutputs:
         """Run the model on one packed batch. `generator` seeds the flow-matching noise (differs

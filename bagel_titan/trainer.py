@@ -143,7 +143,7 @@ class Trainer:
         self.throughput = ThroughputMeter(self.peak_flops)
         self.consecutive_nonfinite = 0
         self._stop_signal: int | None = None
-        self._pending: tuple[torch.Tensor, list[int], float] | None = None
+        self._pending: tuple[torch.Tensor, list[float], float] | None = None
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         num_params = sum(p.numel() for p in self.model.parameters())
         num_trainable = sum(p.numel() for p in self.trainable_params)
@@ -156,7 +156,7 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------------
 
-    def _compute_loss(self, outputs, batch: Batch, global_counts: list[int]):
+    def _compute_loss(self, outputs, batch: Batch, global_counts: list[float]):
         """Σ weight * term.sum / global count, plus the detached sums for logging."""
         total = None
         sums = []
@@ -192,7 +192,7 @@ class Trainer:
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def forward_backward(self, batches: list[Batch], step: int) -> tuple[torch.Tensor, list[int], int, bool]:
+    def forward_backward(self, batches: list[Batch], step: int) -> tuple[torch.Tensor, list[float], int, bool]:
         """Accumulate the gradients of one step's microbatches.
 
         Returns the per-component loss sums of this rank, the global counts, the global token
@@ -201,7 +201,7 @@ class Trainer:
         local_counts = [float(sum(c.count(b) for b in batches)) for c in self.loss_components]
         local_tokens = float(sum(b.num_tokens for b in batches))
         reduced = self._all_reduce_sum(local_counts + [local_tokens, float(self._stop_signal is not None)])
-        global_counts = [int(c) for c in reduced[: len(local_counts)]]
+        global_counts = reduced[: len(local_counts)]
         global_tokens = int(reduced[len(local_counts)])
         stop_requested = reduced[-1] > 0
 

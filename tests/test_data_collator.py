@@ -188,6 +188,13 @@ def test_bad_records_raise_with_reason(example, tmp_path, data, reason):
     assert info.value.reason == reason
 
 
+def test_too_large_images_are_refused_before_decoding(example):
+    processor = make_processor(example["tokenizer"], max_image_pixels=30 * 30)
+    with pytest.raises(BadSampleError) as info:
+        processor(RawSample("d", 0, {"caption": "a", "image": image_item(40, 24)["image_url"]["url"]}))
+    assert info.value.reason == "image_too_large"
+
+
 def test_image_sources_path_and_data_url(example, tmp_path):
     import base64
 
@@ -207,3 +214,33 @@ def test_text_only_truncation(example):
     assert cut is not None and cut.num_tokens == 20
     assert processor(RawSample("d", 1, {"caption": "a", "image": image_item()["image_url"]["url"]})).truncated(5) is None
     assert DroppedImage().num_tokens == 0
+
+
+def test_interpolated_position_ids_cover_the_table():
+    from bagel_titan_plugins.bagel.collator import grid_position_ids, grid_position_ids_interpolated
+
+    ids = grid_position_ids_interpolated(2, 4, side=8).view(2, 4)
+    assert ids.tolist() == [[0, 2, 4, 6], [32, 34, 36, 38]]  # rows 0 and 4, cols 0, 2, 4, 6
+    assert torch.equal(grid_position_ids_interpolated(8, 8, 8), grid_position_ids(8, 8, 8))
+
+
+def test_fit_size_respects_every_bound():
+    from bagel_titan_plugins.data.images import fit_size
+
+    assert fit_size(640, 480, min_size=512, max_size=1024, stride=16, max_side=1024) == (688, 512)
+    assert fit_size(4000, 3000, min_size=512, max_size=1024, stride=16, max_side=1024) == (1024, 768)
+    assert fit_size(4000, 3000, min_size=378, max_size=980, stride=14, max_side=70 * 14,
+                    max_pixels=14 * 14 * 9 * 1024) == (980, 742)  # 735 rounds to 53 patches
+    w, h = fit_size(1000, 1000, min_size=512, max_size=1024, stride=16, max_side=1024, max_pixels=500_000)
+    assert w * h <= 500_000 and w % 16 == 0 and w == h
+    assert fit_size(100, 20, min_size=512, max_size=64, stride=4, max_side=32) == (32, 8)
+
+
+def test_transparent_images_are_composited_on_white(tmp_path):
+    from PIL import Image
+
+    from bagel_titan_plugins.data.images import load_rgb
+
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    rgb = load_rgb("clear.png", str(tmp_path), min_side=8, max_pixels=10**6)
+    assert rgb.mode == "RGB" and rgb.getpixel((3, 3)) == (255, 255, 255)

@@ -32,6 +32,12 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step-{step}")
 
 
+def step_of(folder_name: str) -> int | None:
+    """N for a folder named `step-N`, else None."""
+    match = _STEP_DIR.match(folder_name)
+    return int(match.group(1)) if match else None
+
+
 def read_marker(path: str) -> CheckpointInfo | None:
     """The marker of checkpoint folder `path`, or None if the checkpoint is incomplete."""
     try:
@@ -58,9 +64,8 @@ def list_steps(root: str) -> tuple[list[int], list[int]]:
     if not os.path.isdir(root):
         return complete, incomplete
     for name in os.listdir(root):
-        match = _STEP_DIR.match(name)
-        if match:
-            step = int(match.group(1))
+        step = step_of(name)
+        if step is not None:
             target = complete if read_marker(os.path.join(root, name)) else incomplete
             target.append(step)
     return sorted(complete), sorted(incomplete)

@@ -99,6 +99,7 @@ class CheckpointManager:
         self.world_size = dist.get_world_size()
         self.restored_data_state = False
         """After `load()`: whether the dataloader and RNG states were restored."""
+        self._writer: CheckpointWriter | None = None  # created on the first save, then reused
         self._pending: _PendingSave | None = None
         self._last_saved_step = -1
         # Async saves run collectives from a background thread: give them their own gloo group
@@ -148,14 +149,17 @@ class CheckpointManager:
                 f"dp_rank_{self.dp_rank}": pickle.dumps(self.dataloader.state_dict())
             }
         state[RNG] = {f"rank_{self.rank}": pickle.dumps(rng_state())}
-        writer = CheckpointWriter(path, step)
         self._last_saved_step = step
+        if self._writer is None:
+            self._writer = CheckpointWriter(self.root)
         if self._async_pg is None:
-            dcp.save(state, storage_writer=writer)
+            dcp.save(state, checkpoint_id=path, storage_writer=self._writer)
             # dcp.save returns once every rank's data and the metadata are written.
             self._mark_complete(step, path)
             return
-        result = dcp.async_save(state, storage_writer=writer, process_group=self._async_pg)
+        result = dcp.async_save(
+            state, checkpoint_id=path, storage_writer=self._writer, process_group=self._async_pg
+        )
         future = getattr(result, "upload_completion", result)
         self._pending = _PendingSave(step, path, future)
 
@@ -202,10 +206,16 @@ class CheckpointManager:
 
         Order: `step` (or `[checkpoint] load_step`) if given, else the latest complete
         checkpoint of this run, else `initial_load_path` (model only when
-        `initial_load_model_only`, returning 0), else nothing.
+        `initial_load_model_only`, returning 0), else nothing. With `[checkpoint] enable =
+        false` only `initial_load_path` is honoured.
+
+        After a model-only load the caller re-initialises what derives from the weights (e.g.
+        `EMA.copy_from_model()`).
         """
-        if not self.cfg.enable:
-            return 0
+        if not self.cfg.enable:  # no run checkpoints; an initial checkpoint still applies
+            if not self.cfg.initial_load_path:
+                return 0
+            return self._load_initial()
         wanted = step if step != -1 else self.cfg.load_step
         complete, incomplete = list_steps(self.root)
         if wanted != -1:
@@ -215,15 +225,25 @@ class CheckpointManager:
                     f"[checkpoint] load_step = {wanted} but {step_dir(self.root, wanted)} is "
                     f"{state}; complete checkpoints: {complete or 'none'}"
                 )
+            newer = [s for s in complete if s > wanted]
+            if newer and self.rank == 0:
+                logger.warning(
+                    "[checkpoint] load_step = %d while newer checkpoints %s exist: a later "
+                    "auto-resume (load_step = -1) would pick the newest of those, not this run's",
+                    wanted, newer,
+                )
             return self._load_from(step_dir(self.root, wanted), model_only=False)
         if complete:
             return self._load_from(step_dir(self.root, complete[-1]), model_only=False)
         if self.cfg.initial_load_path:
-            restored = self._load_from(
-                self.cfg.initial_load_path, model_only=self.cfg.initial_load_model_only
-            )
-            return 0 if self.cfg.initial_load_model_only else restored
+            return self._load_initial()
         return 0
+
+    def _load_initial(self) -> int:
+        restored = self._load_from(
+            self.cfg.initial_load_path, model_only=self.cfg.initial_load_model_only
+        )
+        return 0 if self.cfg.initial_load_model_only else restored
 
     def _load_from(self, path: str, model_only: bool) -> int:
         info = read_marker(path)
@@ -233,11 +253,18 @@ class CheckpointManager:
                 f"its save was interrupted or it is not a step-<N> folder of a training run"
             )
         names = ["model"] if model_only else list(self.states)
-        self._check_present(path, names)
+        saved = self._saved_keys(path)
+        self._check_present(path, names, saved)
         state = {name: self.states[name].state_dict() for name in names}
         same_layout = info.dp_world_size == self.dp_world_size and info.world_size == self.world_size
         restore_data = not model_only and same_layout
         if restore_data:
+            data_key = f"{DATALOADER}.dp_rank_{self.dp_rank}"
+            if self.dataloader is not None and data_key not in saved:
+                raise CheckpointError(
+                    f"checkpoint {path} has no dataloader state ({data_key}) but this run has a "
+                    f"dataloader; start from it with [checkpoint] initial_load_path instead"
+                )
             if self.dataloader is not None:
                 state[DATALOADER] = {f"dp_rank_{self.dp_rank}": b""}
             state[RNG] = {f"rank_{self.rank}": b""}
@@ -265,8 +292,13 @@ class CheckpointManager:
         )
         return info.step
 
-    def _check_present(self, path: str, names: list[str]) -> None:
-        saved = {fqn.split(".", 1)[0] for fqn in FileSystemReader(path).read_metadata().state_dict_metadata}
+    @staticmethod
+    def _saved_keys(path: str) -> set[str]:
+        return set(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+    @staticmethod
+    def _check_present(path: str, names: list[str], saved_keys: set[str]) -> None:
+        saved = {fqn.split(".", 1)[0] for fqn in saved_keys}
         missing = [n for n in names if n not in saved]
         if missing:
             raise CheckpointError(

@@ -21,16 +21,24 @@ from torch.distributed.checkpoint.state_dict import (
 
 
 class ModelState:
-    """The model's (sharded) state dict, keyed by parameter/buffer name."""
+    """The model's (sharded) state dict, keyed by parameter/buffer name.
 
-    def __init__(self, model: nn.Module):
+    `exclude_frozen` leaves parameters with `requires_grad=False` (a frozen VAE or LLM) out of
+    checkpoints: they never change, so the run restores them from the pretrained weights it
+    loads before resuming, and checkpoints hold only the trained state.
+    """
+
+    def __init__(self, model: nn.Module, exclude_frozen: bool = False):
         self.model = model
+        self.options = StateDictOptions(ignore_frozen_params=exclude_frozen, strict=not exclude_frozen)
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+        return get_model_state_dict(self.model, options=self.options)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state, options=StateDictOptions(strict=True))
+        result = set_model_state_dict(self.model, state, options=self.options)
+        if result.unexpected_keys:
+            raise KeyError(f"checkpoint has unknown model keys: {result.unexpected_keys[:10]}")
 
 
 class OptimizerState:

@@ -1,21 +1,25 @@
-"""The DCP storage writer of bagel-titan checkpoints: DCP's file writer with fsync, plus a
-fault-injection pause that crash tests use to `kill -9` a job in the middle of a save."""
+"""The DCP storage writer of bagel-titan checkpoints: DCP's file writer (one file per rank,
+fsynced), reused across saves so an asynchronous save can reuse its pinned staging buffers,
+plus a fault-injection pause that crash tests use to `kill -9` a job in the middle of a save."""
 
 from __future__ import annotations
 
 import os
 import time
 
+import torch
 from torch.distributed.checkpoint import FileSystemWriter
+
+from bagel_titan.checkpoint.layout import step_of
 
 PAUSE_ENV = "BAGEL_TITAN_TEST_SAVE_PAUSE"
 """``"<step>:<seconds>"``: after this rank wrote its data for checkpoint `<step>` (before the
 metadata and the completeness marker), sleep `<seconds>`. For crash tests only."""
 
 
-def _pause_for(step: int) -> float:
+def _pause_for(step: int | None) -> float:
     spec = os.environ.get(PAUSE_ENV, "")
-    if not spec:
+    if not spec or step is None:
         return 0.0
     try:
         pause_step, seconds = spec.split(":")
@@ -25,15 +29,25 @@ def _pause_for(step: int) -> float:
 
 
 class CheckpointWriter(FileSystemWriter):
-    """One file per rank, fsynced, for checkpoint `step`."""
+    """Writes the step folder given as `checkpoint_id` to `dcp.save`/`dcp.async_save`.
 
-    def __init__(self, path: str, step: int):
-        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
-        self._pause_s = _pause_for(step)
+    With CUDA, staging for asynchronous saves copies into pinned host buffers that are
+    allocated once and reused (`cache_staged_state_dict`); without it each save allocates.
+    """
+
+    def __init__(self, root: str):
+        super().__init__(
+            root,
+            single_file_per_rank=True,
+            sync_files=True,
+            thread_count=1,
+            cache_staged_state_dict=torch.cuda.is_available(),
+        )
 
     def write_data(self, plan, planner):  # type: ignore[override]
         future = super().write_data(plan, planner)
-        if self._pause_s:
+        pause_s = _pause_for(step_of(os.path.basename(str(self.path))))
+        if pause_s:
             future.wait()
-            time.sleep(self._pause_s)
+            time.sleep(pause_s)
         return future

@@ -3,26 +3,61 @@
 Uses the composable `torch.distributed._composable.checkpoint` (non-reentrant
 `torch.utils.checkpoint` driven by module hooks): the unit is not wrapped, so parameter names
 and state-dict keys do not change, and it composes with `fully_shard` and per-module compile.
+
+Granularity of "selective":
+- "layer": checkpoint every Nth unit whole (`selective_every`);
+- "op": every unit, but the outputs of the expensive ops (matmuls, attention) are kept and only
+  the cheap ones (norms, activations, elementwise) are recomputed.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
+import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from bagel_titan.config.job_config import ActivationCheckpoint
 
 _MODES = ("none", "full", "selective")
+_GRANULARITIES = ("layer", "op")
 
 
-def checkpointed_unit_indices(num_units: int, ac_cfg: ActivationCheckpoint) -> list[int]:
+def _saved_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = (
+        "mm", "bmm", "addmm", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+        "_scaled_mm", "_flash_attention_forward", "_efficient_attention_forward",
+    )
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def _op_policy(saved: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _op_level_context():
+    return create_selective_checkpoint_contexts(partial(_op_policy, _saved_ops()))
+
+
+def checkpointed_unit_indices(
+    num_units: int, ac_cfg: ActivationCheckpoint, granularity: str = "layer"
+) -> list[int]:
     """Indices of the units to checkpoint: none, all, or every `selective_every`-th
-    (1-based: with N = 2, units 1, 3, 5, ...; the same rule as torchtitan)."""
+    (1-based: with N = 2, units 1, 3, 5, ...; the same rule as torchtitan); all units with
+    op-level selective checkpointing."""
+    if granularity not in _GRANULARITIES:
+        raise ValueError(
+            f"[activation_checkpoint] granularity must be one of {', '.join(_GRANULARITIES)}, "
+            f"got {granularity!r}"
+        )
     if ac_cfg.mode == "none":
         return []
-    if ac_cfg.mode == "full":
+    if ac_cfg.mode == "full" or (ac_cfg.mode == "selective" and granularity == "op"):
         return list(range(num_units))
     if ac_cfg.mode == "selective":
         every = ac_cfg.selective_every
@@ -37,14 +72,21 @@ def checkpointed_unit_indices(num_units: int, ac_cfg: ActivationCheckpoint) -> l
 
 
 def apply_activation_checkpointing(
-    model: nn.Module, units: Sequence[nn.Module], ac_cfg: ActivationCheckpoint
+    model: nn.Module,
+    units: Sequence[nn.Module],
+    ac_cfg: ActivationCheckpoint,
+    granularity: str = "layer",
 ) -> list[int]:
     """Checkpoint the units the config selects, in place. Returns their indices.
 
     `model` is accepted for symmetry with the other `apply_*` functions; only units change.
     """
     del model
-    indices = checkpointed_unit_indices(len(units), ac_cfg)
+    indices = checkpointed_unit_indices(len(units), ac_cfg, granularity)
+    op_level = ac_cfg.mode == "selective" and granularity == "op"
     for index in indices:
-        checkpoint(units[index])
+        if op_level:
+            checkpoint(units[index], context_fn=_op_level_context)
+        else:
+            checkpoint(units[index])
     return indices

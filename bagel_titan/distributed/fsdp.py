@@ -51,6 +51,11 @@ def apply_fsdp(
     every rank, and not gathered or reduced. Returns `model` (sharded in place; parameters
     become DTensors, state-dict keys are unchanged).
     """
+    if parallelism_cfg.cpu_offload and mesh.device_type == "cpu":
+        raise ValueError(
+            "[parallelism] cpu_offload = true moves parameters off an accelerator, but this job "
+            "runs on the CPU already; set cpu_offload = false"
+        )
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     offload: OffloadPolicy = CPUOffloadPolicy() if parallelism_cfg.cpu_offload else OffloadPolicy()
     policy = parallelism_cfg.reshard_after_forward

@@ -28,15 +28,17 @@ def parallelize(
     mesh: DeviceMesh,
     ignored_modules: Sequence[nn.Module] = (),
     compile_backend: str = "inductor",
+    ac_granularity: str = "layer",
 ) -> list[nn.Module]:
     """AC -> compile -> FSDP on `model` in place; returns the units actually used (the spec's
     `units`, or those named by `[parallelism] transformer_layer_cls_to_wrap`).
 
-    `ignored_modules` (frozen, e.g. the VAE) stay outside FSDP.
+    `ignored_modules` (frozen, e.g. the VAE) stay outside FSDP. `ac_granularity` is "layer" or
+    "op" for selective activation checkpointing (see `activation_checkpoint.py`).
     """
     par = job_config.parallelism
     units = resolve_units(model, units, par.transformer_layer_cls_to_wrap)
-    apply_activation_checkpointing(model, units, job_config.activation_checkpoint)
+    apply_activation_checkpointing(model, units, job_config.activation_checkpoint, ac_granularity)
     if job_config.compile.enable and "model" in job_config.compile.components:
         apply_compile(units, backend=compile_backend)
     if not par.fsdp and mesh.size() > 1:

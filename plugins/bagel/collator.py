@@ -4,7 +4,9 @@ Per sample, RoPE positions restart at 0. A text segment (`<|im_start|>` + ids + 
 causal) takes one position per token; a ViT image (`<|vision_start|>` + patches +
 `<|vision_end|>`, full) shares one position, then the position moves on by one; a noised VAE
 image (mode noise) shares one position that does not move on; a clean VAE image (mode full)
-moves it on by one, and so does a dropped conditioning image. Timesteps and noise are drawn by
+moves it on by one, and so does a dropped conditioning image. Image position ids index the
+ViT / latent sin-cos tables (row * side + col), or with `[bagel] interpolate_pos` the table cell
+each patch's fractional coordinate falls into. Timesteps and noise are drawn by
 the model, not here.
 """
 
@@ -32,6 +34,15 @@ def grid_position_ids(h: int, w: int, row_stride: int) -> torch.Tensor:
     return (torch.arange(h)[:, None] * row_stride + torch.arange(w)).flatten()
 
 
+def grid_position_ids_interpolated(h: int, w: int, side: int) -> torch.Tensor:
+    """[h*w] ids on the full `side` x `side` table: each patch takes the table cell its
+    fractional coordinate falls into (the release's `interpolate_pos`)."""
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+    rows = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / h), boundaries, right=True)
+    cols = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / w), boundaries, right=True)
+    return (rows[:, None] * side + cols).flatten()
+
+
 @dataclass
 class _Builder:
     """Accumulates the packed lists while samples are appended."""
@@ -39,6 +50,7 @@ class _Builder:
     special: SpecialTokens
     vit_max_num_patch_per_side: int
     max_latent_size: int
+    interpolate_pos: bool = False
     curr: int = 0
     sample_lens: list[int] = field(default_factory=list)
     split_lens: list[int] = field(default_factory=list)
@@ -59,6 +71,11 @@ class _Builder:
     vae_indexes: list[int] = field(default_factory=list)
     vae_noised: list[bool] = field(default_factory=list)
     mse_indexes: list[int] = field(default_factory=list)
+
+    def _grid(self, h: int, w: int, side: int) -> torch.Tensor:
+        if self.interpolate_pos:
+            return grid_position_ids_interpolated(h, w, side)
+        return grid_position_ids(h, w, side)
 
     def _token(self, token_id: int) -> int:
         self.text_ids.append(token_id)
@@ -88,14 +105,14 @@ class _Builder:
 
     def vit(self, seg: VitSegment, rope: int) -> int:
         h, w = seg.grid
-        if max(h, w) > self.vit_max_num_patch_per_side:
+        if not self.interpolate_pos and max(h, w) > self.vit_max_num_patch_per_side:
             raise ValueError(f"ViT image of {h}x{w} patches exceeds vit_max_num_patch_per_side "
                              f"{self.vit_max_num_patch_per_side}; lower [bagel.processor] vit_max_size")
         self._token(self.special.vision_start)
         n = h * w
         self.vit_tokens.append(patchify(seg.image, seg.patch_size))
         self.vit_indexes.extend(range(self.curr, self.curr + n))
-        self.vit_positions.append(grid_position_ids(h, w, self.vit_max_num_patch_per_side))
+        self.vit_positions.append(self._grid(h, w, self.vit_max_num_patch_per_side))
         self.vit_seqlens.append(n)
         self.curr += n
         self._token(self.special.vision_end)
@@ -106,14 +123,14 @@ class _Builder:
 
     def vae(self, seg: VaeSegment, rope: int) -> int:
         h, w = seg.grid
-        if max(h, w) > self.max_latent_size:
+        if not self.interpolate_pos and max(h, w) > self.max_latent_size:
             raise ValueError(f"VAE image of {h}x{w} latent patches exceeds max_latent_size "
                              f"{self.max_latent_size}; lower [bagel.processor] vae_max_size")
         self._token(self.special.vision_start)
         n = h * w
         self.vae_images.append(seg.image)
         self.vae_shapes.append((h, w))
-        self.vae_positions.append(grid_position_ids(h, w, self.max_latent_size))
+        self.vae_positions.append(self._grid(h, w, self.max_latent_size))
         self.vae_indexes.extend(range(self.curr, self.curr + n))
         self.vae_noised.append(seg.noised)
         if seg.noised:
@@ -196,13 +213,14 @@ class BagelCollator:
         self.special = special_tokens
         self.vit_max_num_patch_per_side = int(bagel_config.vit_max_num_patch_per_side)
         self.max_latent_size = int(bagel_config.max_latent_size)
+        self.interpolate_pos = bool(getattr(bagel_config, "interpolate_pos", False))
         self.vit_feature_dim = vit_patch_size * vit_patch_size * 3
         self.vae_downsample = vae_downsample
 
     def __call__(self, samples: Sequence[BagelSample]) -> BagelPackedBatch:
         if not samples:
             raise ValueError("cannot collate an empty pack")
-        builder = _Builder(self.special, self.vit_max_num_patch_per_side, self.max_latent_size)
+        builder = _Builder(self.special, self.vit_max_num_patch_per_side, self.max_latent_size, self.interpolate_pos)
         for sample in samples:
             builder.add(sample)
         return builder.build([s.key for s in samples], self.vit_feature_dim)

@@ -11,7 +11,7 @@ Two kinds of settings live here and are kept apart on purpose:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 
@@ -137,7 +137,7 @@ class BagelConfig:
 
     def validate(self, arch: BagelArchitecture) -> None:
         """Raise a clear error when an option contradicts the architecture."""
-        if self.vit_max_num_patch_per_side != arch.vit.patches_per_side:
+        if self.visual_und and self.vit_max_num_patch_per_side != arch.vit.patches_per_side:
             raise ValueError(
                 f"[bagel] vit_max_num_patch_per_side = {self.vit_max_num_patch_per_side} does not match "
                 f"the ViT's position table ({arch.vit.image_size} px / {arch.vit.patch_size} px patches = "
@@ -169,6 +169,15 @@ def architecture_from_release(config: Mapping[str, Any], *, vit_config_counts_ex
     """
     llm, vit = config["llm_config"], config["vit_config"]
     vae = config.get("vae_config") or {}
+    unsupported = {
+        "llm_config.rope_scaling": (llm.get("rope_scaling"), None),
+        "llm_config.hidden_act": (llm.get("hidden_act", "silu"), "silu"),
+        "vit_config.hidden_act": (vit.get("hidden_act", "gelu_pytorch_tanh"), "gelu_pytorch_tanh"),
+        "vit_config.rope": (vit.get("rope", False), False),
+    }
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise ValueError(f"{key} = {value!r} is not supported (only {supported!r}, as in the BAGEL release)")
     vit_layers = int(vit["num_hidden_layers"]) - (1 if vit_config_counts_extra_layer else 0)
     return BagelArchitecture(
         llm=LLMArgs(
@@ -239,13 +248,6 @@ def release_config_dict(arch: BagelArchitecture, options: BagelConfig, torch_dty
         "connector_act": options.connector_act, "interpolate_pos": options.interpolate_pos,
         "timestep_shift": options.timestep_shift,
         "llm_config": llm_config_dict(arch, torch_dtype), "vit_config": vit_config_dict(arch, torch_dtype),
-        "vae_config": vae, "vit_config_counts_extra_layer": True,
+        "vae_config": vae,
     }
 
-
-@dataclass
-class ResolvedBagel:
-    """Architecture + options of one built model (kept on the model for FLOPs and export)."""
-
-    arch: BagelArchitecture
-    options: BagelConfig = field(default_factory=BagelConfig)

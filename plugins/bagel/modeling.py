@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan_plugins.attention.meta import AttentionMeta
 
 from .batch import BagelPackedBatch
 from .config import BagelArchitecture, BagelConfig
@@ -183,8 +184,6 @@ class Bagel(nn.Module):
         Timesteps and noise are drawn with `generator` unless the batch carries them; VAE
         latents come from the frozen VAE unless the batch carries `padded_latent`.
         """
-        from bagel_titan_plugins.attention.meta import AttentionMeta
-
         inter: dict[str, torch.Tensor] = {}
         keep = (lambda k, v: inter.__setitem__(k, v)) if keep_intermediates else (lambda k, v: None)
         embed = self.language_model.model.embed_tokens
@@ -198,7 +197,10 @@ class Bagel(nn.Module):
         num_vit = int(batch.packed_vit_tokens.shape[0])
         if self.options.visual_und:
             vit_meta = AttentionMeta.full_documents([int(n) for n in batch.vit_token_seqlens.tolist()], device=device)
-            vit_ND = self.vit_model(batch.packed_vit_tokens, batch.packed_vit_position_ids, vit_meta)
+            pixels_NP = batch.packed_vit_tokens
+            if num_vit == 0:  # any [0, ...] placeholder: give it the patch width
+                pixels_NP = pixels_NP.new_zeros(0, self.vit_model.vision_model.embeddings.patch_embedding.in_features)
+            vit_ND = self.vit_model(pixels_NP, batch.packed_vit_position_ids, vit_meta)
             keep("vit_output", vit_ND)
             conn_ND = self.connector(vit_ND)
             keep("connector_output", conn_ND)
@@ -278,8 +280,6 @@ class Bagel(nn.Module):
     @staticmethod
     def llm_attention_meta(batch: BagelPackedBatch, device: torch.device):
         """Documents = samples, segments = (split_lens, attn_modes)."""
-        from bagel_titan_plugins.attention.meta import AttentionMeta
-
         return AttentionMeta.from_segments(documents_of(batch.sample_lens, batch.split_lens, batch.attn_modes),
                                            device=device, position_ids=batch.packed_position_ids)
 
@@ -308,13 +308,16 @@ def documents_of(sample_lens: list[int], split_lens: list[int], attn_modes: list
 @torch.no_grad()
 def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full tensor into `param`, which may be a DTensor (FSDP2-sharded): the local shard
-    of `distribute_tensor(full)` is copied, so no rank ever holds more than one full tensor."""
+    of `distribute_tensor(full)` is copied, so no rank ever holds more than one full tensor.
+    Every rank holds the same `full` (read from the same file or recomputed), so the shard is
+    cut locally (`src_data_rank=None`): no communication."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if tuple(full.shape) != tuple(param.shape):
         raise ValueError(f"shape mismatch: checkpoint {tuple(full.shape)} vs model {tuple(param.shape)}")
     if isinstance(param, DTensor):
-        shard = distribute_tensor(full.to(device=param.device, dtype=param.dtype), param.device_mesh, param.placements)
+        shard = distribute_tensor(full.to(device=param.device, dtype=param.dtype), param.device_mesh, param.placements,
+                                  src_data_rank=None)
         param.to_local().copy_(shard.to_local())
     else:
         param.copy_(full.to(device=param.device, dtype=param.dtype))

@@ -142,7 +142,7 @@ class PackedAttentionMoT(nn.Module):
         q_THD = apply_rotary(routing.merge(q_und, q_gen).float(), cos_TD, sin_TD).to(v_THD.dtype)
         k_THD = apply_rotary(routing.merge(k_und, k_gen).float(), cos_TD, sin_TD).to(v_THD.dtype)
         out_THD = self.attn_core(q_THD, k_THD, v_THD, meta, routing.merge(x_und, x_gen))
-        out_und, out_gen = routing.split(out_THD.reshape(out_THD.shape[0], -1))
+        out_und, out_gen = routing.split(out_THD.reshape(out_THD.shape[0], self.num_heads * self.head_dim))
         return self.o_proj(out_und), self.o_proj_moe_gen(out_gen)
 
 

@@ -187,13 +187,13 @@ class BagelProcessor:
     def vit_segment(self, image) -> VitSegment:
         c = self.config
         size = fit_size(*image.size, min_size=c.vit_min_size, max_size=c.vit_max_size,
-                        stride=self.vit_patch_size, max_side=self.vit_max_side)
+                        stride=self.vit_patch_size, max_side=self.vit_max_side, max_pixels=c.vit_max_pixels)
         return VitSegment(to_tensor(image, size, c.vit_image_mean, c.vit_image_std), self.vit_patch_size)
 
     def vae_segment(self, image, noised: bool) -> VaeSegment:
         c = self.config
         size = fit_size(*image.size, min_size=c.vae_min_size, max_size=c.vae_max_size,
-                        stride=self.vae_stride, max_side=self.vae_max_side)
+                        stride=self.vae_stride, max_side=self.vae_max_side, max_pixels=c.vae_max_pixels)
         return VaeSegment(to_tensor(image, size, 0.5, 0.5), self.vae_stride, noised)
 
     # -- record forms -------------------------------------------------------------------------

@@ -17,11 +17,16 @@ class ProcessorConfig:
     vit_max_size: int = 980
     """Longer side (px) an understanding image is resized down to; also capped by
     `vit_max_num_patch_per_side * vit_patch_size`."""
+    vit_max_pixels: int = 14 * 14 * 9 * 1024
+    """Pixel budget of one ViT image after resizing (the release's 1,806,336): a larger result is
+    scaled down, keeping the aspect ratio."""
     vae_min_size: int = 512
     """Shorter side (px) a VAE image (generation target or condition) is resized up to."""
     vae_max_size: int = 1024
     """Longer side (px) a VAE image is resized down to; also capped by `max_latent_size` latent
     patches per side. Both VAE sides are rounded to multiples of vae_downsample*latent_patch_size."""
+    vae_max_pixels: int = 14 * 14 * 9 * 1024
+    """Pixel budget of one VAE image after resizing (the release's 1,806,336)."""
     min_image_side: int = 16
     """An image whose shorter side (px, before resizing) is below this is skipped as too small."""
     max_image_pixels: int = 178_956_970

@@ -48,7 +48,7 @@ class SiglipAttention(nn.Module):
         k_NHD = self.k_proj(x_ND).view(n, self.num_heads, self.head_dim)
         v_NHD = self.v_proj(x_ND).view(n, self.num_heads, self.head_dim)
         out_NHD = self.attn_core(q_NHD, k_NHD, v_NHD, meta, x_ND)
-        return self.out_proj(out_NHD.reshape(n, -1))
+        return self.out_proj(out_NHD.reshape(n, self.num_heads * self.head_dim))
 
 
 class SiglipMLP(nn.Module):

@@ -12,6 +12,7 @@ model: a rank never holds the full model on its CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import llm_config_dict, release_config_dict, vit_config_dict
+from .config import (BagelArchitecture, BagelConfig, VAEArgs, architecture_from_release, bagel_config_from_release,
+                     llm_config_dict, release_config_dict, vit_config_dict)
 from .modeling import Bagel, assign_full
 
 POSITION_TABLES = {
@@ -43,9 +45,11 @@ class WeightSource:
     layout: str
     """"official", "le" or "fixture"."""
     model_files: dict[str, str] = field(default_factory=dict)
+    """Model key -> safetensors file holding it."""
     vae_files: dict[str, str] = field(default_factory=dict)
-    """VAE key (without any prefix, e.g. `encoder.conv_in.weight`) -> (file, stored key)."""
+    """VAE key (as the AutoEncoder names it, e.g. `encoder.conv_in.weight`) -> file."""
     vae_stored_keys: dict[str, str] = field(default_factory=dict)
+    """VAE key -> the key in that file (`vae_model.`-prefixed in the LE layout)."""
 
 
 def _keys_of(path: str) -> list[str]:
@@ -94,6 +98,32 @@ def detect(folder: str) -> WeightSource:
     )
 
 
+def read_architecture(folder: str) -> tuple[BagelArchitecture, BagelConfig]:
+    """Architecture and `[bagel]` options recorded in a pretrained folder of any layout.
+
+    The ViT depth is counted from the weight keys (release `vit_config.json` files state one
+    layer more than the weights hold); an official folder without `config.json` gets the FLUX
+    VAE and the release's options.
+    """
+    source = detect(folder)
+    config: dict = {}
+    path = os.path.join(folder, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+    if "llm_config" not in config:  # an official folder: the two HF sub-configs, the FLUX VAE
+        for key, name in (("llm_config", "llm_config.json"), ("vit_config", "vit_config.json")):
+            with open(os.path.join(folder, name)) as f:
+                config[key] = json.load(f)
+        config.setdefault("vae_config", dataclasses.asdict(VAEArgs()))
+    arch = architecture_from_release(config, vit_config_counts_extra_layer=False)
+    prefix = "vit_model.vision_model.encoder.layers."
+    vit_layers = {int(k[len(prefix):].split(".")[0]) for k in source.model_files if k.startswith(prefix)}
+    if vit_layers:
+        arch = dataclasses.replace(arch, vit=dataclasses.replace(arch.vit, num_layers=max(vit_layers) + 1))
+    return arch, bagel_config_from_release(config)
+
+
 def _stream(files: Mapping[str, str], stored: Mapping[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) one at a time, opening each file once."""
     by_file: dict[str, list[str]] = {}
@@ -128,6 +158,14 @@ def _check_position_table(model: Bagel, key: str, shape: tuple[int, ...], where:
         )
 
 
+def _check_shape(key: str, param: torch.Tensor, tensor: torch.Tensor, where: str) -> None:
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(
+            f"{key} in {where} has shape {tuple(tensor.shape)} but the model's is {tuple(param.shape)}; "
+            f"the checkpoint is another architecture: check [model] flavor"
+        )
+
+
 def load_weights(model: Bagel, folder: str) -> str:
     """Load a pretrained folder (layout detected) into `model` and its VAE; returns the layout.
 
@@ -147,6 +185,7 @@ def load_from_source(model: Bagel, source: WeightSource, where: str) -> None:
         if key in POSITION_TABLES:
             _check_position_table(model, key, tuple(tensor.shape), where)
             continue
+        _check_shape(key, params[key], tensor, where)
         assign_full(params[key], tensor)
     model.reset_position_tables()
     if model.vae is not None:
@@ -154,6 +193,7 @@ def load_from_source(model: Bagel, source: WeightSource, where: str) -> None:
         vae_params = model.vae.module.state_dict(keep_vars=True)
         _check_keys("VAE", set(vae_params), set(source.vae_files), set(), where)
         for key, tensor in _stream(source.vae_files, source.vae_stored_keys):
+            _check_shape(key, vae_params[key], tensor, where)
             assign_full(vae_params[key], tensor)
 
 

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -50,7 +51,8 @@ class Scene:
         return f"a {self.size} {self.colour} {self.shape} on a {self.background} background"
 
 
-def _random_scene(rng: random.Random) -> Scene:
+def random_scene(rng: random.Random) -> Scene:
+    """A scene with a random shape, colours, size and position."""
     colour, background = rng.sample(sorted(COLOURS), 2)
     return Scene(rng.choice(SHAPES), colour, background, rng.choice(SIZES), rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65))
 
@@ -104,7 +106,7 @@ def make_records(num_samples: int, seed: int, image_size: tuple[int, int]) -> li
         if u < 0.1:
             records.append(_text_only(rng))
             continue
-        scene = _random_scene(rng)
+        scene = random_scene(rng)
         w, h = image_size if rng.random() < 0.5 else (image_size[1], image_size[0])
         image = {"bytes": render(scene, w, h), "path": f"shape_{i:05d}.png"}
         if u < 0.7:
@@ -171,6 +173,24 @@ def write_example_data(out_dir: str, num_samples: int = 512, seed: int = 0,
     tokenizer_path = os.path.join(out_dir, "tokenizer")
     build_tokenizer(_texts(records), tokenizer_path)
     return {"data": data_path, "tokenizer": tokenizer_path}
+
+
+def ensure_example_data(out_dir: str, **kwargs) -> dict[str, str]:
+    """The example data in `out_dir`, written on first use. Safe when several ranks call it at
+    once: each writes a private folder and renames it into place; the first rename wins."""
+    paths = {"data": os.path.join(out_dir, "train.parquet"), "tokenizer": os.path.join(out_dir, "tokenizer")}
+    if os.path.isfile(paths["data"]) and os.path.isfile(os.path.join(paths["tokenizer"], "tokenizer.json")):
+        return paths
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".example_data.") as tmp:
+        write_example_data(os.path.join(tmp, "data"), **kwargs)
+        try:
+            os.rename(os.path.join(tmp, "data"), out_dir)
+        except OSError:
+            if not os.path.isfile(paths["data"]):  # lost the race to an incomplete folder: a real error
+                raise
+    return paths
 
 
 def main(argv: list[str] | None = None) -> None:

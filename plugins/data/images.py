@@ -71,23 +71,38 @@ def load_rgb(source: Any, data_folder: str, *, min_side: int, max_pixels: int) -
     if w * h > max_pixels:
         raise BadSampleError("image_too_large", f"{w}x{h} px > max_image_pixels {max_pixels}")
     try:
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")  # transparent pixels become white, as in the release
+            white = Image.new("RGB", rgba.size, (255, 255, 255))
+            white.paste(rgba, mask=rgba.getchannel("A"))
+            return white
         return image.convert("RGB")
     except Exception as exc:  # truncated or corrupt payload behind a valid header
         raise BadSampleError("image_corrupt", f"{type(exc).__name__}: {exc}") from None
 
 
-def fit_size(width: int, height: int, *, min_size: int, max_size: int, stride: int, max_side: int) -> tuple[int, int]:
+def fit_size(width: int, height: int, *, min_size: int, max_size: int, stride: int, max_side: int,
+             max_pixels: int | None = None) -> tuple[int, int]:
     """(W, H) keeping the aspect ratio: the long side <= max_size, the short side >= min_size where
-    the long side allows it, each side a multiple of `stride` and at most `max_side` px."""
+    the long side allows it, W*H <= max_pixels, each side a multiple of `stride` (rounded to the
+    nearest) and at most `max_side` px."""
     scale = min(max_size / max(width, height), 1.0)
     scale = max(scale, min_size / min(width, height))
     scale = min(scale, max_size / max(width, height), max_side / max(width, height))
+    if max_pixels is not None and width * height * scale * scale > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
     limit = max(stride, min(max_size, max_side) // stride * stride)
 
     def side(x: int) -> int:
         return int(min(limit, max(stride, math.floor(x * scale / stride + 0.5) * stride)))
 
-    return side(width), side(height)
+    w, h = side(width), side(height)
+    while max_pixels is not None and w * h > max_pixels and max(w, h) > stride:  # rounding went up
+        if w >= h:
+            w -= stride
+        else:
+            h -= stride
+    return w, h
 
 
 def to_tensor(image: Image.Image, size: tuple[int, int], mean: float, std: float) -> torch.Tensor:

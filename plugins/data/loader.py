@@ -9,6 +9,7 @@ are summed here (`data_stats()`), so they are exact and part of the checkpoint.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any, Iterator, Sequence
 
@@ -26,8 +27,6 @@ def _identity(item: Any) -> Any:
 
 def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float = 1.0) -> list[Source]:
     """Config entries -> sources, yaml mixtures expanded, every path and format checked now."""
-    import os
-
     sources: list[Source] = []
     for i, entry in enumerate(entries):
         if not entry.path:
@@ -41,6 +40,9 @@ def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float
             sources.extend(resolve_sources(reader.expand(entry.path), plugins, weight * entry.weight))
             continue
         name = entry.name or entry.path
+        if next(iter(reader.iter_samples(entry.path, shard_index=0, num_shards=1, start=0)), None) is None:
+            raise ValueError(f"dataset {name!r} ([[data.datasets]] entry {i}, format {reader.format!r}) "
+                             f"holds no samples; fix `path` or remove the entry")
         if any(s.name == name for s in sources):
             raise ValueError(f"two datasets are named {name!r}; give them distinct `name`s")
         sources.append(Source(name, entry.path, reader, weight * entry.weight, entry.data_folder))
@@ -55,6 +57,8 @@ class PackedDataloader:
     def __init__(self, dataset: PackedIterable, *, num_workers: int, prefetch_factor: int, packing_length: int):
         self.dataset = dataset
         self.packing_length = packing_length
+        self.layout = {"num_workers": num_workers, "dp_world_size": dataset.dp_world_size,
+                       "dp_rank": dataset.dp_rank}
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False}
@@ -73,9 +77,13 @@ class PackedDataloader:
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "stats": dict(self.stats)}
+        return {"loader": self.loader.state_dict(), "stats": dict(self.stats), "layout": dict(self.layout)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("layout", self.layout)
+        if saved != self.layout:
+            raise ValueError(f"the data loader state was saved with {saved} but this run has {self.layout}; "
+                             f"exact resume needs the same data-parallel size and [data] num_workers")
         self.loader.load_state_dict(state["loader"])
         self.stats = Counter({k: int(v) for k, v in state["stats"].items()})
 

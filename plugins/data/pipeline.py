@@ -9,21 +9,17 @@ deterministic function of the raw sample).
 
 from __future__ import annotations
 
-import logging
 import traceback
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from bagel_titan.protocols import RawSample
 
 from .bad_samples import BadSampleCounter, BadSampleError, as_bad_record
 from .mixture import Drawn, MixtureStream, Source
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,6 +101,21 @@ class _ShardRun:
         self.bad = BadSampleCounter()
         self.pending_stats: Counter[str] = Counter()
         self.finished = False
+        # Per source: the epoch being read and whether it yielded a usable sample yet (a source
+        # whose whole shard is bad would otherwise spin forever in an endless run).
+        self.epoch_seen: dict[int, int] = {}
+        self.epoch_good: dict[int, bool] = {}
+
+    def _check_progress(self, drawn: Drawn) -> None:
+        source = drawn.source
+        if self.epoch_seen.get(source, drawn.epoch) != drawn.epoch and not self.epoch_good.get(source, True):
+            counts = dict(self.bad.counts)
+            raise ValueError(f"dataset {drawn.sample.dataset!r}: a whole pass over its shard gave no usable "
+                             f"sample (skipped so far: {counts}); fix the data (see the logged reasons) or "
+                             f"drop the dataset")
+        if self.epoch_seen.get(source) != drawn.epoch:
+            self.epoch_seen[source] = drawn.epoch
+            self.epoch_good[source] = False
 
     # -- one sample ---------------------------------------------------------------------------
     def _skip(self, error: BadSampleError, drawn: Drawn) -> None:
@@ -158,9 +169,11 @@ class _ShardRun:
                 self.ready.extend([_as_key(k) for k in pack] for pack in self.packer.flush())
                 self.finished = True
                 continue
+            self._check_progress(drawn)
             sample = self._process(drawn)
             if sample is None:
                 continue
+            self.epoch_good[drawn.source] = True
             self.samples[drawn.key] = sample
             self.ready.extend([_as_key(k) for k in pack] for pack in self.packer.add(drawn.key, sample.num_tokens))
 

@@ -1,0 +1,212 @@
+"""BAGEL model behaviour beyond the fixture: packing isolation, missing modalities, noise,
+freeze groups, options, and the spec through the plugin manager."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from bagel_titan.config.job_config import JobConfig
+from bagel_titan.plugins import PluginManager
+from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
+from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel_for_tests
+from bagel_titan_plugins.bagel.synthetic import Text, VaeImage, VitImage, synthetic_batch
+from bagel_titan_plugins.losses.ce import CELoss
+from bagel_titan_plugins.losses.flow_mse import FlowMSELoss
+from bagel_titan_plugins.losses.options import CEOptions, FlowMSEOptions
+
+ARCH = architecture_for("debug")
+OPTS = BagelConfig()
+TEXT_ONLY = [Text(5, loss=False), Text(6)]
+UNDERSTANDING = [VitImage(3, 4), Text(4, loss=False), Text(5)]
+EDITING = [Text(3, loss=False), VaeImage(2, 3, noised=False), VitImage(2, 2), VaeImage(2, 3, noised=True)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_bagel_for_tests("debug", seed=0)
+
+
+def _randomise_zero_init(model):
+    """llm2vae starts at zero; give it values so the velocity path carries gradients."""
+    with torch.no_grad():
+        model.llm2vae.weight.normal_(std=0.02)
+
+
+def _loss(model, batch, generator=None):
+    from bagel_titan.protocols import ModelOutputs
+
+    r = model(batch, generator)
+    out = ModelOutputs(logits=r.ce_logits, labels=batch.packed_label_ids, label_weights=batch.ce_loss_weights,
+                       pred_velocity=r.pred_velocity, target_velocity=r.target_velocity)
+    ce, mse = CELoss(CEOptions())(out, batch), FlowMSELoss(FlowMSEOptions())(out, batch)
+    return ce.sum / max(ce.count, 1) + mse.sum / max(mse.count, 1), r
+
+
+def _with_fixed_noise(model, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = model.vae.encode(batch.padded_images, generator=g) if batch.padded_images is not None else None
+    n = int(batch.packed_vae_token_indexes.shape[0])
+    counts = [h * w for h, w in batch.patchified_vae_latent_shapes]
+    draws = torch.randn(len(counts), generator=g)
+    draws[[not f for f in batch.vae_image_noised]] = float("-inf")
+    t = torch.repeat_interleave(draws, torch.tensor(counts, dtype=torch.long)) if counts else torch.zeros(0)
+    noise = torch.randn(n, model.patch_latent_dim, generator=g)
+    return dataclasses.replace(batch, padded_latent=latents, packed_timesteps=t, noise=noise)
+
+
+def test_samples_in_a_pack_do_not_see_each_other(model):
+    samples = [TEXT_ONLY, UNDERSTANDING, EDITING]
+    packed = _with_fixed_noise(model, synthetic_batch(ARCH, OPTS, samples))
+    out = model(packed).last_hidden_state
+    start = 0
+    vae_row = 0
+    for i, sample in enumerate(samples):
+        alone = _with_fixed_noise(model, synthetic_batch(ARCH, OPTS, [sample]))
+        n_vae = int(alone.packed_vae_token_indexes.shape[0])
+        alone = dataclasses.replace(
+            alone,
+            packed_text_ids=packed.packed_text_ids[(packed.packed_text_indexes >= start) & (packed.packed_text_indexes < start + alone.sequence_length)],
+            packed_vit_tokens=packed.packed_vit_tokens[(packed.packed_vit_token_indexes >= start) & (packed.packed_vit_token_indexes < start + alone.sequence_length)],
+            padded_latent=None if n_vae == 0 else packed.padded_latent,
+            packed_timesteps=packed.packed_timesteps[vae_row:vae_row + n_vae],
+            noise=packed.noise[vae_row:vae_row + n_vae],
+        )
+        if n_vae:  # the only VAE sample: the packed latents are its own
+            assert packed.padded_latent.shape[0] == len(alone.patchified_vae_latent_shapes)
+        got = model(alone).last_hidden_state
+        torch.testing.assert_close(got, out[start:start + alone.sequence_length], atol=1e-5, rtol=1e-5)
+        start += alone.sequence_length
+        vae_row += n_vae
+
+
+def test_clean_condition_has_t0_and_no_loss(model):
+    batch = _with_fixed_noise(model, synthetic_batch(ARCH, OPTS, [EDITING]))
+    r = model(batch, keep_intermediates=True)
+    t = r.intermediates["timesteps_shifted"]
+    clean = torch.isinf(batch.packed_timesteps)
+    assert clean.sum() == 6 and torch.all(t[clean] == 0) and torch.all(t[~clean] > 0)
+    assert r.pred_velocity.shape[0] == batch.num_mse_tokens == 6
+    torch.testing.assert_close(r.intermediates["noisy_latent_tokens"][clean], r.intermediates["packed_latent_clean"][clean])
+
+
+@pytest.mark.parametrize("samples", [
+    pytest.param([TEXT_ONLY], id="no-vit-no-vae"),
+    pytest.param([[Text(4, loss=False), VaeImage(2, 2)]], id="no-ce-no-vit"),
+    pytest.param([[VitImage(2, 2), Text(3, loss=False)]], id="no-ce-no-vae"),
+    pytest.param([UNDERSTANDING], id="no-vae"),
+])
+def test_missing_modalities_train(samples):
+    model = build_bagel_for_tests("debug", seed=1)
+    _randomise_zero_init(model)
+    batch = synthetic_batch(ARCH, OPTS, samples)
+    loss, _ = _loss(model, batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    # Every trainable parameter gets a gradient (zeros where unused): FSDP ranks never diverge.
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_noise_comes_from_the_generator(model):
+    batch = synthetic_batch(ARCH, OPTS, [EDITING])
+    a, _ = _loss(model, batch, torch.Generator().manual_seed(1))
+    b, _ = _loss(model, batch, torch.Generator().manual_seed(1))
+    c, _ = _loss(model, batch, torch.Generator().manual_seed(2))
+    assert a.item() == b.item() and a.item() != c.item()
+
+
+def test_disabled_modalities_reject_their_tokens():
+    no_und = build_bagel_for_tests("debug", visual_und=False)
+    assert not any(k.startswith(("vit_model", "connector", "vit_pos_embed")) for k in no_und.state_dict())
+    with pytest.raises(ValueError, match="visual_und"):
+        no_und(synthetic_batch(ARCH, OPTS, [UNDERSTANDING]))
+    no_gen = build_bagel_for_tests("debug", visual_gen=False)
+    assert no_gen.vae is None and "llm2vae.weight" not in no_gen.state_dict()
+    with pytest.raises(ValueError, match="visual_gen"):
+        no_gen(synthetic_batch(ARCH, OPTS, [EDITING]))
+    loss, _ = _loss(no_gen, synthetic_batch(ARCH, OPTS, [UNDERSTANDING]))
+    loss.backward()
+
+
+def test_oversized_latent_names_the_setting(model):
+    small = dataclasses.replace(OPTS, max_latent_size=2)
+    batch = synthetic_batch(ARCH, small, [[Text(2), VaeImage(3, 2)]])
+    tiny = build_bagel_for_tests("debug", max_latent_size=2)
+    with pytest.raises(ValueError, match="max_latent_size"):
+        tiny(batch)
+
+
+def test_vit_side_must_match_the_position_table():
+    with pytest.raises(ValueError, match="vit_max_num_patch_per_side = 70"):
+        build_bagel_for_tests("debug", vit_max_num_patch_per_side=64)
+
+
+def test_freeze_groups_and_sharding_units(model):
+    spec = BagelSpec()
+    cfg = JobConfig()
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def frozen(groups):
+        cfg.model.freeze = groups
+        return {names[id(p)] for m in spec.frozen_modules(model, cfg) for p in m.parameters()}
+
+    und, gen = frozen(["und"]), frozen(["gen"])
+    assert not und & gen
+    assert "language_model.model.layers.1.self_attn.q_proj.weight" in und
+    assert "language_model.model.layers.1.self_attn.q_proj_moe_gen.weight" in gen and "llm2vae.weight" in gen
+    llm = frozen(["llm"])
+    assert all(n.startswith("language_model.") for n in llm) and (und | gen) - llm == {
+        n for n in gen if not n.startswith("language_model.")}
+    assert frozen(["vit"]) == {n for n in names.values() if n.startswith("vit_model.")}
+    with pytest.raises(ValueError, match="known"):
+        frozen(["vae"])
+    units = spec.sharding_units(model)
+    assert len(units) == ARCH.vit.num_layers + ARCH.llm.num_layers
+    assert type(units[0]).__name__ == "SiglipEncoderLayer" and type(units[-1]).__name__ == "Qwen2MoTDecoderLayer"
+
+
+def test_spec_builds_on_meta_and_trains_through_the_plugin_manager():
+    plugins = PluginManager()
+    spec = plugins.model_specs.get("bagel")
+    cfg = JobConfig()
+    cfg.attention.backend = "eager"
+    cfg.plugin_sections["bagel"] = BagelConfig()
+    with torch.device("meta"):
+        model = spec.build(cfg, plugins)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    spec.init_weights(model)
+    assert model.latent_pos_embed.pos_embed.abs().sum() > 0 and model.llm2vae.weight.abs().sum() == 0
+    batch = synthetic_batch(ARCH, OPTS, [UNDERSTANDING, EDITING])
+    outputs = spec.forward(model, batch, torch.Generator().manual_seed(0))
+    ce_factory, mse_factory = plugins.loss_components.get("ce"), plugins.loss_components.get("flow_mse")
+    ce, mse = ce_factory({})(outputs, batch), mse_factory({})(outputs, batch)
+    assert ce.count == batch.num_ce_tokens and mse.count == batch.num_mse_tokens == 6
+    (ce.sum / ce.count + mse.sum / mse.count).backward()
+    # llm2vae starts at zero, so only the CE path carries gradient into the LLM at step 0.
+    assert model.language_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.llm2vae.weight.grad.abs().sum() > 0
+    assert spec.flops(batch) > 0
+    assert plugins.config_sections.get("bagel") is BagelConfig
+
+
+def test_config_errors_name_the_key():
+    import json
+    from pathlib import Path
+
+    from bagel_titan_plugins.bagel.config import architecture_from_release
+
+    with pytest.raises(KeyError, match="7b-mot"):
+        architecture_for("7b")
+    fixture = Path(__file__).resolve().parents[2] / "shared" / "bagel_reference" / "seed0" / "config.json"
+    if not fixture.is_file():
+        pytest.skip("no reference fixture")
+    config = json.loads(fixture.read_text())
+    config["llm_config"]["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    with pytest.raises(ValueError, match="llm_config.rope_scaling"):
+        architecture_from_release(config, vit_config_counts_extra_layer=False)
