@@ -36,6 +36,7 @@ from bagel_titan.optim.lr_scheduler import build_lr_scheduler
 from bagel_titan.optim.optimizer import build_optimizer
 from bagel_titan.protocols import Batch, LossComponent
 from bagel_titan.train_state import TrainState
+from bagel_titan.validation import Validator
 
 logger = logging.getLogger("bagel_titan")
 
@@ -51,6 +52,18 @@ def loss_options(job_config: JobConfig, name: str) -> dict[str, Any]:
     if job_config.has_section(section):
         return dataclasses.asdict(job_config.section(section))
     return {}
+
+
+def build_parallel_model(job_config: JobConfig, plugins: Any, mesh) -> tuple[Any, nn.Module]:
+    """The model spec and its model on the meta device, frozen and parallelized (no memory
+    allocated yet: the caller materialises it with `to_empty`)."""
+    model_spec = plugins.model_specs.get(job_config.model.name)
+    with torch.device("meta"):
+        model = model_spec.build(job_config, plugins)
+    for module in model_spec.frozen_modules(model, job_config):
+        module.requires_grad_(False)
+    parallelize(model, model_spec.sharding_units(model), job_config, mesh)
+    return model_spec, model
 
 
 class Trainer:
@@ -81,13 +94,7 @@ class Trainer:
         self.dp_world_size = self.parallel_dims.dp_world_size
 
         # -- model --
-        self.model_spec = plugins.model_specs.get(cfg.model.name)
-        with torch.device("meta"):
-            model = self.model_spec.build(cfg, plugins)
-        for module in self.model_spec.frozen_modules(model, cfg):
-            module.requires_grad_(False)
-        parallelize(model, self.model_spec.sharding_units(model), cfg, mesh)
-        self.model: nn.Module = model
+        self.model_spec, self.model = build_parallel_model(cfg, plugins, mesh)
         self.model.to_empty(device=self.device)
         with torch.no_grad():
             self.model_spec.init_weights(self.model)
@@ -141,6 +148,7 @@ class Trainer:
         self.peak_flops = peak_flops_per_second(self.device, self.param_dtype, cfg.metrics.peak_tflops)
         self.metrics_logger = MetricsLogger(self.run_folder, cfg.metrics.enable_tensorboard, self.rank == 0)
         self.throughput = ThroughputMeter(self.peak_flops)
+        self.validator = Validator(self) if cfg.validation.enable else None
         self.consecutive_nonfinite = 0
         self._stop_signal: int | None = None
         self._pending: tuple[torch.Tensor, list[float], float] | None = None
@@ -187,6 +195,12 @@ class Trainer:
         tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
         if self.world_size > 1:
             dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def _all_reduce_max(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 
     def _collective_device(self) -> torch.device:
@@ -308,6 +322,9 @@ class Trainer:
                     metrics["data_wait_s"] = data_wait
                     self.metrics_logger.log(step, metrics)
                 self.plugins.hook.bagel_titan_on_step_end(trainer=self, step=step, metrics=metrics)
+                last_step = step == cfg.training.steps
+                if self.validator is not None and (step % cfg.validation.interval == 0 or last_step):
+                    self.validator.run(step)
                 self.checkpointer.maybe_save(step)
                 if cfg.checkpoint.export_interval and step % cfg.checkpoint.export_interval == 0:
                     self.export(os.path.join(self.run_folder, "exports", f"step-{step}"))

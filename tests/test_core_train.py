@@ -106,3 +106,13 @@ def test_sigterm_ends_the_run_cleanly_after_a_checkpoint(tmp_path, toy_args):
     assert "stopping at step" in output
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "toy" / "checkpoint").glob("step-*"))
     assert len(steps) == 1 and (tmp_path / "toy" / "checkpoint" / f"step-{steps[0]}" / "COMPLETE").exists()
+
+
+def test_validation_logs_held_out_loss(tmp_path, toy_args):
+    config = tmp_path / "val.toml"
+    config.write_text('[validation]\nenable = true\ninterval = 2\nsteps = 2\n[[validation.datasets]]\npath = "held_out"\n')
+    run_bagel_titan(["--job.config_file", str(config), *toy_args, "--training.steps", "4"])
+    records = read_jsonl(tmp_path / "toy" / "metrics.jsonl")
+    val = [r for r in records if "val/loss" in r]
+    assert [r["step"] for r in val] == [2, 4]
+    assert all(r["val/loss"] == r["val/loss/ce"] > 0 for r in val)

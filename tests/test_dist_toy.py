@@ -51,8 +51,8 @@ class ToyModel(nn.Module):
         self.head = nn.Linear(dim, 1)
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            h = self.encoder(x_BD)
+        with torch.no_grad():  # FSDP casts forward inputs to the compute dtype: cast back
+            h = self.encoder(x_BD.to(self.encoder.weight.dtype)).to(x_BD.dtype)
         for block in self.blocks:
             h = block(h)
         return self.head(h).sum(-1)  # [B]; a reduction, not a view (FSDP warns on views)
@@ -115,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="")
     p.add_argument("--reshard", default="default")
     p.add_argument("--dp-replicate", type=int, default=1)
-    p.add_argument("--cpu-offload", action="store_true")
+    p.add_argument("--dtype", default="float32", help="FSDP compute dtype (mixed precision)")
     p.add_argument("--ema-decay", type=float, default=0.9)
     p.add_argument("--ema-start", type=int, default=2)
     p.add_argument("--no-checkpoint", action="store_true")
@@ -155,7 +155,7 @@ def main(argv=None) -> None:
     cfg = JobConfig()
     cfg.parallelism.dp_replicate = args.dp_replicate
     cfg.parallelism.reshard_after_forward = args.reshard
-    cfg.parallelism.cpu_offload = args.cpu_offload
+    cfg.training.dtype = args.dtype
     cfg.activation_checkpoint.mode = args.ac
     cfg.compile.enable = bool(args.compile_backend)
     ck = cfg.checkpoint

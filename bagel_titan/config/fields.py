@@ -157,7 +157,10 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
                 f"unknown key {key!r} in [{where}]{closest(key, names)} valid keys: {', '.join(names)}"
             )
         kwargs[key] = coerce(f"{where}.{key}", types_[key], value)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # a section's own __post_init__ checks
+        raise ConfigError(f"[{where}] {exc}") from exc
 
 
 def parse_cli_value(key: str, tp: Any, raw: str) -> Any:

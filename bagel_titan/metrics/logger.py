@@ -14,7 +14,7 @@ from typing import Any
 logger = logging.getLogger("bagel_titan")
 
 # Order of the console line; anything else is appended alphabetically.
-CONSOLE_ORDER = ("loss", "grad_norm", "lr", "tokens_per_s", "mfu_pct", "memory/max_reserved_gib")
+CONSOLE_ORDER = ("loss", "val/loss", "grad_norm", "lr", "tokens_per_s", "mfu_pct", "memory/max_reserved_gib")
 
 
 def format_console(step: int, metrics: dict[str, float]) -> str:
@@ -26,7 +26,7 @@ def format_console(step: int, metrics: dict[str, float]) -> str:
         return f"{key} {value}"
 
     keys = [k for k in CONSOLE_ORDER if k in metrics]
-    keys += sorted(k for k in metrics if k not in CONSOLE_ORDER and (k.startswith("loss/") or k.startswith("data/skipped")))
+    keys += sorted(k for k in metrics if k not in CONSOLE_ORDER and k.startswith(("loss/", "val/loss/", "data/skipped")))
     return f"step {step:>6}  " + "  ".join(fmt(k, metrics[k]) for k in keys)
 
 

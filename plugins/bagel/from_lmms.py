@@ -316,7 +316,8 @@ def _model_type(conv: Conversion, value: Any, source: str) -> None:
 
 
 def convert_model(conv: Conversion, model: Mapping[str, Any]) -> None:
-    for key, value in model.items():
+    # the NSA patch first: it decides the attention backend whatever attn_implementation says
+    for key, value in sorted(model.items(), key=lambda item: item[0] != "monkey_patch_kwargs"):
         source = f"model_config.{key}"
         if key == "load_from_pretrained_path" and value:
             _pretrained(conv, str(value), source)
@@ -329,7 +330,9 @@ def convert_model(conv: Conversion, model: Mapping[str, Any]) -> None:
             backend, note = ATTENTION_BACKENDS.get(value, ("", ""))
             if not backend:
                 conv.skip(source, value, f"unknown attention implementation; known: {sorted(ATTENTION_BACKENDS)}")
-            elif conv.get("attention", "backend") != "nsa":
+            elif conv.get("attention", "backend") == "nsa":
+                conv.skip(source, value, "the NSA patch sets [attention] backend = \"nsa\" (the ViT runs sdpa)")
+            else:
                 conv.set("attention", "backend", backend, source, note)
         elif key == "torch_dtype":
             continue  # read together with bf16 (see _precision)
@@ -451,7 +454,7 @@ def _datasets_from_yaml(conv: Conversion, path: str, source: str, default_type: 
                 if entry.get(key) and not os.path.isabs(str(entry[key])) and not _looks_like_hub_id(str(entry[key])):
                     candidate = os.path.join(base, str(entry[key]))
                     entry[key] = candidate if os.path.exists(candidate) else entry[key]
-        dataset = _dataset(conv, entry, f"{path}[{i}]", default_type)
+        dataset = _dataset(conv, entry, f"{source} -> {os.path.basename(path)}[{i}]", default_type)
         if dataset:
             out.append(dataset)
     return out
@@ -594,8 +597,12 @@ class TrainerContext:
     given: set[str]
     prefix: str
     model: Mapping[str, Any]
+    consumed: set[str] = field(default_factory=set)
+    """Given keys some handler turned into a setting or a note."""
 
     def source(self, key: str) -> str:
+        """How `key` is cited in the output; citing it marks it as accounted for."""
+        self.consumed.add(key)
         return f"{self.prefix}{key}" if key in self.given else f"{key} (HF default)"
 
 
@@ -636,7 +643,7 @@ def _precision(conv: Conversion, key: str, _: Any, ctx: TrainerContext) -> None:
     bf16, fp16 = bool(ctx.args.get("bf16")), bool(ctx.args.get("fp16"))
     torch_dtype = str(ctx.model.get("torch_dtype") or "")
     source = " + ".join(s for s in (ctx.source("bf16") if "bf16" in ctx.given else "",
-                                    ctx.source("fp16") if fp16 else "",
+                                    ctx.source("fp16") if "fp16" in ctx.given else "",
                                     "model_config.torch_dtype" if torch_dtype else "") if s) or "bf16"
     if not (bf16 or fp16 or torch_dtype in ("bfloat16", "float16")):
         conv.set("training", "dtype", "float32", source)
@@ -656,6 +663,8 @@ def _precision(conv: Conversion, key: str, _: Any, ctx: TrainerContext) -> None:
 def _lr_schedule(conv: Conversion, key: str, value: Any, ctx: TrainerContext) -> None:
     source = ctx.source("lr_scheduler_type")
     kwargs = ctx.args.get("lr_scheduler_kwargs") or {}
+    if kwargs:
+        ctx.consumed.add("lr_scheduler_kwargs")
     schedule = LR_SCHEDULES.get(str(value))
     if schedule is None:
         closest = {"cosine_with_restarts": "cosine", "polynomial": "linear"}.get(str(value))
@@ -690,6 +699,8 @@ def _warmup(conv: Conversion, key: str, _: Any, ctx: TrainerContext) -> None:
         return
     if steps > 0:
         conv.set("lr_scheduler", "warmup_steps", steps, ctx.source("warmup_steps"))
+        if "warmup_ratio" not in ctx.given:
+            return
         if ratio:
             conv.skip(ctx.source("warmup_ratio"), ratio, "warmup_steps takes precedence (as in the HF Trainer)")
     elif ratio > 0:
@@ -700,6 +711,8 @@ def _warmup(conv: Conversion, key: str, _: Any, ctx: TrainerContext) -> None:
         else:
             conv.set("lr_scheduler", "warmup_steps", math.ceil(ratio * total), ctx.source("warmup_ratio"),
                      f"warmup_ratio {ratio} x {total} steps, rounded up as the HF Trainer does")
+        if "warmup_steps" in ctx.given:
+            conv.skip(ctx.source("warmup_steps"), ctx.args["warmup_steps"], "0: warmup_ratio applies")
     elif "warmup_steps" in ctx.given or "warmup_ratio" in ctx.given:
         conv.set("lr_scheduler", "warmup_steps", 0, ctx.source("warmup_steps" if "warmup_steps" in ctx.given
                                                                else "warmup_ratio"))
@@ -713,7 +726,8 @@ def _checkpointing(conv: Conversion, key: str, _: Any, ctx: TrainerContext) -> N
     if strategy == "epoch":
         conv.skip(ctx.source("save_strategy"), strategy, "bagel-titan saves every N steps: see "
                                                          "[checkpoint] interval")
-    conv.set("checkpoint", "enable", True, ctx.source("save_steps"),
+    conv.set("checkpoint", "enable", True, ", ".join(ctx.source(k) for k in ("save_steps", "save_strategy")
+                                                     if k in ctx.given or k == "save_steps"),
              "the HF Trainer saves every 500 steps by default; bagel-titan's checkpoints are off by default"
              if "save_steps" not in ctx.given else "")
     conv.set("checkpoint", "interval", int(ctx.args.get("save_steps") or 500), ctx.source("save_steps"))
@@ -723,8 +737,7 @@ def _checkpointing(conv: Conversion, key: str, _: Any, ctx: TrainerContext) -> N
 
 def _output_dir(conv: Conversion, key: str, value: Any, ctx: TrainerContext) -> None:
     path = os.path.normpath(str(value))
-    conv.set("job", "dump_folder", os.path.dirname(path) or ".", ctx.source("output_dir"),
-             "the run folder is dump_folder/run_name")
+    conv.set("job", "dump_folder", os.path.dirname(path) or ".", ctx.source("output_dir"))
     conv.set("job", "run_name", os.path.basename(path), ctx.source("output_dir"))
 
 
@@ -742,6 +755,7 @@ def _fsdp(conv: Conversion, key: str, value: Any, ctx: TrainerContext) -> None:
 
 
 def _fsdp_config(conv: Conversion, key: str, value: Any, ctx: TrainerContext) -> None:
+    ctx.consumed.add(key)  # each sub-key is mapped or noted on its own
     for key, sub in (value or {}).items():
         source = f"{ctx.prefix}fsdp_config.{key}"
         if key == "transformer_layer_cls_to_wrap" and sub:
@@ -890,8 +904,7 @@ TRAINER_HANDLERS: dict[str, TrainerHandler] = {
     "freeze_modules": _freeze,
     "eval_strategy": _validation,
     "evaluation_strategy": _validation,
-    "eval_steps": lambda conv, key, value, ctx: "eval_strategy" not in ctx.given and conv.skip(
-        ctx.source(key), value, "eval_strategy is not set (HF default \"no\"): no validation"),
+    "eval_steps": _read_by("eval_strategy"),
     "torch_compile": _simple("compile", "enable", bool),
     "torch_compile_backend": _skip_if_set("torch.compile uses inductor here"),
     "torch_compile_mode": _skip_if_set("torch.compile uses the default mode here"),
@@ -905,17 +918,24 @@ TRAINER_HANDLERS: dict[str, TrainerHandler] = {
 
 
 def convert_trainer_args(conv: Conversion, args: Mapping[str, Any], prefix: str, model: Mapping[str, Any]) -> None:
-    effective = {**HF_TRAINER_DEFAULTS, **{k: v for k, v in args.items()}}
+    effective = {**HF_TRAINER_DEFAULTS, **args}
     ctx = TrainerContext(effective, set(args), prefix, model)
-    # max_steps first: warm-up ratios need the step count
-    order = ["max_steps"] + [k for k in TRAINER_HANDLERS if k != "max_steps"]
-    for key in order:
-        if key in effective or key in ("max_steps", "bf16", "adam_beta1", "warmup_ratio"):
+    always = ("max_steps", "bf16", "adam_beta1", "warmup_ratio")  # they also read keys that may be absent
+    for key in ["max_steps"] + [k for k in TRAINER_HANDLERS if k != "max_steps"]:  # steps first: warm-up needs them
+        if key in always or key in effective and effective[key] is not None:
             TRAINER_HANDLERS[key](conv, key, effective.get(key), ctx)
+    skipped = {item.key for item in conv.skipped}
     for key, value in args.items():
-        if key in TRAINER_HANDLERS:
+        if key in ctx.consumed or f"{prefix}{key}" in skipped:
             continue
-        if key in IGNORED_TRAINER_ARGS:
+        handler = TRAINER_HANDLERS.get(key)
+        if value is None or value == {}:
+            conv.skip(f"{prefix}{key}", value, "unset")
+        elif handler is not None:
+            other = getattr(handler, "read_by", "")
+            conv.skip(f"{prefix}{key}", value, f"no effect with these settings (read together with {other})"
+                      if other else "no effect with these settings")
+        elif key in IGNORED_TRAINER_ARGS:
             conv.skip(f"{prefix}{key}", value, NO_EFFECT_HF)
         else:
             conv.skip(f"{prefix}{key}", value, "not an LMMS/HF training argument this converter knows; "
@@ -939,6 +959,11 @@ def convert(document: Any) -> Conversion:
     convert_dataset(conv, config.dataset)
     convert_model(conv, config.model)
     convert_trainer_args(conv, config.trainer_args, config.trainer_prefix, config.model)
+    tokenizer = conv.sections.get("model", {}).get("tokenizer_path")
+    if tokenizer is not None and tokenizer.value == conv.get("model", "pretrained_path"):
+        del conv.sections["model"]["tokenizer_path"]
+        conv.skip(tokenizer.source, tokenizer.value, "the tokenizer is read from [model] pretrained_path, "
+                                                     "the same folder")
     if conv.validation_datasets and conv.get("validation", "enable") is None:
         conv.set("validation", "enable", False, "eval_strategy (HF default \"no\")")
     return conv
