@@ -21,11 +21,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-train: $(STAMP)
+EXAMPLE_DATA := data/example/train.parquet
+
+$(EXAMPLE_DATA): $(STAMP)
+	$(VENV)/bin/bagel-titan-example-data data/example
+
+train: $(STAMP) $(EXAMPLE_DATA)
 	$(VENV)/bin/bagel-titan --job.config_file $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q $(ARGS)
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs data/example .pytest_cache

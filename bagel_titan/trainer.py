@@ -143,7 +143,10 @@ class Trainer:
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, self.run_folder, states, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size
         )
-        self.checkpointer.load()
+        restored_step = self.checkpointer.load()
+        if self.ema is not None and restored_step == 0:
+            # Weights may have just come from `initial_load_path`: the average starts there.
+            self.ema.copy_from_model()
         self.param_dtype = DTYPES[cfg.training.dtype]
         self.peak_flops = peak_flops_per_second(self.device, self.param_dtype, cfg.metrics.peak_tflops)
         self.metrics_logger = MetricsLogger(self.run_folder, cfg.metrics.enable_tensorboard, self.rank == 0)
@@ -152,6 +155,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self._stop_signal: int | None = None
         self._pending: tuple[torch.Tensor, list[float], float] | None = None
+        self._step_lr = cfg.optimizer.lr
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         num_params = sum(p.numel() for p in self.model.parameters())
         num_trainable = sum(p.numel() for p in self.trainable_params)
@@ -246,6 +250,7 @@ class Trainer:
                 f"({self.consecutive_nonfinite} in a row, {self.train_state.nonfinite_steps} in all)"
             )
         self.optimizer.zero_grad(set_to_none=True)
+        self._step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
         self.lr_scheduler.step()
         self.train_state.step = step
         self.train_state.tokens_seen += global_tokens
@@ -281,7 +286,7 @@ class Trainer:
             total += weight * mean
         metrics["loss"] = total
         metrics["grad_norm"] = grad_norm
-        metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+        metrics["lr"] = self._step_lr
         metrics.update(self.throughput.read())
         metrics["tokens_seen"] = float(self.train_state.tokens_seen)
         metrics["nonfinite_steps"] = float(self.train_state.nonfinite_steps)

@@ -69,7 +69,7 @@ def run_one(args: argparse.Namespace, name: str, seq_len: int) -> dict:
         module.to(dtype)
     rng = random.Random(0)
     pad = seq_len // 100
-    docs = random_pack(rng, seq_len - pad, max(1, (seq_len - pad) // args.doc_tokens))
+    docs = random_pack(rng, seq_len - pad, max(1, round((seq_len - pad) / args.doc_tokens)))
     inputs = random_inputs(docs, num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
                            hidden_size=args.hidden, pad=pad, dtype=dtype, device=device, requires_grad=args.backward)
     note = ""
@@ -136,9 +136,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per (backend, length)")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                        help="markdown file the run's section is appended to")
     parser.add_argument("--single", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.passthrough = [a for a in sys.argv[1:] if a != "--single"]
+    if "--results" in args.passthrough:  # where to record is not a measurement option
+        at = args.passthrough.index("--results")
+        del args.passthrough[at:at + 2]
 
     if args.single:
         name, seq_len = args.single.split(":")
@@ -182,8 +187,7 @@ def main() -> None:
         header,
         *rows,
     ]
-    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    with open(results, "a") as f:
+    with open(args.results, "a") as f:
         f.write("\n".join(section) + "\n")
 
 

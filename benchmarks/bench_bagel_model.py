@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", default="eager,sdpa")
+    parser.add_argument("--results", default=RESULTS, help="markdown file the run's section is appended to")
     args = parser.parse_args()
     torch.manual_seed(0)
     arch, options = architecture_for(args.flavor), BagelConfig()
@@ -104,7 +105,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    with open(RESULTS, "a") as f:
+    with open(args.results, "a") as f:
         f.write("\n" + text)
 
 

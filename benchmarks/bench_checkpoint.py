@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--results", default=str(RESULTS), help="markdown file the run's section is appended to")
     args = p.parse_args()
     device = select_device(args.device)
     init_distributed(device)
@@ -84,7 +85,7 @@ def main() -> None:
         dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
         cmd = f"torchrun --standalone --nproc_per_node {world} benchmarks/bench_checkpoint.py " + shlex.join(sys.argv[1:])
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(RESULTS, "a") as f:
+        with open(args.results, "a") as f:
             f.write(f"\n## bench_checkpoint: DCP save blocking time, sync vs async\n\n{stamp}; device: {dev}, "
                     f"{world} ranks, gloo; {n_params / 1e6:.1f}M params\n\n`{cmd}`\n\n{table}")
     destroy_distributed()

@@ -12,9 +12,10 @@ from torch import nn
 from bagel_titan.protocols import AttentionLayerSpec
 from bagel_titan_plugins.attention.eager import EagerBackend
 from bagel_titan_plugins.attention.meta import AttentionMeta
-from bagel_titan_plugins.attention.nsa import NSAAttention, NSABackend, NSAConfig, optional_attention_state_keys
+from bagel_titan_plugins.attention.nsa import NSAAttention, NSABackend, NSAConfig
 from bagel_titan_plugins.attention.nsa.compress import compress, weight_shape
 from bagel_titan_plugins.attention.nsa.reference import nsa_document
+from bagel_titan_plugins.attention.state_keys import optional_attention_state_keys
 from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 8, 24
@@ -29,10 +30,9 @@ def _module(options: dict, spec: AttentionLayerSpec = SPEC) -> NSAAttention:
 def _fix_gates(module: NSAAttention, compressed: float, selected: float, sliding: float) -> None:
     """Gate logits fixed per branch (weights zero): +-1e4 give gates of exactly 1 and 0."""
     with torch.no_grad():
-        module.gate.weight.zero_()
-        bias = module.gate.bias.view(3, -1)
-        for i, logit in enumerate((compressed, selected, sliding)):
-            bias[i] = logit
+        for branch, logit in zip(("compressed", "selected", "sliding"), (compressed, selected, sliding)):
+            module.gates[branch].weight.zero_()
+            module.gates[branch].bias.fill_(logit)
 
 
 def _run(module, inputs):
@@ -161,7 +161,8 @@ def test_sparse_config_documents_stay_apart_and_non_causal_queries_are_exact():
     docs = random_pack(rng, num_tokens=260, num_docs=4)
     module = _module({**SMALL, "compress_type": "weightedpool"})
     with torch.no_grad():
-        module.gate.weight.normal_(0, 0.5)  # gates depend on the hidden state
+        module.gates["selected"].weight.normal_(0, 0.5)
+        module.gates["sliding"].weight.normal_(0, 0.5)  # gates depend on the hidden state
     packed = random_inputs(docs, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, pad=3, seed=1)
     with torch.no_grad():
         out = _run(module, packed)
@@ -185,7 +186,8 @@ def test_noised_latents_stay_hidden_from_later_tokens():
     doc = [(40, "causal"), (24, "noise"), (30, "causal"), (16, "full"), (20, "causal")]
     module = _module({**SMALL, "compress_type": "linear"})
     with torch.no_grad():
-        module.gate.weight.normal_(0, 0.5)
+        module.gates["selected"].weight.normal_(0, 0.5)
+        module.gates["sliding"].weight.normal_(0, 0.5)
     a = random_inputs([doc], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, seed=3)
     b = random_inputs([doc], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, seed=3)
     noise = slice(40, 64)
@@ -240,7 +242,8 @@ def test_optional_state_keys_name_the_new_parameters_and_checkpoints_round_trip(
     assert keys == {
         f"layers.{i}.attn_core.{name}"
         for i in range(2)
-        for name in ("compress_key", "compress_value", "intra_block_pe", "gate.weight", "gate.bias")
+        for name in ("compress_key", "compress_value", "intra_block_pe")
+        + tuple(f"gates.{b}.{p}" for b in ("compressed", "selected", "sliding") for p in ("weight", "bias"))
     }
     dense_only = {k: v for k, v in model.state_dict().items() if k not in keys}
     fresh = nn.ModuleDict({"layers": nn.ModuleList([_TinyLayer(NSABackend(), {}) for _ in range(2)])})
@@ -260,14 +263,14 @@ def test_optional_state_keys_name_the_new_parameters_and_checkpoints_round_trip(
 def test_meta_device_build_then_materialise():
     with torch.device("meta"):
         module = _module({"compress_type": "linear"})
-    assert module.gate.weight.is_meta
+    assert module.gates["selected"].weight.is_meta
     module.to_empty(device="cpu")
     module.reset_parameters()
     reference = _module({"compress_type": "linear"})
     for (name, a), (_, b) in zip(module.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
-    bias = module.gate.bias.view(3, HEADS)
-    assert torch.all(bias[1] == 4.0) and torch.all(bias[[0, 2]] == -4.0)
+    assert torch.all(module.gates["selected"].bias == 4.0)
+    assert torch.all(module.gates["compressed"].bias == -4.0) and torch.all(module.gates["sliding"].bias == -4.0)
 
 
 def test_backend_registration_and_options():

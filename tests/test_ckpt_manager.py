@@ -13,7 +13,8 @@ from torch import nn
 
 from bagel_titan.checkpoint.layout import MARKER, list_steps, read_marker
 from bagel_titan.checkpoint.manager import CheckpointError, CheckpointManager
-from bagel_titan.checkpoint.states import ModelState, OptimizerState, TrainState
+from bagel_titan.checkpoint.states import ModelState, OptimizerState
+from bagel_titan.train_state import TrainState
 from bagel_titan.config.job_config import Checkpoint
 from bagel_titan.distributed.utils import destroy_distributed, init_distributed
 from bagel_titan.optim.ema import EMA

@@ -113,6 +113,8 @@ trainer_args:
   optim: adamw_torch_fused
   freeze_modules: [visual, vae_model]
   hub_token: null
+  use_muon: true
+  sp_ulysses_degree: 1
   mystery_option: 3
 model_config:
   load_from_pretrained_path: lmms-lab/BAGEL-7B-MoT-ver.LE
@@ -238,6 +240,8 @@ def test_plain_mapping_with_external_dataset_list(tmp_path):
     assert "no [bagel] option" in skipped["model_config.extra_kwargs.not_an_option"]
     assert "not converted" in skipped["trainer_args.mystery_option"]
     assert skipped["trainer_args.hub_token"] == "unset"
+    assert skipped["trainer_args.use_muon"] == "bagel-titan trains with AdamW only"  # true is not "off"
+    assert skipped["trainer_args.sp_ulysses_degree"] == "off, as in bagel-titan"
     assert "VAE is always frozen" in skipped["trainer_args.freeze_modules"]
     assert "Hugging Face Hub id" in text  # the model path must be downloaded first
     for key in flat_keys(document):

@@ -14,7 +14,9 @@ from bagel_titan_plugins.bagel.processor import BagelProcessor, TextSegment, Vit
 from bagel_titan_plugins.bagel.processor_config import ProcessorConfig
 from bagel_titan_plugins.data.bad_samples import as_bad_record
 from bagel_titan_plugins.data.example_data import Scene, build_tokenizer, render
-from bagel_titan_plugins.data.readers.llava import JsonArrayError, LlavaReader, iter_json_array, llava_record
+from bagel_titan_plugins.data.readers.llava import (
+    JsonArrayError, LlavaReader, NotAJsonListError, iter_json_array, llava_record,
+)
 
 
 def reason(sample: RawSample) -> str | None:
@@ -129,6 +131,10 @@ def test_json_list_streams_in_small_chunks_and_reports_where_it_breaks(tmp_path)
     # inside the reader a broken list costs one counted bad record, not the run
     samples = read_all(path)
     assert [reason(s) for s in samples] == ["empty_messages"] * 3 + ["bad_json"]
+    # a file that is not a list at all is a config error, named with its fix
+    path.write_text(json.dumps({"conversations": []}))
+    with pytest.raises(NotAJsonListError, match="use .jsonl for one record per line"):
+        read_all(path)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pytest
 from bagel_titan.config.job_config import DatasetEntry, JobConfig
 from bagel_titan.plugins import PluginManager
 from bagel_titan.protocols import RawSample
-from bagel_titan_plugins.bagel.processor import BagelProcessor, DroppedImage, TextSegment, VaeSegment, VitSegment
+from bagel_titan_plugins.bagel.processor import BagelProcessor, TextSegment, VaeSegment, VitSegment
 from bagel_titan_plugins.bagel.processor_config import ProcessorConfig
 from bagel_titan_plugins.data.bad_samples import as_bad_record
 from bagel_titan_plugins.data.example_data import COLOURS, Scene, build_tokenizer, render
@@ -209,9 +209,9 @@ def tokenizer(tmp_path_factory):
 
 def processor(tokenizer: str, **overrides) -> BagelProcessor:
     job = JobConfig()
-    job.plugin_sections["bagel.processor"] = ProcessorConfig(
-        vit_min_size=16, vit_max_size=32, vae_min_size=16, vae_max_size=32, min_image_side=8,
-        text_dropout_prob=0.0, vit_dropout_prob=0.0, vae_dropout_prob=0.0, **overrides)
+    options = dict(vit_min_size=16, vit_max_size=32, vae_min_size=16, vae_max_size=32, min_image_side=8,
+                   text_dropout_prob=0.0, vit_dropout_prob=0.0, vae_dropout_prob=0.0)
+    job.plugin_sections["bagel.processor"] = ProcessorConfig(**{**options, **overrides})
     return BagelProcessor(job, BagelSection(), tokenizer, vit_patch_size=4, vae_downsample=2)
 
 
@@ -250,40 +250,83 @@ def test_t2i_samples_process_as_text_then_generated_image(tmp_path, tokenizer):
     assert not segments[0].loss and segments[1].noised
 
 
-def test_bad_rows_are_counted_exactly_by_the_loader(tmp_path, tokenizer):
-    """One pass over both layouts through the packed loader: every good row is packed once and
-    every bad row is counted under its reason."""
+@dataclass
+class Pack:
+    """A stand-in batch: the processed samples of one pack (the loader needs only these counts)."""
+
+    samples: list
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.samples)
+
+
+class Spec:
+    """The two ModelSpec members the loader calls: the real BAGEL processor, a listing collator."""
+
+    def __init__(self, tokenizer: str, **processor_options):
+        self.tokenizer = tokenizer
+        self.processor_options = processor_options
+
+    def build_processor(self, job_config):
+        return processor(self.tokenizer, **self.processor_options)
+
+    def build_collator(self, job_config):
+        return Pack
+
+
+def release_loader(tmp_path, tokenizer, *, infinite: bool, **processor_options):
     from bagel_titan_plugins.data.loader import PackedDataloaderBuilder
 
     plugins = PluginManager(load_entry_points=False, extra_modules=[
         "bagel_titan_plugins.data.plugin", "bagel_titan_plugins.data.compat_plugin"])
-
-    @dataclass
-    class Pack:
-        samples: list
-
-        @property
-        def num_samples(self) -> int:
-            return len(self.samples)
-
-        @property
-        def num_tokens(self) -> int:
-            return sum(s.num_tokens for s in self.samples)
-
-    class Spec:
-        def build_processor(self, job_config):
-            return processor(tokenizer)
-
-        def build_collator(self, job_config):
-            return Pack
-
     cfg = JobConfig()
-    cfg.data.datasets = [DatasetEntry(path=write_t2i(tmp_path / "t2i"), format="bagel_t2i"),
-                         DatasetEntry(path=write_edit(tmp_path / "edit"), format="bagel_edit")]
+    t2i, edit = tmp_path / "t2i", tmp_path / "edit"
+    cfg.data.datasets = [DatasetEntry(path=str(t2i) if t2i.exists() else write_t2i(t2i), format="bagel_t2i"),
+                         DatasetEntry(path=str(edit) if edit.exists() else write_edit(edit), format="bagel_edit")]
     cfg.data.num_workers = 0
     cfg.data.packing_strategy = "first_fit"
-    cfg.data.packing_length = 4096
-    loader = PackedDataloaderBuilder().build(cfg, plugins, Spec(), dp_rank=0, dp_world_size=1, infinite=False)
+    cfg.data.packing_length = 1024
+    cfg.data.packing_window = 4
+    return PackedDataloaderBuilder().build(cfg, plugins, Spec(tokenizer, **processor_options), dp_rank=0,
+                                           dp_world_size=1, infinite=infinite)
+
+
+def pack_signature(batch: Pack) -> list:
+    """What must match between a resumed and an uninterrupted run: keys, token ids, image sizes."""
+    out = []
+    for sample in batch.samples:
+        parts = [tuple(seg.ids) if isinstance(seg, TextSegment) else
+                 (type(seg).__name__, tuple(seg.image.shape), float(seg.image.sum())) if hasattr(seg, "image") else
+                 type(seg).__name__ for seg in sample.segments]
+        out.append((sample.key, tuple(parts)))
+    return out
+
+
+def test_resume_through_the_loader_gives_the_same_packs(tmp_path, tokenizer):
+    """The random caption / edit-chain draws are a function of the row, so a packing buffer
+    re-read on resume holds the same samples: the packs after a resume are the uninterrupted ones."""
+    options = {"text_dropout_prob": 0.3, "vit_dropout_prob": 0.3, "vae_dropout_prob": 0.3}
+    loader = release_loader(tmp_path, tokenizer, infinite=True, **options)
+    stream = iter(loader)
+    for _ in range(3):
+        next(stream)
+    state = loader.state_dict()
+    expected = [pack_signature(next(stream)) for _ in range(5)]
+    resumed = release_loader(tmp_path, tokenizer, infinite=True, **options)
+    resumed.load_state_dict(state)
+    stream = iter(resumed)
+    assert [pack_signature(next(stream)) for _ in range(5)] == expected
+
+
+def test_bad_rows_are_counted_exactly_by_the_loader(tmp_path, tokenizer):
+    """One pass over both layouts through the packed loader: every good row is packed once and
+    every bad row is counted under its reason."""
+    loader = release_loader(tmp_path, tokenizer, infinite=False)
     packed = [sample.key for batch in loader for sample in batch.samples]
     stats = loader.data_stats()
     assert stats["data/skipped/no_caption"] == 2

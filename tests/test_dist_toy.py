@@ -130,7 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     from bagel_titan.checkpoint.export import export_weights
     from bagel_titan.checkpoint.manager import CheckpointManager
-    from bagel_titan.checkpoint.states import ModelState, OptimizerState, TrainState
+    from bagel_titan.checkpoint.states import ModelState, OptimizerState
+    from bagel_titan.train_state import TrainState
     from bagel_titan.config.job_config import JobConfig
     from bagel_titan.distributed.parallel_dims import ParallelDims
     from bagel_titan.distributed.parallelize import parallelize

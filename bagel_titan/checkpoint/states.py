@@ -6,7 +6,6 @@ DTensor shards are saved per rank under the model's own parameter names and resh
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -53,18 +52,3 @@ class OptimizerState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state)
-
-
-@dataclass
-class TrainState:
-    """Progress counters of the run: the optimizer step and the tokens consumed so far."""
-
-    step: int = 0
-    tokens_seen: int = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])

@@ -107,7 +107,10 @@ class ActivationCheckpoint:
     mode: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward: every unit ("full") or every Nth ("selective")."""
     selective_every: int = 2
-    """With "selective": checkpoint every Nth sharding unit."""
+    """With "selective" and granularity "layer": checkpoint every Nth sharding unit."""
+    selective_granularity: Literal["layer", "op"] = "layer"
+    """With "selective": "layer" checkpoints every Nth unit; "op" checkpoints every unit but keeps
+    matmul and attention outputs (recomputes only the cheap ops)."""
 
 
 @dataclass

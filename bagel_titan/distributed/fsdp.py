@@ -48,8 +48,10 @@ def apply_fsdp(
     """`fully_shard` every unit, then the root (which takes the remaining parameters).
 
     `ignored_modules` (e.g. a frozen VAE) stay outside FSDP: full, unsharded, replicated on
-    every rank, and not gathered or reduced. Returns `model` (sharded in place; parameters
-    become DTensors, state-dict keys are unchanged).
+    every rank, and not gathered or reduced; the trainer moves them to the device. The root
+    casts floating-point forward inputs to `param_dtype`, so an ignored module that computes in
+    its own dtype casts its input itself. Returns `model` (sharded in place; parameters become
+    DTensors, state-dict keys are unchanged).
     """
     if parallelism_cfg.cpu_offload and mesh.device_type == "cpu":
         raise ValueError(

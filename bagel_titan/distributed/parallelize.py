@@ -28,29 +28,28 @@ def parallelize(
     mesh: DeviceMesh,
     ignored_modules: Sequence[nn.Module] = (),
     compile_backend: str = "inductor",
-    ac_granularity: str = "layer",
 ) -> list[nn.Module]:
     """AC -> compile -> FSDP on `model` in place; returns the units actually used (the spec's
     `units`, or those named by `[parallelism] transformer_layer_cls_to_wrap`).
 
-    `ignored_modules` (frozen, e.g. the VAE) stay outside FSDP. `ac_granularity` is "layer" or
-    "op" for selective activation checkpointing (see `activation_checkpoint.py`).
+    `ignored_modules` (frozen, e.g. the VAE) stay outside FSDP.
     """
     par = job_config.parallelism
-    units = resolve_units(model, units, par.transformer_layer_cls_to_wrap)
-    apply_activation_checkpointing(model, units, job_config.activation_checkpoint, ac_granularity)
-    if job_config.compile.enable and "model" in job_config.compile.components:
-        apply_compile(units, backend=compile_backend)
     if not par.fsdp and mesh.size() > 1:
         raise ValueError(
             f"[parallelism] fsdp = false only works on a single rank, but the mesh has "
             f"{mesh.size()}; set fsdp = true to train data-parallel"
         )
+    if job_config.training.dtype not in _DTYPES:
+        raise ValueError(
+            f"[training] dtype must be one of {', '.join(_DTYPES)}, got {job_config.training.dtype!r}"
+        )
+    units = resolve_units(model, units, par.transformer_layer_cls_to_wrap)
+    ac = job_config.activation_checkpoint
+    apply_activation_checkpointing(model, units, ac, ac.selective_granularity)
+    if job_config.compile.enable and "model" in job_config.compile.components:
+        apply_compile(units, backend=compile_backend)
     if par.fsdp:
-        if job_config.training.dtype not in _DTYPES:
-            raise ValueError(
-                f"[training] dtype must be one of {', '.join(_DTYPES)}, got {job_config.training.dtype!r}"
-            )
         apply_fsdp(
             model,
             units,

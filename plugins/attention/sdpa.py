@@ -93,7 +93,8 @@ def sdpa_gqa(
     num_heads, num_kv_heads = q_BHTD.shape[1], k_BHTD.shape[1]
     if num_heads == num_kv_heads:
         return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=attn_mask, is_causal=is_causal)
-    native = q_BHTD.device.type != "cuda" or _native_gqa_is_fused(
+    # Under torch.compile the choice is left to the compiler's own SDPA lowering.
+    native = q_BHTD.device.type != "cuda" or torch.compiler.is_compiling() or _native_gqa_is_fused(
         q_BHTD.device.type, q_BHTD.dtype, q_BHTD.shape[-1], attn_mask is not None, is_causal, torch.is_grad_enabled()
     )
     if not native:
@@ -118,6 +119,7 @@ def _from_BHTD(x_BHTD: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@torch.compiler.disable
 def sdpa_dense_mask(meta: AttentionMeta) -> torch.Tensor:
     """[T, T] bool: the mask rule, plus the diagonal for padding tokens.
 
@@ -135,6 +137,7 @@ def sdpa_dense_mask(meta: AttentionMeta) -> torch.Tensor:
     return meta.cached("sdpa_dense_mask", build)
 
 
+@torch.compiler.disable
 def valid_token_mask(meta: AttentionMeta) -> torch.Tensor | None:
     """[T, 1, 1] 1.0 for real tokens and 0.0 for padding, or None when there is no padding."""
 
@@ -156,6 +159,7 @@ class DocumentCall:
     """The document's own mask; None when `is_causal` or the document is one `full` segment."""
 
 
+@torch.compiler.disable
 def document_calls(meta: AttentionMeta) -> list[DocumentCall]:
     """The per-document calls of a batch (cached): unmasked where a document's rule allows."""
 
@@ -192,8 +196,13 @@ def sdpa_dense(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, me
     return out_THD if valid_T11 is None else out_THD * valid_T11
 
 
+@torch.compiler.disable
 def sdpa_per_document(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
-    """One SDPA call per document (documents are contiguous); tokens outside any document give zeros."""
+    """One SDPA call per document (documents are contiguous); tokens outside any document give zeros.
+
+    Kept out of torch.compile: the document boundaries change every batch (a recompile each
+    step) and each call is already a fused kernel.
+    """
     pieces: list[torch.Tensor] = []
     pos = 0
     for call in document_calls(meta):

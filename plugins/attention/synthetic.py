@@ -18,13 +18,14 @@ from .meta import AttentionMeta
 def random_document(rng: random.Random, length: int, image_fraction: float = 0.5) -> list[tuple[int, str]]:
     """Segments of one document of exactly `length` tokens (length >= 1).
 
-    Starts with text, then alternates text and images (``full`` or ``noise``) so every rule of
-    the mask is exercised; `image_fraction` is roughly the share of image tokens.
+    Starts with text, then mixes text and images (``full`` or ``noise``, sometimes adjacent, as
+    an editing condition next to a generated image) so every rule of the mask is exercised;
+    `image_fraction` is roughly the share of image segments.
     """
     segments: list[tuple[int, str]] = []
     left = length
     while left > 0:
-        if segments and segments[-1][1] == "causal" and rng.random() < image_fraction:
+        if segments and rng.random() < image_fraction:
             mode = rng.choice(("full", "noise"))
         else:
             mode = "causal"

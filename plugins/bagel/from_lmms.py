@@ -77,6 +77,11 @@ class Conversion:
     skipped: list[Skipped] = field(default_factory=list)
 
     def set(self, section: str, key: str, value: Any, source: str, note: str = "") -> None:
+        try:
+            toml_value(value)
+        except TypeError:
+            self.skip(source, value, f"[{section}] {key} takes a single value or a list, not this")
+            return
         self.sections.setdefault(section, {})[key] = Assignment(value, source, note)
 
     def get(self, section: str, key: str, default: Any = None) -> Any:
@@ -397,6 +402,10 @@ def reader_format(path: str, data_type: str) -> tuple[str, str]:
             return "bagel_t2i", "the BAGEL release's text-to-image layout"
     if data_type in ("arrow", "hf_dataset") and os.path.isfile(os.path.join(path, "dataset_info.json")):
         return "hf_disk", "an HF save_to_disk folder: read by its declared features"
+    if not _is_local(path) and data_type in ("json", "jsonl", "parquet", "arrow"):
+        return base, (f"{path!r} is not readable here, so its layout was not inspected: use format = \"llava\" "
+                      f"for LLaVA conversations, \"bagel_t2i\" / \"bagel_edit\" for the release's parquet "
+                      f"shards, \"hf_disk\" for a save_to_disk folder")
     return base, ""
 
 
@@ -413,8 +422,10 @@ def _dataset(conv: Conversion, entry: Any, source: str, default_type: str) -> Da
                                                     f"to the file extension)")
     else:
         out.fields["format"] = fmt
-        if why:
+        if why and fmt != DATA_TYPES.get(data_type):
             out.notes.append(f"data_type {data_type!r} -> format {fmt!r}: {why}")
+        elif why:
+            out.notes.append(why)
     if data_type == "hf" or _looks_like_hub_id(path):
         out.notes.append(_hub_note(path, "dataset") + " (the download holds parquet files)")
     if entry.get("data_folder"):
@@ -642,9 +653,8 @@ def _batch(conv: Conversion, key: str, _: Any, ctx: TrainerContext) -> None:
 def _precision(conv: Conversion, key: str, _: Any, ctx: TrainerContext) -> None:
     bf16, fp16 = bool(ctx.args.get("bf16")), bool(ctx.args.get("fp16"))
     torch_dtype = str(ctx.model.get("torch_dtype") or "")
-    source = " + ".join(s for s in (ctx.source("bf16") if "bf16" in ctx.given else "",
-                                    ctx.source("fp16") if "fp16" in ctx.given else "",
-                                    "model_config.torch_dtype" if torch_dtype else "") if s) or "bf16"
+    source = " + ".join(s for s in (ctx.source("bf16"), ctx.source("fp16") if "fp16" in ctx.given else "",
+                                    "model_config.torch_dtype" if torch_dtype else "") if s)
     if not (bf16 or fp16 or torch_dtype in ("bfloat16", "float16")):
         conv.set("training", "dtype", "float32", source)
         return
@@ -842,11 +852,11 @@ def _read_by(other: str) -> TrainerHandler:
     return handler
 
 
-def _skip_if_set(reason: str) -> TrainerHandler:
-    """A flag whose default (off / 1) is what bagel-titan does; anything else has no equivalent."""
+def _skip_if_set(reason: str, off: tuple[Any, ...] = (None, False, "", [], {})) -> TrainerHandler:
+    """An option whose `off` values are what bagel-titan does; any other value has no equivalent."""
     def handler(conv: Conversion, key: str, value: Any, ctx: TrainerContext) -> None:
-        off = value in (None, False, 0, 1, "", [], {})
-        conv.skip(ctx.source(key), value, "off, as in bagel-titan" if off else reason)
+        is_off = any(type(value) is type(o) and value == o for o in off if o is not None) or value is None
+        conv.skip(ctx.source(key), value, "off, as in bagel-titan" if is_off else reason)
     return handler
 
 
@@ -885,7 +895,7 @@ TRAINER_HANDLERS: dict[str, TrainerHandler] = {
     "fsdp_config": _fsdp_config,
     "fsdp": _skip_if_set("HF FSDP1 options: bagel-titan always uses FSDP2 ([parallelism])"),
     "fsdp_transformer_layer_cls_to_wrap": lambda conv, key, value, ctx: value and _wrap_classes(conv, value, ctx.source(key)),
-    "sp_ulysses_degree": _skip_if_set("no sequence parallelism in bagel-titan"),
+    "sp_ulysses_degree": _skip_if_set("no sequence parallelism in bagel-titan", off=(None, 1)),
     "use_muon": _skip_if_set("bagel-titan trains with AdamW only"),
     "save_steps": _checkpointing,
     "save_strategy": _read_by("save_steps"),
@@ -1065,14 +1075,21 @@ def summary(conv: Conversion) -> str:
     return "\n".join(out) + "\n"
 
 
+class ConvertedConfigError(ValueError):
+    """The converted values do not form a valid bagel-titan config (e.g. NSA sizes that do not
+    divide each other): the loader's message names the key."""
+
+
 def check_loads(toml_text: str) -> None:
-    """Load the TOML with bagel-titan's config loader (all plugin sections); raises on any error."""
+    """Load the TOML with bagel-titan's config loader (all plugin sections)."""
     from bagel_titan.config.manager import load_job_config
 
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(toml_text)
     try:
         load_job_config(["--job.config_file", f.name])
+    except (ValueError, TypeError, KeyError) as exc:  # ConfigError and section validation errors
+        raise ConvertedConfigError(f"the converted config does not load: {exc}") from exc
     finally:
         os.unlink(f.name)
 
@@ -1096,12 +1113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         text, conv = convert_file(args.config)
-    except (OSError, yaml.YAMLError, LmmsConfigError) as exc:
+    except (OSError, yaml.YAMLError, LmmsConfigError, ConvertedConfigError) as exc:
         print(f"bagel-titan-from-lmms: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # the converted values do not form a valid config (e.g. NSA constraints)
-        print(f"bagel-titan-from-lmms: error: the converted config does not load: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
         return 2
     if args.output:
         with open(args.output, "w") as f:

@@ -172,17 +172,23 @@ class Bagel(nn.Module):
             nn.init.zeros_(self.llm2vae.weight)
             nn.init.zeros_(self.llm2vae.bias)
         self.reset_position_tables()
+        for module in self.modules():  # attention cores with parameters of their own (NSA)
+            if getattr(module, "optional_state_keys", None) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
         if self.vae is not None:
             self.vae.materialize(self.language_model.lm_head.weight.device)
 
     # -- forward -------------------------------------------------------------------------------
 
     def forward(self, batch: BagelPackedBatch, generator: torch.Generator | None = None,
-                keep_intermediates: bool = False) -> BagelForwardResult:
+                keep_intermediates: bool = False,
+                noised: tuple[torch.Tensor, torch.Tensor] | None = None) -> BagelForwardResult:
         """One packed batch -> last hidden state, CE logits, predicted and target velocities.
 
         Timesteps and noise are drawn with `generator` unless the batch carries them; VAE
-        latents come from the frozen VAE unless the batch carries `padded_latent`.
+        latents come from the frozen VAE unless the batch carries `padded_latent`. A sampler
+        passes `noised` = (x_t [Nz, P] latent tokens, t [Nz] shifted timesteps) instead: the
+        batch's VAE images, timesteps and noise are then unused and `target_velocity` is None.
         """
         inter: dict[str, torch.Tensor] = {}
         keep = (lambda k, v: inter.__setitem__(k, v)) if keep_intermediates else (lambda k, v: None)
@@ -213,17 +219,20 @@ class Bagel(nn.Module):
         pred_velocity = target_velocity = None
         num_vae = len(batch.patchified_vae_latent_shapes)
         if self.options.visual_gen:
-            x0_NP, t_N, noise_NP = self._latent_inputs(batch, generator, device)
-            keep("packed_latent_clean", x0_NP)
+            if noised is None:
+                x0_NP, t_N, noise_NP = self._latent_inputs(batch, generator, device)
+                keep("packed_latent_clean", x0_NP)
+                xt_NP = (1 - t_N[:, None]) * x0_NP + t_N[:, None] * noise_NP
+                target_velocity = (noise_NP - x0_NP)[t_N > 0]
+            else:
+                xt_NP, t_N = noised
             keep("timesteps_shifted", t_N)
-            xt_NP = (1 - t_N[:, None]) * x0_NP + t_N[:, None] * noise_NP
             keep("noisy_latent_tokens", xt_NP)
             temb_ND = self.time_embedder(t_N)
             keep("timestep_embeds", temb_ND)
             vae_in_ND = (self.vae2llm(xt_NP.to(self.vae2llm.weight.dtype)) + temb_ND
                          + self.latent_pos_embed(batch.packed_latent_position_ids).to(temb_ND.dtype))
             seq_TD = seq_TD.index_copy(0, batch.packed_vae_token_indexes, vae_in_ND.to(seq_TD.dtype))
-            target_velocity = (noise_NP - x0_NP)[t_N > 0]
         elif num_vae > 0:
             raise ValueError("the batch holds VAE images but [bagel] visual_gen = false; enable it or drop "
                              "generation samples in the processor")

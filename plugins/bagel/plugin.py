@@ -4,6 +4,7 @@ from bagel_titan.hookspec import hookimpl
 
 from .config import BagelConfig
 from .processor_config import ProcessorConfig
+from .sampling_config import SamplingConfig
 from .spec import BagelSpec
 
 
@@ -14,4 +15,4 @@ def bagel_titan_model_specs():
 
 @hookimpl
 def bagel_titan_config_sections():
-    return {"bagel": BagelConfig, "bagel.processor": ProcessorConfig}
+    return {"bagel": BagelConfig, "bagel.processor": ProcessorConfig, "bagel.sampling": SamplingConfig}

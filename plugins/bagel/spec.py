@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from bagel_titan.protocols import AttentionLayerSpec, ModelOutputs
+from bagel_titan.protocols import AttentionLayerSpec, GeneratedSamples, ModelOutputs
 
 from . import weights
 from .batch import BagelPackedBatch
@@ -157,6 +157,22 @@ class BagelSpec:
         from .collator import BagelCollator
 
         return BagelCollator(job_config, self.bagel_config(job_config), **self._data_kwargs(job_config))
+
+    def generate_samples(self, model: Bagel, job_config, step: int) -> GeneratedSamples:
+        """Images for `[bagel.sampling] prompts` and answers to its `questions` from the model being
+        trained (see `sampling.py`). Runs on every rank, the same forwards everywhere; the noise is
+        the same at every `step`, so successive validations are comparable."""
+        from .collator import BagelCollator
+        from .sampling import generate_samples
+        from .sampling_config import SamplingConfig
+
+        config = job_config.section("bagel.sampling") if job_config.has_section("bagel.sampling") else SamplingConfig()
+        if not config.prompts and not config.questions:
+            return GeneratedSamples()
+        processor = self.build_processor(job_config)
+        collator = BagelCollator(job_config, self.bagel_config(job_config), special_tokens=processor.special,
+                                 **self._data_kwargs(job_config))
+        return generate_samples(model, processor, collator, config)
 
     def forward(self, model: Bagel, batch: BagelPackedBatch, generator: torch.Generator | None) -> ModelOutputs:
         result = model(batch, generator)

@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bagel_titan_plugins.attention.state_keys import optional_attention_state_keys
+
 from .config import (BagelArchitecture, BagelConfig, VAEArgs, architecture_from_release, bagel_config_from_release,
                      llm_config_dict, release_config_dict, vit_config_dict)
 from .modeling import Bagel, assign_full
@@ -178,7 +180,9 @@ def load_weights(model: Bagel, folder: str) -> str:
 
 def load_from_source(model: Bagel, source: WeightSource, where: str) -> None:
     own = model.state_dict()
-    _check_keys("model", set(own), set(source.model_files), set(POSITION_TABLES), where)
+    # Tables are recomputed; attention-backend parameters (NSA) are created fresh when absent.
+    optional = set(POSITION_TABLES) | optional_attention_state_keys(model)
+    _check_keys("model", set(own), set(source.model_files), optional, where)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     for key, tensor in _stream(source.model_files):

@@ -6,6 +6,6 @@
 """
 
 from .config import NSAConfig
-from .module import NSAAttention, NSABackend, optional_attention_state_keys
+from .module import NSAAttention, NSABackend
 
-__all__ = ["NSAConfig", "NSAAttention", "NSABackend", "optional_attention_state_keys"]
+__all__ = ["NSAConfig", "NSAAttention", "NSABackend"]

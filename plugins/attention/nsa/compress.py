@@ -12,6 +12,7 @@ makes the compressed scores a good guide for block selection in a pretrained mod
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def num_compressed(length: int, kernel_size: int, kernel_stride: int) -> int:
@@ -37,9 +38,16 @@ def init_mean_pool_(weight: torch.Tensor, compress_type: str, kernel_size: int) 
     elif compress_type == "linear":
         num_kv_heads, _, head_dim = weight.shape
         eye = torch.eye(head_dim, dtype=weight.dtype, device=weight.device) / kernel_size
-        weight.copy_(eye.repeat(kernel_size, 1).expand(num_kv_heads, -1, -1))
+        _copy_into(weight, eye.repeat(kernel_size, 1).expand(num_kv_heads, -1, -1))
     else:
         raise ValueError(f"compress_type {compress_type!r} has no weight")
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """`param.copy_(value)` for a plain or an FSDP-sharded (DTensor) parameter."""
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    param.copy_(value)
 
 
 def compress(

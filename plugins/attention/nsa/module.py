@@ -4,8 +4,8 @@ Parameters (ordinary `nn.Parameter`s, so checkpoints and exports carry them):
 
 - ``compress_key`` / ``compress_value``: the compression weights (absent for avgpool);
 - ``intra_block_pe`` [Hkv, kernel_size, D]: position encoding inside a compression window;
-- ``gate.weight`` [3*Hq, hidden], ``gate.bias`` [3*Hq]: per-token, per-head sigmoid gates of
-  the compressed, selected and sliding branches (rows ordered branch-major).
+- ``gates.{compressed,selected,sliding}.{weight,bias}`` ([Hq, hidden], [Hq]): per-token,
+  per-head sigmoid gates of the three branches.
 
 A pretrained dense checkpoint has none of them: `optional_state_keys` names them so a loader
 can accept their absence, and `reset_parameters()` gives the near-dense start described in
@@ -51,7 +51,7 @@ class NSAAttention(nn.Module):
             self.compress_key = nn.Parameter(torch.empty(shape))
             self.compress_value = nn.Parameter(torch.empty(shape))
         self.intra_block_pe = nn.Parameter(torch.empty(spec.num_kv_heads, config.kernel_size, spec.head_dim))
-        self.gate = nn.Linear(spec.hidden_size, len(BRANCHES) * spec.num_heads, bias=True)
+        self.gates = nn.ModuleDict({branch: nn.Linear(spec.hidden_size, spec.num_heads) for branch in BRANCHES})
         self.reset_parameters()
 
     @property
@@ -62,7 +62,8 @@ class NSAAttention(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The near-dense start: mean-pool compression, zero position encoding, gates from
-        `gate_init_bias` alone (zero weights). Safe on the meta device (does nothing there)."""
+        `gate_init_bias` alone (zero weights). Does nothing on the meta device; works on
+        FSDP-sharded (DTensor) parameters."""
         if self.intra_block_pe.is_meta:
             return
         cfg = self.config
@@ -70,10 +71,9 @@ class NSAAttention(nn.Module):
             if weight is not None:
                 init_mean_pool_(weight, cfg.compress_type, cfg.kernel_size)
         self.intra_block_pe.zero_()
-        self.gate.weight.zero_()
-        bias = self.gate.bias.view(len(BRANCHES), self.spec.num_heads)
-        bias.fill_(-cfg.gate_init_bias)
-        bias[BRANCHES.index("selected")].fill_(cfg.gate_init_bias)
+        for branch, gate in self.gates.items():
+            gate.weight.zero_()
+            gate.bias.fill_(cfg.gate_init_bias if branch == "selected" else -cfg.gate_init_bias)
 
     # -- branches ---------------------------------------------------------------------------
 
@@ -105,13 +105,14 @@ class NSAAttention(nn.Module):
             start = end
         return NSABranches(*(torch.cat([b[i] for b in per_doc], dim=0) for i in range(len(BRANCHES))))
 
-    def gates(self, hidden_CD: torch.Tensor) -> torch.Tensor:
-        """[C, 3, Hq] sigmoid gates of the causal queries."""
-        logits = self.gate(hidden_CD.to(self.gate.weight.dtype))
-        return torch.sigmoid(logits.float()).view(-1, len(BRANCHES), self.spec.num_heads)
+    def gate_values(self, hidden_CD: torch.Tensor) -> torch.Tensor:
+        """[C, 3, Hq] sigmoid gates of the causal queries (branches in `BRANCHES` order)."""
+        logits = [self.gates[branch](hidden_CD.to(self.gates[branch].weight.dtype)) for branch in BRANCHES]
+        return torch.sigmoid(torch.stack(logits, dim=1).float())
 
     # -- forward ----------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def forward(
         self,
         q_THD: torch.Tensor,
@@ -120,6 +121,11 @@ class NSAAttention(nn.Module):
         meta: AttentionMeta,
         hidden_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Gated NSA for causal queries, exact attention for the others; padding gives zeros.
+
+        Kept out of torch.compile: its index plans and per-document shapes change every batch
+        (a recompile each step), and its heavy parts are kernels or per-document loops.
+        """
         if hidden_TD is None:
             raise ValueError("the nsa attention backend needs hidden_TD (the layer's input hidden states) for its gates")
         plan = nsa_plan(meta)
@@ -129,7 +135,7 @@ class NSAAttention(nn.Module):
         if plan.causal_rows.numel():
             idx = plan.stream_index
             branches = self.stream_branches(q_THD[idx], k_THD[idx], v_THD[idx], plan, meta)
-            gate_CBH = self.gates(hidden_TD[plan.causal_rows])
+            gate_CBH = self.gate_values(hidden_TD[plan.causal_rows])
             mixed_CHD = sum(
                 gate_CBH[:, i, :, None] * branch[plan.causal_in_stream].float() for i, branch in enumerate(branches)
             )
@@ -168,17 +174,3 @@ class NSABackend:
                 f"vit_backend to \"{self.vit_fallback}\", \"flex\" or \"eager\" (empty uses {self.vit_fallback!r})"
             )
         return NSAAttention(spec, config_from_options(NSAConfig, options, self.config_section))
-
-
-def optional_attention_state_keys(model: nn.Module) -> set[str]:
-    """Full state-dict keys of `model` that belong to attention modules with parameters a
-    dense checkpoint lacks (NSA's gates, compression weights, position encodings).
-
-    A weight loader subtracts these from its missing keys; the modules keep the values of
-    `reset_parameters()` (call it after materialising, before or instead of loading them).
-    """
-    keys: set[str] = set()
-    for prefix, module in model.named_modules():
-        for name in getattr(module, "optional_state_keys", ()):
-            keys.add(f"{prefix}.{name}" if prefix else name)
-    return keys

@@ -57,8 +57,9 @@ class NSAPlan:
         return max(self.stream_lengths, default=0)
 
 
+@torch.compiler.disable
 def nsa_plan(meta: AttentionMeta) -> NSAPlan:
-    """The batch's NSA plan (cached on `meta`)."""
+    """The batch's NSA plan (cached on `meta`; built eagerly even inside a compiled layer)."""
     return meta.cached("nsa_plan", lambda: _build_plan(meta))
 
 

@@ -106,6 +106,8 @@ class BagelT2IReader(ReleaseParquetReader):
                 raw = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 return bad_record("bad_json", f"{where}: `captions` is not JSON: {exc}")
+        if isinstance(raw, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in raw):
+            raw = dict(raw)  # a parquet map column reads as (key, value) pairs
         if not isinstance(raw, dict):
             return bad_record("bad_json", f"{where}: `captions` must be a JSON object of named captions, "
                                           f"got {type(raw).__name__}")

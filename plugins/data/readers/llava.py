@@ -40,7 +40,11 @@ _WHITESPACE = " \t\r\n"
 
 
 class JsonArrayError(ValueError):
-    """A JSON list file that stops parsing at `offset` characters."""
+    """A JSON list file that stops parsing part way (the elements before it were good)."""
+
+
+class NotAJsonListError(JsonArrayError):
+    """A file that does not start with a JSON list at all (a config error, not a bad record)."""
 
 
 def iter_json_array(file: str, chunk_chars: int = _CHUNK_CHARS) -> Iterator[Any]:
@@ -78,7 +82,9 @@ def iter_json_array(file: str, chunk_chars: int = _CHUNK_CHARS) -> Iterator[Any]
             return JsonArrayError(f"{file}: {message} at character {consumed + pos}")
 
         if not skip_ws() or buf[pos] != "[":
-            raise fail("expected a JSON list ('[')")
+            raise NotAJsonListError(f"{file} does not hold a JSON list (it starts with "
+                                    f"{buf[pos:pos + 20]!r}); a .json dataset is one list of records, "
+                                    f"use .jsonl for one record per line")
         pos += 1
         if skip_ws() and buf[pos] == "]":
             return
@@ -183,6 +189,8 @@ class LlavaReader:
         try:
             for count, element in enumerate(iter_json_array(file), start=1):
                 yield f"{file}[{count - 1}]", element
+        except NotAJsonListError:
+            raise
         except JsonArrayError as exc:  # the rest of the file is lost: one counted bad record
             yield f"{file}[{count}]", bad_record("bad_json", f"{exc}; the rest of this file is skipped")
 

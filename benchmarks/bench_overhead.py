@@ -1,0 +1,161 @@
+"""The trainer's own overhead: our training step against the plainest forward / backward / step
+of the same tiny BAGEL on the same packed batch, interleaved in one process.
+
+The trainer (`Trainer.train()`, built from a JobConfig) runs the debug model on synthetic full
+packs (`synthetic_plugin.py`) with metrics logging (console, metrics.jsonl, TensorBoard) every
+`--log-freq` steps, checkpointing enabled (bookkeeping every step; the interval is beyond the
+run, so no save falls inside the measurement) and its step-end hook. After every trainer step,
+the hook runs one plain step of a second, identical model on the very pack the trainer just
+used:
+
+    loss = CE + flow MSE; loss.backward(); clip_grad_norm_(1.0); AdamW.step(); zero_grad()
+
+so the two measurements alternate (A B A B ...) and share the machine's noise. A trainer step is
+the time from the hook's return to its next call (data, forward, loss, backward, clip, step,
+metrics, checkpoint bookkeeping, hook dispatch). Reported: median step times and the overhead
+median(trainer) / median(plain) - 1, for the trainer with FSDP2 on one rank (its default) and
+with `[parallelism] fsdp = false` (the loop alone). Target: under 5%.
+
+    python benchmarks/bench_overhead.py [--steps 40] [--packing-length 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import common
+from bagel_titan.cli import setup_logging
+from bagel_titan.hookspec import hookimpl
+from bench_train_step import TrainSetting, job_argv
+
+TARGET = 0.05
+
+
+class PlainStep:
+    """forward / backward / clip / AdamW step of a bare model, the plainest possible."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, max_norm: float):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, eps=eps, foreach=True)
+        self.max_norm = max_norm
+
+    def __call__(self, batch: Any, seed: int) -> None:
+        out = self.model(batch, torch.Generator().manual_seed(seed))
+        loss = F.cross_entropy(out.ce_logits.float(), batch.packed_label_ids)
+        if out.pred_velocity is not None and out.pred_velocity.numel():
+            loss = loss + F.mse_loss(out.pred_velocity.float(), out.target_velocity.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Interleaver:
+    """Step-end hook: closes the trainer step's timing, runs and times one plain step on the
+    same pack, then reopens the trainer's timing."""
+
+    def __init__(self, plain: PlainStep, packs: list, warmup: int):
+        self.plain, self.packs, self.warmup = plain, packs, warmup
+        self.trainer_s: list[float] = []
+        self.plain_s: list[float] = []
+        self._resumed: float | None = None
+
+    @hookimpl
+    def bagel_titan_on_step_end(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        if self._resumed is not None and step > self.warmup:
+            self.trainer_s.append(now - self._resumed)
+        pack = self.packs[(step - 1) % len(self.packs)]
+        start = time.perf_counter()
+        self.plain(pack, step)
+        if step > self.warmup:
+            self.plain_s.append(time.perf_counter() - start)
+        self._resumed = time.perf_counter()
+
+
+def measure(setting: TrainSetting, log_freq: int) -> dict[str, float]:
+    """Run the trainer with the plain loop interleaved; median step times."""
+    from bagel_titan.config.manager import load_job_config
+    from bagel_titan.distributed.utils import destroy_distributed
+    from bagel_titan.trainer import Trainer
+    from bagel_titan_plugins.bagel.spec import build_bagel
+    from synthetic_plugin import architecture_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = job_argv(setting, tmp) + [
+            "--metrics.log_freq", str(log_freq), "--metrics.enable_tensorboard", "true",
+            "--checkpoint.enable", "true", "--checkpoint.interval", "1000000",
+        ]
+        job_config, plugins = load_job_config(argv)
+        trainer = Trainer(job_config, plugins)
+        torch.manual_seed(job_config.training.seed)
+        model = build_bagel(architecture_of(job_config), trainer.model_spec.bagel_config(job_config),
+                            backend=plugins.attention_backends.get(setting.backend))
+        model.init_weights()
+        model.train()
+        opt = job_config.optimizer
+        plain = PlainStep(model, opt.lr, (opt.betas[0], opt.betas[1]), opt.eps, job_config.training.max_norm)
+        interleaver = Interleaver(plain, trainer.dataloader.packs, setting.warmup)
+        plugins.pm.register(interleaver, name="bench-overhead-interleaver")
+        try:
+            trainer.train()
+        finally:
+            plugins.pm.unregister(interleaver)
+            trainer.close()
+            destroy_distributed()
+    trainer_ms = statistics.median(interleaver.trainer_s) * 1e3
+    plain_ms = statistics.median(interleaver.plain_s) * 1e3
+    paired = statistics.median(t / p - 1 for t, p in zip(interleaver.trainer_s, interleaver.plain_s))
+    return {"trainer_ms": trainer_ms, "plain_ms": plain_ms, "overhead": trainer_ms / plain_ms - 1,
+            "paired": paired, "pairs": len(interleaver.trainer_s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="interleaved pairs measured")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--packing-length", type=int, default=512)
+    parser.add_argument("--backend", default="sdpa")
+    parser.add_argument("--log-freq", type=int, default=10, help="trainer metrics logging interval")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared CPU)")
+    parser.add_argument("--smoke", action="store_true", help="CI size: 4 pairs of 256-token packs")
+    common.add_results_option(parser)
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.warmup, args.packing_length = 4, 1, 256
+    torch.set_num_threads(args.threads)
+    setup_logging()  # the trainer's console metrics are printed, as in a real run
+    base = TrainSetting(backend=args.backend, packing_length=args.packing_length, steps=args.steps,
+                        warmup=args.warmup, device="cpu", dtype="float32")
+    rows = []
+    for label, fsdp in (("trainer, FSDP2 on 1 rank (default)", True), ("trainer, fsdp = false", False)):
+        r = measure(dataclasses.replace(base, fsdp=fsdp), args.log_freq)
+        verdict = "yes" if r["overhead"] < TARGET else "NO"
+        rows.append((label, r["pairs"], f"{r['trainer_ms']:.1f}", f"{r['plain_ms']:.1f}", f"{r['overhead']:+.1%}",
+                     f"{r['paired']:+.1%}", verdict))
+        print(rows[-1], flush=True)
+    table = common.markdown_table(
+        ("trainer", "pairs", "trainer step ms (median)", "plain step ms (median)", "overhead", "median paired overhead",
+         f"under {TARGET:.0%}"), rows)
+    notes = [
+        f"model: bagel flavor debug, fp32, attention {args.backend}; synthetic full packs of {args.packing_length} "
+        f"tokens (4 distinct, cycled), the plain step on the same pack right after each trainer step",
+        f"trainer: metrics every {args.log_freq} steps (console, jsonl, TensorBoard), checkpointing on (no save "
+        f"inside the window), EMA off; both sides clip at 1.0 and use foreach AdamW",
+        f"{args.warmup} warm-up pairs, then {args.steps}; torch {args.threads} intra-op thread(s)",
+    ]
+    print(table)
+    common.append_section(args.results, "bench_overhead", common.device_description("cpu"), notes, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Every first-party backend, as the model gets it from the registry, agrees with eager."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from bagel_titan.plugins import PluginManager
+from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan_plugins.attention.meta import AttentionMeta
+from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
+
+# NSA in its dense-equivalent configuration (top-k covers every block, the window covers the
+# pack), with the gates fixed below, is exact attention.
+OPTIONS = {
+    "nsa": {"block_size": 16, "kernel_size": 8, "kernel_stride": 4, "topk": 64, "window_size": 10_000},
+}
+FIRST_PARTY = ("eager", "sdpa", "flex", "nsa")
+
+
+@pytest.fixture(scope="module")
+def plugins() -> PluginManager:
+    return PluginManager()
+
+
+def _build(plugins, name: str, spec: AttentionLayerSpec):
+    module = plugins.attention_backends.get(name).build(spec, OPTIONS.get(name, {}))
+    if name == "nsa":
+        with torch.no_grad():
+            for branch, logit in (("compressed", -1e4), ("selected", 0.0), ("sliding", 0.0)):
+                module.gates[branch].weight.zero_()
+                module.gates[branch].bias.fill_(logit)
+    return module
+
+
+@pytest.mark.parametrize("name", FIRST_PARTY)
+def test_llm_pack_agrees_with_eager(plugins, name):
+    spec = AttentionLayerSpec(4, 2, 16, 32, 0, "llm")
+    rng = random.Random(42)
+    docs = random_pack(rng, num_tokens=190, num_docs=4)
+    inputs = random_inputs(docs, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=32, pad=9, seed=4)
+    args = (inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta, inputs.hidden_TD)
+    with torch.no_grad():
+        expected = _build(plugins, "eager", spec)(*args)
+        actual = _build(plugins, name, spec)(*args)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", FIRST_PARTY)
+def test_vit_backend_resolution_and_per_image_attention(plugins, name):
+    """The ViT gets `vit_fallback` when the backend has one (nsa -> sdpa); per-image full
+    attention then agrees with eager."""
+    backend = plugins.attention_backends.get(name)
+    vit_name = getattr(backend, "vit_fallback", name)
+    assert vit_name in plugins.attention_backends
+    spec = AttentionLayerSpec(4, 4, 16, 64, 0, "vit")
+    lengths = [49, 16, 100]
+    meta = AttentionMeta.full_documents(lengths)
+    inputs = random_inputs([[(n, "full")] for n in lengths], num_heads=4, num_kv_heads=4, head_dim=16, seed=8)
+    args = (inputs.q_THD, inputs.k_THD, inputs.v_THD, meta)
+    with torch.no_grad():
+        expected = _build(plugins, "eager", spec)(*args)
+        actual = _build(plugins, vit_name, spec)(*args)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,142 @@
+"""Every benchmark script runs at CI size and records its section in a temporary results file
+(never benchmarks/RESULTS.md); plus the benchmark helpers whose numbers the tables rest on:
+the anchor-style FLOP count, the synthetic packs and loader, the layer-count override."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, free_port, subprocess_env
+
+BENCH = REPO / "benchmarks"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from bench_train_step import anchor_style_flops  # noqa: E402
+from synthetic_plugin import (  # noqa: E402
+    BenchSection,
+    SyntheticPacks,
+    draw_sample,
+    bench_architecture,
+    build_packs,
+    full_pack_samples,
+)
+
+from bagel_titan_plugins.bagel.synthetic import VaeImage, VitImage  # noqa: E402
+
+from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for  # noqa: E402
+
+PY = sys.executable
+
+# (script, arguments, section title, text the section must hold)
+SCRIPTS = [
+    ("bench_packing.py", ["--samples", "400"], "## bench_packing", "| best_fit_decreasing |"),
+    ("bench_dataloader.py", ["--samples", "8", "--large-samples", "2"], "## bench_dataloader", "| example data"),
+    ("bench_attention.py", ["--seq-lens", "256", "--backends", "sdpa", "--iters", "1", "--warmup", "0"],
+     "## bench_attention", "| sdpa | 256 |"),
+    ("bench_bagel_model.py", ["--tokens", "256", "--repeats", "1", "--backends", "sdpa"], "## bench_bagel_model",
+     "| sdpa |"),
+    ("bench_train_step.py", ["--smoke", "--backends", "sdpa", "--ac", "none,full"], "## bench_train_step",
+     "| sdpa | full | off | 256 |"),
+    ("bench_overhead.py", ["--smoke"], "## bench_overhead", "| trainer, fsdp = false | 4 |"),
+]
+
+
+def _run(cmd: list[str], results) -> str:
+    proc = subprocess.run(cmd + ["--results", str(results)], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert results.exists(), f"{' '.join(cmd)} wrote no results section"
+    return results.read_text()
+
+
+@pytest.mark.parametrize("script,args,title,expected", SCRIPTS, ids=[s[0] for s in SCRIPTS])
+def test_script_records_its_section(tmp_path, script, args, title, expected):
+    text = _run([PY, str(BENCH / script), *args], tmp_path / "RESULTS.md")
+    assert text.count(title) == 1
+    assert "- device: " in text or "device: " in text
+    assert expected in text, text
+
+
+def test_checkpoint_script_records_its_section(tmp_path):
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(BENCH / "bench_checkpoint.py"), "--dim", "32", "--depth", "2",
+           "--repeats", "1"]
+    text = _run(cmd, tmp_path / "RESULTS.md")
+    assert "## bench_checkpoint" in text and "| async |" in text
+
+
+def test_gpu_suite_smoke_checks_flex_and_reports_unavailable_parts_as_skipped_rows(tmp_path):
+    """On CPU the flex training row cannot run (no CPU backward): a row with the reason, not a crash."""
+    text = _run([PY, str(BENCH / "gpu_suite.py"), "--smoke"], tmp_path / "RESULTS.md")
+    assert text.count("## gpu_suite (smoke, CPU)") == 1
+    assert "| flex vs eager | pass |" in text
+    flex_row = next(line for line in text.splitlines() if line.startswith("| 256 | flex |"))
+    assert "skipped: NotImplementedError" in flex_row and "no backward on CPU" in flex_row
+    sdpa_row = next(line for line in text.splitlines() if line.startswith("| 256 | sdpa |"))
+    assert "skipped" not in sdpa_row
+    nsa = next(line for line in text.splitlines() if line.startswith("| NSA Triton vs NSA PyTorch |"))
+    assert "| skipped |" in nsa or "| pass |" in nsa
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def test_anchor_style_flops_is_the_qwen2_counter():
+    llm = architecture_for("7b-mot").llm
+    d, hd, layers, T = 3584, 128, 28, 8192
+    linear = d * (28 * hd + 2 * 4 * hd + 28 * hd) + 3 * d * 18944
+    expected = 6 * (linear * layers + 2 * 152064 * d) * T + 12 * T * T * hd * 28 * layers
+    assert anchor_style_flops(T, llm) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("length", [256, 1000, 8192])
+def test_packs_are_exactly_full_and_follow_the_mix(length):
+    mix = BenchSection(vit_side=[2, 6], vae_side=[2, 4], text_ids=[4, 64], distinct_packs=3, seed=length)
+    packs = build_packs(architecture_for("debug"), BagelConfig(), length, mix)
+    assert [p.sequence_length for p in packs] == [length] * 3
+    for p in packs:
+        assert sum(p.sample_lens) == length and len(p.sample_lens) == p.num_samples
+
+
+def test_sample_mix_follows_the_shares():
+    mix = BenchSection(understanding_share=0.6, generation_share=0.3)
+    rng = random.Random(0)
+    samples = [draw_sample(rng, mix) for _ in range(3000)]
+    und = sum(any(isinstance(s, VitImage) for s in sample) for sample in samples) / len(samples)
+    gen = sum(any(isinstance(s, VaeImage) for s in sample) for sample in samples) / len(samples)
+    assert und == pytest.approx(0.6, abs=0.04) and gen == pytest.approx(0.3, abs=0.04)
+    sides = [s.h for sample in samples for s in sample if isinstance(s, VitImage)]
+    assert min(sides) >= 27 and max(sides) <= 70
+
+
+def test_short_pack_length_is_a_clear_error():
+    with pytest.raises(ValueError, match="packing_length = 1 is too short"):
+        full_pack_samples(random.Random(0), 1, BenchSection())
+
+
+def test_synthetic_loader_resumes_where_it_stopped():
+    packs = build_packs(architecture_for("debug"), BagelConfig(), 128,
+                        BenchSection(vit_side=[2, 2], vae_side=[2, 2], text_ids=[4, 8], distinct_packs=3))
+    loader = SyntheticPacks(packs, 128)
+    it = iter(loader)
+    seen = [next(it) for _ in range(4)]
+    assert seen[3] is packs[0]
+    resumed = SyntheticPacks(packs, 128)
+    resumed.load_state_dict(loader.state_dict())
+    assert next(iter(resumed)) is packs[1]
+    assert resumed.data_stats()["data/fill_rate"] == 1.0 and resumed.data_stats()["data/packs"] == 5
+
+
+def test_layer_override_keeps_widths():
+    arch = bench_architecture("7b-mot", llm_layers=2, vit_layers=3)
+    full = architecture_for("7b-mot")
+    assert (arch.llm.num_layers, arch.vit.num_layers) == (2, 3)
+    assert arch.llm.hidden_size == full.llm.hidden_size and arch.vit.hidden_size == full.vit.hidden_size
+    assert bench_architecture("7b-mot") == full
+    with pytest.raises(ValueError, match="vit_side"):
+        BenchSection(vit_side=[5])
