@@ -70,15 +70,15 @@ class TrainSetting:
     peak_tflops: float = 0.0
     fsdp: bool = True
     vit_side: list[int] = field(default_factory=lambda: [4, 8])
+    """[min, max] ViT patches per image side of the synthetic understanding samples."""
     vae_side: list[int] = field(default_factory=lambda: [2, 4])
+    """[min, max] latent patches per image side of the synthetic generation samples."""
     text_ids: list[int] = field(default_factory=lambda: [16, 128])
+    """[min, max] ids per answer (prompts are a quarter)."""
     distinct_packs: int = 4
+    """Synthetic packs cycled through (each a different mix of samples)."""
     threads: int = 1
     """torch intra-op threads on CPU (1 is stable on a shared machine; 0 keeps torch's default)."""
-
-    @property
-    def label(self) -> str:
-        return f"{self.backend} / AC {self.ac} / compile {'on' if self.compile else 'off'}"
 
 
 def job_argv(s: TrainSetting, dump_folder: str) -> list[str]:
@@ -243,6 +243,20 @@ def table_row(s: TrainSetting, r: dict[str, Any], extra: tuple = ()) -> tuple:
             f"{r['tflops']:.3f}", pct(r["mfu"]), pct(r["anchor_mfu"]), f"{r['peak_gib']:.2f}", "")
 
 
+def full_depth_ratio(s: TrainSetting) -> float:
+    """Anchor-style over our FLOPs for the flavor at full depth on this row's packs (with few
+    layers the embedding and lm_head, which anchor-style counts on every token, dominate)."""
+    from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
+    from bagel_titan_plugins.bagel.flops import training_flops
+    from synthetic_plugin import BenchSection, build_packs
+
+    arch, options = architecture_for(s.flavor), BagelConfig()
+    mix = BenchSection(vit_side=s.vit_side, vae_side=s.vae_side, text_ids=s.text_ids, distinct_packs=s.distinct_packs)
+    packs = build_packs(arch, options, s.packing_length, mix)
+    ours = sum(training_flops(p, arch, options) for p in packs)
+    return sum(anchor_style_flops(p.num_tokens, arch.llm) for p in packs) / ours
+
+
 def flops_note(results: list[dict[str, Any]]) -> str:
     ok = [r for r in results if "error" not in r]
     if not ok:
@@ -325,6 +339,8 @@ def main() -> None:
         f"patches/side, 30% generation VAE {s0.vae_side[0]}-{s0.vae_side[1]} latent patches/side, 10% text); "
         f"{s0.warmup} warm-up + {s0.steps} timed steps through `Trainer.train()`",
         flops_note(results),
+        *([f"at full depth on the same packs, anchor-style counts {full_depth_ratio(s0):.2f}x ours (with few "
+           f"layers the embedding and lm_head it counts on every token dominate)"] if s0.llm_layers else []),
         "MFU: n/a without a peak for the device (pass --peak-tflops)" if ok and ok[0]["mfu"] is None else
         "MFU = FLOPs / time / peak dense FLOP/s of one device",
         ANCHORS,

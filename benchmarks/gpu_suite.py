@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 import common
-from bench_train_step import ANCHORS, TABLE_HEADER, TrainSetting, flops_note, run_row, table_row
+from bench_train_step import ANCHORS, TABLE_HEADER, TrainSetting, flops_note, full_depth_ratio, run_row, table_row
 
 
 @dataclass
@@ -211,6 +211,9 @@ def main() -> None:
         f"30% generation VAE {s0.vae_side[0]}-{s0.vae_side[1]} latent patches/side, 10% text), {s0.distinct_packs} "
         f"distinct packs; {s0.warmup} warm-up + {s0.steps} timed steps per row",
         flops_note(results),
+        "at full depth on the same packs, anchor-style counts "
+        + ", ".join(f"{full_depth_ratio(dataclasses.replace(s0, packing_length=n)):.2f}x ours at {n}"
+                    for n in sorted({s.packing_length for s in settings})),
         ANCHORS,
         f"suite wall time {time.perf_counter() - start:.0f} s",
     ]

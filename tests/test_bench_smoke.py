@@ -140,3 +140,34 @@ def test_layer_override_keeps_widths():
     assert bench_architecture("7b-mot") == full
     with pytest.raises(ValueError, match="vit_side"):
         BenchSection(vit_side=[5])
+
+
+def test_gpu_suite_rows_are_valid_trainer_configs_of_a_7b_width_model(tmp_path):
+    """The GPU rows cannot run here: check that each is a config the trainer accepts and that
+    the model it builds is BAGEL at 7B width with the requested layer counts."""
+    import argparse
+    import itertools
+
+    import torch
+
+    import gpu_suite
+    from bagel_titan.config.manager import load_job_config
+    from bench_train_step import job_argv
+
+    args = argparse.Namespace(smoke=False, llm_layers=2, vit_layers=3, steps=3, warmup=2, peak_tflops=0.0)
+    rows = gpu_suite.grid(args)
+    assert {(r.packing_length, r.backend, r.ac, r.compile) for r in rows} == set(
+        itertools.product((8192, 16384), ("sdpa", "flex"), ("none", "full"), (False, True)))
+    assert [r.compile for r in rows] == sorted(r.compile for r in rows), "rows without compile come first"
+    for row in rows:
+        cfg, plugins = load_job_config(job_argv(row, str(tmp_path)))
+        assert (cfg.training.dtype, cfg.training.device, cfg.model.flavor) == ("bfloat16", "cuda", "7b-mot")
+        assert (cfg.data.packing_length, cfg.attention.backend, cfg.compile.enable) == (
+            row.packing_length, row.backend, row.compile)
+    with torch.device("meta"):
+        model = plugins.model_specs.get("bagel-bench").build(cfg, plugins)
+    assert len(model.language_model.model.layers) == 2
+    assert len(model.vit_model.vision_model.encoder.layers) == 3
+    assert model.arch.llm.hidden_size == 3584 and model.arch.llm.vocab_size == 152064
+    params = sum(p.numel() for p in model.parameters())
+    assert 1.5e9 < params < 3e9, params

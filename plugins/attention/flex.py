@@ -24,7 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from bagel_titan.protocols import AttentionLayerSpec
 
 from .meta import AttentionMeta, mask_rule
-from .options import config_from_options
+from bagel_titan.config.fields import section_from_options
 
 
 @dataclass
@@ -150,4 +150,4 @@ class FlexBackend:
     config_section = "attention.flex"
 
     def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
-        return FlexAttention(config_from_options(FlexConfig, options, self.config_section))
+        return FlexAttention(section_from_options(FlexConfig, options, self.config_section))

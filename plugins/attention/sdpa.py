@@ -28,7 +28,7 @@ from torch import nn
 from bagel_titan.protocols import AttentionLayerSpec
 
 from .meta import CAUSAL, FULL, AttentionMeta
-from .options import config_from_options
+from bagel_titan.config.fields import section_from_options
 
 STRATEGIES = ("auto", "dense", "per_document")
 
@@ -252,4 +252,4 @@ class SDPABackend:
     config_section = "attention.sdpa"
 
     def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
-        return SDPAAttention(config_from_options(SDPAConfig, options, self.config_section))
+        return SDPAAttention(section_from_options(SDPAConfig, options, self.config_section))

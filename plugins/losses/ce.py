@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from bagel_titan.protocols import Batch, LossTerm, ModelOutputs
 
-from .options import CEOptions, options_from
+from bagel_titan.config.fields import section_from_options
+
+from .options import CEOptions
 
 
 class CELoss:
@@ -40,5 +42,5 @@ class CEFactory:
     name = "ce"
 
     def __call__(self, options: Mapping[str, Any]) -> CELoss:
-        return CELoss(options_from(CEOptions, options, "loss.ce"))
+        return CELoss(section_from_options(CEOptions, options, "loss.ce"))
 

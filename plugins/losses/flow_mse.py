@@ -6,7 +6,9 @@ from typing import Any, Mapping
 
 from bagel_titan.protocols import Batch, LossTerm, ModelOutputs
 
-from .options import FlowMSEOptions, options_from
+from bagel_titan.config.fields import section_from_options
+
+from .options import FlowMSEOptions
 
 
 class FlowMSELoss:
@@ -45,4 +47,4 @@ class FlowMSEFactory:
     name = "flow_mse"
 
     def __call__(self, options: Mapping[str, Any]) -> FlowMSELoss:
-        return FlowMSELoss(options_from(FlowMSEOptions, options, "loss.flow_mse"))
+        return FlowMSELoss(section_from_options(FlowMSEOptions, options, "loss.flow_mse"))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, TypeVar
-
-C = TypeVar("C")
+from typing import Literal
 
 
 @dataclass
@@ -26,16 +23,3 @@ class FlowMSEOptions:
     channel_reduction: Literal["mean", "sum"] = "mean"
     """How a token's squared errors over its latent channels combine: "mean" (the release) or
     "sum"; tokens are then summed and divided by the global count of noised tokens."""
-
-
-def options_from(config_type: type[C], options: Mapping[str, Any] | C | None, section: str) -> C:
-    """`config_type` from a TOML table (dict) or an instance; an unknown key lists the known ones."""
-    if options is None:
-        return config_type()
-    if isinstance(options, config_type):
-        return options
-    known = {f.name for f in dataclasses.fields(config_type)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} in [{section}]; known options: {sorted(known)}")
-    return config_type(**dict(options))

@@ -22,7 +22,7 @@ from torch import nn
 from bagel_titan.protocols import AttentionLayerSpec
 
 from ..meta import AttentionMeta
-from ..options import config_from_options
+from bagel_titan.config.fields import section_from_options
 from ..sdpa import sdpa_gqa
 from .compress import compress, init_mean_pool_, weight_shape
 from .config import NSAConfig
@@ -173,4 +173,4 @@ class NSABackend:
                 f"the nsa backend serves causal LLM attention, not role {spec.role!r}; set [attention] "
                 f"vit_backend to \"{self.vit_fallback}\", \"flex\" or \"eager\" (empty uses {self.vit_fallback!r})"
             )
-        return NSAAttention(spec, config_from_options(NSAConfig, options, self.config_section))
+        return NSAAttention(spec, section_from_options(NSAConfig, options, self.config_section))
