@@ -112,12 +112,6 @@ class Trainer:
             plugins.loss_components.get(name)(loss_options(cfg, name)) for name in cfg.loss.components
         ]
         self.loss_weights = [cfg.loss.weights.get(name, 1.0) for name in cfg.loss.components]
-        unknown = set(cfg.loss.weights) - set(cfg.loss.components)
-        if unknown:
-            raise ValueError(
-                f"[loss] weights names {sorted(unknown)} that are not in [loss] components "
-                f"{cfg.loss.components}; add them to components or remove their weights"
-            )
         self.loss_fn = self._compute_loss
         if cfg.compile.enable and "loss" in cfg.compile.components:
             self.loss_fn = torch.compile(self._compute_loss)

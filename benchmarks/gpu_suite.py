@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row (compiles, both pack shapes)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak TFLOP/s of the GPU (0: table)")
     parser.add_argument("--budget-s", type=float, default=570.0, help="wall-clock budget of the whole suite")
-    parser.add_argument("--row-timeout-s", type=float, default=180.0)
+    parser.add_argument("--row-timeout-s", type=float, default=240.0, help="seconds one row may take")
     parser.add_argument("--smoke", action="store_true", help="the CPU-capable parts at CI size, on CPU")
     common.add_results_option(parser)
     args = parser.parse_args()

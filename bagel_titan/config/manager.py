@@ -176,6 +176,12 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"{key} must be > 0, got {value}")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas must hold two numbers, got {cfg.optimizer.betas}")
+    unknown = sorted(set(cfg.loss.weights) - set(cfg.loss.components))
+    if unknown:
+        raise ConfigError(
+            f"loss.weights names {unknown}, which are not in loss.components {cfg.loss.components}; "
+            f"add them to components or remove their weights"
+        )
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
 
