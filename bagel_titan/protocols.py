@@ -125,7 +125,9 @@ class AttentionBackend(Protocol):
     [T, Hkv, D] and `meta` is the batch's attention metadata (built once per packed batch and
     shared by all layers; see `bagel_titan_plugins.attention.meta.AttentionMeta`). The module
     may own parameters (NSA gates and compression weights); they then live in the model's
-    state dict under the attention layer.
+    state dict under the attention layer. It may define `prepare(meta)`, which the model calls
+    once per batch before its layers (`meta.prepare_for(module)`) to build masks and plans
+    outside checkpointed and compiled regions.
     """
 
     name: str

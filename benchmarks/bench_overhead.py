@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +62,10 @@ class PlainStep:
 
 class Interleaver:
     """Step-end hook: closes the trainer step's timing, runs and times one plain step on the
-    same pack, then reopens the trainer's timing."""
+    batch the trainer just used (`batch_of(trainer, step)`), then reopens the trainer's timing."""
 
-    def __init__(self, plain: PlainStep, packs: list, warmup: int):
-        self.plain, self.packs, self.warmup = plain, packs, warmup
+    def __init__(self, plain: PlainStep, batch_of: Callable[[Any, int], Any], warmup: int):
+        self.plain, self.batch_of, self.warmup = plain, batch_of, warmup
         self.trainer_s: list[float] = []
         self.plain_s: list[float] = []
         self._resumed: float | None = None
@@ -74,15 +75,40 @@ class Interleaver:
         now = time.perf_counter()
         if self._resumed is not None and step > self.warmup:
             self.trainer_s.append(now - self._resumed)
-        pack = self.packs[(step - 1) % len(self.packs)]
+        batch = self.batch_of(trainer, step)
         start = time.perf_counter()
-        self.plain(pack, step)
+        self.plain(batch, step)
         if step > self.warmup:
             self.plain_s.append(time.perf_counter() - start)
         self._resumed = time.perf_counter()
 
 
-def measure(setting: TrainSetting, log_freq: int) -> dict[str, float]:
+def synthetic_pack_of(trainer: Any, step: int) -> Any:
+    """The pack step `step` trained on ("synthetic" loader: pre-built packs in turn)."""
+    packs = trainer.dataloader.packs
+    return packs[(step - 1) % len(packs)]
+
+
+def recorded_batch_of(trainer: Any, step: int) -> Any:
+    """The batch the "packed-recorded" loader served last, i.e. the one this step trained on."""
+    return trainer.dataloader.last
+
+
+def example_data_argv(folder: str) -> list[str]:
+    """Overrides that train on the bundled example data through the real "packed" loader (one
+    worker), recorded so that the plain step can rerun each batch."""
+    from bagel_titan_plugins.data.example_data import write_example_data
+
+    example = write_example_data(os.path.join(folder, "example"), num_samples=256)
+    toml = os.path.join(folder, "example_data.toml")
+    with open(toml, "w") as f:
+        f.write(f'[[data.datasets]]\npath = "{example["data"]}"\n\n'
+                "[bagel.processor]\nvit_min_size = 56\nvit_max_size = 112\nvae_min_size = 32\nvae_max_size = 64\n")
+    return ["--job.config_file", toml, "--data.loader", "packed-recorded", "--model.tokenizer_path", example["tokenizer"],
+            "--data.num_workers", "1", "--data.packing_strategy", "best_fit_decreasing", "--data.packing_window", "64"]
+
+
+def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> dict[str, float]:
     """Run the trainer with the plain loop interleaved; median step times."""
     from bagel_titan.config.manager import load_job_config
     from bagel_titan.distributed.utils import destroy_distributed
@@ -95,6 +121,8 @@ def measure(setting: TrainSetting, log_freq: int) -> dict[str, float]:
             "--metrics.log_freq", str(log_freq), "--metrics.enable_tensorboard", "true",
             "--checkpoint.enable", "true", "--checkpoint.interval", "1000000",
         ]
+        if real_data:
+            argv += example_data_argv(tmp)
         job_config, plugins = load_job_config(argv)
         trainer = Trainer(job_config, plugins)
         torch.manual_seed(job_config.training.seed)
@@ -104,7 +132,7 @@ def measure(setting: TrainSetting, log_freq: int) -> dict[str, float]:
         model.train()
         opt = job_config.optimizer
         plain = PlainStep(model, opt.lr, (opt.betas[0], opt.betas[1]), opt.eps, job_config.training.max_norm)
-        interleaver = Interleaver(plain, trainer.dataloader.packs, setting.warmup)
+        interleaver = Interleaver(plain, recorded_batch_of if real_data else synthetic_pack_of, setting.warmup)
         plugins.pm.register(interleaver, name="bench-overhead-interleaver")
         try:
             trainer.train()
@@ -117,6 +145,14 @@ def measure(setting: TrainSetting, log_freq: int) -> dict[str, float]:
     paired = statistics.median(t / p - 1 for t, p in zip(interleaver.trainer_s, interleaver.plain_s))
     return {"trainer_ms": trainer_ms, "plain_ms": plain_ms, "overhead": trainer_ms / plain_ms - 1,
             "paired": paired, "pairs": len(interleaver.trainer_s)}
+
+
+ROWS = (
+    ("FSDP2 on 1 rank (default), synthetic packs", True, False),
+    ("fsdp = false, synthetic packs", False, False),
+    ("fsdp = false, example data through the packed loader (1 worker)", False, True),
+)
+"""(label, [parallelism] fsdp, real data) of every row."""
 
 
 def main() -> None:
@@ -137,8 +173,8 @@ def main() -> None:
     base = TrainSetting(backend=args.backend, packing_length=args.packing_length, steps=args.steps,
                         warmup=args.warmup, device="cpu", dtype="float32")
     rows = []
-    for label, fsdp in (("trainer, FSDP2 on 1 rank (default)", True), ("trainer, fsdp = false", False)):
-        r = measure(dataclasses.replace(base, fsdp=fsdp), args.log_freq)
+    for label, fsdp, real_data in ROWS:
+        r = measure(dataclasses.replace(base, fsdp=fsdp), args.log_freq, real_data)
         verdict = "yes" if r["overhead"] < TARGET else "NO"
         rows.append((label, r["pairs"], f"{r['trainer_ms']:.1f}", f"{r['plain_ms']:.1f}", f"{r['overhead']:+.1%}",
                      f"{r['paired']:+.1%}", verdict))
@@ -147,8 +183,9 @@ def main() -> None:
         ("trainer", "pairs", "trainer step ms (median)", "plain step ms (median)", "overhead", "median paired overhead",
          f"under {TARGET:.0%}"), rows)
     notes = [
-        f"model: bagel flavor debug, fp32, attention {args.backend}; synthetic full packs of {args.packing_length} "
-        f"tokens (4 distinct, cycled), the plain step on the same pack right after each trainer step",
+        f"model: bagel flavor debug, fp32, attention {args.backend}; packs of {args.packing_length} tokens: synthetic "
+        f"(full, 4 distinct, cycled) or the example data (best_fit_decreasing); the plain step runs the same batch "
+        f"right after each trainer step",
         f"trainer: metrics every {args.log_freq} steps (console, jsonl, TensorBoard), checkpointing on (no save "
         f"inside the window), EMA off; both sides clip at 1.0 and use foreach AdamW",
         f"{args.warmup} warm-up pairs, then {args.steps}; torch {args.threads} intra-op thread(s)",

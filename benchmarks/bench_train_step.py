@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,17 @@ def run_row(s: TrainSetting, timeout_s: float, isolated: bool = True) -> dict[st
     return run_isolated(s, timeout_s) if isolated else run_in_process(s)
 
 
+EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception)\b.*)$")
+
+
+def failure_reason(stderr: str, returncode: int) -> str:
+    """The last "SomeError: message" line of a traceback (short), else the last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    matches = [m.group(1) for m in map(EXCEPTION_LINE.match, lines) if m]
+    reason = matches[-1] if matches else (lines[-1] if lines else f"exit code {returncode}")
+    return reason[:200]
+
+
 def run_isolated(s: TrainSetting, timeout_s: float) -> dict[str, Any]:
     """`run_setting` in a fresh interpreter; a failure or timeout comes back as {"error": ...}."""
     cmd = [sys.executable, SCRIPT, "--single", json.dumps(dataclasses.asdict(s))]
@@ -213,10 +225,7 @@ def run_isolated(s: TrainSetting, timeout_s: float) -> dict[str, Any]:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        errors = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        last = next((line for line in reversed(errors) if "Error" in line or "error" in line), None)
-        message = (last or (errors[-1] if errors else f"exit code {proc.returncode}")).strip()
-        return {"error": message.removeprefix("[rank0]:").strip()[:200]}
+        return {"error": failure_reason(proc.stderr, proc.returncode)}
     return json.loads(lines[-1])
 
 

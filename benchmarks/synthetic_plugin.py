@@ -1,5 +1,6 @@
-"""Benchmark plugin: a "synthetic" dataloader of full BAGEL packs and a "bagel-bench" model spec
-whose layer counts can be cut without touching `plugins/bagel/config.py`.
+"""Benchmark plugin: a "synthetic" dataloader of full BAGEL packs, a "bagel-bench" model spec
+whose layer counts can be cut without touching `plugins/bagel/config.py`, and a
+"packed-recorded" dataloader (the real "packed" one, remembering the batch it served last).
 
 Loaded by the benchmark scripts with ``--job.plugins synthetic_plugin`` (the scripts' folder is
 first on `sys.path` when they run as ``python benchmarks/<script>.py``). Adds the config section
@@ -203,6 +204,38 @@ class SyntheticLoaderBuilder:
         return SyntheticPacks(packs_for(job_config), job_config.data.packing_length, dp_rank)
 
 
+class RecordingLoader:
+    """A dataloader that keeps the batch it served last (`last`), so that a benchmark can rerun
+    exactly the batch the trainer just trained on; everything else is the wrapped loader's."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.last: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.inner:
+            self.last = batch
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def data_stats(self) -> dict[str, float]:
+        return self.inner.data_stats()
+
+
+class RecordingPackedLoaderBuilder:
+    """`[data] loader = "packed-recorded"`: the first-party "packed" loader in a `RecordingLoader`."""
+
+    name = "packed-recorded"
+
+    def build(self, job_config, plugins, model_spec, **kwargs: Any) -> RecordingLoader:
+        return RecordingLoader(plugins.dataloaders.get("packed").build(job_config, plugins, model_spec, **kwargs))
+
+
 @hookimpl
 def bagel_titan_model_specs():
     return [BagelBenchSpec()]
@@ -210,7 +243,7 @@ def bagel_titan_model_specs():
 
 @hookimpl
 def bagel_titan_dataloaders():
-    return [SyntheticLoaderBuilder()]
+    return [SyntheticLoaderBuilder(), RecordingPackedLoaderBuilder()]
 
 
 @hookimpl

@@ -42,7 +42,7 @@ SCRIPTS = [
      "| sdpa |"),
     ("bench_train_step.py", ["--smoke", "--backends", "sdpa", "--ac", "none,full"], "## bench_train_step",
      "| sdpa | full | off | 256 |"),
-    ("bench_overhead.py", ["--smoke"], "## bench_overhead", "| trainer, fsdp = false | 4 |"),
+    ("bench_overhead.py", ["--smoke"], "## bench_overhead", "| fsdp = false, example data through the packed loader (1 worker) | 4 |"),
 ]
 
 
@@ -171,3 +171,17 @@ def test_gpu_suite_rows_are_valid_trainer_configs_of_a_7b_width_model(tmp_path):
     assert model.arch.llm.hidden_size == 3584 and model.arch.llm.vocab_size == 152064
     params = sum(p.numel() for p in model.parameters())
     assert 1.5e9 < params < 3e9, params
+
+
+def test_failure_reason_is_the_exception_line_of_a_traceback():
+    from bench_train_step import failure_reason
+
+    stderr = "\n".join([
+        "/x/y.py:3: UserWarning: something",
+        "[rank0]: Traceback (most recent call last):",
+        '[rank0]:   File "a.py", line 1, in <module>',
+        "[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "[rank0]: If this error occurs under torch.compile, try again",
+    ])
+    assert failure_reason(stderr, 1) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert failure_reason("", 137) == "exit code 137"

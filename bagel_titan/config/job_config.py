@@ -99,7 +99,8 @@ class Parallelism:
     transformer_layer_cls_to_wrap: list[str] = field(default_factory=list)
     """Class names to shard as units; empty: the model spec's sharding units."""
     fsdp: bool = True
-    """Wrap the model with FSDP2 (also on a single process, for one code path)."""
+    """Wrap the model with FSDP2. A single fp32 rank without CPU offload runs unwrapped: there
+    FSDP would shard nothing and only add per-layer hooks."""
 
 
 @dataclass

@@ -49,7 +49,8 @@ def parallelize(
     apply_activation_checkpointing(model, units, ac, ac.selective_granularity)
     if job_config.compile.enable and "model" in job_config.compile.components:
         apply_compile(units, backend=compile_backend)
-    if par.fsdp:
+    needs_fsdp = mesh.size() > 1 or job_config.training.dtype != "float32" or par.cpu_offload
+    if par.fsdp and needs_fsdp:
         apply_fsdp(
             model,
             units,

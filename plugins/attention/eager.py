@@ -30,6 +30,9 @@ def eager_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tenso
 
 
 class EagerAttention(nn.Module):
+    def prepare(self, meta: AttentionMeta) -> None:
+        meta.dense_mask()
+
     def forward(self, q_THD, k_THD, v_THD, meta: AttentionMeta, hidden_TD=None):
         return eager_attention(q_THD, k_THD, v_THD, meta.dense_mask())
 

@@ -106,6 +106,10 @@ class FlexAttention(nn.Module):
         super().__init__()
         self.config = config
 
+    def prepare(self, meta: AttentionMeta) -> None:
+        cfg = self.config
+        flex_block_mask(meta, bucketed_length(meta.num_tokens, cfg.block_size, cfg.buckets_per_octave), cfg.block_size)
+
     def forward(
         self,
         q_THD: torch.Tensor,

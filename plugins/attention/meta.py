@@ -163,6 +163,14 @@ class AttentionMeta:
         """Every document is one `full` segment: the ViT's per-image attention."""
         return cls.from_segments([[(n, "full")] for n in lengths], device=device)
 
+    def prepare_for(self, attention_module) -> None:
+        """Build what `attention_module` needs for this batch (masks, plans) now, once, outside
+        the layers: built lazily inside a checkpointed or compiled layer, a cache would differ
+        between the forward and its recomputation."""
+        prepare = getattr(attention_module, "prepare", None)
+        if prepare is not None:
+            prepare(self)
+
     def to(self, device: torch.device) -> "AttentionMeta":
         return AttentionMeta(
             doc_ids=self.doc_ids.to(device),

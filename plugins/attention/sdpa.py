@@ -226,6 +226,18 @@ class SDPAAttention(nn.Module):
         super().__init__()
         self.config = config
 
+    def _strategy(self, meta: AttentionMeta) -> str:
+        if self.config.strategy == "auto":
+            return "dense" if meta.num_tokens <= self.config.dense_max_tokens else "per_document"
+        return self.config.strategy
+
+    def prepare(self, meta: AttentionMeta) -> None:
+        if self._strategy(meta) == "dense":
+            sdpa_dense_mask(meta)
+            valid_token_mask(meta)
+        else:
+            document_calls(meta)
+
     def forward(
         self,
         q_THD: torch.Tensor,
@@ -234,9 +246,7 @@ class SDPAAttention(nn.Module):
         meta: AttentionMeta,
         hidden_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        strategy = self.config.strategy
-        if strategy == "auto":
-            strategy = "dense" if meta.num_tokens <= self.config.dense_max_tokens else "per_document"
+        strategy = self._strategy(meta)
         if strategy == "dense":
             return sdpa_dense(q_THD, k_THD, v_THD, meta)
         return sdpa_per_document(q_THD, k_THD, v_THD, meta)

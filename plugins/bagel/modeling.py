@@ -203,6 +203,7 @@ class Bagel(nn.Module):
         num_vit = int(batch.packed_vit_tokens.shape[0])
         if self.options.visual_und:
             vit_meta = AttentionMeta.full_documents([int(n) for n in batch.vit_token_seqlens.tolist()], device=device)
+            vit_meta.prepare_for(self.vit_model.vision_model.encoder.layers[0].self_attn.attn_core)
             pixels_NP = batch.packed_vit_tokens
             if num_vit == 0:  # any [0, ...] placeholder: give it the patch width
                 pixels_NP = pixels_NP.new_zeros(0, self.vit_model.vision_model.embeddings.patch_embedding.in_features)
@@ -243,6 +244,7 @@ class Bagel(nn.Module):
             und = torch.cat([und, batch.packed_vit_token_indexes])
         routing = MoTRouting.build(und, batch.packed_vae_token_indexes, batch.sequence_length)
         meta = self.llm_attention_meta(batch, device)
+        meta.prepare_for(self.language_model.model.layers[0].self_attn.attn_core)
         layer_outputs: list[torch.Tensor] | None = [] if keep_intermediates else None
         hidden_TD = self.language_model.model(seq_TD, routing, batch.packed_position_ids, meta, layer_outputs)
         for i, out in enumerate(layer_outputs or []):

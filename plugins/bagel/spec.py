@@ -85,7 +85,11 @@ class BagelSpec:
         return model
 
     def init_weights(self, model: Bagel) -> None:
+        """A fresh model; the frozen VAE from `[bagel] vae_path` when set (it must not stay random:
+        a random VAE's latents carry no picture)."""
         model.init_weights()
+        if model.options.vae_path:
+            weights.load_vae_file(model, model.options.vae_path)
 
     def load_weights(self, model: Bagel, path: str) -> None:
         weights.load_weights(model, path)

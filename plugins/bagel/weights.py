@@ -171,7 +171,8 @@ def _check_shape(key: str, param: torch.Tensor, tensor: torch.Tensor, where: str
 def load_weights(model: Bagel, folder: str) -> str:
     """Load a pretrained folder (layout detected) into `model` and its VAE; returns the layout.
 
-    The sin-cos tables are recomputed (a checkpoint's copy only has its shape checked).
+    The sin-cos tables are recomputed (a checkpoint's copy only has its shape checked). A set
+    `[bagel] vae_path` replaces the folder's VAE.
     """
     source = detect(folder)
     load_from_source(model, source, folder)
@@ -192,13 +193,35 @@ def load_from_source(model: Bagel, source: WeightSource, where: str) -> None:
         _check_shape(key, params[key], tensor, where)
         assign_full(params[key], tensor)
     model.reset_position_tables()
-    if model.vae is not None:
-        model.vae.materialize(model.language_model.lm_head.weight.device)
-        vae_params = model.vae.module.state_dict(keep_vars=True)
-        _check_keys("VAE", set(vae_params), set(source.vae_files), set(), where)
-        for key, tensor in _stream(source.vae_files, source.vae_stored_keys):
-            _check_shape(key, vae_params[key], tensor, where)
-            assign_full(vae_params[key], tensor)
+    if model.vae is None:
+        return
+    if model.options.vae_path:  # an explicit [bagel] vae_path wins over the folder's own VAE
+        load_vae_file(model, model.options.vae_path)
+    else:
+        _load_vae(model, source.vae_files, source.vae_stored_keys, where)
+
+
+def _load_vae(model: Bagel, files: Mapping[str, str], stored: Mapping[str, str] | None, where: str) -> None:
+    model.vae.materialize(model.language_model.lm_head.weight.device)
+    vae_params = model.vae.module.state_dict(keep_vars=True)
+    _check_keys("VAE", set(vae_params), set(files), set(), where)
+    for key, tensor in _stream(files, stored):
+        _check_shape(key, vae_params[key], tensor, where)
+        assign_full(vae_params[key], tensor)
+
+
+def load_vae_file(model: Bagel, path: str) -> None:
+    """Load `[bagel] vae_path` (one `ae.safetensors`, FLUX key layout) into the model's frozen VAE."""
+    if model.vae is None:
+        raise ValueError(f"[bagel] vae_path = {path!r} is set but [bagel] visual_gen = false (the model has "
+                         f"no VAE); remove vae_path or enable visual_gen")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"[bagel] vae_path = {path!r} does not exist (working directory {os.getcwd()!r}); for the debug "
+            f"flavor write it with `bagel-titan-example-data data/example`, or point vae_path at an "
+            f"ae.safetensors"
+        )
+    _load_vae(model, {k: path for k in _keys_of(path)}, None, f"[bagel] vae_path {path!r}")
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,12 @@ writes, deterministically:
   text-only samples (a question and answer about colours), images embedded as PNG bytes in the
   HF ``{bytes, path}`` struct, several row groups;
 - ``OUT_DIR/tokenizer/``: a tiny word-level tokenizer trained on the texts with `tokenizers`,
-  loadable with ``AutoTokenizer.from_pretrained`` and holding the Qwen2 special tokens.
+  loadable with ``AutoTokenizer.from_pretrained`` and holding the Qwen2 special tokens;
+- ``OUT_DIR/samples/``: the images of `QUESTION_SCENES` (``red_circle.png``, ...) that the
+  debug config's sampling questions ask about;
+- ``OUT_DIR/ae.safetensors`` (the command, or ``vae_fit=VAEFitConfig()``): the debug flavor's
+  VAE fitted to the dataset's images, in FLUX's key layout, for ``[bagel] vae_path`` (a random
+  VAE's latents carry no picture, so generated samples could never show one).
 
 So the debug config trains with no download.
 """
@@ -16,16 +21,21 @@ So the debug config trains with no download.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
 import random
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:  # the fit needs torch: imported only when a VAE is written
+    from bagel_titan_plugins.bagel.vae_fit import VAEFitConfig
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -33,6 +43,8 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
+VAE_STEPS = 300
+"""Default steps of the command's debug-VAE fit."""
 QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
@@ -49,6 +61,14 @@ class Scene:
 
     def caption(self) -> str:
         return f"a {self.size} {self.colour} {self.shape} on a {self.background} background"
+
+
+QUESTION_SCENES = {
+    "red_circle": Scene("circle", "red", "white", "large", 0.5, 0.5),
+    "blue_square": Scene("square", "blue", "yellow", "large", 0.5, 0.5),
+    "green_triangle": Scene("triangle", "green", "black", "small", 0.5, 0.5),
+}
+"""Fixed images written to ``OUT_DIR/samples/<name>.png`` for the sampling questions."""
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -157,9 +177,43 @@ def build_tokenizer(texts: list[str], out_dir: str) -> None:
         json.dump({k: config[k] for k in ("eos_token", "pad_token", "unk_token", "additional_special_tokens")}, f, indent=1)
 
 
+def write_question_images(out_dir: str, image_size: tuple[int, int]) -> str:
+    """`QUESTION_SCENES` as ``out_dir/<name>.png`` of `image_size` (W, H); returns `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, scene in QUESTION_SCENES.items():
+        with open(os.path.join(out_dir, f"{name}.png"), "wb") as f:
+            f.write(render(scene, *image_size))
+    return out_dir
+
+
+def _record_images(records: list[dict]) -> list[bytes]:
+    return [item["image"]["bytes"] for r in records for m in r["messages"] for item in m["content"]
+            if item["type"] == "image"]
+
+
+def write_fitted_vae(path: str, png_images: list[bytes], fit: "VAEFitConfig") -> str:
+    """Fit the debug flavor's VAE to the images and save it as an ``ae.safetensors`` at `path`."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from bagel_titan_plugins.bagel.config import architecture_for
+    from bagel_titan_plugins.bagel.vae_fit import fit_vae
+
+    def pixels(png: bytes) -> torch.Tensor:  # [3, H, W] in [-1, 1], as the processor normalises
+        array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+    state = fit_vae(architecture_for("debug").vae, [pixels(png) for png in png_images], config=fit)
+    save_file(state, path, metadata={"format": "pt", "fit": json.dumps(dataclasses.asdict(fit))})
+    return path
+
+
 def write_example_data(out_dir: str, num_samples: int = 512, seed: int = 0,
-                       image_size: tuple[int, int] = (64, 48), row_group_size: int = 64) -> dict[str, str]:
-    """Write the dataset and tokenizer into `out_dir`; returns their paths."""
+                       image_size: tuple[int, int] = (64, 48), row_group_size: int = 64,
+                       vae_fit: "VAEFitConfig | None" = None) -> dict[str, str]:
+    """Write the dataset, tokenizer and question images into `out_dir`, and with `vae_fit` the
+    fitted debug VAE (tens of seconds of CPU, hence opt-in here); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     records = make_records(num_samples, seed, image_size)
     content = pa.list_(pa.struct([
@@ -170,25 +224,46 @@ def write_example_data(out_dir: str, num_samples: int = 512, seed: int = 0,
     table = pa.Table.from_pylist(records, schema=schema)
     data_path = os.path.join(out_dir, "train.parquet")
     pq.write_table(table, data_path, row_group_size=row_group_size)
-    tokenizer_path = os.path.join(out_dir, "tokenizer")
-    build_tokenizer(_texts(records), tokenizer_path)
-    return {"data": data_path, "tokenizer": tokenizer_path}
+    paths = example_paths(out_dir, with_vae=vae_fit is not None)
+    build_tokenizer(_texts(records), paths["tokenizer"])
+    write_question_images(paths["samples"], image_size)
+    if vae_fit is not None:
+        write_fitted_vae(paths["vae"], _record_images(records), vae_fit)
+    return paths
+
+
+def example_paths(out_dir: str, with_vae: bool) -> dict[str, str]:
+    """Where `write_example_data` puts each part (``vae`` only `with_vae`)."""
+    paths = {"data": os.path.join(out_dir, "train.parquet"), "tokenizer": os.path.join(out_dir, "tokenizer"),
+             "samples": os.path.join(out_dir, "samples")}
+    if with_vae:
+        paths["vae"] = os.path.join(out_dir, "ae.safetensors")
+    return paths
+
+
+def _complete(paths: dict[str, str]) -> bool:
+    files = [paths["data"], os.path.join(paths["tokenizer"], "tokenizer.json"),
+             *(os.path.join(paths["samples"], f"{name}.png") for name in QUESTION_SCENES)]
+    return all(os.path.isfile(f) for f in files + ([paths["vae"]] if "vae" in paths else []))
 
 
 def ensure_example_data(out_dir: str, **kwargs) -> dict[str, str]:
-    """The example data in `out_dir`, written on first use. Safe when several ranks call it at
-    once: each writes a private folder and renames it into place; the first rename wins."""
-    paths = {"data": os.path.join(out_dir, "train.parquet"), "tokenizer": os.path.join(out_dir, "tokenizer")}
-    if os.path.isfile(paths["data"]) and os.path.isfile(os.path.join(paths["tokenizer"], "tokenizer.json")):
+    """The example data in `out_dir`, written on first use and rewritten when a part is missing
+    (a folder from an older version). Safe when several ranks call it at once: each writes a
+    private folder and renames it into place; the first rename wins."""
+    paths = example_paths(out_dir, with_vae=kwargs.get("vae_fit") is not None)
+    if _complete(paths):
         return paths
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix=".example_data.") as tmp:
         write_example_data(os.path.join(tmp, "data"), **kwargs)
+        if os.path.isdir(out_dir) and not _complete(paths):  # outdated: move it aside, then replace it
+            os.rename(out_dir, os.path.join(tmp, "outdated"))
         try:
             os.rename(os.path.join(tmp, "data"), out_dir)
         except OSError:
-            if not os.path.isfile(paths["data"]):  # lost the race to an incomplete folder: a real error
+            if not _complete(paths):  # lost the race to an incomplete folder: a real error
                 raise
     return paths
 
@@ -199,9 +274,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, nargs=2, default=(64, 48), metavar=("W", "H"))
+    parser.add_argument("--vae-steps", type=int, default=VAE_STEPS,
+                        help="optimizer steps of the debug-VAE fit (ae.safetensors); 0 skips it")
     args = parser.parse_args(argv)
-    paths = write_example_data(args.out_dir, args.num_samples, args.seed, tuple(args.image_size))
-    print(f"wrote {paths['data']} and {paths['tokenizer']}")
+    fit = None
+    if args.vae_steps > 0:
+        from bagel_titan_plugins.bagel.vae_fit import VAEFitConfig
+
+        fit = VAEFitConfig(steps=args.vae_steps, seed=args.seed)
+    paths = write_example_data(args.out_dir, args.num_samples, args.seed, tuple(args.image_size), vae_fit=fit)
+    print("wrote " + ", ".join(paths.values()))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,9 @@ class NSAAttention(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
+    def prepare(self, meta: AttentionMeta) -> None:
+        nsa_plan(meta)
+
     @torch.compiler.disable
     def forward(
         self,
