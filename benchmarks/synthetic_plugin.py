@@ -29,8 +29,7 @@ import torch
 from bagel_titan.hookspec import hookimpl
 from bagel_titan_plugins.bagel.batch import BagelPackedBatch
 from bagel_titan_plugins.bagel.config import BagelArchitecture, BagelConfig, architecture_for
-from bagel_titan_plugins.bagel.modeling import Bagel
-from bagel_titan_plugins.bagel.spec import BagelSpec, attention_factories
+from bagel_titan_plugins.bagel.spec import BagelSpec
 from bagel_titan_plugins.bagel.synthetic import Segment, Text, VaeImage, VitImage, synthetic_batch
 
 
@@ -92,12 +91,8 @@ class BagelBenchSpec(BagelSpec):
 
     name = "bagel-bench"
 
-    def build(self, job_config, plugins) -> Bagel:
-        llm_attention, vit_attention = attention_factories(job_config, plugins)
-        model = Bagel(architecture_of(job_config), self.bagel_config(job_config), llm_attention, vit_attention)
-        model.tokenizer_path = job_config.model.tokenizer_path or job_config.model.pretrained_path
-        self._built = model
-        return model
+    def architecture(self, job_config) -> BagelArchitecture:
+        return architecture_of(job_config)
 
 
 # -- packs -------------------------------------------------------------------------------------

@@ -76,8 +76,12 @@ class BagelSpec:
     def bagel_config(job_config) -> BagelConfig:
         return job_config.section("bagel") if job_config.has_section("bagel") else BagelConfig()
 
+    def architecture(self, job_config) -> BagelArchitecture:
+        """The shapes to build: the `[model] flavor`'s (a subclass may derive its own)."""
+        return architecture_for(job_config.model.flavor)
+
     def build(self, job_config, plugins) -> Bagel:
-        arch = architecture_for(job_config.model.flavor)
+        arch = self.architecture(job_config)
         llm_attention, vit_attention = attention_factories(job_config, plugins)
         model = Bagel(arch, self.bagel_config(job_config), llm_attention, vit_attention)
         model.tokenizer_path = job_config.model.tokenizer_path or job_config.model.pretrained_path
@@ -148,7 +152,7 @@ class BagelSpec:
         return float(training_flops(batch, self._built.arch, self._built.options))
 
     def _data_kwargs(self, job_config) -> dict[str, Any]:
-        arch = architecture_for(job_config.model.flavor)
+        arch = self.architecture(job_config)
         return {"vit_patch_size": arch.vit.patch_size, "vae_downsample": arch.vae.downsample}
 
     def build_processor(self, job_config):
