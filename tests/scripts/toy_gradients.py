@@ -31,5 +31,6 @@ for name, p in trainer.model.named_parameters():
     grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
 if dist.get_rank() == 0:
     torch.save(grads, out_path)
+dist.barrier()  # every rank done before any tears down its process group
 trainer.close()
 dist.destroy_process_group()
