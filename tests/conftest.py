@@ -69,3 +69,10 @@ def toy_args(tmp_path):
         "--metrics.log_freq", "1",
         "--optimizer.lr", "3e-3",
     ]
+
+
+def small_bagel_options(**overrides):
+    """`[bagel]` options sized for the small test images (16 latent and ViT patches per side)."""
+    from bagel_titan_plugins.bagel.config import BagelConfig
+
+    return BagelConfig(**{"max_latent_size": 16, "vit_max_num_patch_per_side": 16, **overrides})

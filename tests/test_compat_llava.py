@@ -4,7 +4,6 @@ become messages with images from `data_folder`; sharding, exact resume, counted 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 
@@ -17,6 +16,7 @@ from bagel_titan_plugins.data.example_data import Scene, build_tokenizer, render
 from bagel_titan_plugins.data.readers.llava import (
     JsonArrayError, LlavaReader, NotAJsonListError, iter_json_array, llava_record,
 )
+from conftest import small_bagel_options
 
 
 def reason(sample: RawSample) -> str | None:
@@ -137,13 +137,6 @@ def test_json_list_streams_in_small_chunks_and_reports_where_it_breaks(tmp_path)
         read_all(path)
 
 
-@dataclass
-class BagelSection:
-    latent_patch_size: int = 2
-    max_latent_size: int = 16
-    vit_max_num_patch_per_side: int = 16
-    visual_und: bool = True
-    visual_gen: bool = True
 
 
 def test_records_process_into_understanding_samples(folder, tmp_path):
@@ -152,7 +145,7 @@ def test_records_process_into_understanding_samples(folder, tmp_path):
     job = JobConfig()
     job.plugin_sections["bagel.processor"] = ProcessorConfig(vit_min_size=16, vit_max_size=32, vae_min_size=16,
                                                              vae_max_size=32, min_image_side=8)
-    proc = BagelProcessor(job, BagelSection(), tokenizer, vit_patch_size=4, vae_downsample=2)
+    proc = BagelProcessor(job, small_bagel_options(), tokenizer, vit_patch_size=4, vae_downsample=2)
     path = folder / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in llava_records(12)[:4]))
     samples = read_all(path)

@@ -20,6 +20,7 @@ from bagel_titan_plugins.bagel.processor_config import ProcessorConfig
 from bagel_titan_plugins.data.bad_samples import as_bad_record
 from bagel_titan_plugins.data.example_data import COLOURS, Scene, build_tokenizer, render
 from bagel_titan_plugins.data.readers.bagel_release import BagelEditReader, BagelT2IReader, edit_messages
+from conftest import small_bagel_options
 
 
 def png(colour: str, width: int = 24, height: int = 16) -> bytes:
@@ -191,13 +192,6 @@ def test_edit_reader_converts_and_counts_bad_chains(tmp_path):
         assert [s.index for s in tail] == [s.index for s in parts[1][2:]]
 
 
-@dataclass
-class BagelSection:
-    latent_patch_size: int = 2
-    max_latent_size: int = 16
-    vit_max_num_patch_per_side: int = 16
-    visual_und: bool = True
-    visual_gen: bool = True
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +206,7 @@ def processor(tokenizer: str, **overrides) -> BagelProcessor:
     options = dict(vit_min_size=16, vit_max_size=32, vae_min_size=16, vae_max_size=32, min_image_side=8,
                    text_dropout_prob=0.0, vit_dropout_prob=0.0, vae_dropout_prob=0.0)
     job.plugin_sections["bagel.processor"] = ProcessorConfig(**{**options, **overrides})
-    return BagelProcessor(job, BagelSection(), tokenizer, vit_patch_size=4, vae_downsample=2)
+    return BagelProcessor(job, small_bagel_options(), tokenizer, vit_patch_size=4, vae_downsample=2)
 
 
 def test_edit_samples_process_as_the_release_sequence_plan(tmp_path, tokenizer):

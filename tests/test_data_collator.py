@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,10 @@ from bagel_titan_plugins.data.example_data import write_example_data
 
 FIXTURES = Path(os.environ.get("BAGEL_REFERENCE_DIR", "/work/shared/bagel_reference"))
 FIXTURE_DIRS = sorted(p for p in FIXTURES.glob("seed*") if (p / "batch.json").exists())
+from conftest import small_bagel_options
+from bagel_titan_plugins.bagel.config import BagelConfig
 
 
-@dataclass
-class BagelSection:
-    """The `[bagel]` fields the processor and collator read."""
-
-    latent_patch_size: int = 2
-    max_latent_size: int = 8
-    vit_max_num_patch_per_side: int = 8
-    visual_und: bool = True
-    visual_gen: bool = True
 
 
 def samples_from_fixture(meta: dict, tensors: dict[str, torch.Tensor]) -> list[BagelSample]:
@@ -66,7 +58,7 @@ def test_collator_reproduces_reference_batch(folder: Path):
     tensors = load_file(str(folder / "batch.safetensors"))
     ids = meta["special_token_ids"]
     special = SpecialTokens(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
-    section = BagelSection(config["latent_patch_size"], config["max_latent_size"], config["vit_max_num_patch_per_side"])
+    section = BagelConfig(latent_patch_size=config["latent_patch_size"], max_latent_size=config["max_latent_size"], vit_max_num_patch_per_side=config["vit_max_num_patch_per_side"])
     collator = BagelCollator(JobConfig(), section, vit_patch_size=meta["vit_patch_size"],
                              vae_downsample=meta["vae_image_downsample"] // config["latent_patch_size"],
                              special_tokens=special)
@@ -112,7 +104,7 @@ def make_processor(tokenizer: str, **overrides) -> BagelProcessor:
     job = JobConfig()
     job.plugin_sections["bagel.processor"] = ProcessorConfig(vit_min_size=16, vit_max_size=32, vae_min_size=16,
                                                              vae_max_size=32, min_image_side=8, **overrides)
-    return BagelProcessor(job, BagelSection(), tokenizer, vit_patch_size=4, vae_downsample=2)
+    return BagelProcessor(job, small_bagel_options(), tokenizer, vit_patch_size=4, vae_downsample=2)
 
 
 def image_item(width=40, height=24):

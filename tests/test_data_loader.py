@@ -4,7 +4,6 @@ never overlap, exact bad-sample counts, and config errors that fail at start."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 
@@ -14,15 +13,9 @@ from bagel_titan_plugins.bagel.collator import BagelCollator
 from bagel_titan_plugins.bagel.processor import BagelProcessor
 from bagel_titan_plugins.bagel.processor_config import ProcessorConfig
 from bagel_titan_plugins.data.example_data import Scene, render, write_example_data
+from conftest import small_bagel_options
 
 
-@dataclass
-class BagelSection:
-    latent_patch_size: int = 2
-    max_latent_size: int = 16
-    vit_max_num_patch_per_side: int = 16
-    visual_und: bool = True
-    visual_gen: bool = True
 
 
 class ExampleSpec:
@@ -32,10 +25,10 @@ class ExampleSpec:
         self.tokenizer = tokenizer
 
     def build_processor(self, job_config):
-        return BagelProcessor(job_config, BagelSection(), self.tokenizer, vit_patch_size=4, vae_downsample=2)
+        return BagelProcessor(job_config, small_bagel_options(), self.tokenizer, vit_patch_size=4, vae_downsample=2)
 
     def build_collator(self, job_config):
-        return BagelCollator(job_config, BagelSection(), vit_patch_size=4, vae_downsample=2, tokenizer_path=self.tokenizer)
+        return BagelCollator(job_config, small_bagel_options(), vit_patch_size=4, vae_downsample=2, tokenizer_path=self.tokenizer)
 
 
 @pytest.fixture(scope="module")
