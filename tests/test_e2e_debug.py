@@ -31,6 +31,9 @@ def debug_args(run_folder: Path, data: dict[str, str], steps: int, *extra: str) 
         "--training.device", "cpu",
         "--metrics.log_freq", "1",
         "--data.num_workers", "0",
+        "--bagel.vae_path", "",  # a random VAE: fitting one takes a minute (tests/test_bagel_vae_fit.py)
+        "--bagel.sampling.data_folder", data["samples"],
+        "--validation.enable", "false",
         *extra,
     ]
 
@@ -60,6 +63,8 @@ def test_debug_run_learns_and_writes_everything(tmp_path, example_data):
         assert (export / name).exists(), name
     pngs = sorted(p.name for p in (run / "samples" / "step-60").glob("*.png"))
     assert len(pngs) == 1 and pngs[0].startswith("gen_0")
+    texts = (run / "samples" / "step-60" / "texts.md").read_text()
+    assert texts.count("question: ") == 3 and texts.count("answer: ") == 3
     assert any((run / "tb").iterdir())
     # The export loads back into a fresh model in the official layout, as bf16 values.
     from safetensors.torch import load_file

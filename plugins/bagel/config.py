@@ -133,11 +133,11 @@ class BagelConfig:
     vae_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Dtype of the frozen VAE: "auto" is bfloat16 on GPU and float32 on CPU."""
     vae_path: str = ""
-    """An `ae.safetensors` (FLUX key layout, e.g. the fitted debug VAE that the example-data
-    writer puts in `data/example/ae.safetensors`) loaded into the frozen VAE. It wins over both
-    the random init of a fresh model and the `ae.safetensors` of `[model] pretrained_path`.
-    Empty: the pretrained folder's VAE, or a randomly initialised one without a folder. Relative
-    paths are relative to the working directory."""
+    """An `ae.safetensors` (FLUX key layout) loaded into the frozen VAE, e.g. the debug VAE that
+    `bagel-titan-example-data data/example --vae` fits and writes to `data/example/ae.safetensors`.
+    It wins over both the random init of a fresh model and the `ae.safetensors` of `[model]
+    pretrained_path`. Empty: the pretrained folder's VAE, or a random one without a folder.
+    A relative path is relative to the working directory."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights in a fresh model."""
 

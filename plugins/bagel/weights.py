@@ -218,7 +218,7 @@ def load_vae_file(model: Bagel, path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"[bagel] vae_path = {path!r} does not exist (working directory {os.getcwd()!r}); for the debug "
-            f"flavor write it with `bagel-titan-example-data data/example`, or point vae_path at an "
+            f"flavor write it with `bagel-titan-example-data data/example --vae`, or point vae_path at an "
             f"ae.safetensors"
         )
     _load_vae(model, {k: path for k in _keys_of(path)}, None, f"[bagel] vae_path {path!r}")

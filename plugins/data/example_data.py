@@ -11,7 +11,7 @@ writes, deterministically:
   loadable with ``AutoTokenizer.from_pretrained`` and holding the Qwen2 special tokens;
 - ``OUT_DIR/samples/``: the images of `QUESTION_SCENES` (``red_circle.png``, ...) that the
   debug config's sampling questions ask about;
-- ``OUT_DIR/ae.safetensors`` (the command, or ``vae_fit=VAEFitConfig()``): the debug flavor's
+- ``OUT_DIR/ae.safetensors`` (with ``--vae``, or ``vae_fit=VAEFitConfig()``): the debug flavor's
   VAE fitted to the dataset's images, in FLUX's key layout, for ``[bagel] vae_path`` (a random
   VAE's latents carry no picture, so generated samples could never show one).
 
@@ -43,8 +43,6 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
-VAE_STEPS = 300
-"""Default steps of the command's debug-VAE fit."""
 QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
@@ -186,7 +184,8 @@ def write_question_images(out_dir: str, image_size: tuple[int, int]) -> str:
     return out_dir
 
 
-def _record_images(records: list[dict]) -> list[bytes]:
+def record_images(records: list[dict]) -> list[bytes]:
+    """The PNG bytes of every image in `records` (what the debug VAE is fitted to)."""
     return [item["image"]["bytes"] for r in records for m in r["messages"] for item in m["content"]
             if item["type"] == "image"]
 
@@ -228,7 +227,7 @@ def write_example_data(out_dir: str, num_samples: int = 512, seed: int = 0,
     build_tokenizer(_texts(records), paths["tokenizer"])
     write_question_images(paths["samples"], image_size)
     if vae_fit is not None:
-        write_fitted_vae(paths["vae"], _record_images(records), vae_fit)
+        write_fitted_vae(paths["vae"], record_images(records), vae_fit)
     return paths
 
 
@@ -274,14 +273,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, nargs=2, default=(64, 48), metavar=("W", "H"))
-    parser.add_argument("--vae-steps", type=int, default=VAE_STEPS,
-                        help="optimizer steps of the debug-VAE fit (ae.safetensors); 0 skips it")
+    parser.add_argument("--vae", action="store_true",
+                        help="also fit the debug flavor's VAE to the images and write OUT_DIR/ae.safetensors "
+                             "(about a minute of CPU), the file of [bagel] vae_path in the debug config")
+    parser.add_argument("--vae-steps", type=int, default=None, help="steps of that fit (default: VAEFitConfig.steps)")
     args = parser.parse_args(argv)
     fit = None
-    if args.vae_steps > 0:
+    if args.vae:
         from bagel_titan_plugins.bagel.vae_fit import VAEFitConfig
 
-        fit = VAEFitConfig(steps=args.vae_steps, seed=args.seed)
+        fit = VAEFitConfig(seed=args.seed)
+        fit = fit if args.vae_steps is None else dataclasses.replace(fit, steps=args.vae_steps)
     paths = write_example_data(args.out_dir, args.num_samples, args.seed, tuple(args.image_size), vae_fit=fit)
     print("wrote " + ", ".join(paths.values()))
 
