@@ -18,12 +18,9 @@ MFU then consumes about 9,400 tokens/s.
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import os
-import platform
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,9 +31,11 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+import common
 from bagel_titan.config.job_config import DatasetEntry, JobConfig
 from bagel_titan.plugins import PluginManager
 from bagel_titan_plugins.bagel.collator import BagelCollator
+from bagel_titan_plugins.bagel.config import BagelConfig
 from bagel_titan_plugins.bagel.processor import BagelProcessor
 from bagel_titan_plugins.bagel.processor_config import ProcessorConfig
 from bagel_titan_plugins.data.example_data import random_scene, render, write_example_data
@@ -44,19 +43,12 @@ from bagel_titan_plugins.data.example_data import random_scene, render, write_ex
 GPU_TOKENS_PER_S = 989e12 * 0.40 / (6 * 7e9)
 
 
-@dataclass
-class BagelSection:
-    latent_patch_size: int
-    max_latent_size: int
-    vit_max_num_patch_per_side: int
-    visual_und: bool = True
-    visual_gen: bool = True
 
 
 @dataclass
 class Setting:
     name: str
-    section: BagelSection
+    section: BagelConfig
     vit_patch_size: int
     vae_downsample: int
     processor: ProcessorConfig
@@ -130,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--large-samples", type=int, default=96)
-    parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    common.add_results_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     plugins = PluginManager(load_entry_points=False, extra_modules=["bagel_titan_plugins.data.plugin"])
@@ -138,9 +130,9 @@ def main() -> None:
         example = write_example_data(os.path.join(tmp, "example"), num_samples=args.samples)
         large = os.path.join(tmp, "large.parquet")
         write_large_images(large, args.large_samples, seed=1)
-        debug = Setting("example data, debug sizes", BagelSection(2, 16, 16), 4, 2,
+        debug = Setting("example data, debug sizes", BagelConfig(latent_patch_size=2, max_latent_size=16, vit_max_num_patch_per_side=16), 4, 2,
                         ProcessorConfig(vit_min_size=32, vit_max_size=64, vae_min_size=32, vae_max_size=64), 1024)
-        release = Setting("512-1024 px, release sizes", BagelSection(2, 64, 70), 14, 8, ProcessorConfig(), 32768)
+        release = Setting("512-1024 px, release sizes", BagelConfig(latent_patch_size=2, max_latent_size=64, vit_max_num_patch_per_side=70), 14, 8, ProcessorConfig(), 32768)
         rows = [(debug, run(debug, example["data"], example["tokenizer"], plugins)),
                 (release, run(release, large, example["tokenizer"], plugins))]
     lines = ["| data | packing_length | samples | samples/s/worker | tokens/s/worker | fill | skipped | workers for one 7B GPU |",
@@ -152,15 +144,11 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     print(f"one GPU in a 7B step consumes about {GPU_TOKENS_PER_S:,.0f} tokens/s (see the docstring)")
-    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    section = (f"\n## bench_dataloader ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
-               f"- device: {platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores; one process, "
-               f"torch 1 thread (= one loader worker); shared machine, so numbers are a lower bound\n"
-               f"- command: `{command}`\n- 7B consumption assumption: 6 x 7e9 FLOPs/token, H100 989 TFLOP/s bf16 at "
-               f"40% MFU = {GPU_TOKENS_PER_S:,.0f} tokens/s per GPU\n- tokens = text + ViT + VAE tokens of the packs; "
-               f"fill includes the end-of-pass flush of a short one-pass run\n\n{table}\n")
-    with open(args.results, "a") as f:
-        f.write(section)
+    common.append_section(args.results, "bench_dataloader", common.device_description(), [
+        "one process, torch 1 thread (= one loader worker); shared machine, so numbers are a lower bound",
+        f"7B consumption assumption: 6 x 7e9 FLOPs/token, H100 989 TFLOP/s bf16 at 40% MFU = {GPU_TOKENS_PER_S:,.0f} tokens/s per GPU",
+        "tokens = text + ViT + VAE tokens of the packs; fill includes the end-of-pass flush of a short one-pass run",
+    ], table)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,10 @@ its arrival the average / worst item leaves (latency of the look-ahead).
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import random
-import sys
 import time
 
+import common
 from bagel_titan_plugins.data.packing import STRATEGIES
 
 
@@ -60,7 +57,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--packing-length", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    common.add_results_option(parser)
     args = parser.parse_args()
     lengths = realistic_lengths(args.samples, args.seed)
     runs = [("none", 1), ("first_fit", 1), ("first_fit", 16), ("first_fit", 256), ("best_fit", 16),
@@ -75,13 +72,10 @@ def main() -> None:
                      f"{r['mean_delay']:.1f} | {r['max_delay']} | {r['packs']} |")
     table = "\n".join(lines)
     print(table)
-    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    section = (f"\n## bench_packing ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
-               f"- device: {platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (pure Python, one core)\n"
-               f"- command: `{command}`\n- mix: {args.samples} samples, 60% 300-3000 / 30% 256-1100 / 10% 50-1500 tokens, "
-               f"packing_length {args.packing_length}, seed {args.seed}\n\n{table}\n")
-    with open(args.results, "a") as f:
-        f.write(section)
+    common.append_section(args.results, "bench_packing", "CPU, pure Python (one core)", [
+        f"mix: {args.samples} samples, 60% 300-3000 / 30% 256-1100 / 10% 50-1500 tokens, "
+        f"packing_length {args.packing_length}, seed {args.seed}",
+    ], table)
 
 
 if __name__ == "__main__":

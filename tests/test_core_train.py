@@ -4,7 +4,6 @@ global loss normalisation, non-finite guard, signals."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -217,7 +217,7 @@ def help_text(plugin_sections: dict[str, type]) -> str:
         "line (--section.key value or --section.key=value); the command line wins.",
     ]
     for name, cls in all_sections(plugin_sections).items():
-        lines += ["", f"[{name}]" + (f"  (from a plugin)" if name in plugin_sections else "")]
+        lines += ["", f"[{name}]" + ("  (from a plugin)" if name in plugin_sections else "")]
         docs = field_docs(cls)
         types_ = field_types(cls)
         default = cls()

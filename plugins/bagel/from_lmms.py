@@ -679,8 +679,8 @@ def _lr_schedule(conv: Conversion, key: str, value: Any, ctx: TrainerContext) ->
     if schedule is None:
         closest = {"cosine_with_restarts": "cosine", "polynomial": "linear"}.get(str(value))
         if closest is None:
-            conv.skip(source, value, f"no such schedule in bagel-titan (constant, linear, cosine); "
-                                     f"[lr_scheduler] decay_type keeps its default")
+            conv.skip(source, value, "no such schedule in bagel-titan (constant, linear, cosine); "
+                                     "[lr_scheduler] decay_type keeps its default")
             return
         conv.set("lr_scheduler", "decay_type", closest, source,
                  f"no {value} schedule: {closest} is the closest (one decay to min_lr at [training] steps)")
@@ -799,8 +799,8 @@ def _freeze(conv: Conversion, key: str, value: Any, ctx: TrainerContext) -> None
         elif name in ("vae", "vae_model"):
             conv.skip(ctx.source("freeze_modules"), name, "the VAE is always frozen")
         else:
-            conv.skip(ctx.source("freeze_modules"), name, f"no such module group; [model] freeze takes "
-                                                          f"llm, vit, connector, und, gen")
+            conv.skip(ctx.source("freeze_modules"), name, "no such module group; [model] freeze takes "
+                                                          "llm, vit, connector, und, gen")
     if groups:
         conv.set("model", "freeze", sorted(groups), ctx.source("freeze_modules"))
 
