@@ -42,7 +42,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = Trainer(job_config, plugins)
         try:
             trainer.train()
-            trainer.synchronize()  # every rank done before any tears down its process group
         finally:
             trainer.close()
             destroy_distributed()

@@ -350,9 +350,5 @@ class Trainer:
         if self.rank == 0:
             logger.info(f"exported weights to {path}")
 
-    def synchronize(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
     def close(self) -> None:
         self.checkpointer.close()

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bagel_titan.distributed.utils import destroy_distributed
+
 SPEC_ARGS = (4, 2, 8, 24, 0, "llm")
 OPTIONS = {"compress_type": "linear", "block_size": 16, "kernel_size": 8, "kernel_stride": 4, "topk": 4, "window_size": 12}
 
@@ -47,7 +49,7 @@ def _worker(rank: int, world_size: int, port: int) -> None:
         with torch.no_grad():
             torch.testing.assert_close(sharded(*args), plain(*args))
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
 
 
 def test_nsa_parameters_shard_and_initialise_as_dtensors():

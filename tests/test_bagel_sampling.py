@@ -13,6 +13,7 @@ import torch
 
 from bagel_titan.config.fields import ConfigError
 from bagel_titan.config.manager import load_job_config, to_toml
+from bagel_titan.distributed.utils import destroy_distributed
 from bagel_titan_plugins.bagel.collator import BagelCollator
 from bagel_titan_plugins.bagel.config import BagelConfig
 from bagel_titan_plugins.bagel.modeling import flow_timesteps, patchify_latents
@@ -295,7 +296,7 @@ def _fsdp_worker(job_file: str) -> None:
     for name, image in whole.images.items():
         assert np.abs(sharded.images[name].astype(int) - image.astype(int)).max() <= 1, name
     print(f"rank {dist.get_rank()}: sharded samples match", flush=True)
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 if __name__ == "__main__":

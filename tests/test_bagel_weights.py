@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from bagel_titan.distributed.utils import destroy_distributed
 from bagel_titan_plugins.bagel.config import VAEArgs
 from bagel_titan_plugins.bagel.parity import load_fixture_model
 from bagel_titan_plugins.bagel.spec import build_bagel
@@ -177,7 +178,7 @@ def _sharded_load(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save({"sharded": sharded, "full": full}, out)
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
 
 
 def test_streams_into_fsdp2_sharded_parameters(tmp_path):

@@ -50,10 +50,23 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
         )
 
 
-def destroy_distributed() -> None:
-    """Tear down the default process group (safe to call twice)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_distributed(barrier_timeout_s: float = 30.0) -> None:
+    """Tear down the default process group (safe to call twice).
+
+    Ranks first wait for each other (bounded, so a crashed peer does not hang the others): a rank
+    that tears down its gloo connections while a peer still uses them can abort the peer at exit.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=barrier_timeout_s))
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass  # a peer is gone: tear down regardless
+    dist.destroy_process_group()
 
 
 def set_seed(seed: int) -> None:

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from bagel_titan.config.manager import load_job_config
 from bagel_titan.distributed.parallel_dims import ParallelDims
-from bagel_titan.distributed.utils import init_distributed
+from bagel_titan.distributed.utils import destroy_distributed, init_distributed
 from bagel_titan.metrics.memory_estimate import estimate_memory
 from bagel_titan.trainer import build_parallel_model
 
@@ -48,4 +48,4 @@ if dist.get_rank() == 0:
     }
     with open(out_path, "w") as f:
         json.dump(report, f)
-dist.destroy_process_group()
+destroy_distributed()

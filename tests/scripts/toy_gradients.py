@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from bagel_titan.config.manager import load_job_config
+from bagel_titan.distributed.utils import destroy_distributed
 from bagel_titan.trainer import Trainer
 from bagel_titan_toy import ToySpec, make_document, pack_documents
 
@@ -31,6 +32,5 @@ for name, p in trainer.model.named_parameters():
     grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
 if dist.get_rank() == 0:
     torch.save(grads, out_path)
-dist.barrier()  # every rank done before any tears down its process group
 trainer.close()
-dist.destroy_process_group()
+destroy_distributed()
