@@ -8,7 +8,7 @@ import os
 import signal
 from pathlib import Path
 
-from test_dist_toy import kill_job, read_records, run_toy, start_toy, wait_for
+from dist_toy_job import kill_job, read_records, run_toy, start_toy, wait_for
 
 STEPS = ["--steps", "8", "--interval", "2", "--accum", "2"]
 

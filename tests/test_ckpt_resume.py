@@ -1,5 +1,5 @@
 """Exact resume, async saves, retention, load_step, model-only loading, resume on a different
-world size and EMA export, with the toy job on 2 gloo ranks (see test_dist_toy.py)."""
+world size and EMA export, with the toy job on 2 gloo ranks (see tests/toy/dist_toy_job.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_dist_toy import read_records, run_toy
+from dist_toy_job import read_records, run_toy
 
 STEPS = ["--steps", "8", "--interval", "2", "--accum", "2"]
 

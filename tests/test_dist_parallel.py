@@ -18,7 +18,7 @@ from bagel_titan.distributed.compile import apply_compile
 from bagel_titan.distributed.fsdp import reshard_after_forward_for
 from bagel_titan.distributed.parallel_dims import ParallelDims, ParallelismConfigError
 from bagel_titan.distributed.units import resolve_units
-from test_dist_toy import ToyModel, read_records, run_toy
+from dist_toy_job import ToyModel, read_records, run_toy
 
 
 def test_parallel_dims_resolves_auto_shard() -> None:

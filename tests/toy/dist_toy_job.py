@@ -1,7 +1,7 @@
 """A small model + stateful data + training loop run under torchrun by the distributed,
 checkpoint and EMA tests (no tests of its own live here).
 
-Run: `torchrun --standalone --nproc_per_node 2 tests/test_dist_toy.py --run-folder R --out L`.
+Run: `torchrun --standalone --nproc_per_node 2 tests/toy/dist_toy_job.py --run-folder R --out L`.
 Rank 0 appends one JSON line per optimizer step to `--out`: the loss as a hex float (bitwise
 comparisons), every rank's data position, and a checksum of the model's parameters.
 """
