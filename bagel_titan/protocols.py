@@ -152,6 +152,10 @@ class RawSample:
     """The record (messages, caption + image, ...); the processor interprets it."""
     data_folder: str = ""
     """Where relative image paths resolve."""
+    epoch: int = 0
+    """Which pass over its dataset this read belongs to (set by the loader): random choices made
+    while processing (conditioning dropout) depend on it, so they differ between epochs but are
+    the same whenever the same read is repeated (resume)."""
 
 
 class DatasetReader(Protocol):

@@ -162,6 +162,19 @@ def test_conditioning_dropout_is_deterministic_per_sample(example):
     assert any("DroppedImage" in layout for layout in layouts)
 
 
+def test_conditioning_dropout_differs_between_epochs(example):
+    processor = make_processor(example["tokenizer"], text_dropout_prob=0.5, vit_dropout_prob=0.5, vae_dropout_prob=0.5)
+    record = {"caption": "a red circle", "image": image_item()["image_url"]["url"]}
+
+    def text_kept(index: int, epoch: int) -> bool:
+        segments = processor(RawSample("d", index, record, epoch=epoch)).segments
+        return any(type(s).__name__ == "TextSegment" and s.ids for s in segments)
+
+    per_epoch = [[text_kept(index, epoch) for index in range(40)] for epoch in range(3)]
+    assert per_epoch[0] != per_epoch[1] != per_epoch[2]
+    assert per_epoch[1] == [text_kept(index, 1) for index in range(40)]  # a repeated read agrees
+
+
 @pytest.mark.parametrize("data, reason", [
     ({"messages": []}, "empty_messages"),
     ({"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]}, "unknown_content"),

@@ -12,8 +12,8 @@ Record forms (see the README's data format section):
 
 Every text turn is framed `<|im_start|>` + ids + `<|im_end|>`; every image `<|vision_start|>` +
 tokens + `<|vision_end|>` (the collator adds the frame). Conditioning dropout (text, ViT, VAE)
-applies to generation samples only and is drawn from (seed, dataset, index), so a sample is
-processed identically every time it is read (exact resume).
+applies to generation samples only and is drawn from (seed, dataset, index, epoch): a sample is
+dropped differently in every epoch, and identically whenever the same read repeats (exact resume).
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class BagelProcessor:
     # -- record forms -------------------------------------------------------------------------
     def __call__(self, sample: RawSample) -> BagelSample:
         data = sample.data
-        rng = random.Random(f"{self.seed}:{sample.dataset}:{sample.index}")
+        rng = random.Random(f"{self.seed}:{sample.dataset}:{sample.index}:{sample.epoch}")
         if "messages" in data and data["messages"] is not None:
             segments = self._chat(data["messages"], sample.data_folder, rng)
         elif "caption" in data and "image" in data:

@@ -128,6 +128,7 @@ class _ShardRun:
         if bad is not None:
             self._skip(bad, drawn)
             return None
+        drawn.sample.epoch = drawn.epoch
         try:
             sample = self.owner.processor(drawn.sample)
         except BadSampleError as error:
