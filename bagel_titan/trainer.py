@@ -8,7 +8,6 @@ backward -> clip -> non-finite guard -> step -> EMA -> metrics -> checkpoint -> 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -46,12 +45,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class TrainingStopped(RuntimeError):
     """The run cannot continue (too many consecutive non-finite steps)."""
 
-
-def loss_options(job_config: JobConfig, name: str) -> dict[str, Any]:
-    section = f"loss.{name}"
-    if job_config.has_section(section):
-        return dataclasses.asdict(job_config.section(section))
-    return {}
 
 
 def build_parallel_model(job_config: JobConfig, plugins: Any, mesh) -> tuple[Any, nn.Module]:
@@ -109,7 +102,7 @@ class Trainer:
             EMA(self.model, cfg.ema.decay, cfg.ema.start_step, cfg.ema.update_interval) if cfg.ema.enable else None
         )
         self.loss_components: list[LossComponent] = [
-            plugins.loss_components.get(name)(loss_options(cfg, name)) for name in cfg.loss.components
+            plugins.loss_components.get(name)(cfg.options(f"loss.{name}")) for name in cfg.loss.components
         ]
         self.loss_weights = [cfg.loss.weights.get(name, 1.0) for name in cfg.loss.components]
         self.loss_fn = self._compute_loss

@@ -12,8 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_DIR = REPO / "tests" / "toy"
-if str(TOY_DIR) not in sys.path:
-    sys.path.insert(0, str(TOY_DIR))
+for folder in (TOY_DIR, REPO / "benchmarks"):  # the toy plugin; benchmark helpers tests reuse
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 # Tests run small models on 2 cores: one intra-op thread per process keeps multi-process
 # tests from oversubscribing the machine.

@@ -3,23 +3,15 @@ first fit, state round trips, and the look-ahead strategy fills >= 99% of a real
 
 from __future__ import annotations
 
-import random
 
 import pytest
 
 from bagel_titan_plugins.data.packing import STRATEGIES
+from bench_packing import realistic_lengths  # the mix the benchmark reports (benchmarks/ is on the path)
 
 BY_NAME = {s.name: s for s in STRATEGIES}
 
 
-def realistic_lengths(n: int, seed: int = 0) -> list[int]:
-    """60% understanding 300-3000, 30% text-to-image 256-1100, 10% text 50-1500 tokens."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        u = rng.random()
-        out.append(rng.randint(300, 3000) if u < 0.6 else rng.randint(256, 1100) if u < 0.9 else rng.randint(50, 1500))
-    return out
 
 
 def run(packer, lengths):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping
 
 import torch
@@ -23,10 +22,6 @@ FREEZE_GROUPS = ("llm", "vit", "connector", "und", "gen")
 UND_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
 
-def _options_of(job_config, name: str) -> dict[str, Any]:
-    section = f"attention.{name}"
-    return dataclasses.asdict(job_config.section(section)) if job_config.has_section(section) else {}
-
 
 def attention_factories(job_config, plugins) -> tuple[Callable[[AttentionLayerSpec], nn.Module], Callable[[AttentionLayerSpec], nn.Module]]:
     """(LLM, ViT) attention-module factories from `[attention]`; the ViT uses `vit_backend`, else
@@ -35,7 +30,7 @@ def attention_factories(job_config, plugins) -> tuple[Callable[[AttentionLayerSp
     llm_backend = plugins.attention_backends.get(llm_name)
     vit_name = job_config.attention.vit_backend or getattr(llm_backend, "vit_fallback", None) or llm_name
     vit_backend = plugins.attention_backends.get(vit_name)
-    llm_options, vit_options = _options_of(job_config, llm_name), _options_of(job_config, vit_name)
+    llm_options, vit_options = job_config.options(f"attention.{llm_name}"), job_config.options(f"attention.{vit_name}")
     return (lambda spec: llm_backend.build(spec, llm_options)), (lambda spec: vit_backend.build(spec, vit_options))
 
 

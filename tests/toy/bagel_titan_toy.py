@@ -104,9 +104,7 @@ class ToySpec:
     def build(self, job_config, plugins):
         backend_name = job_config.attention.backend
         backend = plugins.attention_backends.get(backend_name)
-        section = f"attention.{backend_name}"
-        options = dataclasses.asdict(job_config.section(section)) if job_config.has_section(section) else {}
-        return ToyLM(self.flavors[job_config.model.flavor], backend, options)
+        return ToyLM(self.flavors[job_config.model.flavor], backend, job_config.options(f"attention.{backend_name}"))
 
     def init_weights(self, model):
         generator = torch.Generator().manual_seed(1234)
@@ -145,12 +143,6 @@ class ToySpec:
 
     def flops(self, batch: ToyBatch) -> float:
         return 0.0
-
-    def build_processor(self, job_config):
-        raise NotImplementedError("the toy model brings its own dataloader")
-
-    def build_collator(self, job_config):
-        raise NotImplementedError("the toy model brings its own dataloader")
 
     def forward(self, model, batch: ToyBatch, generator):
         meta = AttentionMeta.from_segments([[(n, "causal")] for n in batch.doc_lens], device=batch.input_ids.device)
