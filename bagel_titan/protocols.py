@@ -6,6 +6,7 @@ imports a plugin by name. A plugin returns instances of them from its hooks (see
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -158,6 +159,29 @@ class RawSample:
     the same whenever the same read is repeated (resume)."""
 
 
+@dataclass(frozen=True)
+class ReadPass:
+    """Which pass over a dataset a reader is asked for.
+
+    A reader's output must be a pure function of (path, shard, `start`, this): resuming re-reads
+    the same pass from a later `start` and must see the same samples in the same order.
+    """
+
+    epoch: int = 0
+    """The pass number (0 for the first)."""
+    seed: int = 0
+    """The run's data seed (`[data] seed`)."""
+    shuffle: bool = False
+    """Permute the order of the reader's decoding units (row groups, record batches) for this
+    epoch, the same way on every shard so that each unit still belongs to exactly one shard. The
+    loader shuffles samples inside a window on top of this (`[data] shuffle_window`)."""
+
+    def rng(self, *key: Any) -> random.Random:
+        """A generator for the random choices of this pass about `key` (e.g. a row index):
+        different every epoch, identical whenever the same read is repeated."""
+        return random.Random(":".join(map(str, (self.seed, self.epoch, *key))))
+
+
 class DatasetReader(Protocol):
     """Streams raw samples of one format. Registered through `bagel_titan_dataset_readers`."""
 
@@ -166,10 +190,12 @@ class DatasetReader(Protocol):
     """File extensions that select this reader when `format` is omitted (e.g. (".parquet",))."""
 
     def iter_samples(
-        self, path: str, *, shard_index: int, num_shards: int, start: int
+        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass = ReadPass()
     ) -> Iterator[RawSample]:
-        """Yield the samples of shard `shard_index` of `num_shards`, skipping the first `start`
-        samples of that shard (for exact resume). Must never load a whole large file at once."""
+        """Yield the samples of shard `shard_index` of `num_shards` in the order of `read_pass`,
+        skipping the first `start` samples of that shard (for exact resume). Must never load a
+        whole large file at once. A reader without decoding units may ignore `read_pass.shuffle`
+        (the loader's window shuffle still applies)."""
         ...
 
 

@@ -12,7 +12,7 @@ training token costs about 6 x 7e9 = 4.2e10 FLOPs (attention and the ViT add ~10
 packs, ignored: this overstates the need slightly); an H100 at 989 dense bf16 TFLOP/s and 40%
 MFU then consumes about 9,400 tokens/s.
 
-    python benchmarks/bench_dataloader.py [--samples 256] [--large-samples 48]
+    python benchmarks/bench_dataloader.py [--samples 1024] [--large-samples 48]
 """
 
 from __future__ import annotations
@@ -98,9 +98,10 @@ def write_large_images(path: str, n: int, seed: int) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=8)
 
 
-def run(setting: Setting, data: str, tokenizer: str, plugins) -> dict[str, float]:
+def run(setting: Setting, data: str, tokenizer: str, plugins, shuffle: bool = True) -> dict[str, float]:
     cfg = JobConfig()
     cfg.data.datasets = [DatasetEntry(path=data)]
+    cfg.data.shuffle = shuffle
     cfg.data.num_workers = 0
     cfg.data.packing_strategy = "best_fit_decreasing"
     cfg.data.packing_window = 64
@@ -120,7 +121,7 @@ def run(setting: Setting, data: str, tokenizer: str, plugins) -> dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--large-samples", type=int, default=96)
     common.add_results_option(parser)
     args = parser.parse_args()
@@ -133,21 +134,29 @@ def main() -> None:
         debug = Setting("example data, debug sizes", BagelConfig(latent_patch_size=2, max_latent_size=16, vit_max_num_patch_per_side=16), 4, 2,
                         ProcessorConfig(vit_min_size=32, vit_max_size=64, vae_min_size=32, vae_max_size=64), 1024)
         release = Setting("512-1024 px, release sizes", BagelConfig(latent_patch_size=2, max_latent_size=64, vit_max_num_patch_per_side=70), 14, 8, ProcessorConfig(), 32768)
-        rows = [(debug, run(debug, example["data"], example["tokenizer"], plugins)),
-                (release, run(release, large, example["tokenizer"], plugins))]
-    lines = ["| data | packing_length | samples | samples/s/worker | tokens/s/worker | fill | skipped | workers for one 7B GPU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for setting, r in rows:
+        run(debug, example["data"], example["tokenizer"], plugins)  # warm-up: first-use costs off the table
+        rows = [(debug, False, run(debug, example["data"], example["tokenizer"], plugins, shuffle=False)),
+                (debug, True, run(debug, example["data"], example["tokenizer"], plugins)),
+                (release, False, run(release, large, example["tokenizer"], plugins, shuffle=False)),
+                (release, True, run(release, large, example["tokenizer"], plugins))]
+    lines = ["| data | shuffle | packing_length | samples | samples/s/worker | tokens/s/worker | fill | skipped | workers for one 7B GPU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for setting, shuffle, r in rows:
         tps = r["tokens"] / r["seconds"]
-        lines.append(f"| {setting.name} | {setting.packing_length} | {int(r['samples'])} | {r['samples'] / r['seconds']:.1f} | "
-                     f"{tps:,.0f} | {r['fill']:.1%} | {int(r['skipped'])} | {GPU_TOKENS_PER_S / tps:.2f} |")
-    table = "\n".join(lines)
+        lines.append(f"| {setting.name} | {'on' if shuffle else 'off'} | {setting.packing_length} | {int(r['samples'])} | "
+                     f"{r['samples'] / r['seconds']:.1f} | {tps:,.0f} | {r['fill']:.1%} | {int(r['skipped'])} | "
+                     f"{GPU_TOKENS_PER_S / tps:.2f} |")
+    ratios = [rows[i + 1][2]["samples"] / rows[i + 1][2]["seconds"] / (rows[i][2]["samples"] / rows[i][2]["seconds"])
+              for i in (0, 2)]
+    table = "\n".join(lines) + (f"\n\nshuffled / file-order samples/s: {ratios[0]:.2f} (example data), "
+                                f"{ratios[1]:.2f} (release sizes)")
     print(table)
     print(f"one GPU in a 7B step consumes about {GPU_TOKENS_PER_S:,.0f} tokens/s (see the docstring)")
     common.append_section(args.results, "bench_dataloader", common.device_description(), [
         "one process, torch 1 thread (= one loader worker); shared machine, so numbers are a lower bound",
         f"7B consumption assumption: 6 x 7e9 FLOPs/token, H100 989 TFLOP/s bf16 at 40% MFU = {GPU_TOKENS_PER_S:,.0f} tokens/s per GPU",
         "tokens = text + ViT + VAE tokens of the packs; fill includes the end-of-pass flush of a short one-pass run",
+        "shuffle on = [data] shuffle (row groups permuted per epoch, then windows of 1024 samples), off = file order",
     ], table)
 
 

@@ -47,9 +47,10 @@ def plugins():
     return PluginManager(load_entry_points=False, extra_modules=["bagel_titan_plugins.data.plugin"])
 
 
-def job(datasets, *, workers=0, strategy="best_fit_decreasing", length=512, window=8) -> JobConfig:
+def job(datasets, *, workers=0, strategy="best_fit_decreasing", length=512, window=8, shuffle_window=7) -> JobConfig:
     cfg = JobConfig()
     cfg.data.datasets = datasets
+    cfg.data.shuffle_window = shuffle_window  # small: resume lands inside windows and units
     cfg.data.num_workers = workers
     cfg.data.packing_strategy = strategy
     cfg.data.packing_length = length
@@ -74,13 +75,15 @@ def take(iterator, n):
     return [fingerprint(next(iterator)) for _ in range(n)]
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("world", [1, 2])
-def test_resume_gives_exactly_the_uninterrupted_batches(small_example, plugins, workers, world):
+def test_resume_gives_exactly_the_uninterrupted_batches(small_example, plugins, workers, world, shuffle):
     example = small_example
     datasets = [DatasetEntry(path=example["data"], weight=3.0, name="shapes"),
                 DatasetEntry(path=example["data"], weight=1.0, name="shapes_again")]
     cfg = job(datasets, workers=workers)
+    cfg.data.shuffle = shuffle
     total, cut = 24, 9
     keys_per_rank = []
     for rank in range(world):
@@ -101,7 +104,7 @@ def test_resume_gives_exactly_the_uninterrupted_batches(small_example, plugins, 
         keys_per_rank.append(set(keys))
         lengths = [sum(s) for s in (fp[2] for fp in reference)]
         assert max(lengths) <= cfg.data.packing_length
-    if world == 2:  # ranks read disjoint shards of each dataset
+    if world == 2 and not shuffle:  # ranks read disjoint shards (shuffled: per epoch, tested below)
         assert not keys_per_rank[0] & keys_per_rank[1]
 
 

@@ -185,6 +185,13 @@ class Data:
     """Tokens per pack."""
     packing_window: int = 256
     """Samples buffered by look-ahead strategies (first_fit open bins, best_fit_decreasing)."""
+    shuffle: bool = True
+    """Read every dataset in a new random order each epoch: its decoding units (parquet row
+    groups, arrow record batches) permuted, then samples permuted within `shuffle_window`. The
+    order is a function of the seed and the epoch, so resume stays exact."""
+    shuffle_window: int = 1024
+    """Consecutive samples permuted together when `shuffle` is on. Each loader worker holds one
+    window of raw records (images still encoded) per dataset; 1 shuffles units only."""
     oversize_policy: Literal["skip", "truncate"] = "skip"
     """A sample longer than `packing_length`: skipped and counted, or truncated (text only)."""
     num_workers: int = 2

@@ -168,6 +168,7 @@ def validate(cfg: JobConfig) -> None:
         "training.grad_accum_steps": cfg.training.grad_accum_steps,
         "metrics.log_freq": cfg.metrics.log_freq,
         "data.packing_length": cfg.data.packing_length,
+        "data.shuffle_window": cfg.data.shuffle_window,
         "checkpoint.interval": cfg.checkpoint.interval,
         "ema.update_interval": cfg.ema.update_interval,
     }

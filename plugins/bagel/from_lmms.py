@@ -564,8 +564,8 @@ def convert_dataset(conv: Conversion, data: Mapping[str, Any]) -> None:
         elif key in ("video_backend", "video_sampling_strategy", "frame_num", "fps"):
             conv.skip(source, value, NO_VIDEO)
         elif key == "shuffle":
-            conv.skip(source, value, "bagel-titan streams each dataset in file order per shard and mixes "
-                                     "datasets by weight with [data] seed; there is no global shuffle buffer")
+            conv.set("data", "shuffle", bool(value), source,
+                     "each epoch permutes row groups, then samples within [data] shuffle_window" if value else "")
         elif key == "eval_dataset_path" and value:
             dataset = _dataset(conv, {"path": value}, source, default_type if default_type != "yaml" else "")
             if dataset:

@@ -9,6 +9,7 @@ are summed here (`data_stats()`), so they are exact and part of the checkpoint.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import Counter
 from typing import Any, Iterator, Sequence
@@ -40,6 +41,10 @@ def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float
             sources.extend(resolve_sources(reader.expand(entry.path), plugins, weight * entry.weight))
             continue
         name = entry.name or entry.path
+        if "read_pass" not in inspect.signature(reader.iter_samples).parameters:
+            raise TypeError(f"dataset reader {reader.format!r} ({type(reader).__module__}.{type(reader).__name__}) "
+                            f"has an iter_samples without the `read_pass` keyword; update it to "
+                            f"bagel_titan.protocols.DatasetReader (it may ignore `read_pass.shuffle`)")
         if next(iter(reader.iter_samples(entry.path, shard_index=0, num_shards=1, start=0)), None) is None:
             raise ValueError(f"dataset {name!r} ([[data.datasets]] entry {i}, format {reader.format!r}) "
                              f"holds no samples; fix `path` or remove the entry")
@@ -115,6 +120,8 @@ class PackedDataloaderBuilder:
             oversize_policy=data.oversize_policy,
             seed=data.seed if data.seed >= 0 else job_config.training.seed,
             infinite=infinite,
+            shuffle=data.shuffle,
+            shuffle_window=data.shuffle_window,
         )
         dataset = PackedIterable(sources, model_spec.build_processor(job_config),
                                  model_spec.build_collator(job_config), options,

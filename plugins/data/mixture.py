@@ -3,16 +3,22 @@
 Deterministic: the k-th draw of shard s depends only on (seed, s, k), so the mixing state is a
 counter. Every dataset restarts when its shard is exhausted (epochs repeat); its position
 inside the current epoch is the whole reader state (readers skip `start` rows by metadata).
+
+Shuffling keeps that property. Each epoch the reader visits its decoding units in a new
+permutation (`ReadPass.shuffle`), and the stream is cut into windows of `shuffle_window`
+consecutive samples, each permuted by a generator seeded with (seed, dataset, shard, epoch,
+window). Position p of an epoch is therefore found again by re-reading only its window.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import RawSample, ReadPass
 
 
 @dataclass
@@ -25,11 +31,26 @@ class Source:
     weight: float
     data_folder: str = ""
 
-    def iter_shard(self, shard_index: int, num_shards: int, start: int) -> Iterator[RawSample]:
-        for sample in self.reader.iter_samples(self.path, shard_index=shard_index, num_shards=num_shards, start=start):
+    def iter_shard(self, shard_index: int, num_shards: int, start: int, read_pass: ReadPass) -> Iterator[RawSample]:
+        for sample in self.reader.iter_samples(self.path, shard_index=shard_index, num_shards=num_shards,
+                                               start=start, read_pass=read_pass):
             sample.dataset = self.name
             sample.data_folder = sample.data_folder or self.data_folder
             yield sample
+
+
+def window_shuffled(open_at: Callable[[int], Iterator[RawSample]], start: int, window: int,
+                    rng_for: Callable[[int], random.Random]) -> Iterator[RawSample]:
+    """The stream `open_at(0)` with each window of `window` consecutive samples permuted by
+    `rng_for(window_index)`, from shuffled position `start` on (only that window is re-read)."""
+    index, offset = divmod(start, window)
+    stream = open_at(index * window)
+    while chunk := list(itertools.islice(stream, window)):
+        order = list(range(len(chunk)))
+        rng_for(index).shuffle(order)
+        for j in order[offset:]:
+            yield chunk[j]
+        index, offset = index + 1, 0
 
 
 @dataclass(frozen=True)
@@ -49,7 +70,8 @@ class Drawn:
 class MixtureStream:
     """Endless (or one-pass) weighted stream over the sources of one shard, with exact state."""
 
-    def __init__(self, sources: list[Source], *, shard_index: int, num_shards: int, seed: int, infinite: bool):
+    def __init__(self, sources: list[Source], *, shard_index: int, num_shards: int, seed: int, infinite: bool,
+                 shuffle: bool = False, shuffle_window: int = 1):
         if not sources:
             raise ValueError("the dataset mixture is empty; add at least one [[data.datasets]] entry")
         total = sum(s.weight for s in sources)
@@ -61,6 +83,10 @@ class MixtureStream:
         self.num_shards = num_shards
         self.seed = seed
         self.infinite = infinite
+        if shuffle_window < 1:
+            raise ValueError(f"[data] shuffle_window must be >= 1 (1: shuffle decoding units only), got {shuffle_window}")
+        self.shuffle = shuffle
+        self.shuffle_window = shuffle_window if shuffle else 1
         running = 0.0
         self.cumulative = []
         for s in sources:
@@ -77,9 +103,22 @@ class MixtureStream:
         self.draws += 1
         return min(bisect.bisect_right(self.cumulative, u), len(self.sources) - 1)
 
+    def _read(self, i: int, epoch: int, start: int) -> Iterator[RawSample]:
+        """Source `i`'s samples of `epoch` in this run's order, from position `start`."""
+        source = self.sources[i]
+        read_pass = ReadPass(epoch=epoch, seed=self.seed, shuffle=self.shuffle)
+
+        def open_at(first: int) -> Iterator[RawSample]:
+            return source.iter_shard(self.shard_index, self.num_shards, first, read_pass)
+
+        if self.shuffle_window == 1:
+            return open_at(start)
+        return window_shuffled(open_at, start, self.shuffle_window, lambda w: read_pass.rng(
+            "window", source.name, self.shard_index, self.num_shards, w))
+
     def _next_of(self, i: int) -> RawSample | None:
         if self._iters[i] is None:
-            self._iters[i] = self.sources[i].iter_shard(self.shard_index, self.num_shards, self.positions[i])
+            self._iters[i] = self._read(i, self.epochs[i], self.positions[i])
         return next(self._iters[i], None)
 
     def __iter__(self) -> "MixtureStream":
@@ -115,13 +154,13 @@ class MixtureStream:
     def fetch(self, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], RawSample]:
         """Re-read the samples at `keys` (to rebuild a restored packing buffer), one pass per source."""
         found: dict[tuple[int, int, int], RawSample] = {}
-        by_source: dict[int, list[tuple[int, int, int]]] = {}
+        by_pass: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         for key in keys:
-            by_source.setdefault(key[0], []).append(key)
-        for i, wanted in by_source.items():
+            by_pass.setdefault((key[0], key[1]), []).append(key)
+        for (i, epoch), wanted in by_pass.items():
             wanted.sort(key=lambda k: k[2])
             first = wanted[0][2]
-            stream = self.sources[i].iter_shard(self.shard_index, self.num_shards, first)
+            stream = self._read(i, epoch, first)
             position, sample = first, next(stream, None)
             for key in wanted:
                 while position < key[2]:
@@ -134,13 +173,23 @@ class MixtureStream:
 
     def state_dict(self) -> dict[str, Any]:
         return {"draws": self.draws, "epochs": list(self.epochs), "positions": list(self.positions),
-                "current": self.current, "names": [s.name for s in self.sources]}
+                "current": self.current, "names": [s.name for s in self.sources], "order": self._order()}
+
+    def _order(self) -> dict[str, Any]:
+        return {"shuffle": self.shuffle, "shuffle_window": self.shuffle_window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = [s.name for s in self.sources]
         if list(state["names"]) != names:
             raise ValueError(f"the checkpoint's data mixture {list(state['names'])} differs from the "
                              f"configured one {names}; resume with the same [[data.datasets]]")
+        order = state.get("order", {"shuffle": False, "shuffle_window": 1})
+        if order != self._order():
+            wanted = (f"shuffle = true, shuffle_window = {order['shuffle_window']}" if order["shuffle"]
+                      else "shuffle = false")
+            raise ValueError(f"the checkpoint's data was read in the order {order} but this run is "
+                             f"configured with {self._order()}, so its positions would name other "
+                             f"samples; resume with [data] {wanted}")
         self.draws = int(state["draws"])
         self.epochs = [int(e) for e in state["epochs"]]
         self.positions = [int(p) for p in state["positions"]]

@@ -33,6 +33,8 @@ class PipelineOptions:
     oversize_policy: str
     seed: int
     infinite: bool
+    shuffle: bool = False
+    shuffle_window: int = 1
 
 
 @dataclass
@@ -94,7 +96,8 @@ class _ShardRun:
         o = owner.options
         self.owner = owner
         self.mixture = MixtureStream(owner.sources, shard_index=shard_index, num_shards=num_shards,
-                                     seed=o.seed, infinite=o.infinite)
+                                     seed=o.seed, infinite=o.infinite, shuffle=o.shuffle,
+                                     shuffle_window=o.shuffle_window)
         self.packer = o.strategy.new_packer(o.packing_length, {"window": o.window})
         self.samples: dict[tuple[int, int, int], Any] = {}
         self.ready: list[list[tuple[int, int, int]]] = []

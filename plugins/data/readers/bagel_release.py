@@ -18,8 +18,9 @@ need_vit`` image).
 
 Both stream one row group at a time and read only their two columns; sharding and resume are the
 parquet reader's (whole row groups per shard when there are enough, `start` skipped by metadata).
-The random choices are drawn from the row's stable index, so a row becomes the same sample every
-time it is read (exact resume of a packing buffer).
+The random choices are drawn from (seed, epoch, the row's stable index): a row becomes a different
+sample in each epoch, and the same one whenever the same read is repeated (exact resume of a
+packing buffer).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import pyarrow.parquet as pq
 
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import RawSample, ReadPass
 
 from ..bad_samples import as_bad_record, bad_record
 from .base import Unit, iter_units, list_files
@@ -83,12 +84,13 @@ class ReleaseParquetReader(ABC):
     def convert(self, row: dict[str, Any], rng: random.Random, where: str) -> dict[str, Any]:
         """The processor record of one row, or `bad_record(...)`."""
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int) -> Iterator[RawSample]:
+    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
+                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
         """The converted rows of one shard (see the module docstring)."""
         for sample in iter_units(self.units(path), self._load, dataset=path,
-                                 shard_index=shard_index, num_shards=num_shards, start=start):
+                                 shard_index=shard_index, num_shards=num_shards, start=start, read_pass=read_pass):
             if as_bad_record(sample.data) is None:
-                rng = random.Random(f"{self.format}:{sample.index}")
+                rng = read_pass.rng(self.format, sample.index)
                 sample.data = self.convert(sample.data, rng, f"{path}[{sample.index}]")
             yield sample
 

@@ -4,7 +4,9 @@ Every row has a stable global index (files sorted by name, then units, then rows
 whole units (unit i -> shard i % num_shards) when there are at least as many units as shards,
 otherwise single rows (row i -> shard i % num_shards): either way every row belongs to exactly
 one shard (no overlap, no loss) and only the units a shard needs are decoded. `start` skips rows
-by metadata counts, so resuming never re-reads what was already consumed.
+by metadata counts, so resuming never re-reads what was already consumed. With
+`ReadPass.shuffle` the units are visited in a per-epoch permutation (the same on every shard),
+and the assignment above applies to that order.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import RawSample, ReadPass
 
 from ..bad_samples import bad_record
 
@@ -55,12 +57,6 @@ def shard_rows(unit_index: int, unit: Unit, shard_index: int, num_shards: int, b
     return range(first, unit.num_rows, num_shards)
 
 
-def shard_size(units: Sequence[Unit], shard_index: int, num_shards: int) -> int:
-    """Rows that shard `shard_index` owns in one pass."""
-    by_unit = len(units) >= num_shards
-    return sum(len(shard_rows(i, u, shard_index, num_shards, by_unit)) for i, u in enumerate(units))
-
-
 def iter_units(
     units: Sequence[Unit],
     load: Callable[[Unit], list[dict[str, Any]]],
@@ -69,6 +65,7 @@ def iter_units(
     shard_index: int,
     num_shards: int,
     start: int,
+    read_pass: ReadPass = ReadPass(),
 ) -> Iterator[RawSample]:
     """Yield the rows of one shard, skipping its first `start` rows without decoding them.
 
@@ -78,6 +75,9 @@ def iter_units(
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} is outside [0, {num_shards})")
     by_unit = len(units) >= num_shards
+    if read_pass.shuffle:
+        units = list(units)
+        read_pass.rng("units", dataset).shuffle(units)
     to_skip = start
     for i, unit in enumerate(units):
         rows = shard_rows(i, unit, shard_index, num_shards, by_unit)

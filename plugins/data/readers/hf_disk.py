@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import RawSample, ReadPass
 
 from ..bad_samples import as_bad_record, bad_record
 from .arrow import ArrowReader
@@ -113,10 +113,12 @@ class HFDiskReader:
     def __init__(self) -> None:
         self._arrow = ArrowReader()
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int) -> Iterator[RawSample]:
+    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
+                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
         """The converted rows of one shard (record batches as the arrow reader streams them)."""
         form = RowForm.from_features(read_features(path), path)
-        for sample in self._arrow.iter_samples(path, shard_index=shard_index, num_shards=num_shards, start=start):
+        for sample in self._arrow.iter_samples(path, shard_index=shard_index, num_shards=num_shards,
+                                               start=start, read_pass=read_pass):
             if as_bad_record(sample.data) is None:
                 sample.data = form.convert(sample.data, f"{path}[{sample.index}]")
             yield sample

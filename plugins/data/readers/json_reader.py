@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Iterator
 
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import RawSample, ReadPass
 
 from ..bad_samples import bad_record
 from .base import list_files
@@ -28,7 +28,8 @@ class JsonlReader:
     format = "jsonl"
     extensions = (".jsonl",)
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int) -> Iterator[RawSample]:
+    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
+                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
         """Only the lines of this shard are parsed; a line that does not parse is a bad record."""
         index = 0
         owned = 0
@@ -51,7 +52,8 @@ class JsonListReader:
     format = "json"
     extensions = (".json",)
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int) -> Iterator[RawSample]:
+    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
+                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
         """Record i of the concatenated lists belongs to shard i % num_shards."""
         index = 0
         for file in list_files(path, self.extensions, "json"):

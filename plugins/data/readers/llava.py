@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Sequence
 
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import RawSample, ReadPass
 
 from ..bad_samples import as_bad_record, bad_record
 from .base import list_files
@@ -194,7 +194,8 @@ class LlavaReader:
         except JsonArrayError as exc:  # the rest of the file is lost: one counted bad record
             yield f"{file}[{count}]", bad_record("bad_json", f"{exc}; the rest of this file is skipped")
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int) -> Iterator[RawSample]:
+    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
+                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
         """Records of one shard, converted; only this shard's jsonl lines are parsed."""
         index = 0
         owned = 0

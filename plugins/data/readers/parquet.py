@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import RawSample, ReadPass
 
 from .base import Unit, iter_units, list_files
 
@@ -32,7 +32,8 @@ class ParquetReader:
     def _load(unit: Unit) -> list[dict]:
         return pq.ParquetFile(unit.file).read_row_group(unit.part).to_pylist()
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int) -> Iterator[RawSample]:
+    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
+                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
         """Rows of one shard; row groups are the decoding (and, when enough, sharding) unit."""
         yield from iter_units(self.units(path), self._load, dataset=path,
-                              shard_index=shard_index, num_shards=num_shards, start=start)
+                              shard_index=shard_index, num_shards=num_shards, start=start, read_pass=read_pass)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import yaml
 
 from bagel_titan.config.job_config import DatasetEntry
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import RawSample, ReadPass
 
 _KEYS = {"path", "format", "data_folder", "weight", "name"}
 
@@ -62,7 +62,8 @@ class YamlMixtureReader:
             ))
         return entries
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int) -> Iterator[RawSample]:
+    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
+                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
         """The listed datasets one after another (weights ignored; the loader mixes instead)."""
         from bagel_titan.plugins import PluginManager  # the readers of the listed formats
 
@@ -70,7 +71,8 @@ class YamlMixtureReader:
         skipped = 0
         for entry in self.expand(path):
             reader = manager.dataset_readers.get(entry.format) if entry.format else manager.reader_for_path(entry.path)
-            for sample in reader.iter_samples(entry.path, shard_index=shard_index, num_shards=num_shards, start=0):
+            for sample in reader.iter_samples(entry.path, shard_index=shard_index, num_shards=num_shards,
+                                              start=0, read_pass=read_pass):
                 if skipped < start:
                     skipped += 1
                     continue
