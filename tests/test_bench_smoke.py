@@ -71,6 +71,25 @@ def test_checkpoint_script_records_its_section(tmp_path):
     assert "## bench_checkpoint" in text and "| async |" in text
 
 
+def test_example_qa_eval_scores_an_export(tmp_path):
+    """A random debug model exported with the example tokenizer: scored, with the chance row."""
+    import torch
+
+    from bagel_titan_plugins.bagel import weights
+    from bagel_titan_plugins.bagel.spec import build_bagel_for_tests
+    from bagel_titan_plugins.data.example_data import write_example_data
+
+    example = write_example_data(str(tmp_path / "example"), num_samples=8)
+    model = build_bagel_for_tests("debug")
+    model.tokenizer_path = example["tokenizer"]
+    weights.export(model, str(tmp_path / "export"), torch.float32)
+    text = _run([PY, str(BENCH / "eval_example_qa.py"), str(tmp_path / "export"), "--scenes", "2"], tmp_path / "RESULTS.md")
+    assert text.count("## eval_example_qa") == 1
+    row = next(line for line in text.splitlines() if line.startswith(f"| {tmp_path / 'export'} |"))
+    assert all(cell.strip().endswith("%") for cell in row.strip("|").split("|")[1:])
+    assert "| (chance) | 12% | 33% | 12% |" in text
+
+
 def test_gpu_suite_smoke_checks_flex_and_reports_unavailable_parts_as_skipped_rows(tmp_path):
     """On CPU the flex training row cannot run (no CPU backward): a row with the reason, not a crash."""
     text = _run([PY, str(BENCH / "gpu_suite.py"), "--smoke"], tmp_path / "RESULTS.md")
