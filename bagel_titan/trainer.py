@@ -8,6 +8,8 @@ backward -> clip -> non-finite guard -> step -> EMA -> metrics -> checkpoint -> 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -38,6 +40,12 @@ from bagel_titan.train_state import TrainState
 from bagel_titan.validation import Validator
 
 logger = logging.getLogger("bagel_titan")
+
+
+def restart_data_seed(seed: int, step: int) -> int:
+    """The data seed of a run resumed at `step` whose data positions could not be restored."""
+    digest = hashlib.sha256(f"{seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -110,10 +118,7 @@ class Trainer:
             self.loss_fn = torch.compile(self._compute_loss)
 
         # -- data --
-        loader_builder = plugins.dataloaders.get(cfg.data.loader)
-        self.dataloader = loader_builder.build(
-            cfg, plugins, self.model_spec, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size
-        )
+        self.dataloader = self._build_dataloader(cfg)
         self._data_iter = None
 
         # -- state, checkpoints, metrics --
@@ -131,6 +136,8 @@ class Trainer:
             cfg.checkpoint, self.run_folder, states, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size
         )
         restored_step = self.checkpointer.load()
+        if restored_step > 0 and not self.checkpointer.restored_data_state:
+            self._restart_data(restored_step)
         if self.ema is not None and restored_step == 0:
             # Weights may have just come from `initial_load_path`: the average starts there.
             self.ema.copy_from_model()
@@ -154,6 +161,25 @@ class Trainer:
             )
 
     # -----------------------------------------------------------------------------------------
+
+    def _build_dataloader(self, cfg: JobConfig) -> Any:
+        builder = self.plugins.dataloaders.get(cfg.data.loader)
+        return builder.build(cfg, self.plugins, self.model_spec, dp_rank=self.dp_rank,
+                             dp_world_size=self.dp_world_size)
+
+    def _restart_data(self, step: int) -> None:
+        """The checkpoint's data positions do not map onto this run's data-parallel layout, so
+        the data starts afresh. With the configured seed it would replay the run's first
+        samples in the same order; a seed derived from the resumed step gives a new order."""
+        data = self.job_config.data
+        seed = data.seed if data.seed >= 0 else self.job_config.training.seed
+        restart_seed = restart_data_seed(seed, step)
+        cfg = dataclasses.replace(self.job_config, data=dataclasses.replace(data, seed=restart_seed))
+        self.dataloader = self._build_dataloader(cfg)
+        self.checkpointer.dataloader = self.dataloader
+        if self.rank == 0:
+            logger.info(f"data restarts at step {step} with [data] seed {restart_seed} (derived from seed "
+                        f"{seed} and the step) so that it does not replay the run's first samples")
 
     def _compute_loss(self, outputs, batch: Batch, global_counts: list[float]):
         """Σ weight * term.sum / global count, plus the detached sums for logging."""

@@ -74,3 +74,17 @@ def test_bad_options():
         FlexConfig(block_size=100)
     with pytest.raises(ValueError, match=r"\[attention.flex\]"):
         FlexBackend().build(AttentionLayerSpec(2, 2, 8, 32, 0, "llm"), {"blocksize": 64})
+
+
+def test_compiled_block_mask_equals_the_eager_one():
+    """The BlockMask is built compiled (tile by tile) by default; it must be the same mask."""
+    from bagel_titan_plugins.attention.flex import flex_block_mask
+
+    for seed, length in ((0, 1000), (1, 2500)):
+        masks = []
+        for compile in (True, False):
+            inputs = random_inputs(random_pack(random.Random(seed), length, 4), num_heads=2, num_kv_heads=1, head_dim=8)
+            masks.append(flex_block_mask(inputs.meta, bucketed_length(length, 128, 4), 128, compile))
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+            assert torch.equal(getattr(masks[0], name), getattr(masks[1], name)), name
+        assert masks[0].kv_num_blocks.sum() < masks[0].kv_num_blocks.numel() * masks[0].kv_num_blocks.shape[-1]

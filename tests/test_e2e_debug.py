@@ -103,3 +103,17 @@ def test_two_rank_bagel_resume_is_exact(tmp_path, example_data):
     assert len(a) == 4 and len(b) == 4
     assert a == b  # bitwise: the same floats in the JSON
     assert losses(straight / "run", "data/samples") == losses(resumed / "run", "data/samples")
+
+
+def test_resume_on_fewer_ranks_restarts_the_data_in_a_new_order(tmp_path, example_data):
+    """2 ranks save at step 2; 1 rank resumes: weights resharded, data positions not mappable, so
+    the data restarts with a seed derived from the step (not a replay of the first samples)."""
+    from bagel_titan.trainer import restart_data_seed
+
+    common = ["--checkpoint.interval", "2", "--checkpoint.export_at_end", "false"]
+    run_bagel_titan(debug_args(tmp_path, example_data, 2, *common), nproc=2)
+    proc = run_bagel_titan(debug_args(tmp_path, example_data, 3, *common), nproc=1)
+    seed = restart_data_seed(0, 2)
+    assert f"data restarts at step 2 with [data] seed {seed}" in proc.stdout + proc.stderr
+    assert seed not in (0, restart_data_seed(0, 4), restart_data_seed(1, 2))
+    assert len(losses(tmp_path / "run", "loss")) == 3

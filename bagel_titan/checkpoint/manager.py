@@ -12,8 +12,9 @@ Resume on a different data-parallel world size: model, optimizer, EMA, LR schedu
 state are resharded exactly. A data position cannot be mapped between different shardings, so
 the dataloader and RNG states are NOT restored: every rank keeps the freshly built state of its
 dataloader (its shard of the data from the start, as seeded by the config) and a warning names
-both world sizes. `restored_data_state` tells the trainer which case happened (it may e.g.
-derive a new data seed from the resumed step so the restarted data order differs).
+both world sizes. `restored_data_state` tells the trainer which case happened; the trainer then
+rebuilds the dataloader with a seed derived from the resumed step, so the restarted data does not
+replay the run's first samples.
 """
 
 from __future__ import annotations

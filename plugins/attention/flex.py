@@ -38,8 +38,9 @@ class FlexConfig:
     4 wastes at most ~19% on padding and gives ~4 compiled shapes per doubling of the pack
     length; 1 pads to powers of two. 0 disables bucketing (pad to `block_size` only)."""
     compile: bool = True
-    """Run flex_attention through torch.compile (the fused kernel). False runs its unfused
-    reference implementation, which materialises the scores: for debugging only."""
+    """Run flex_attention and the BlockMask construction through torch.compile (the fused
+    kernel; the mask built tile by tile). False runs both unfused, materialising the scores and
+    the whole mask: for debugging only."""
     compile_mode: str = ""
     """torch.compile mode for the kernel ("" for the default; e.g. "max-autotune-no-cudagraphs")."""
 
@@ -80,16 +81,26 @@ def rule_mask_mod(doc_ids: torch.Tensor, segment_ids: torch.Tensor, token_modes:
     return mask_mod
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_create_block_mask() -> Callable:
+    return torch.compile(create_block_mask, dynamic=False)
+
+
 @torch.compiler.disable
-def flex_block_mask(meta: AttentionMeta, length: int, block_size: int) -> BlockMask:
+def flex_block_mask(meta: AttentionMeta, length: int, block_size: int, compile: bool = True) -> BlockMask:
     """The batch's BlockMask over `length` (padded) tokens, built once and cached on `meta`.
 
-    Runs eagerly even inside a compiled layer: it is per-batch host work, not per-layer math.
+    Kept out of a compiled layer's graph: it is per-batch work, not per-layer math. It is
+    compiled on its own, because eager `create_block_mask` materialises the whole
+    `length` x `length` mask and the rule's int64 temporaries: 10 GiB and 19 s at 32k tokens on
+    CPU, against 0.35 GiB and 0.5 s compiled (benchmarks/RESULTS.md). It compiles once per
+    bucketed length.
     """
 
     def build() -> BlockMask:
         mask_mod = rule_mask_mod(*_padded_tables(meta, length))
-        return create_block_mask(mask_mod, None, None, length, length, device=meta.device, BLOCK_SIZE=block_size)
+        make = _compiled_create_block_mask() if compile else create_block_mask
+        return make(mask_mod, None, None, length, length, device=meta.device, BLOCK_SIZE=block_size)
 
     return meta.cached(f"flex_block_mask:{length}:{block_size}", build)
 
@@ -108,7 +119,8 @@ class FlexAttention(nn.Module):
 
     def prepare(self, meta: AttentionMeta) -> None:
         cfg = self.config
-        flex_block_mask(meta, bucketed_length(meta.num_tokens, cfg.block_size, cfg.buckets_per_octave), cfg.block_size)
+        flex_block_mask(meta, bucketed_length(meta.num_tokens, cfg.block_size, cfg.buckets_per_octave), cfg.block_size,
+                        cfg.compile)
 
     def forward(
         self,
@@ -128,7 +140,7 @@ class FlexAttention(nn.Module):
         cfg = self.config
         T = q_THD.shape[0]
         P = bucketed_length(T, cfg.block_size, cfg.buckets_per_octave)
-        block_mask = flex_block_mask(meta, P, cfg.block_size)
+        block_mask = flex_block_mask(meta, P, cfg.block_size, cfg.compile)
 
         def to_BHPD(x_THD: torch.Tensor) -> torch.Tensor:
             return F.pad(x_THD, (0, 0, 0, 0, 0, P - T)).transpose(0, 1).unsqueeze(0)
