@@ -47,6 +47,7 @@ def restart_data_seed(seed: int, step: int) -> int:
     digest = hashlib.sha256(f"{seed}:{step}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

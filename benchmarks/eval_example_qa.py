@@ -24,7 +24,6 @@ import torch
 
 import common
 from bagel_titan.config.manager import load_job_config
-from bagel_titan_plugins.bagel.collator import BagelCollator
 from bagel_titan_plugins.bagel.sampling import BagelSampler
 from bagel_titan_plugins.bagel.sampling_config import SamplingConfig, SamplingQuestion
 from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel
@@ -49,9 +48,7 @@ def sampler_for(export: str, config_file: str, overrides: list[str], image_folde
     model.init_weights()
     load_weights(model, export)
     model.eval()
-    processor = spec.build_processor(cfg)
-    collator = BagelCollator(cfg, spec.bagel_config(cfg), special_tokens=processor.special, **spec._data_kwargs(cfg))
-    return BagelSampler(model, processor, collator, SamplingConfig(data_folder=image_folder, max_new_tokens=16))
+    return spec.sampler(model, cfg, SamplingConfig(data_folder=image_folder, max_new_tokens=16))
 
 
 def write_scenes(folder: str, count: int, seed: int) -> list[tuple[str, Scene]]:

@@ -82,9 +82,9 @@ def test_compiled_block_mask_equals_the_eager_one():
 
     for seed, length in ((0, 1000), (1, 2500)):
         masks = []
-        for compile in (True, False):
+        for compiled in (True, False):
             inputs = random_inputs(random_pack(random.Random(seed), length, 4), num_heads=2, num_kv_heads=1, head_dim=8)
-            masks.append(flex_block_mask(inputs.meta, bucketed_length(length, 128, 4), 128, compile))
+            masks.append(flex_block_mask(inputs.meta, bucketed_length(length, 128, 4), 128, compiled))
         for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
             assert torch.equal(getattr(masks[0], name), getattr(masks[1], name)), name
         assert masks[0].kv_num_blocks.sum() < masks[0].kv_num_blocks.numel() * masks[0].kv_num_blocks.shape[-1]

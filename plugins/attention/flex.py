@@ -87,7 +87,7 @@ def _compiled_create_block_mask() -> Callable:
 
 
 @torch.compiler.disable
-def flex_block_mask(meta: AttentionMeta, length: int, block_size: int, compile: bool = True) -> BlockMask:
+def flex_block_mask(meta: AttentionMeta, length: int, block_size: int, compiled: bool = True) -> BlockMask:
     """The batch's BlockMask over `length` (padded) tokens, built once and cached on `meta`.
 
     Kept out of a compiled layer's graph: it is per-batch work, not per-layer math. It is
@@ -99,7 +99,7 @@ def flex_block_mask(meta: AttentionMeta, length: int, block_size: int, compile: 
 
     def build() -> BlockMask:
         mask_mod = rule_mask_mod(*_padded_tables(meta, length))
-        make = _compiled_create_block_mask() if compile else create_block_mask
+        make = _compiled_create_block_mask() if compiled else create_block_mask
         return make(mask_mod, None, None, length, length, device=meta.device, BLOCK_SIZE=block_size)
 
     return meta.cached(f"flex_block_mask:{length}:{block_size}", build)

@@ -210,14 +210,11 @@ class BagelSampler:
 
 
 @torch.no_grad()
-def generate_samples(model: nn.Module, processor: BagelProcessor, collator: BagelCollator,
-                     config: SamplingConfig) -> GeneratedSamples:
-    """An image per prompt (`gen_<i>_<words>`, with its text "prompt: ...") and an answer per
-    question (`qa_<i>`); empty when the config has neither."""
+def generate_samples(sampler: BagelSampler) -> GeneratedSamples:
+    """An image per prompt of `sampler.config` (`gen_<i>_<words>`, with its text "prompt: ...")
+    and an answer per question (`qa_<i>`)."""
+    config = sampler.config
     out = GeneratedSamples()
-    if not config.prompts and not config.questions:
-        return out
-    sampler = BagelSampler(model, processor, collator, config)
     for i, prompt in enumerate(config.prompts):
         name = f"gen_{i:02d}_{slug(prompt)}"
         out.images[name] = sampler.generate_image(prompt, config.seed + i)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -14,6 +14,10 @@ from .batch import BagelPackedBatch
 from .config import FLAVORS, BagelArchitecture, BagelConfig, architecture_for
 from .flops import training_flops
 from .modeling import Bagel
+
+if TYPE_CHECKING:
+    from .sampling import BagelSampler
+    from .sampling_config import SamplingConfig
 
 FREEZE_GROUPS = ("llm", "vit", "connector", "und", "gen")
 """`[model] freeze` names: the whole LLM, the ViT, the connector, the understanding experts
@@ -165,17 +169,24 @@ class BagelSpec:
         """Images for `[bagel.sampling] prompts` and answers to its `questions` from the model being
         trained (see `sampling.py`). Runs on every rank, the same forwards everywhere; the noise is
         the same at every `step`, so successive validations are comparable."""
-        from .collator import BagelCollator
         from .sampling import generate_samples
         from .sampling_config import SamplingConfig
 
         config = job_config.section("bagel.sampling") if job_config.has_section("bagel.sampling") else SamplingConfig()
         if not config.prompts and not config.questions:
             return GeneratedSamples()
+        return generate_samples(self.sampler(model, job_config, config))
+
+    def sampler(self, model: Bagel, job_config, config: SamplingConfig) -> BagelSampler:
+        """Image sampling and greedy answering with `model`, through the processor and collator
+        `job_config` trains with."""
+        from .collator import BagelCollator
+        from .sampling import BagelSampler
+
         processor = self.build_processor(job_config)
         collator = BagelCollator(job_config, self.bagel_config(job_config), special_tokens=processor.special,
                                  **self._data_kwargs(job_config))
-        return generate_samples(model, processor, collator, config)
+        return BagelSampler(model, processor, collator, config)
 
     def forward(self, model: Bagel, batch: BagelPackedBatch, generator: torch.Generator | None) -> ModelOutputs:
         result = model(batch, generator)

@@ -83,8 +83,6 @@ class MixtureStream:
         self.num_shards = num_shards
         self.seed = seed
         self.infinite = infinite
-        if shuffle_window < 1:
-            raise ValueError(f"[data] shuffle_window must be >= 1 (1: shuffle decoding units only), got {shuffle_window}")
         self.shuffle = shuffle
         self.shuffle_window = shuffle_window if shuffle else 1
         running = 0.0

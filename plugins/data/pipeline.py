@@ -33,8 +33,8 @@ class PipelineOptions:
     oversize_policy: str
     seed: int
     infinite: bool
-    shuffle: bool = False
-    shuffle_window: int = 1
+    shuffle: bool
+    shuffle_window: int
 
 
 @dataclass
