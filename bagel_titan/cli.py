@@ -7,12 +7,8 @@ import os
 import sys
 from typing import Sequence
 
-from bagel_titan.config.fields import ConfigError
 from bagel_titan.config.manager import load_job_config, main_help, to_toml
-from bagel_titan.plugins import PluginError, UnknownNameError
-
-# User errors print one clear line, not a traceback.
-USER_ERRORS = (ConfigError, PluginError, UnknownNameError)
+from bagel_titan.errors import UserError
 
 
 def setup_logging() -> None:
@@ -45,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             trainer.close()
             destroy_distributed()
-    except USER_ERRORS as exc:
+    except UserError as exc:  # user mistakes print one clear line, not a traceback
         print(f"bagel-titan: error: {exc}", file=sys.stderr)
         return 2
     return 0

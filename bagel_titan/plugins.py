@@ -14,20 +14,20 @@ from typing import Any, Callable, Generic, Iterable, TypeVar
 import pluggy
 
 from bagel_titan import hookspec
+from bagel_titan.errors import UserError
 from bagel_titan.hookspec import PROJECT
 
 T = TypeVar("T")
 
 
-class PluginError(Exception):
+class PluginError(UserError):
     """A plugin could not be loaded, or two plugins clash."""
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """A name in the config that no plugin registered."""
 
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
-        return str(self.args[0])
+    __str__ = UserError.__str__  # KeyError quotes its message; we want it plain
 
 
 @dataclass

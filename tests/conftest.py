@@ -16,6 +16,20 @@ for folder in (TOY_DIR, REPO / "benchmarks"):  # the toy plugin; benchmark helpe
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+# Data the tests need ships with the repository: a test that needs a fixture fails, never skips,
+# when it is missing.
+FIXTURES = REPO / "tests" / "fixtures"
+REFERENCE_SEED0 = FIXTURES / "bagel_reference" / "seed0"
+"""A tiny BAGEL in the official layout with one packed batch and every tensor the public
+implementation computes for it (format: `fixtures/bagel_reference/README.md`)."""
+
+
+def reference_dirs() -> list[Path]:
+    """seed0 plus any folders in BAGEL_TITAN_REFERENCE_DIRS (colon separated)."""
+    extra = [Path(d) for d in os.environ.get("BAGEL_TITAN_REFERENCE_DIRS", "").split(":") if d]
+    return [REFERENCE_SEED0, *(d for d in extra if d != REFERENCE_SEED0)]
+
+
 # Tests run small models on 2 cores: one intra-op thread per process keeps multi-process
 # tests from oversubscribing the machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FIXTURES
 from bagel_titan_plugins.bagel.config import BagelArchitecture, BagelConfig, LLMArgs, VAEArgs, ViTArgs, architecture_for
 from bagel_titan_plugins.bagel.flops import forward_flops, training_flops, visible_pairs
 from bagel_titan_plugins.bagel.spec import build_bagel
 from bagel_titan_plugins.bagel.synthetic import Text, VaeImage, VitImage, synthetic_batch
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "design" / "bagel7b_state_dict_keys.txt"
+KEYS = FIXTURES / "design" / "bagel7b_state_dict_keys.txt"
 
 
 def test_visible_pairs_follow_the_mask_rule():
@@ -46,7 +47,6 @@ def test_attention_is_counted_per_document_not_per_pack():
     assert training_flops(two, arch, options) == 2 * training_flops(one, arch, options)
 
 
-@pytest.mark.skipif(not KEYS.is_file(), reason="no 7B key list")
 def test_7b_mot_on_meta_matches_the_release_state_dict():
     expected: dict[str, list[int]] = {}
     vae: dict[str, list[int]] = {}

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import REFERENCE_SEED0
 from bagel_titan.config.job_config import JobConfig
 from bagel_titan.plugins import PluginManager
 from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
@@ -203,9 +204,7 @@ def test_config_errors_name_the_key():
 
     with pytest.raises(KeyError, match="7b-mot"):
         architecture_for("7b")
-    fixture = Path(__file__).resolve().parents[2] / "shared" / "bagel_reference" / "seed0" / "config.json"
-    if not fixture.is_file():
-        pytest.skip("no reference fixture")
+    fixture = REFERENCE_SEED0 / "config.json"
     config = json.loads(fixture.read_text())
     config["llm_config"]["rope_scaling"] = {"type": "yarn", "factor": 4.0}
     with pytest.raises(ValueError, match="llm_config.rope_scaling"):

@@ -11,20 +11,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from conftest import REFERENCE_SEED0, reference_dirs
 from bagel_titan.plugins import get_plugin_manager
 from bagel_titan_plugins.bagel.parity import compare_fixture, load_fixture_batch, main
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "bagel_reference" / "seed0"
+DEFAULT = REFERENCE_SEED0
 
 
 def fixture_dirs() -> list[str]:
-    dirs = [str(DEFAULT)] if DEFAULT.is_dir() else []
-    extra = os.environ.get("BAGEL_TITAN_REFERENCE_DIRS", "")
-    dirs += [d for d in extra.split(":") if d and d not in dirs]
-    return dirs
+    return [str(d) for d in reference_dirs()]
 
-
-pytestmark = pytest.mark.skipif(not fixture_dirs(), reason="no reference fixture folder")
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])

@@ -13,14 +13,14 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import REFERENCE_SEED0
 from bagel_titan.distributed.utils import destroy_distributed
 from bagel_titan_plugins.bagel.config import VAEArgs
 from bagel_titan_plugins.bagel.parity import load_fixture_model
 from bagel_titan_plugins.bagel.spec import build_bagel
 from bagel_titan_plugins.bagel.weights import detect, export, load_weights, read_architecture
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "bagel_reference" / "seed0"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="no reference fixture")
+FIXTURE = REFERENCE_SEED0
 
 
 def _fresh(folder):

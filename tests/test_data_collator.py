@@ -20,12 +20,10 @@ from bagel_titan_plugins.bagel.processor import (
 from bagel_titan_plugins.data.bad_samples import BadSampleError
 from bagel_titan_plugins.data.example_data import write_example_data
 
-FIXTURES = Path(os.environ.get("BAGEL_REFERENCE_DIR", "/work/shared/bagel_reference"))
-FIXTURE_DIRS = sorted(p for p in FIXTURES.glob("seed*") if (p / "batch.json").exists())
-from conftest import small_bagel_options
 from bagel_titan_plugins.bagel.config import BagelConfig
+from conftest import reference_dirs, small_bagel_options
 
-
+FIXTURE_DIRS = reference_dirs()
 
 
 def samples_from_fixture(meta: dict, tensors: dict[str, torch.Tensor]) -> list[BagelSample]:
@@ -50,7 +48,6 @@ def samples_from_fixture(meta: dict, tensors: dict[str, torch.Tensor]) -> list[B
     return samples
 
 
-@pytest.mark.skipif(not FIXTURE_DIRS, reason=f"no reference fixture under {FIXTURES}")
 @pytest.mark.parametrize("folder", FIXTURE_DIRS, ids=lambda p: p.name)
 def test_collator_reproduces_reference_batch(folder: Path):
     meta = json.loads((folder / "batch.json").read_text())

@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REFERENCE_SEED0
 from bagel_titan.protocols import ModelOutputs
 from bagel_titan_plugins.bagel.parity import load_fixture_batch, load_fixture_model
 from bagel_titan_plugins.losses.ce import CEFactory
 from bagel_titan_plugins.losses.flow_mse import FlowMSEFactory
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "bagel_reference" / "seed0"
+FIXTURE = REFERENCE_SEED0
 
 
 class _Batch:
@@ -58,7 +59,6 @@ def test_missing_outputs_are_named():
         FlowMSEFactory()({})(ModelOutputs(logits=torch.zeros(1, 2)), _Batch(0, 3))
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason="no reference fixture")
 def test_fixture_total_loss_through_the_components():
     model = load_fixture_model(str(FIXTURE))
     batch, _, info = load_fixture_batch(str(FIXTURE))

@@ -41,6 +41,7 @@ from bagel_titan.checkpoint.layout import (
 from bagel_titan.checkpoint.rng import rng_state, set_rng_state
 from bagel_titan.checkpoint.writer import CheckpointWriter
 from bagel_titan.config.job_config import Checkpoint
+from bagel_titan.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint the config asks for cannot be loaded."""
 
 

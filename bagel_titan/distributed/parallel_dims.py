@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from bagel_titan.errors import UserError
 
-class ParallelismConfigError(ValueError):
+
+class ParallelismConfigError(UserError, ValueError):
     """`[parallelism]` degrees that do not fit the world size."""
 
 
