@@ -105,7 +105,7 @@ def test_converted_lmms_config_trains_on_every_compat_layout(tmp_path):
     config = tmp_path / "lmms.yaml"
     config.write_text(LMMS_YAML.format(**paths, tokenizer=tokenizer, output=tmp_path / "runs" / "compat"))
     toml = tmp_path / "train.toml"
-    converted = subprocess.run([sys.executable, "-m", "bagel_titan_plugins.bagel.from_lmms", str(config),
+    converted = subprocess.run([sys.executable, "-m", "bagel_titan_plugins.compat.lmms.cli", str(config),
                                 "-o", str(toml)], capture_output=True, text=True, timeout=120)
     assert converted.returncode == 0, converted.stderr
     text = toml.read_text()

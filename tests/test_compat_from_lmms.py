@@ -14,7 +14,10 @@ import pytest
 import yaml
 
 from bagel_titan.config.manager import load_job_config
-from bagel_titan_plugins.bagel.from_lmms import LmmsConfigError, convert, main, to_toml
+from bagel_titan_plugins.compat.lmms.cli import main
+from bagel_titan_plugins.compat.lmms.convert import convert
+from bagel_titan_plugins.compat.lmms.emit import to_toml
+from bagel_titan_plugins.compat.lmms.record import LmmsConfigError
 
 # The issue's example, in LMMS Engine's list form: every key listed there must map or be noted.
 LIST_FORM = """
@@ -267,7 +270,7 @@ def test_not_an_lmms_config_is_a_clear_error():
 def test_command_line_prints_toml_and_a_summary(layout, tmp_path):
     config = tmp_path / "lmms.yaml"
     config.write_text(LIST_FORM.format(**layout))
-    proc = subprocess.run([sys.executable, "-m", "bagel_titan_plugins.bagel.from_lmms", str(config)],
+    proc = subprocess.run([sys.executable, "-m", "bagel_titan_plugins.compat.lmms.cli", str(config)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     load(proc.stdout, tmp_path)

@@ -1,0 +1,1 @@
+"""Converters from other BAGEL trainers' configs to bagel-titan TOML."""
