@@ -68,6 +68,7 @@ def test_fit_is_deterministic_and_latents_are_about_unit_scale(example):
     images = held_out_images(8)
     a = fit_vae(architecture_for("debug").vae, images, steps=2, seed=3)
     b = fit_vae(architecture_for("debug").vae, images, steps=2, seed=3)
+    assert a and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     ae = _autoencoder(load_file(example["vae"]))
     latents = ae.encode(torch.stack([x for x in images if x.shape[1] == 48]), generator=torch.Generator().manual_seed(0))

@@ -86,7 +86,8 @@ def test_example_qa_eval_scores_an_export(tmp_path):
     text = _run([PY, str(BENCH / "eval_example_qa.py"), str(tmp_path / "export"), "--scenes", "2"], tmp_path / "RESULTS.md")
     assert text.count("## eval_example_qa") == 1
     row = next(line for line in text.splitlines() if line.startswith(f"| {tmp_path / 'export'} |"))
-    assert all(cell.strip().endswith("%") for cell in row.strip("|").split("|")[1:])
+    cells = row.strip("|").split("|")[1:]
+    assert len(cells) == 3 and all(cell.strip().endswith("%") for cell in cells), row
     assert "| (chance) | 12% | 33% | 12% |" in text
 
 

@@ -4,6 +4,7 @@ global loss normalisation, non-finite guard, signals."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def test_two_ranks_train_with_gloo(tmp_path, toy_args):
     run_bagel_titan([*toy_args, "--training.steps", "4"], nproc=2)
     records = read_jsonl(tmp_path / "toy" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(r["loss"] == r["loss"] for r in records)  # finite, logged once (rank 0)
+    # Finite (metrics.jsonl writes NaN/inf as null), logged once (rank 0 only).
+    assert all(isinstance(r["loss"], float) and math.isfinite(r["loss"]) for r in records), records
 
 
 def _gradients(tmp_path: Path, layout: str, nproc: int, toy_args: list[str]) -> dict[str, torch.Tensor]:
@@ -89,6 +91,13 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, toy_args):
     assert proc.returncode != 0
     assert "3 consecutive steps had a non-finite loss or gradient" in proc.stdout + proc.stderr
     assert "step skipped" in proc.stdout + proc.stderr
+    # The skipped steps are logged with null (JSON's non-finite) and counted; the third one
+    # stops the run before it is logged.
+    records = read_jsonl(tmp_path / "toy" / "metrics.jsonl")
+    skipped = [r for r in records if r["nonfinite_steps"] > 0]
+    assert [r["nonfinite_steps"] for r in skipped] == [1.0, 2.0], records
+    assert all(r["grad_norm"] is None for r in skipped), skipped
+    assert all(isinstance(r["loss"], float) for r in records if r["nonfinite_steps"] == 0)
 
 
 def test_sigterm_ends_the_run_cleanly_after_a_checkpoint(tmp_path, toy_args):
