@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +180,7 @@ def _sharded_load(rank: int, world: int, port: int, out: str) -> None:
         destroy_distributed()
 
 
+@pytest.mark.dist
 def test_streams_into_fsdp2_sharded_parameters(tmp_path):
     from conftest import free_port
 

@@ -264,6 +264,7 @@ def test_not_an_lmms_config_is_a_clear_error():
         convert({"learning_rate": 1e-5})
 
 
+@pytest.mark.dist
 def test_command_line_prints_toml_and_a_summary(layout, tmp_path):
     config = tmp_path / "lmms.yaml"
     config.write_text(LIST_FORM.format(**layout))

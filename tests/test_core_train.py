@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import math
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, run_bagel_titan, subprocess_env
+from conftest import REPO, kill_session, run_bagel_titan, run_command, run_torchrun, start_bagel_titan, wait_for
+
+pytestmark = pytest.mark.dist  # every test here launches processes
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -60,12 +60,9 @@ def _gradients(tmp_path: Path, layout: str, nproc: int, toy_args: list[str]) -> 
     script = str(REPO / "tests" / "scripts" / "toy_gradients.py")
     args = [*toy_args, "--training.deterministic", "true"]
     if nproc == 1:
-        cmd = [sys.executable, script, str(out), layout, *args]
+        run_command([sys.executable, script, str(out), layout, *args], timeout=300)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, str(out), layout, *args]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        run_torchrun(nproc, script, str(out), layout, *args, timeout=300)
     return torch.load(out)
 
 
@@ -101,15 +98,18 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, toy_args):
 
 
 def test_sigterm_ends_the_run_cleanly_after_a_checkpoint(tmp_path, toy_args):
-    cmd = [sys.executable, "-m", "bagel_titan.cli", *toy_args, "--training.steps", "100000",
-           "--checkpoint.enable", "true", "--checkpoint.interval", "100000", "--checkpoint.export_at_end", "false"]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    log = tmp_path / "job.log"
+    proc = start_bagel_titan([*toy_args, "--training.steps", "100000", "--checkpoint.enable", "true",
+                              "--checkpoint.interval", "100000", "--checkpoint.export_at_end", "false"], log)
     metrics = tmp_path / "toy" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    try:
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 120, "3 logged steps", proc, log)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_session(proc)
+    output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
     assert "stopping at step" in output
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "toy" / "checkpoint").glob("step-*"))

@@ -3,6 +3,8 @@ kinds, and a tokenizer `AutoTokenizer` loads with the Qwen2 special tokens and n
 
 from __future__ import annotations
 
+import pytest
+
 import hashlib
 import subprocess
 import sys
@@ -52,6 +54,7 @@ def test_tokenizer_loads_with_special_tokens_and_covers_the_texts(tmp_path):
     assert tokenizer.decode(tokenizer.encode("a red circle", add_special_tokens=False)) == "a red circle"
 
 
+@pytest.mark.dist
 def test_module_command_writes_the_folder(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "bagel_titan_plugins.data.example_data", str(out),

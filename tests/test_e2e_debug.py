@@ -13,6 +13,8 @@ import torch
 from bagel_titan_plugins.data.example_data import ensure_example_data
 from conftest import REPO, run_bagel_titan
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test here launches processes
+
 DEBUG_CONFIG = str(REPO / "train_configs" / "debug_model.toml")
 
 
