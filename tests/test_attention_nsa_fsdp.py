@@ -38,6 +38,7 @@ def _worker(rank: int, world_size: int, port: int) -> None:
         sharded.to_empty(device="cpu")
         sharded.reset_parameters()
         plain = NSABackend().build(spec, OPTIONS)
+        assert list(sharded.state_dict()) == list(plain.state_dict())
         for (name, a), (_, b) in zip(sharded.state_dict().items(), plain.state_dict().items()):
             assert torch.equal(a.full_tensor(), b), name
 

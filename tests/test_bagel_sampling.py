@@ -290,6 +290,7 @@ def _fsdp_worker(job_file: str) -> None:
     apply_fsdp(model, spec.sharding_units(model), init_device_mesh("cpu", (2,)), Parallelism())
     sharded = spec.generate_samples(model, job, step=0)
     assert sharded.texts == whole.texts, (sharded.texts, whole.texts)
+    assert whole.images and sharded.images.keys() == whole.images.keys()
     for name, image in whole.images.items():
         assert np.abs(sharded.images[name].astype(int) - image.astype(int)).max() <= 1, name
     print(f"rank {dist.get_rank()}: sharded samples match", flush=True)

@@ -36,6 +36,7 @@ def _assert_same(a, b):
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     va, vb = a.vae.module.state_dict(), b.vae.module.state_dict()
+    assert va and va.keys() == vb.keys()
     for k in va:
         assert torch.equal(va[k], vb[k]), k
 
