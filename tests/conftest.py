@@ -61,6 +61,26 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_current_test: pytest.Item | None = None
+
+
+@pytest.fixture(autouse=True)
+def _remember_current_test(request):
+    """Lets the launch helpers check that the test calling them is marked `dist`."""
+    global _current_test
+    _current_test = request.node
+    yield
+    _current_test = None
+
+
+def _require_dist_marker() -> None:
+    """`make test-fast` (-m "not slow and not dist") must not launch processes: a test that does
+    and is not marked fails here with the fix, instead of silently slowing the fast subset."""
+    if _current_test is not None and _current_test.get_closest_marker("dist") is None:
+        raise AssertionError(f"{_current_test.nodeid} launches processes: mark it @pytest.mark.dist "
+                             "(and @pytest.mark.slow if it takes over ~20 s)")
+
+
 def torchrun_cmd(nproc: int, *target: str) -> list[str]:
     """The one torchrun command line of the suite: `target` (a script and its arguments, or
     "-m", a module and its arguments) on `nproc` local ranks. `--standalone` picks a free
@@ -79,6 +99,7 @@ def bagel_titan_cmd(args: list[str], nproc: int = 1) -> list[str]:
 def run_command(cmd: list[str], timeout: float = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """Run `cmd` in the repository with the test environment; with `check`, a non-zero exit
     fails the test with the end of its output."""
+    _require_dist_marker()
     proc = subprocess.run(cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -98,6 +119,7 @@ def run_bagel_titan(args: list[str], nproc: int = 1, timeout: float = 600, check
 def start_bagel_titan(args: list[str], log: Path, nproc: int = 1, **env: str) -> subprocess.Popen:
     """Start `bagel-titan` in the background, in its own session (so that `kill_session` ends
     torchrun and every rank), output to `log`."""
+    _require_dist_marker()
     with open(log, "w") as out:
         return subprocess.Popen(bagel_titan_cmd(args, nproc), env=subprocess_env(**env), stdout=out,
                                 stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
