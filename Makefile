@@ -1,6 +1,8 @@
 # Two commands do the whole set-up on a fresh machine:
 #   make train   # creates .venv, installs, trains the tiny debug BAGEL on the bundled data (CPU)
-#   make test    # creates .venv, installs, runs the test suite
+#   make test    # creates .venv, installs, runs the whole test suite (what CI runs)
+#   make test-fast  # the suite without multi-process and long tests (-m "not slow and not dist")
+#   make lint    # ruff check (lint rules in pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a GPU machine use e.g. `make TORCH_SPEC="torch==2.11.0" train`.
@@ -10,7 +12,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= train_configs/debug_model.toml
 ARGS ?=
 
-.PHONY: setup train test clean
+.PHONY: setup train test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +35,12 @@ train: $(STAMP) $(EXAMPLE_DATA)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow and not dist" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) outputs data/example .pytest_cache

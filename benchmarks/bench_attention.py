@@ -113,7 +113,7 @@ def run_one(args: argparse.Namespace, name: str, seq_len: int) -> dict:
 def run_isolated(args: argparse.Namespace, name: str, seq_len: int) -> dict:
     cmd = [sys.executable, __file__, "--single", f"{name}:{seq_len}"] + args.passthrough
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]
         return {"backend": name, "seq_len": seq_len, "error": tail[:120]}

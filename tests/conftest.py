@@ -1,11 +1,18 @@
-"""Shared test fixtures: the toy plugin on the path, subprocess helpers for torchrun runs."""
+"""Shared test fixtures: the toy plugin on the path, the fixture paths, and the one set of
+helpers that launch processes (`run_bagel_titan`, `run_torchrun`, `start_bagel_titan`).
+
+Markers (registered in pyproject.toml): `dist` for tests that launch processes (torchrun,
+subprocesses, mp.spawn), `slow` for tests over ~20 s. `make test-fast` runs the rest."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,43 +43,121 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def free_port() -> int:
+    """A free TCP port on localhost (for tests that start their own process group)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched process: the toy plugin importable, one thread per
+    process, unbuffered output (a killed job's log is complete), plus `extra`."""
     env = dict(os.environ)
     paths = [extra.pop("PYTHONPATH", ""), str(TOY_DIR), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
 
 
-def run_bagel_titan(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True, **env) -> subprocess.CompletedProcess:
-    """Run `bagel-titan` (under torchrun when nproc > 1) and return the finished process."""
+_current_test: pytest.Item | None = None
+
+
+@pytest.fixture(autouse=True)
+def _remember_current_test(request):
+    """Lets the launch helpers check that the test calling them is marked `dist`."""
+    global _current_test
+    _current_test = request.node
+    yield
+    _current_test = None
+
+
+def _require_dist_marker() -> None:
+    """`make test-fast` (-m "not slow and not dist") must not launch processes: a test that does
+    and is not marked fails here with the fix, instead of silently slowing the fast subset."""
+    if _current_test is not None and _current_test.get_closest_marker("dist") is None:
+        raise AssertionError(f"{_current_test.nodeid} launches processes: mark it @pytest.mark.dist "
+                             "(and @pytest.mark.slow if it takes over ~20 s)")
+
+
+def torchrun_cmd(nproc: int, *target: str) -> list[str]:
+    """The one torchrun command line of the suite: `target` (a script and its arguments, or
+    "-m", a module and its arguments) on `nproc` local ranks. `--standalone` picks a free
+    rendezvous port itself; no restarts, so a dead rank fails the job."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "--max-restarts", "0", *target]
+
+
+def bagel_titan_cmd(args: list[str], nproc: int = 1) -> list[str]:
+    """`bagel-titan ARGS`, under torchrun when nproc > 1."""
     if nproc > 1:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "-m", "bagel_titan.cli", *args,
-        ]
-    else:
-        cmd = [sys.executable, "-m", "bagel_titan.cli", *args]
+        return torchrun_cmd(nproc, "-m", "bagel_titan.cli", *args)
+    return [sys.executable, "-m", "bagel_titan.cli", *args]
+
+
+def run_command(cmd: list[str], timeout: float = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run `cmd` in the repository with the test environment; with `check`, a non-zero exit
+    fails the test with the end of its output."""
+    _require_dist_marker()
     proc = subprocess.run(cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
+def run_torchrun(nproc: int, *target: str, timeout: float = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run a script or module under torchrun (see `torchrun_cmd`) and return the finished process."""
+    return run_command(torchrun_cmd(nproc, *target), timeout=timeout, check=check, **env)
+
+
+def run_bagel_titan(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True, **env) -> subprocess.CompletedProcess:
+    """Run `bagel-titan` (under torchrun when nproc > 1) and return the finished process."""
+    return run_command(bagel_titan_cmd(args, nproc), timeout=timeout, check=check, **env)
+
+
+def start_bagel_titan(args: list[str], log: Path, nproc: int = 1, **env: str) -> subprocess.Popen:
+    """Start `bagel-titan` in the background, in its own session (so that `kill_session` ends
+    torchrun and every rank), output to `log`."""
+    _require_dist_marker()
+    with open(log, "w") as out:
+        return subprocess.Popen(bagel_titan_cmd(args, nproc), env=subprocess_env(**env), stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """kill -9 a process started by `start_bagel_titan` and everything it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # already gone: nothing left to kill
+    proc.wait(timeout=60)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll `predicate` until it holds; fail when `proc` exits first or after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"job exited ({proc.returncode}) before {what}:\n" + (log.read_text()[-4000:] if log else ""))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def toy_args(tmp_path):
-    """Command-line arguments of a small toy-model run in a temporary run folder."""
+    """Command-line arguments of a small toy-model run in a temporary run folder (`tmp_path/toy`)."""
+    return toy_cli_args(tmp_path)
+
+
+def toy_cli_args(dump_folder: Path, run_name: str = "toy") -> list[str]:
+    """Command-line arguments of a small toy-model run in `dump_folder/run_name`: the real
+    Trainer with the toy model spec of tests/toy/bagel_titan_toy.py as a plugin."""
     return [
         "--job.plugins", "bagel_titan_toy",
-        "--job.dump_folder", str(tmp_path),
-        "--job.run_name", "toy",
+        "--job.dump_folder", str(dump_folder),
+        "--job.run_name", run_name,
         "--model.name", "toy_lm",
         "--model.flavor", "tiny",
         "--data.loader", "toy_synthetic",
@@ -84,6 +169,25 @@ def toy_args(tmp_path):
         "--metrics.log_freq", "1",
         "--optimizer.lr", "3e-3",
     ]
+
+
+# What must be bitwise equal between two runs at the same step (not the timings).
+TOY_STEP_KEYS = ("loss", "loss/ce", "grad_norm", "lr", "tokens_seen", "data/packs")
+
+
+def toy_trace(run: Path, kind: str) -> list[dict]:
+    """The `kind` ("start" or "step") records of a toy run's `[toy] trace`, oldest first."""
+    path = run / "toy_trace.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in records if r["kind"] == kind]
+
+
+def toy_step_values(record: dict) -> dict:
+    """A `toy_trace` step record without its timings: the metrics in TOY_STEP_KEYS, weights and EMA checksums, data positions."""
+    metrics = record["metrics"]
+    assert all(key in metrics for key in TOY_STEP_KEYS), metrics
+    return {"step": record["step"], **{k: metrics[k] for k in TOY_STEP_KEYS}, "model": record["model"],
+            "ema": record["ema"], "positions": record["positions"]}
 
 
 def small_bagel_options(**overrides):

@@ -18,6 +18,8 @@ OPTIONS = {
     "nsa": {"block_size": 16, "kernel_size": 8, "kernel_stride": 4, "topk": 64, "window_size": 10_000},
 }
 FIRST_PARTY = ("eager", "sdpa", "flex", "nsa")
+# flex compiles its kernels on first use (half a minute of CPU): slow.
+BACKEND_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n == "flex" else n for n in FIRST_PARTY]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def _build(plugins, name: str, spec: AttentionLayerSpec):
     return module
 
 
-@pytest.mark.parametrize("name", FIRST_PARTY)
+@pytest.mark.parametrize("name", BACKEND_PARAMS)
 def test_llm_pack_agrees_with_eager(plugins, name):
     spec = AttentionLayerSpec(4, 2, 16, 32, 0, "llm")
     rng = random.Random(42)
@@ -48,7 +50,7 @@ def test_llm_pack_agrees_with_eager(plugins, name):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", FIRST_PARTY)
+@pytest.mark.parametrize("name", BACKEND_PARAMS)
 def test_vit_backend_resolution_and_per_image_attention(plugins, name):
     """The ViT gets `vit_fallback` when the backend has one (nsa -> sdpa); per-image full
     attention then agrees with eager."""

@@ -26,6 +26,7 @@ def _compare(kv_heads: int, seed: int, options: dict) -> None:
     assert torch.equal(actual[-9:], torch.zeros_like(actual[-9:])), "padding tokens must give exactly zero"
 
 
+@pytest.mark.slow  # compiles flex_attention
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_compiled_flex_matches_eager(kv_heads):
     for seed in range(3):
@@ -76,6 +77,7 @@ def test_bad_options():
         FlexBackend().build(AttentionLayerSpec(2, 2, 8, 32, 0, "llm"), {"blocksize": 64})
 
 
+@pytest.mark.slow  # compiles create_block_mask
 def test_compiled_block_mask_equals_the_eager_one():
     """The BlockMask is built compiled (tile by tile) by default; it must be the same mask."""
     from bagel_titan_plugins.attention.flex import flex_block_mask

@@ -254,6 +254,7 @@ def test_optional_state_keys_name_the_new_parameters_and_checkpoints_round_trip(
         for p in model.parameters():
             p.normal_()
     fresh.load_state_dict(model.state_dict())
+    assert list(model.state_dict()) == list(fresh.state_dict())
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), name
     eager_model = nn.ModuleDict({"layers": nn.ModuleList([_TinyLayer(EagerBackend(), {})])})
@@ -267,6 +268,7 @@ def test_meta_device_build_then_materialise():
     module.to_empty(device="cpu")
     module.reset_parameters()
     reference = _module({"compress_type": "linear"})
+    assert list(module.state_dict()) == list(reference.state_dict())
     for (name, a), (_, b) in zip(module.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.all(module.gates["selected"].bias == 4.0)

@@ -3,24 +3,22 @@ DTensors, they equal an unsharded module's and give the same forward."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import random
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bagel_titan.distributed.utils import destroy_distributed
+from conftest import free_port
+
+pytestmark = pytest.mark.dist  # every test here launches processes
 
 SPEC_ARGS = (4, 2, 8, 24, 0, "llm")
 OPTIONS = {"compress_type": "linear", "block_size": 16, "kernel_size": 8, "kernel_stride": 4, "topk": 4, "window_size": 12}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int) -> None:
@@ -40,6 +38,7 @@ def _worker(rank: int, world_size: int, port: int) -> None:
         sharded.to_empty(device="cpu")
         sharded.reset_parameters()
         plain = NSABackend().build(spec, OPTIONS)
+        assert list(sharded.state_dict()) == list(plain.state_dict())
         for (name, a), (_, b) in zip(sharded.state_dict().items(), plain.state_dict().items()):
             assert torch.equal(a.full_tensor(), b), name
 
@@ -53,4 +52,4 @@ def _worker(rank: int, world_size: int, port: int) -> None:
 
 
 def test_nsa_parameters_shard_and_initialise_as_dtensors():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)

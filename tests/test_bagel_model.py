@@ -198,7 +198,6 @@ def test_spec_builds_on_meta_and_trains_through_the_plugin_manager():
 
 def test_config_errors_name_the_key():
     import json
-    from pathlib import Path
 
     from bagel_titan_plugins.bagel.config import architecture_from_release
 

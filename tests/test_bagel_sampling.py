@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 
 import numpy as np
@@ -267,14 +266,12 @@ question = "what colour is the shape ?"
 """
 
 
+@pytest.mark.dist
 def test_generate_samples_on_two_fsdp_ranks_matches_one_process(tmp_path, example):
-    from conftest import REPO, free_port, subprocess_env
+    from conftest import run_torchrun
 
     _job_config(tmp_path, example["tokenizer"], QUESTIONS_AND_PROMPTS.format(**example))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), __file__, str(tmp_path / "job.toml")]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = run_torchrun(2, __file__, str(tmp_path / "job.toml"), timeout=300)
     assert proc.stdout.count("sharded samples match") == 2
 
 
@@ -293,6 +290,7 @@ def _fsdp_worker(job_file: str) -> None:
     apply_fsdp(model, spec.sharding_units(model), init_device_mesh("cpu", (2,)), Parallelism())
     sharded = spec.generate_samples(model, job, step=0)
     assert sharded.texts == whole.texts, (sharded.texts, whole.texts)
+    assert whole.images and sharded.images.keys() == whole.images.keys()
     for name, image in whole.images.items():
         assert np.abs(sharded.images[name].astype(int) - image.astype(int)).max() <= 1, name
     print(f"rank {dist.get_rank()}: sharded samples match", flush=True)

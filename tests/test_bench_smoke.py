@@ -5,12 +5,11 @@ the anchor-style FLOP count, the synthetic packs and loader, the layer-count ove
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, free_port, subprocess_env
+from conftest import REPO, run_command, torchrun_cmd
 
 BENCH = REPO / "benchmarks"
 if str(BENCH) not in sys.path:
@@ -48,13 +47,12 @@ SCRIPTS = [
 
 
 def _run(cmd: list[str], results) -> str:
-    proc = subprocess.run(cmd + ["--results", str(results)], cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    run_command(cmd + ["--results", str(results)], timeout=240)
     assert results.exists(), f"{' '.join(cmd)} wrote no results section"
     return results.read_text()
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("script,args,title,expected", SCRIPTS, ids=[s[0] for s in SCRIPTS])
 def test_script_records_its_section(tmp_path, script, args, title, expected):
     text = _run([PY, str(BENCH / script), *args], tmp_path / "RESULTS.md")
@@ -63,14 +61,14 @@ def test_script_records_its_section(tmp_path, script, args, title, expected):
     assert expected in text, text
 
 
+@pytest.mark.dist
 def test_checkpoint_script_records_its_section(tmp_path):
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(BENCH / "bench_checkpoint.py"), "--dim", "32", "--depth", "2",
-           "--repeats", "1"]
+    cmd = torchrun_cmd(2, str(BENCH / "bench_checkpoint.py"), "--dim", "32", "--depth", "2", "--repeats", "1")
     text = _run(cmd, tmp_path / "RESULTS.md")
     assert "## bench_checkpoint" in text and "| async |" in text
 
 
+@pytest.mark.dist
 def test_example_qa_eval_scores_an_export(tmp_path):
     """A random debug model exported with the example tokenizer: scored, with the chance row."""
     import torch
@@ -86,10 +84,12 @@ def test_example_qa_eval_scores_an_export(tmp_path):
     text = _run([PY, str(BENCH / "eval_example_qa.py"), str(tmp_path / "export"), "--scenes", "2"], tmp_path / "RESULTS.md")
     assert text.count("## eval_example_qa") == 1
     row = next(line for line in text.splitlines() if line.startswith(f"| {tmp_path / 'export'} |"))
-    assert all(cell.strip().endswith("%") for cell in row.strip("|").split("|")[1:])
+    cells = row.strip("|").split("|")[1:]
+    assert len(cells) == 3 and all(cell.strip().endswith("%") for cell in cells), row
     assert "| (chance) | 12% | 33% | 12% |" in text
 
 
+@pytest.mark.dist
 def test_gpu_suite_smoke_checks_flex_and_reports_unavailable_parts_as_skipped_rows(tmp_path):
     """On CPU the flex training row cannot run (no CPU backward): a row with the reason, not a crash."""
     text = _run([PY, str(BENCH / "gpu_suite.py"), "--smoke"], tmp_path / "RESULTS.md")

@@ -1,8 +1,10 @@
 """Exact resume, async saves, retention, load_step, model-only loading, resume on a different
-world size and EMA export, with the toy job on 2 gloo ranks (see tests/toy/dist_toy_job.py)."""
+world size and the EMA export: the real Trainer on 2 gloo ranks with the toy model spec (its
+`[toy] trace` records every step's weights checksum and data position)."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -11,91 +13,120 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_toy_job import read_records, run_toy
+from conftest import run_bagel_titan, toy_cli_args, toy_step_values, toy_trace
 
-STEPS = ["--steps", "8", "--interval", "2", "--accum", "2"]
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test here launches torchrun
+
+# Deterministic fp32, 2 microbatches per step, a checkpoint every 2 steps, an EMA that starts
+# averaging after step 2 (decay 0.9, so the average visibly differs from the weights).
+COMMON = ["--training.steps", "8", "--training.grad_accum_steps", "2", "--training.deterministic", "true",
+          "--checkpoint.enable", "true", "--checkpoint.interval", "2",
+          "--ema.enable", "true", "--ema.decay", "0.9", "--ema.start_step", "2", "--toy.trace", "true"]
+def metrics_jsonl(run: Path) -> dict[int, dict]:
+    """The last logged record of each step in `metrics.jsonl`."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records}
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
-    """8 steps straight through, keeping the 2 newest checkpoints, exporting the EMA."""
+    """8 steps straight through, keeping the 2 newest checkpoints, exporting the EMA at the end."""
     root = tmp_path_factory.mktemp("straight")
-    run_toy(2, "--run-folder", str(root / "run"), "--out", str(root / "log.jsonl"),
-            "--keep", "2", "--export", str(root / "export"), *STEPS)
-    return root
+    run_bagel_titan([*toy_cli_args(root), *COMMON, "--checkpoint.keep_latest_k", "2"], nproc=2)
+    return root / "toy"
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory) -> Path:
-    """4 steps, stop, resume, 4 more steps; asynchronous saves, no retention."""
+    """4 steps, stop, resume for 4 more; asynchronous saves, no retention, no export."""
     root = tmp_path_factory.mktemp("split")
-    args = ["--run-folder", str(root / "run"), "--out", str(root / "log.jsonl"), "--async-save", *STEPS]
-    run_toy(2, *args, "--stop-at", "4")
-    run_toy(2, *args)
-    return root
+    args = [*toy_cli_args(root), *COMMON, "--checkpoint.async_mode", "async", "--checkpoint.export_at_end", "false"]
+    run_bagel_titan([*args, "--training.steps", "4"], nproc=2)
+    run_bagel_titan(args, nproc=2)
+    return root / "toy"
 
 
 def test_split_run_is_bitwise_identical_to_straight_run(straight: Path, split: Path) -> None:
-    ref = read_records(straight / "log.jsonl", "step")
-    got = read_records(split / "log.jsonl", "step")
+    ref = [toy_step_values(r) for r in toy_trace(straight, "step")]
+    got = [toy_step_values(r) for r in toy_trace(split, "step")]
     assert [r["step"] for r in got] == list(range(1, 9))
     for a, b in zip(ref, got):
         assert a == b, f"step {a['step']} differs: straight {a} vs resumed {b}"
-    starts = read_records(split / "log.jsonl", "start")
-    assert [(s["step"], s["restored_data"]) for s in starts] == [(0, False), (4, True)]
+    starts = toy_trace(split, "start")
+    assert [s["step"] for s in starts] == [0, 4]
+    # The resumed job continued the data where it stopped (the packs count goes on).
+    assert got[4]["positions"] == ref[4]["positions"] and got[4]["positions"][0]["packs"] == 10
+    # metrics.jsonl holds the same numbers as the trace, for every step.
+    logged = metrics_jsonl(split)
+    assert sorted(logged) == list(range(1, 9))
+    assert [logged[s]["loss"] for s in range(1, 9)] == [r["loss"] for r in ref]
+    assert ref[0]["ema"] != ref[-1]["ema"] and ref[-1]["model"] != ref[-1]["ema"]
 
 
 def test_async_saves_are_all_marked_complete(split: Path) -> None:
-    ckpt = split / "run" / "checkpoint"
+    ckpt = split / "checkpoint"
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-2", "step-4", "step-6", "step-8"]
     assert all((p / "COMPLETE").exists() for p in ckpt.iterdir())
 
 
 def test_retention_keeps_the_newest_complete_checkpoints(straight: Path) -> None:
-    ckpt = straight / "run" / "checkpoint"
+    ckpt = straight / "checkpoint"
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-6", "step-8"]
+    assert all((p / "COMPLETE").exists() for p in ckpt.iterdir())
 
 
-def test_ema_export_is_bf16_in_the_model_layout(straight: Path) -> None:
-    weights = load_file(str(straight / "export" / "model.safetensors"))
-    assert not list(straight.glob(".export*")), "temporary export folder left behind"
-    expected = {f"blocks.{i}.{m}.{t}" for i in range(3) for m in ("up", "down") for t in ("weight", "bias")}
-    expected |= {"head.weight", "head.bias", "encoder.weight", "encoder.bias"}
-    assert set(weights) == expected
+def test_ema_export_is_the_checkpointed_ema_in_bf16(straight: Path, tmp_path: Path) -> None:
+    """The final export holds the EMA of step 8 (as saved in its checkpoint) in bf16, in the
+    model's own layout; not the raw weights."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    export = straight / "exports" / "final"
+    weights = load_file(str(export / "model.safetensors"))
+    assert [p.name for p in export.parent.iterdir()] == ["final"], "temporary export folder left behind"
+    dcp_to_torch_save(straight / "checkpoint" / "step-8", tmp_path / "step-8.pt")
+    saved = torch.load(tmp_path / "step-8.pt", weights_only=False)
+    assert set(weights) == set(saved["model"]) == set(saved["ema"]) and len(weights) > 10
     assert all(w.dtype == torch.bfloat16 for w in weights.values())
-    last = read_records(straight / "log.jsonl", "step")[-1]
-    ema_sum = sum(w.double().sum().item() for k, w in weights.items() if not k.startswith("encoder"))
-    model_sum = last["model"]
-    assert math.isclose(ema_sum, last["ema"], rel_tol=1e-2, abs_tol=2e-2)
-    assert not math.isclose(ema_sum, model_sum, rel_tol=1e-2), "export holds the raw weights, not the EMA"
+    for name, value in weights.items():
+        torch.testing.assert_close(value, saved["ema"][name].to(torch.bfloat16), rtol=0, atol=0, msg=name)
+    moved = [n for n in weights if not torch.equal(saved["model"][n].to(torch.bfloat16), weights[n])]
+    assert len(moved) > len(weights) // 2, "export holds the raw weights, not the EMA"
+    # The trace's EMA checksum is the checkpoint's EMA.
+    ema_sum = sum(t.double().sum().item() for t in saved["ema"].values())
+    assert math.isclose(ema_sum, toy_trace(straight, "step")[-1]["ema"], rel_tol=1e-9)
 
 
-def test_load_step_and_different_world_size(straight: Path, split: Path, tmp_path: Path) -> None:
-    """Resume step 4 of the 2-rank run on 1 rank: weights, optimizer, EMA resharded exactly;
-    data state not restored (documented policy)."""
-    run = tmp_path / "run"
-    shutil.copytree(split / "run", run)
-    log = tmp_path / "log.jsonl"
-    run_toy(1, "--run-folder", str(run), "--out", str(log), "--load-step", "4", *STEPS)
-    start = read_records(log, "start")[0]
-    ref4 = read_records(straight / "log.jsonl", "step")[3]
-    assert (start["step"], start["restored_data"], start["world_size"]) == (4, False, 1)
+def test_load_step_on_a_different_world_size(straight: Path, split: Path, tmp_path: Path) -> None:
+    """Step 2 of the 2-rank run resumed on 1 rank: weights, optimizer, EMA resharded exactly;
+    the data positions do not map onto 1 rank, so the data restarts with a derived seed."""
+    run = tmp_path / "toy"
+    for step in (2, 4):  # load_step picks step 2 although step 4 is newer
+        shutil.copytree(split / "checkpoint" / f"step-{step}", run / "checkpoint" / f"step-{step}")
+    proc = run_bagel_titan([*toy_cli_args(tmp_path), *COMMON, "--checkpoint.load_step", "2",
+                            "--training.steps", "3", "--checkpoint.export_at_end", "false"])
+    start = toy_trace(run, "start")[0]
+    ref2 = toy_trace(straight, "step")[1]
+    assert (start["step"], start["world_size"]) == (2, 1)
+    assert math.isclose(start["model"], ref2["model"], rel_tol=1e-12)
+    assert math.isclose(start["ema"], ref2["ema"], rel_tol=1e-12)
+    assert "data restarts at step 2" in proc.stdout + proc.stderr
+    steps = toy_trace(run, "step")
+    assert [r["step"] for r in steps] == [3]
+    assert steps[0]["positions"][0]["packs"] == 2, "the data restarts from a fresh loader"
+    assert math.isfinite(steps[0]["metrics"]["loss"])
+    assert (run / "checkpoint" / "step-3" / "COMPLETE").exists()
+
+
+def test_initial_load_is_model_only(straight: Path, split: Path, tmp_path: Path) -> None:
+    """A new run fine-tunes from another run's step-4 weights: step, data, optimizer fresh; the
+    EMA starts at the loaded weights."""
+    source = split / "checkpoint" / "step-4"
+    run_bagel_titan([*toy_cli_args(tmp_path), *COMMON, "--checkpoint.initial_load_path", str(source),
+                     "--training.steps", "1", "--checkpoint.export_at_end", "false"], nproc=2)
+    start = toy_trace(tmp_path / "toy", "start")[0]
+    ref4 = toy_trace(straight, "step")[3]
+    assert start["step"] == 0
     assert math.isclose(start["model"], ref4["model"], rel_tol=1e-12)
-    assert math.isclose(start["ema"], ref4["ema"], rel_tol=1e-12)
-    steps = read_records(log, "step")
-    assert [r["step"] for r in steps] == [5, 6, 7, 8]
-    assert steps[0]["positions"] == [2], "data should restart from the beginning of the shard"
-    assert all(math.isfinite(float.fromhex(r["loss"])) for r in steps)
-
-
-def test_initial_load_model_only(split: Path, straight: Path, tmp_path: Path) -> None:
-    """A new run fine-tunes from another run's step-4 weights: step, data and optimizer fresh."""
-    log = tmp_path / "log.jsonl"
-    source = split / "run" / "checkpoint" / "step-4"
-    run_toy(2, "--run-folder", str(tmp_path / "run"), "--out", str(log),
-            "--initial-load-path", str(source), "--stop-at", "1", *STEPS)
-    start = read_records(log, "start")[0]
-    ref4 = read_records(straight / "log.jsonl", "step")[3]
-    assert (start["step"], start["restored_data"]) == (0, False)
-    assert math.isclose(start["model"], ref4["model"], rel_tol=1e-12)
-    assert read_records(log, "step")[0]["positions"] == [2, 2]
+    assert math.isclose(start["ema"], ref4["model"], rel_tol=1e-12)
+    first = toy_trace(tmp_path / "toy", "step")[0]
+    assert [p["packs"] for p in first["positions"]] == [2, 2]

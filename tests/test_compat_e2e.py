@@ -5,6 +5,8 @@ run (each holds one bad row, and each bad row's reason shows up in the run's met
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -15,6 +17,8 @@ import pyarrow.parquet as pq
 from bagel_titan_plugins.data.example_data import Scene, render, write_example_data
 
 from conftest import run_bagel_titan
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test here launches processes
 
 COLOURS = ("red", "green", "blue", "yellow")
 

@@ -4,8 +4,6 @@ the real config loader accepts; every key is mapped or noted; silent changes are
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pyarrow as pa
@@ -267,15 +265,14 @@ def test_not_an_lmms_config_is_a_clear_error():
         convert({"learning_rate": 1e-5})
 
 
-def test_command_line_prints_toml_and_a_summary(layout, tmp_path):
+def test_command_line_prints_toml_and_a_summary(layout, tmp_path, capsys):
     config = tmp_path / "lmms.yaml"
     config.write_text(LIST_FORM.format(**layout))
-    proc = subprocess.run([sys.executable, "-m", "bagel_titan_plugins.compat.lmms.cli", str(config)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    load(proc.stdout, tmp_path)
-    assert "not converted:" in proc.stderr and "dataset_config.video_backend" in proc.stderr
-    assert "review (translated" in proc.stderr
+    assert main([str(config)]) == 0
+    out = capsys.readouterr()
+    load(out.out, tmp_path)
+    assert "not converted:" in out.err and "dataset_config.video_backend" in out.err
+    assert "review (translated" in out.err
     bad = tmp_path / "bad.yaml"
     bad.write_text(LIST_FORM.format(**layout).replace("kernel_size: 32", "kernel_size: 48"))
     assert main([str(bad)]) == 2  # NSA's kernel_size must divide block_size: the loader's error is reported

@@ -179,11 +179,14 @@ def test_edit_reader_converts_and_counts_bad_chains(tmp_path):
     samples = read_all(BagelEditReader(), path)
     assert {s.index: reason(s) for s in samples if reason(s)} == {5: "bad_edit_chain", 9: "bad_edit_chain"}
     rows = edit_rows(18)
+    checked = 0
     for s in samples:
         if reason(s) is None:
             chain = rows[s.index]["image_list"]
             images = [item["image"] for m in s.data["messages"] for item in m["content"] if item["type"] == "image"]
-            assert all(image in chain for image in images)
+            assert images and all(image in chain for image in images), s.index
+            checked += 1
+    assert checked == 16
     assert [s.data for s in samples] == [s.data for s in read_all(BagelEditReader(), path)]
     for num_shards in (2, 4, 7):
         parts = [read_all(BagelEditReader(), path, k, num_shards) for k in range(num_shards)]

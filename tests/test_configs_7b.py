@@ -4,13 +4,11 @@ on a 2-rank gloo world (no weights are allocated)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from bagel_titan.config.manager import load_job_config
-from conftest import REPO, free_port, subprocess_env
+from conftest import REPO, run_torchrun
 
 
 @pytest.mark.parametrize("name", ["bagel_7b.toml", "bagel_7b_nsa.toml"])
@@ -28,14 +26,13 @@ def test_7b_config_parses(name):
         assert cfg.attention.backend == "flex"
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bagel_7b.toml", "bagel_7b_nsa.toml"])
 def test_7b_plan_on_meta_with_two_ranks(tmp_path, name):
     out = tmp_path / "plan.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(REPO / "tests" / "scripts" / "plan_7b.py"), str(out),
-           str(REPO / "train_configs" / name)]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = run_torchrun(2, str(REPO / "tests" / "scripts" / "plan_7b.py"), str(out), str(REPO / "train_configs" / name),
+                        timeout=300)
     print(proc.stdout)  # parameter counts and the memory estimate per rank for 8 GPUs
     report = json.loads(out.read_text())
     extra = report["params_total"] - 14_607_000_000

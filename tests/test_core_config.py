@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
 
+from bagel_titan.cli import main as cli_main
 from bagel_titan.config import ConfigError, to_toml
 from bagel_titan.config.manager import build_job_config, help_text, split_command_line
 from bagel_titan.config.fields import tomllib
@@ -106,24 +105,17 @@ def test_help_lists_every_key_with_default_and_doc():
     assert "--training.steps (int, default: 100)\n      Optimizer steps to train for." in text
 
 
-def test_cli_reports_misspelt_key_without_a_traceback(tmp_path):
+def test_cli_reports_misspelt_key_without_a_traceback(tmp_path, capsys):
     config = tmp_path / "bad.toml"
     config.write_text("[optimizer]\nlearning_rate = 1e-4\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bagel_titan.cli", "--job.config_file", str(config)],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 2
-    assert "unknown key 'learning_rate' in [optimizer]" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert cli_main(["--job.config_file", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'learning_rate' in [optimizer]" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_cli_help_and_print_config(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bagel_titan.cli", "--help"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "--data.packing_length" in out.stdout
-    out = subprocess.run(
-        [sys.executable, "-m", "bagel_titan.cli", "--training.steps", "3", "--job.print_config"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert out.returncode == 0
-    assert tomllib.loads(out.stdout)["training"]["steps"] == 3
+def test_cli_help_and_print_config(capsys):
+    assert cli_main(["--help"]) == 0
+    assert "--data.packing_length" in capsys.readouterr().out
+    assert cli_main(["--training.steps", "3", "--job.print_config"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["training"]["steps"] == 3

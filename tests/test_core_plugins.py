@@ -91,6 +91,7 @@ def make_distribution(site: Path) -> None:
     (info / "RECORD").write_text("")
 
 
+@pytest.mark.dist
 def test_third_party_distribution_selected_from_toml(tmp_path, toy_args):
     site = tmp_path / "site"
     make_distribution(site)

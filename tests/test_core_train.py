@@ -4,16 +4,17 @@ global loss normalisation, non-finite guard, signals."""
 from __future__ import annotations
 
 import json
+import math
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, run_bagel_titan, subprocess_env
+from conftest import REPO, kill_session, run_bagel_titan, run_command, run_torchrun, start_bagel_titan, wait_for
+
+pytestmark = pytest.mark.dist  # every test here launches processes
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -50,7 +51,8 @@ def test_two_ranks_train_with_gloo(tmp_path, toy_args):
     run_bagel_titan([*toy_args, "--training.steps", "4"], nproc=2)
     records = read_jsonl(tmp_path / "toy" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(r["loss"] == r["loss"] for r in records)  # finite, logged once (rank 0)
+    # Finite (metrics.jsonl writes NaN/inf as null), logged once (rank 0 only).
+    assert all(isinstance(r["loss"], float) and math.isfinite(r["loss"]) for r in records), records
 
 
 def _gradients(tmp_path: Path, layout: str, nproc: int, toy_args: list[str]) -> dict[str, torch.Tensor]:
@@ -58,12 +60,9 @@ def _gradients(tmp_path: Path, layout: str, nproc: int, toy_args: list[str]) -> 
     script = str(REPO / "tests" / "scripts" / "toy_gradients.py")
     args = [*toy_args, "--training.deterministic", "true"]
     if nproc == 1:
-        cmd = [sys.executable, script, str(out), layout, *args]
+        run_command([sys.executable, script, str(out), layout, *args], timeout=300)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, str(out), layout, *args]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        run_torchrun(nproc, script, str(out), layout, *args, timeout=300)
     return torch.load(out)
 
 
@@ -89,18 +88,28 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, toy_args):
     assert proc.returncode != 0
     assert "3 consecutive steps had a non-finite loss or gradient" in proc.stdout + proc.stderr
     assert "step skipped" in proc.stdout + proc.stderr
+    # The skipped steps are logged with null (JSON's non-finite) and counted; the third one
+    # stops the run before it is logged.
+    records = read_jsonl(tmp_path / "toy" / "metrics.jsonl")
+    skipped = [r for r in records if r["nonfinite_steps"] > 0]
+    assert [r["nonfinite_steps"] for r in skipped] == [1.0, 2.0], records
+    assert all(r["grad_norm"] is None for r in skipped), skipped
+    assert all(isinstance(r["loss"], float) for r in records if r["nonfinite_steps"] == 0)
 
 
 def test_sigterm_ends_the_run_cleanly_after_a_checkpoint(tmp_path, toy_args):
-    cmd = [sys.executable, "-m", "bagel_titan.cli", *toy_args, "--training.steps", "100000",
-           "--checkpoint.enable", "true", "--checkpoint.interval", "100000", "--checkpoint.export_at_end", "false"]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    log = tmp_path / "job.log"
+    proc = start_bagel_titan([*toy_args, "--training.steps", "100000", "--checkpoint.enable", "true",
+                              "--checkpoint.interval", "100000", "--checkpoint.export_at_end", "false"], log)
     metrics = tmp_path / "toy" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    try:
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 120, "3 logged steps", proc, log)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_session(proc)
+    output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
     assert "stopping at step" in output
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "toy" / "checkpoint").glob("step-*"))

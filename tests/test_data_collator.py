@@ -4,7 +4,6 @@ and the processor builds the right segments from the example data."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -1,13 +1,16 @@
 """Parallel dims validation, unit selection, reshard policy, activation checkpointing keys and
-gradients (in process), and FSDP / HSDP / AC / compile runs of the toy job on 2 gloo ranks."""
+gradients (in process, on a small residual MLP), and FSDP / HSDP / AC / bf16 runs of the real
+Trainer with the toy model spec on 2 gloo ranks."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from bagel_titan.config.job_config import ActivationCheckpoint
 from bagel_titan.distributed.activation_checkpoint import (
@@ -18,7 +21,38 @@ from bagel_titan.distributed.compile import apply_compile
 from bagel_titan.distributed.fsdp import reshard_after_forward_for
 from bagel_titan.distributed.parallel_dims import ParallelDims, ParallelismConfigError
 from bagel_titan.distributed.units import resolve_units
-from dist_toy_job import ToyModel, read_records, run_toy
+from conftest import run_bagel_titan, toy_cli_args, toy_trace
+
+
+class Block(nn.Module):
+    """Residual MLP block: the sharding / checkpointing / compile unit."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+        self.drop = nn.Dropout(0.1)  # AC must replay the RNG state in the recompute
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return x_BD + self.down(self.drop(torch.relu(self.up(x_BD))))
+
+
+class ToyModel(nn.Module):
+    """Blocks + head, plus a frozen `encoder` (like BAGEL's VAE)."""
+
+    def __init__(self, dim: int = 16, depth: int = 3):
+        super().__init__()
+        self.encoder = nn.Linear(dim, dim)
+        self.encoder.requires_grad_(False)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.encoder(x_BD)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h).sum(-1)
 
 
 def test_parallel_dims_resolves_auto_shard() -> None:
@@ -55,7 +89,9 @@ def test_reshard_policy() -> None:
 
 
 def test_selective_every_nth() -> None:
-    pick = lambda mode, every=2: checkpointed_unit_indices(6, ActivationCheckpoint(mode, every))
+    def pick(mode: str, every: int = 2) -> list[int]:
+        return checkpointed_unit_indices(6, ActivationCheckpoint(mode, every))
+
     assert pick("none") == [] and pick("full") == list(range(6))
     assert pick("selective", 2) == [1, 3, 5] and pick("selective", 3) == [2, 5]
     with pytest.raises(ValueError, match="mode"):
@@ -110,43 +146,55 @@ def test_cpu_offload_on_cpu_is_a_config_error() -> None:
         destroy_distributed()
 
 
-def _losses(log: Path) -> list[float]:
-    return [float.fromhex(r["loss"]) for r in read_records(log, "step")]
+# -- the Trainer on 2 gloo ranks -----------------------------------------------------------------
+
+TOY = ["--training.steps", "3", "--training.grad_accum_steps", "2", "--training.deterministic", "true"]
+
+
+def _losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    return [r["loss"] for r in records]
 
 
 @pytest.fixture(scope="module")
 def eager_losses(tmp_path_factory) -> list[float]:
+    """Plain fp32 FSDP over 2 ranks: the reference."""
     root = tmp_path_factory.mktemp("eager")
-    run_toy(2, "--run-folder", str(root), "--out", str(root / "log.jsonl"), "--no-checkpoint", "--steps", "3")
-    return _losses(root / "log.jsonl")
+    run_bagel_titan([*toy_cli_args(root), *TOY], nproc=2)
+    return _losses(root / "toy")
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "rtol"),
     [
-        (("--ac", "full", "--reshard", "always"), 1e-5),
-        (("--ac", "selective", "--compile-backend", "aot_eager", "--reshard", "never"), 1e-5),
-        (("--dtype", "bfloat16"), 2e-2),
+        (("--activation_checkpoint.mode", "full", "--parallelism.reshard_after_forward", "always"), 1e-5),
+        (("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_every", "1",
+          "--parallelism.reshard_after_forward", "never"), 1e-5),
+        (("--training.dtype", "bfloat16"), 2e-2),
     ],
-    ids=["fsdp-ac-full", "fsdp-ac-selective-compile", "bf16-mixed-precision"],
+    ids=["fsdp-ac-full", "fsdp-ac-selective", "bf16-mixed-precision"],
 )
 def test_toy_training_matches_eager_fsdp(extra, rtol, eager_losses, tmp_path: Path) -> None:
-    """AC (with and without compile) and bf16 compute train the same model: the same
-    losses as plain fp32 FSDP (bf16 within its precision, and not bitwise: it is really used)."""
-    run_toy(2, "--run-folder", str(tmp_path), "--out", str(tmp_path / "log.jsonl"),
-            "--no-checkpoint", "--steps", "3", *extra, timeout=300)
-    losses = _losses(tmp_path / "log.jsonl")
+    """AC and bf16 compute train the same model: the same losses as plain fp32 FSDP (bf16
+    within its precision, and not bitwise: it is really used)."""
+    run_bagel_titan([*toy_cli_args(tmp_path), *TOY, *extra], nproc=2)
+    losses = _losses(tmp_path / "toy")
     torch.testing.assert_close(losses, eager_losses, rtol=rtol, atol=1e-6)
     if "bfloat16" in extra:
         assert losses != eager_losses
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_hsdp_trains_and_resumes(eager_losses, tmp_path: Path) -> None:
     """HSDP (2 replicas x 1 shard) with a checkpoint at step 2 and a resumed step 3: the same
     losses as plain FSDP (the gradient reduction differs, so not bitwise)."""
-    args = ["--run-folder", str(tmp_path / "run"), "--out", str(tmp_path / "log.jsonl"),
-            "--dp-replicate", "2", "--steps", "3", "--interval", "2"]
-    run_toy(2, *args, "--stop-at", "2")
-    run_toy(2, *args)
-    assert [r["step"] for r in read_records(tmp_path / "log.jsonl", "start")] == [0, 2]
-    torch.testing.assert_close(_losses(tmp_path / "log.jsonl"), eager_losses, rtol=1e-5, atol=1e-6)
+    args = [*toy_cli_args(tmp_path), *TOY, "--parallelism.dp_replicate", "2", "--checkpoint.enable", "true",
+            "--checkpoint.interval", "2", "--checkpoint.export_at_end", "false", "--toy.trace", "true"]
+    run_bagel_titan([*args, "--training.steps", "2"], nproc=2)
+    run_bagel_titan(args, nproc=2)
+    assert [r["step"] for r in toy_trace(tmp_path / "toy", "start")] == [0, 2]
+    torch.testing.assert_close(_losses(tmp_path / "toy"), eager_losses, rtol=1e-5, atol=1e-6)

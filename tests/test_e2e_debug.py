@@ -4,6 +4,7 @@ and exact resume of a 2-rank BAGEL run."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 
 from bagel_titan_plugins.data.example_data import ensure_example_data
 from conftest import REPO, run_bagel_titan
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test here launches processes
 
 DEBUG_CONFIG = str(REPO / "train_configs" / "debug_model.toml")
 
@@ -36,6 +39,11 @@ def debug_args(run_folder: Path, data: dict[str, str], steps: int, *extra: str) 
         "--validation.enable", "false",
         *extra,
     ]
+
+
+def is_finite(value) -> bool:
+    """metrics.jsonl writes a non-finite value as null."""
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def losses(run: Path, key: str) -> list[float]:
@@ -88,7 +96,8 @@ def test_each_backend_trains_the_debug_model(tmp_path, example_data, backend):
                   "--attention.nsa.kernel_stride", "4", "--attention.nsa.topk", "4",
                   "--attention.nsa.window_size", "32"]
     run_bagel_titan(debug_args(tmp_path, example_data, 3, *extra))
-    assert all(v == v for v in losses(tmp_path / "run", "loss"))  # finite
+    logged = losses(tmp_path / "run", "loss")
+    assert len(logged) == 3 and all(is_finite(v) for v in logged), logged
 
 
 def test_two_rank_bagel_resume_is_exact(tmp_path, example_data):

@@ -31,7 +31,11 @@ def format_console(step: int, metrics: dict[str, float]) -> str:
 
 
 class MetricsLogger:
-    """Writes logged steps to the console, TensorBoard and `<run>/metrics.jsonl` (rank 0 only)."""
+    """Writes logged steps to the console, TensorBoard and `<run>/metrics.jsonl` (rank 0 only).
+
+    `metrics.jsonl` holds one JSON object per logged step; a non-finite value (NaN, inf) is
+    written as `null` there (TensorBoard and the console keep the float).
+    """
 
     def __init__(self, run_folder: str, enable_tensorboard: bool, is_rank0: bool):
         self.is_rank0 = is_rank0
@@ -53,7 +57,9 @@ class MetricsLogger:
         logger.info(format_console(step, metrics))
         record: dict[str, Any] = {"step": step}
         for key, value in metrics.items():
-            record[key] = value if math.isfinite(value) else str(value)
+            # JSON has no NaN/Infinity: a non-finite value is written as null, which every JSON
+            # reader accepts and no check mistakes for a number.
+            record[key] = value if math.isfinite(value) else None
             if self.tb is not None:
                 self.tb.add_scalar(key, value, step)
         if self.jsonl is not None:

@@ -10,6 +10,7 @@ counts, the FSDP-wrapped units and a memory estimate per rank for 8 GPUs.
 import json
 import sys
 
+import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
@@ -21,7 +22,6 @@ from bagel_titan.trainer import build_parallel_model
 
 out_path, config_path, *overrides = sys.argv[1:]
 job_config, plugins = load_job_config(["--job.config_file", config_path, "--training.device", "cpu", *overrides])
-import torch
 
 init_distributed(torch.device("cpu"))
 dims = ParallelDims(job_config.parallelism.dp_replicate, job_config.parallelism.dp_shard, dist.get_world_size())

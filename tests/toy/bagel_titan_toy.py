@@ -3,15 +3,21 @@
 Loaded by tests through ``[job] plugins = ["bagel_titan_toy"]`` (tests/toy is put on the path).
 It registers the model spec ``toy_lm`` and the dataloader ``toy_synthetic`` (deterministic
 synthetic documents, packed, stateful), and uses the first-party attention backends and losses.
+Its ``[toy]`` section lets the checkpoint, crash and parallelism tests watch the real Trainer:
+``trace`` records every step's weights checksum and data position, ``step_delay_s`` slows the
+loop down enough to kill a job in the middle of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import time
 from dataclasses import dataclass, field
 
-
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from bagel_titan.hookspec import hookimpl
@@ -213,6 +219,69 @@ class ToyLoaderBuilder:
     def build(self, job_config, plugins, model_spec, *, dp_rank, dp_world_size, datasets=None, infinite=True):
         cfg = ToySpec.flavors[job_config.model.flavor]
         return ToyLoader(cfg, job_config.training.seed, job_config.data.packing_length, dp_rank, dp_world_size)
+
+
+@dataclass
+class ToyOptions:
+    trace: bool = False
+    """Write `<run>/toy_trace.jsonl` (rank 0): a `start` record after the build phase (resumed
+    step, world size, weights checksums) and a `step` record per optimizer step (the logged
+    metrics, weights checksums, every rank's data position); every rank also writes its process
+    id to `<run>/toy_rank<N>.pid`."""
+    step_delay_s: float = 0.0
+    """Seconds every rank sleeps after each step (time for a test to kill a running job)."""
+
+
+def checksum(tensors) -> float:
+    """Sum over all ranks of every local shard (float64): equal weights give equal checksums,
+    to rounding, whatever the sharding. Collective."""
+    total = torch.zeros((), dtype=torch.float64)
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.detach().double().sum().cpu()
+    dist.all_reduce(total)
+    return total.item()
+
+
+def _trace(trainer, kind: str, **fields) -> None:
+    """Append one record to the trace (collective: checksums and positions come from every rank)."""
+    record = {
+        "kind": kind,
+        "step": trainer.train_state.step,
+        "world_size": dist.get_world_size(),
+        "model": checksum(p for p in trainer.model.parameters() if p.requires_grad),
+        "ema": checksum(trainer.ema.state_dict().values()) if trainer.ema is not None else None,
+        **fields,
+    }
+    positions = [None] * dist.get_world_size()
+    dist.all_gather_object(positions, trainer.dataloader.state_dict())
+    record["positions"] = positions
+    if dist.get_rank() == 0:
+        with open(os.path.join(trainer.run_folder, "toy_trace.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@hookimpl
+def bagel_titan_config_sections():
+    return {"toy": ToyOptions}
+
+
+@hookimpl
+def bagel_titan_on_train_start(trainer):
+    options = trainer.job_config.section("toy")
+    if options.trace:
+        with open(os.path.join(trainer.run_folder, f"toy_rank{dist.get_rank()}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        _trace(trainer, "start")
+
+
+@hookimpl
+def bagel_titan_on_step_end(trainer, step, metrics):
+    options = trainer.job_config.section("toy")
+    if options.trace:
+        _trace(trainer, "step", metrics=metrics)
+    if options.step_delay_s:
+        time.sleep(options.step_delay_s)
 
 
 @hookimpl

@@ -26,7 +26,7 @@ def _first_record(path: str) -> dict[str, Any] | None:
     try:
         if path.endswith(".jsonl"):
             with open(path, encoding="utf-8") as f:
-                line = next((l for l in f if l.strip()), "")
+                line = next((text for text in f if text.strip()), "")
             record = json.loads(line) if line else None
         else:
             record = next(iter_json_array(path), None)
