@@ -140,6 +140,12 @@ class BagelConfig:
     A relative path is relative to the working directory."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights in a fresh model."""
+    freeze_und: bool = False
+    """The release's `freeze_und`: detach the understanding tokens' activations in every layer,
+    so only the generation path (and the lm_head, through the CE) learns; the ViT and the connector
+    get no gradient either. Unlike `[model] freeze = ["und"]`, which stops updating the
+    understanding weights but still backpropagates through them into the ViT, the connector and
+    the embeddings, this cuts the graph (less backward compute)."""
 
     def validate(self, arch: BagelArchitecture) -> None:
         """Raise a clear error when an option contradicts the architecture."""

@@ -262,8 +262,6 @@ def _bagel_options(conv: Conversion, options: Mapping[str, Any], prefix: str) ->
     for key, value in options.items():
         if key in names:
             conv.set("bagel", key, value, f"{prefix}.{key}")
-        elif key == "freeze_und" and value:
-            conv.set("model", "freeze", sorted(set(conv.get("model", "freeze", [])) | {"und"}), f"{prefix}.{key}")
         else:
             conv.skip(f"{prefix}.{key}", value, f"no [bagel] option of that name (options: {sorted(names)})")
 
