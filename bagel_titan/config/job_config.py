@@ -47,6 +47,11 @@ class Training:
     """Optimizer steps to train for."""
     grad_accum_steps: int = 1
     """Microbatches (packs) per optimizer step on each data-parallel rank."""
+    grad_accum_weighting: Literal["tokens", "microbatches"] = "tokens"
+    """How a step's microbatches are weighted: "tokens" divides each loss by its count over the
+    whole step (every loss token weighs the same); "microbatches" is the release's rule (each
+    microbatch's loss is a mean over its own tokens on all ranks, divided by grad_accum_steps,
+    so a token of a sparse microbatch weighs more)."""
     max_norm: float = 1.0
     """Gradient-norm clipping threshold; 0 disables clipping (the norm is still logged)."""
     seed: int = 0
