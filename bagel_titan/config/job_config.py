@@ -176,6 +176,9 @@ class DatasetEntry:
     """Sampling weight in a mixture."""
     name: str = ""
     """Name used in logs and metrics; empty: the path."""
+    is_mandatory: bool = False
+    """With `[data] packing_strategy = "release"`: every pack starts with one sample of this
+    dataset (the release's `is_mandatory`)."""
 
 
 @dataclass
@@ -185,9 +188,10 @@ class Data:
     packing: bool = True
     """Pack several samples into one sequence."""
     packing_strategy: str = "first_fit"
-    """Packing strategy (first_fit, best_fit, best_fit_decreasing, none, or from a plugin)."""
+    """Packing strategy (first_fit, best_fit, best_fit_decreasing, none, release, or from a
+    plugin); "release" is the BAGEL release's packing, options in [data.release_packing]."""
     packing_length: int = 4096
-    """Tokens per pack."""
+    """Tokens per pack (its hard cap; with release packing, the release's max_num_tokens)."""
     packing_window: int = 256
     """Samples buffered by look-ahead strategies (first_fit open bins, best_fit_decreasing)."""
     shuffle: bool = True

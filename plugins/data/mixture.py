@@ -30,6 +30,8 @@ class Source:
     reader: Any
     weight: float
     data_folder: str = ""
+    mandatory: bool = False
+    """Release packing: one sample of this dataset starts every pack (`is_mandatory`)."""
 
     def iter_shard(self, shard_index: int, num_shards: int, start: int, read_pass: ReadPass) -> Iterator[RawSample]:
         for sample in self.reader.iter_samples(self.path, shard_index=shard_index, num_shards=num_shards,
@@ -133,7 +135,10 @@ class MixtureStream:
                     return drawn
                 self.current += 1
             raise StopIteration
-        i = self._choose()
+        return self.draw_from(self._choose())
+
+    def draw_from(self, i: int) -> Drawn:
+        """The next sample of source `i` (endless mode), without a weighted draw."""
         sample = self._next_of(i)
         if sample is None:  # end of this shard's pass: next epoch
             if self.positions[i] == 0:
