@@ -176,6 +176,10 @@ class DatasetEntry:
     """Sampling weight in a mixture."""
     name: str = ""
     """Name used in logs and metrics; empty: the path."""
+    processor: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the model's processor options for this dataset only (BAGEL: keys of
+    [bagel.processor], e.g. `processor = { vae_max_size = 512, vit_max_pixels = 2007040 }`), as
+    the release's per-dataset image_transform_args / vit_image_transform_args."""
     is_mandatory: bool = False
     """With `[data] packing_strategy = "release"`: every pack starts with one sample of this
     dataset (the release's `is_mandatory`)."""

@@ -29,7 +29,7 @@ def _identity(item: Any) -> Any:
 
 
 def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float = 1.0,
-                    mandatory: bool = False) -> list[Source]:
+                    mandatory: bool = False, processor: dict[str, Any] | None = None) -> list[Source]:
     """Config entries -> sources, yaml mixtures expanded, every path and format checked now."""
     sources: list[Source] = []
     for i, entry in enumerate(entries):
@@ -42,7 +42,7 @@ def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float
                                     f"exist; fix `path` (relative paths resolve against {os.getcwd()!r})")
         if hasattr(reader, "expand"):
             sources.extend(resolve_sources(reader.expand(entry.path), plugins, weight * entry.weight,
-                                           mandatory or entry.is_mandatory))
+                                           mandatory or entry.is_mandatory, {**(processor or {}), **entry.processor}))
             continue
         name = entry.name or entry.path
         if "read_pass" not in inspect.signature(reader.iter_samples).parameters:
@@ -55,7 +55,7 @@ def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float
         if any(s.name == name for s in sources):
             raise ValueError(f"two datasets are named {name!r}; give them distinct `name`s")
         sources.append(Source(name, entry.path, reader, weight * entry.weight, entry.data_folder,
-                              mandatory or entry.is_mandatory))
+                              mandatory or entry.is_mandatory, {**(processor or {}), **entry.processor}))
     if not sources:
         raise ValueError("no datasets configured; add [[data.datasets]] entries with a `path`")
     return sources

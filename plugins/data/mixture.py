@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from bagel_titan.protocols import RawSample, ReadPass
@@ -32,12 +32,15 @@ class Source:
     data_folder: str = ""
     mandatory: bool = False
     """Release packing: one sample of this dataset starts every pack (`is_mandatory`)."""
+    processor_options: dict[str, Any] = field(default_factory=dict)
+    """Per-dataset processor overrides, handed to the processor with every sample."""
 
     def iter_shard(self, shard_index: int, num_shards: int, start: int, read_pass: ReadPass) -> Iterator[RawSample]:
         for sample in self.reader.iter_samples(self.path, shard_index=shard_index, num_shards=num_shards,
                                                start=start, read_pass=read_pass):
             sample.dataset = self.name
             sample.data_folder = sample.data_folder or self.data_folder
+            sample.processor_options = self.processor_options
             yield sample
 
 
