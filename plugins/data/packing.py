@@ -238,6 +238,8 @@ class ReleasePacker:
         self.mandatory_placed = 0
         self.buffer: list[tuple[Any, int]] = []
         self.carried: tuple[Any, int] | None = None
+        self.carried_count = 0
+        """Samples the release would have dropped (benchmarks report it; not state)."""
 
     def wanted_source(self) -> int | None:
         """The source the next item must come from (a mandatory one at the start of a pack), or
@@ -262,6 +264,7 @@ class ReleasePacker:
             self.buffer.append((key, length))
             return []
         self.carried = (key, length)  # the release drops it here
+        self.carried_count += 1
         return [self._emit()]
 
     def _settle(self) -> list[list[Any]]:
