@@ -71,6 +71,7 @@ def test_llm_weights_and_their_moe_gen_copies(folders):
     hf = qwen.state_dict()
     ours = model.state_dict()
     assert model.arch.llm.hidden_size == 64 and model.arch.llm.num_layers == 2 and model.arch.llm.vocab_size == 256
+    assert model.arch.llm.rope_theta == 10000.0 and model.arch.llm.num_kv_heads == 2
     for key, value in hf.items():
         torch.testing.assert_close(ours[f"language_model.{key}"], value, rtol=0, atol=0, msg=key)
         twin = f"language_model.{key}".replace("q_proj", "q_proj_moe_gen").replace("mlp.", "mlp_moe_gen.") \

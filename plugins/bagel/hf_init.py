@@ -68,10 +68,15 @@ def architecture(base: BagelArchitecture, options: BagelConfig) -> BagelArchitec
         if c.get("model_type") not in ("qwen2", None):
             raise UserError(f"[bagel] llm_path {options.llm_path!r} is a {c.get('model_type')!r} model; BAGEL "
                             f"starts from a Qwen2 / Qwen2.5 LLM")
+        # transformers >= 5 writes the RoPE settings under `rope_parameters`, older ones flat.
+        rope = c.get("rope_parameters") or {"rope_theta": c.get("rope_theta", 1e6), **(c.get("rope_scaling") or {})}
+        if rope.get("rope_type", rope.get("type", "default")) != "default" or c.get("hidden_act", "silu") != "silu":
+            raise UserError(f"[bagel] llm_path {options.llm_path!r}: rope {rope} / hidden_act {c.get('hidden_act')!r} "
+                            f"are not supported (BAGEL uses Qwen2's default RoPE and silu)")
         llm = LLMArgs(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
                       intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
                       num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-                      rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 1e6),
+                      rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope["rope_theta"]),
                       qk_norm=True, tie_word_embeddings=False,
                       max_position_embeddings=c.get("max_position_embeddings", 32768))
     if options.vit_path and options.visual_und:
