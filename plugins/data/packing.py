@@ -206,9 +206,10 @@ class ReleasePackingConfig:
     is full, a sample that does not fit makes the pack leave."""
 
     def __post_init__(self) -> None:
-        for name in ("expected_num_tokens", "max_num_tokens_per_sample", "prefer_buffer_before", "max_buffer_size"):
-            if getattr(self, name) < (0 if name in ("prefer_buffer_before", "max_buffer_size") else 1):
-                raise ConfigError(f"[data.release_packing] {name} must be positive, got {getattr(self, name)}")
+        for name, least in (("expected_num_tokens", 1), ("max_num_tokens_per_sample", 1),
+                            ("prefer_buffer_before", 0), ("max_buffer_size", 0)):
+            if getattr(self, name) < least:  # the section name is added where the table is read
+                raise ConfigError(f"{name} must be >= {least}, got {getattr(self, name)}")
 
 
 class ReleasePacker:
