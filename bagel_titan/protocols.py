@@ -157,6 +157,8 @@ class RawSample:
     """Which pass over its dataset this read belongs to (set by the loader): random choices made
     while processing (conditioning dropout) depend on it, so they differ between epochs but are
     the same whenever the same read is repeated (resume)."""
+    processor_options: dict[str, Any] = field(default_factory=dict)
+    """The dataset's `[[data.datasets]] processor` overrides (set by the loader)."""
 
 
 @dataclass(frozen=True)

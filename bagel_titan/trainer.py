@@ -230,17 +230,23 @@ class Trainer:
         Returns the per-component loss sums of this rank, the global counts, the global token
         count and whether any rank received a stop signal (all from one all-reduce).
         """
-        local_counts = [float(sum(c.count(b) for b in batches)) for c in self.loss_components]
+        n = len(self.loss_components)
+        micro_counts = [float(c.count(b)) for b in batches for c in self.loss_components]
         local_tokens = float(sum(b.num_tokens for b in batches))
-        reduced = self._all_reduce_sum(local_counts + [local_tokens, float(self._stop_signal is not None)])
-        global_counts = reduced[: len(local_counts)]
-        global_tokens = int(reduced[len(local_counts)])
+        reduced = self._all_reduce_sum(micro_counts + [local_tokens, float(self._stop_signal is not None)])
+        per_micro = [reduced[i * n:(i + 1) * n] for i in range(len(batches))]
+        global_counts = [sum(col) for col in zip(*per_micro)]
+        global_tokens = int(reduced[len(micro_counts)])
         stop_requested = reduced[-1] > 0
+        if self.job_config.training.grad_accum_weighting == "microbatches":  # the release's rule
+            normalisers = [[count * len(batches) for count in counts] for counts in per_micro]
+        else:
+            normalisers = [global_counts] * len(batches)
 
         sums = torch.zeros(len(self.loss_components), dtype=torch.float64, device=self.device)
         for index, batch in enumerate(batches):
             outputs = self.model_spec.forward(self.model, batch, self._noise_generator(step, index))
-            loss, term_sums = self.loss_fn(outputs, batch, global_counts)
+            loss, term_sums = self.loss_fn(outputs, batch, normalisers[index])
             # FSDP averages gradients over the data-parallel ranks; the loss is already a global
             # mean, so undo that average.
             (loss * self.dp_world_size).backward()

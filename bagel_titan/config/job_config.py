@@ -47,6 +47,11 @@ class Training:
     """Optimizer steps to train for."""
     grad_accum_steps: int = 1
     """Microbatches (packs) per optimizer step on each data-parallel rank."""
+    grad_accum_weighting: Literal["tokens", "microbatches"] = "tokens"
+    """How a step's microbatches are weighted: "tokens" divides each loss by its count over the
+    whole step (every loss token weighs the same); "microbatches" is the release's rule (each
+    microbatch's loss is a mean over its own tokens on all ranks, divided by grad_accum_steps,
+    so a token of a sparse microbatch weighs more)."""
     max_norm: float = 1.0
     """Gradient-norm clipping threshold; 0 disables clipping (the norm is still logged)."""
     seed: int = 0
@@ -171,6 +176,13 @@ class DatasetEntry:
     """Sampling weight in a mixture."""
     name: str = ""
     """Name used in logs and metrics; empty: the path."""
+    processor: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the model's processor options for this dataset only (BAGEL: keys of
+    [bagel.processor], e.g. `processor = { vae_max_size = 512, vit_max_pixels = 2007040 }`), as
+    the release's per-dataset image_transform_args / vit_image_transform_args."""
+    is_mandatory: bool = False
+    """With `[data] packing_strategy = "release"`: every pack starts with one sample of this
+    dataset (the release's `is_mandatory`)."""
 
 
 @dataclass
@@ -180,9 +192,10 @@ class Data:
     packing: bool = True
     """Pack several samples into one sequence."""
     packing_strategy: str = "first_fit"
-    """Packing strategy (first_fit, best_fit, best_fit_decreasing, none, or from a plugin)."""
+    """Packing strategy (first_fit, best_fit, best_fit_decreasing, none, release, or from a
+    plugin); "release" is the BAGEL release's packing, options in [data.release_packing]."""
     packing_length: int = 4096
-    """Tokens per pack."""
+    """Tokens per pack (its hard cap; with release packing, the release's max_num_tokens)."""
     packing_window: int = 256
     """Samples buffered by look-ahead strategies (first_fit open bins, best_fit_decreasing)."""
     shuffle: bool = True

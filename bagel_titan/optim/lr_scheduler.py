@@ -10,7 +10,12 @@ from bagel_titan.config.job_config import LRScheduler as LRSchedulerConfig
 
 
 def lr_factor(step: int, total_steps: int, cfg: LRSchedulerConfig, peak_lr: float) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (1-based: the first step is 1)."""
+    """Multiplier of the peak lr for optimizer step `step` (1-based: the first step is 1).
+
+    The warm-up gives step k the factor k / warmup_steps, so the first step already learns and
+    the peak is reached at step warmup_steps. The release's LambdaLR evaluates step / warmup
+    before its first `scheduler.step()`: its first optimizer step runs at lr 0 and it peaks one
+    step later (docs/differences_from_release.md)."""
     warmup = cfg.warmup_steps
     if warmup > 0 and step <= warmup:
         return step / warmup

@@ -140,6 +140,24 @@ class BagelConfig:
     A relative path is relative to the working directory."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights in a fresh model."""
+    llm_path: str = ""
+    """Start a fresh model from this Hugging Face Qwen2 / Qwen2.5 folder (the release's
+    `llm_path`: config.json + safetensors): its LLM shapes, weights and tokenizer. Instead of
+    `[model] pretrained_path`, not with it."""
+    vit_path: str = ""
+    """Start the ViT from this Hugging Face SigLIP folder (the release's `vit_path`)."""
+    copy_init_moe: bool = True
+    """With llm_path: copy every understanding weight into its `_moe_gen` twin (the release's
+    `copy_init_moe`); off: the generation experts start fresh."""
+    vit_select_layer: int = -2
+    """With vit_path: the SigLIP layer whose output BAGEL uses (-2: the penultimate; the layers
+    after it are not built), as the release's `vit_select_layer`."""
+    freeze_und: bool = False
+    """The release's `freeze_und`: detach the understanding tokens' activations in every layer,
+    so only the generation path (and the lm_head, through the CE) learns; the ViT and the connector
+    get no gradient either. Unlike `[model] freeze = ["und"]`, which stops updating the
+    understanding weights but still backpropagates through them into the ViT, the connector and
+    the embeddings, this cuts the graph (less backward compute)."""
 
     def validate(self, arch: BagelArchitecture) -> None:
         """Raise a clear error when an option contradicts the architecture."""

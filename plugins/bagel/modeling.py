@@ -128,7 +128,7 @@ class Bagel(nn.Module):
         self.arch, self.options = arch, options
         d = arch.llm.hidden_size
         self.hidden_size = d
-        self.language_model = Qwen2MoTForCausalLM(arch.llm, llm_attention)
+        self.language_model = Qwen2MoTForCausalLM(arch.llm, llm_attention, options.freeze_und)
         self.latent_channels = arch.vae.z_channels
         self.patch_latent_dim = options.latent_patch_size ** 2 * arch.vae.z_channels
         if options.visual_gen:

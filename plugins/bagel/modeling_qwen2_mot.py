@@ -4,6 +4,11 @@ Understanding tokens (text and ViT) go through the plain weights, generation tok
 through the `_moe_gen` twin of every per-token module; attention is one joint attention over the
 whole pack through the configured attention backend. Module names equal the release's
 state-dict keys (`language_model.model.layers.{i}.self_attn.q_proj_moe_gen.weight`, ...).
+
+`freeze_und` is the release's option of that name: the understanding tokens' activations are
+detached wherever they enter the computation (each layer's input, their queries, keys and values,
+the final norm), so no gradient reaches the understanding experts, the embeddings, the ViT or the
+connector; generation tokens still attend to them, and the `lm_head` still learns from the CE.
 """
 
 from __future__ import annotations
@@ -104,11 +109,17 @@ class Qwen2MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _frozen(x: torch.Tensor, freeze: bool) -> torch.Tensor:
+    return x.detach() if freeze else x
+
+
 class PackedAttentionMoT(nn.Module):
     """Joint attention with per-expert q/k/v/o projections and per-expert qk-norm."""
 
-    def __init__(self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory):
+    def __init__(self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory,
+                 freeze_und: bool = False):
         super().__init__()
+        self.freeze_und = freeze_und
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         d, q_dim, kv_dim = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         for suffix in ("", "_moe_gen"):
@@ -136,7 +147,7 @@ class PackedAttentionMoT(nn.Module):
 
     def forward(self, x_und: torch.Tensor, x_gen: torch.Tensor, routing: MoTRouting,
                 cos_TD: torch.Tensor, sin_TD: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor]:
-        q_und, k_und, v_und = self._qkv(x_und, "")
+        q_und, k_und, v_und = (_frozen(t, self.freeze_und) for t in self._qkv(x_und, ""))
         q_gen, k_gen, v_gen = self._qkv(x_gen, "_moe_gen")
         v_THD = routing.merge(v_und, v_gen)
         q_THD = apply_rotary(routing.merge(q_und, q_gen).float(), cos_TD, sin_TD).to(v_THD.dtype)
@@ -149,9 +160,11 @@ class PackedAttentionMoT(nn.Module):
 class Qwen2MoTDecoderLayer(nn.Module):
     """One decoder layer: every norm and MLP has an understanding and a generation expert."""
 
-    def __init__(self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory):
+    def __init__(self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory,
+                 freeze_und: bool = False):
         super().__init__()
-        self.self_attn = PackedAttentionMoT(args, layer_index, attention_factory)
+        self.freeze_und = freeze_und
+        self.self_attn = PackedAttentionMoT(args, layer_index, attention_factory, freeze_und)
         self.mlp = Qwen2MLP(args.hidden_size, args.intermediate_size)
         self.mlp_moe_gen = Qwen2MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -161,6 +174,7 @@ class Qwen2MoTDecoderLayer(nn.Module):
 
     def forward(self, h_TD: torch.Tensor, routing: MoTRouting, cos_TD: torch.Tensor, sin_TD: torch.Tensor, meta) -> torch.Tensor:
         h_und, h_gen = routing.split(h_TD)
+        h_und = _frozen(h_und, self.freeze_und)
         a_und, a_gen = self.self_attn(self.input_layernorm(h_und), self.input_layernorm_moe_gen(h_gen),
                                       routing, cos_TD, sin_TD, meta)
         h_und, h_gen = h_und + a_und, h_gen + a_gen
@@ -172,11 +186,13 @@ class Qwen2MoTDecoderLayer(nn.Module):
 class Qwen2MoTModel(nn.Module):
     """Embeddings, decoder layers and the per-expert final norm (`model.*` keys)."""
 
-    def __init__(self, args: LLMArgs, attention_factory: AttentionFactory):
+    def __init__(self, args: LLMArgs, attention_factory: AttentionFactory, freeze_und: bool = False):
         super().__init__()
         self.args = args
+        self.freeze_und = freeze_und
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Qwen2MoTDecoderLayer(args, i, attention_factory) for i in range(args.num_layers))
+        self.layers = nn.ModuleList(Qwen2MoTDecoderLayer(args, i, attention_factory, freeze_und)
+                                    for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -190,15 +206,15 @@ class Qwen2MoTModel(nn.Module):
             if layer_outputs is not None:
                 layer_outputs.append(h_TD)
         h_und, h_gen = routing.split(h_TD)
-        return routing.merge(self.norm(h_und), self.norm_moe_gen(h_gen))
+        return routing.merge(_frozen(self.norm(h_und), self.freeze_und), self.norm_moe_gen(h_gen))
 
 
 class Qwen2MoTForCausalLM(nn.Module):
     """The `language_model` of BAGEL: decoder plus an untied `lm_head`."""
 
-    def __init__(self, args: LLMArgs, attention_factory: AttentionFactory):
+    def __init__(self, args: LLMArgs, attention_factory: AttentionFactory, freeze_und: bool = False):
         super().__init__()
         if args.tie_word_embeddings:
             raise ValueError("tie_word_embeddings = true is not supported: BAGEL's lm_head is untied")
-        self.model = Qwen2MoTModel(args, attention_factory)
+        self.model = Qwen2MoTModel(args, attention_factory, freeze_und)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

@@ -18,6 +18,7 @@ dropped differently in every epoch, and identically whenever the same read repea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any, Union
 import torch
 from transformers import AutoTokenizer
 
+from bagel_titan.config.fields import build_dataclass
 from bagel_titan.protocols import RawSample
 from bagel_titan_plugins.data.bad_samples import BadSampleError
 from bagel_titan_plugins.data.images import fit_size, load_rgb, to_tensor
@@ -175,23 +177,36 @@ class BagelProcessor:
             seed = job_config.data.seed if job_config.data.seed >= 0 else job_config.training.seed
         self.seed = seed
         self.tokenizer, self.special = load_tokenizer(tokenizer_path)
+        self._configs: dict[tuple, ProcessorConfig] = {}
+        entries = list(job_config.data.datasets) + list(job_config.validation.datasets)
+        for entry in entries:  # every override is checked at start, naming its dataset
+            self.config_for(entry.processor, f"data.datasets {entry.name or entry.path!r} processor")
+
+    def config_for(self, overrides: dict[str, Any], where: str = "data.datasets processor") -> ProcessorConfig:
+        """`[bagel.processor]` with a dataset's `[[data.datasets]] processor` overrides applied."""
+        key = tuple(sorted((k, repr(v)) for k, v in overrides.items()))
+        if key not in self._configs:
+            values = {**dataclasses.asdict(self.config), **overrides}
+            self._configs[key] = build_dataclass(ProcessorConfig, values, where) if overrides else self.config
+        return self._configs[key]
 
     # -- pieces -------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _image(self, source: Any, data_folder: str):
-        return load_rgb(source, data_folder, min_side=self.config.min_image_side,
-                        max_pixels=self.config.max_image_pixels)
+    def _image(self, source: Any, data_folder: str, c: ProcessorConfig):
+        return load_rgb(source, data_folder, min_side=c.min_image_side, max_pixels=c.max_image_pixels)
 
-    def vit_segment(self, image) -> VitSegment:
-        c = self.config
-        size = fit_size(*image.size, min_size=c.vit_min_size, max_size=c.vit_max_size,
-                        stride=self.vit_patch_size, max_side=self.vit_max_side, max_pixels=c.vit_max_pixels)
+    def vit_segment(self, image, c: ProcessorConfig | None = None, num_images: int = 1) -> VitSegment:
+        """`num_images`: the understanding images of the sample; as in the release, they share
+        the pixel budget (vit_max_pixels / num_images each)."""
+        c = c or self.config
+        size = fit_size(*image.size, min_size=c.vit_min_size, max_size=c.vit_max_size, stride=self.vit_patch_size,
+                        max_side=self.vit_max_side, max_pixels=c.vit_max_pixels // max(1, num_images))
         return VitSegment(to_tensor(image, size, c.vit_image_mean, c.vit_image_std), self.vit_patch_size)
 
-    def vae_segment(self, image, noised: bool) -> VaeSegment:
-        c = self.config
+    def vae_segment(self, image, noised: bool, c: ProcessorConfig | None = None) -> VaeSegment:
+        c = c or self.config
         size = fit_size(*image.size, min_size=c.vae_min_size, max_size=c.vae_max_size,
                         stride=self.vae_stride, max_side=self.vae_max_side, max_pixels=c.vae_max_pixels)
         return VaeSegment(to_tensor(image, size, 0.5, 0.5), self.vae_stride, noised)
@@ -200,10 +215,11 @@ class BagelProcessor:
     def __call__(self, sample: RawSample) -> BagelSample:
         data = sample.data
         rng = random.Random(f"{self.seed}:{sample.dataset}:{sample.index}:{sample.epoch}")
+        c = self.config_for(sample.processor_options)
         if "messages" in data and data["messages"] is not None:
-            segments = self._chat(data["messages"], sample.data_folder, rng)
+            segments = self._chat(data["messages"], sample.data_folder, rng, c)
         elif "caption" in data and "image" in data:
-            segments = self._text_to_image(data["caption"], data["image"], sample.data_folder, rng)
+            segments = self._text_to_image(data["caption"], data["image"], sample.data_folder, rng, c)
         elif isinstance(data.get("text"), str):
             if not data["text"].strip():
                 raise BadSampleError("empty_messages", "empty `text`")
@@ -216,14 +232,15 @@ class BagelProcessor:
             raise BadSampleError("no_target", "the sample has no assistant text and no image to generate")
         return BagelSample(segments, (sample.dataset, sample.index))
 
-    def _text_to_image(self, caption: Any, image: Any, data_folder: str, rng: random.Random) -> list[Segment]:
+    def _text_to_image(self, caption: Any, image: Any, data_folder: str, rng: random.Random,
+                       c: ProcessorConfig) -> list[Segment]:
         if not isinstance(caption, str) or not caption.strip():
             raise BadSampleError("empty_messages", "empty `caption`")
         if not self.visual_gen:
             raise BadSampleError("unknown_content", "a text-to-image sample while [bagel] visual_gen is off")
-        target = self.vae_segment(self._image(image, data_folder), noised=True)
+        target = self.vae_segment(self._image(image, data_folder, c), noised=True, c=c)
         segments: list[Segment] = []
-        if rng.random() >= self.config.text_dropout_prob:
+        if rng.random() >= c.text_dropout_prob:
             segments.append(TextSegment(self.encode(caption), loss=False))
         return segments + [target]
 
@@ -249,7 +266,7 @@ class BagelProcessor:
                                                         f"{{type: text, text}} or {{type: image_url, image_url: {{url}}}}")
         return items
 
-    def _chat(self, messages: Any, data_folder: str, rng: random.Random) -> list[Segment]:
+    def _chat(self, messages: Any, data_folder: str, rng: random.Random, c: ProcessorConfig) -> list[Segment]:
         if isinstance(messages, str):
             try:
                 messages = json.loads(messages)
@@ -268,7 +285,9 @@ class BagelProcessor:
         generates = any(role == "assistant" and kind == "image" for role, items in turns for kind, _ in items)
         if generates and not self.visual_gen:
             raise BadSampleError("unknown_content", "an assistant image (generation) while [bagel] visual_gen is off")
-        c = self.config
+        # An understanding sample's ViT images share one pixel budget (the release's img_num rule).
+        num_vit = 1 if generates else sum(kind == "image" and role != "assistant" for role, items in turns
+                                          for kind, _ in items)
         segments: list[Segment] = []
         for role, items in turns:
             texts: list[str] = []
@@ -289,18 +308,18 @@ class BagelProcessor:
                         texts.append(value)
                     continue
                 close_text()
-                image = self._image(value, data_folder)
+                image = self._image(value, data_folder, c)
                 if role == "assistant":
-                    segments.append(self.vae_segment(image, noised=True))
+                    segments.append(self.vae_segment(image, noised=True, c=c))
                     continue
                 if generates:  # editing: the source image is a clean VAE condition and a ViT input
                     drop_vae = rng.random() < c.vae_dropout_prob
-                    segments.append(DroppedImage() if drop_vae else self.vae_segment(image, noised=False))
+                    segments.append(DroppedImage() if drop_vae else self.vae_segment(image, noised=False, c=c))
                     if self.visual_und:
                         drop_vit = rng.random() < c.vit_dropout_prob
-                        segments.append(DroppedImage() if drop_vit else self.vit_segment(image))
+                        segments.append(DroppedImage() if drop_vit else self.vit_segment(image, c))
                 elif self.visual_und:
-                    segments.append(self.vit_segment(image))
+                    segments.append(self.vit_segment(image, c, num_vit))
                 else:
                     raise BadSampleError("unknown_content", "an understanding image while [bagel] visual_und is off")
             close_text()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import nn
 
+from bagel_titan.errors import UserError
 from bagel_titan.protocols import AttentionLayerSpec, GeneratedSamples, ModelOutputs
 
 from . import weights
@@ -76,14 +77,24 @@ class BagelSpec:
         return job_config.section("bagel") if job_config.has_section("bagel") else BagelConfig()
 
     def architecture(self, job_config) -> BagelArchitecture:
-        """The shapes to build: the `[model] flavor`'s (a subclass may derive its own)."""
+        """The shapes to build: the `[model] flavor`'s, with the LLM and ViT of `[bagel] llm_path`
+        / `vit_path` when set (a subclass may derive its own)."""
+        options = self.bagel_config(job_config)
+        if options.llm_path or options.vit_path:
+            from .hf_init import architecture
+
+            return architecture(architecture_for(job_config.model.flavor), options)
         return architecture_for(job_config.model.flavor)
 
     def build(self, job_config, plugins) -> Bagel:
+        options = self.bagel_config(job_config)
+        if (options.llm_path or options.vit_path) and job_config.model.pretrained_path:
+            raise UserError(f"[bagel] llm_path / vit_path start a new BAGEL from Qwen2.5 + SigLIP, [model] "
+                            f"pretrained_path loads a BAGEL ({job_config.model.pretrained_path!r}); set one of them")
         arch = self.architecture(job_config)
         llm_attention, vit_attention = attention_factories(job_config, plugins)
         model = Bagel(arch, self.bagel_config(job_config), llm_attention, vit_attention)
-        model.tokenizer_path = job_config.model.tokenizer_path or job_config.model.pretrained_path
+        model.tokenizer_path = self.tokenizer_path(job_config)
         self._built = model
         return model
 
@@ -93,6 +104,10 @@ class BagelSpec:
         model.init_weights()
         if model.options.vae_path:
             weights.load_vae_file(model, model.options.vae_path)
+        if model.options.llm_path or model.options.vit_path:
+            from .hf_init import load_hf_start
+
+            load_hf_start(model)
 
     def load_weights(self, model: Bagel, path: str) -> None:
         weights.load_weights(model, path)
@@ -101,6 +116,10 @@ class BagelSpec:
                state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
         write = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         weights.export(model, path, dtype, state_dict, write=write)
+
+    def tokenizer_path(self, job_config) -> str:
+        return (job_config.model.tokenizer_path or job_config.model.pretrained_path
+                or self.bagel_config(job_config).llm_path)
 
     # -- parallelism / freezing ------------------------------------------------------------------
 
@@ -157,13 +176,14 @@ class BagelSpec:
     def build_processor(self, job_config):
         from .processor import BagelProcessor
 
-        tokenizer_path = job_config.model.tokenizer_path or job_config.model.pretrained_path
+        tokenizer_path = self.tokenizer_path(job_config)
         return BagelProcessor(job_config, self.bagel_config(job_config), tokenizer_path, **self._data_kwargs(job_config))
 
     def build_collator(self, job_config):
         from .collator import BagelCollator
 
-        return BagelCollator(job_config, self.bagel_config(job_config), **self._data_kwargs(job_config))
+        return BagelCollator(job_config, self.bagel_config(job_config), tokenizer_path=self.tokenizer_path(job_config),
+                             **self._data_kwargs(job_config))
 
     def generate_samples(self, model: Bagel, job_config, step: int) -> GeneratedSamples:
         """Images for `[bagel.sampling] prompts` and answers to its `questions` from the model being

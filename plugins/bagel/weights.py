@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -45,9 +45,15 @@ class WeightSource:
     """Where each tensor of a pretrained folder lives: key -> file, for the model and the VAE."""
 
     layout: str
-    """"official", "le" or "fixture"."""
+    """"official", "le", "fixture" or "hf_start" (Qwen2.5 + SigLIP folders, `hf_init.py`)."""
     model_files: dict[str, str] = field(default_factory=dict)
     """Model key -> safetensors file holding it."""
+    model_stored_keys: dict[str, str] = field(default_factory=dict)
+    """Model key -> the key in that file, where it differs (the HF start's names)."""
+    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    """Model key -> conversion of the stored tensor (SigLIP's patch Conv2d into a Linear)."""
+    fresh: set[str] = field(default_factory=set)
+    """Model keys no file holds that keep their fresh init (the HF start's new modules)."""
     vae_files: dict[str, str] = field(default_factory=dict)
     """VAE key (as the AutoEncoder names it, e.g. `encoder.conv_in.weight`) -> file."""
     vae_stored_keys: dict[str, str] = field(default_factory=dict)
@@ -180,25 +186,31 @@ def load_weights(model: Bagel, folder: str) -> str:
 
 
 def load_from_source(model: Bagel, source: WeightSource, where: str) -> None:
-    own = model.state_dict()
-    # Tables are recomputed; attention-backend parameters (NSA) are created fresh when absent.
-    optional = set(POSITION_TABLES) | optional_attention_state_keys(model)
-    _check_keys("model", set(own), set(source.model_files), optional, where)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    for key, tensor in _stream(source.model_files):
-        if key in POSITION_TABLES:
-            _check_position_table(model, key, tuple(tensor.shape), where)
-            continue
-        _check_shape(key, params[key], tensor, where)
-        assign_full(params[key], tensor)
-    model.reset_position_tables()
+    load_model_tensors(model, source, where)
     if model.vae is None:
         return
     if model.options.vae_path:  # an explicit [bagel] vae_path wins over the folder's own VAE
         load_vae_file(model, model.options.vae_path)
     else:
         _load_vae(model, source.vae_files, source.vae_stored_keys, where)
+
+
+def load_model_tensors(model: Bagel, source: WeightSource, where: str) -> None:
+    """Stream the model's (non-VAE) tensors of `source` into `model`, each cut to the rank's shard."""
+    own = model.state_dict()
+    # Tables are recomputed; attention-backend parameters (NSA) are created fresh when absent.
+    optional = set(POSITION_TABLES) | optional_attention_state_keys(model) | source.fresh
+    _check_keys("model", set(own), set(source.model_files), optional, where)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    for key, tensor in _stream(source.model_files, {**{k: k for k in source.model_files}, **source.model_stored_keys}):
+        if key in POSITION_TABLES:
+            _check_position_table(model, key, tuple(tensor.shape), where)
+            continue
+        tensor = source.transforms[key](tensor) if key in source.transforms else tensor
+        _check_shape(key, params[key], tensor, where)
+        assign_full(params[key], tensor)
+    model.reset_position_tables()
 
 
 def _load_vae(model: Bagel, files: Mapping[str, str], stored: Mapping[str, str] | None, where: str) -> None:

@@ -16,9 +16,11 @@ from typing import Any, Iterator, Sequence
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from bagel_titan.config.fields import ConfigError
 from bagel_titan.config.job_config import DatasetEntry, JobConfig
 
 from .mixture import Source
+from .packing import ReleasePackingConfig
 from .pipeline import PackedIterable, PipelineOptions, WorkerOutput
 
 
@@ -26,7 +28,8 @@ def _identity(item: Any) -> Any:
     return item
 
 
-def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float = 1.0) -> list[Source]:
+def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float = 1.0,
+                    mandatory: bool = False, processor: dict[str, Any] | None = None) -> list[Source]:
     """Config entries -> sources, yaml mixtures expanded, every path and format checked now."""
     sources: list[Source] = []
     for i, entry in enumerate(entries):
@@ -38,7 +41,8 @@ def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float
             raise FileNotFoundError(f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
                                     f"exist; fix `path` (relative paths resolve against {os.getcwd()!r})")
         if hasattr(reader, "expand"):
-            sources.extend(resolve_sources(reader.expand(entry.path), plugins, weight * entry.weight))
+            sources.extend(resolve_sources(reader.expand(entry.path), plugins, weight * entry.weight,
+                                           mandatory or entry.is_mandatory, {**(processor or {}), **entry.processor}))
             continue
         name = entry.name or entry.path
         if "read_pass" not in inspect.signature(reader.iter_samples).parameters:
@@ -50,7 +54,8 @@ def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float
                              f"holds no samples; fix `path` or remove the entry")
         if any(s.name == name for s in sources):
             raise ValueError(f"two datasets are named {name!r}; give them distinct `name`s")
-        sources.append(Source(name, entry.path, reader, weight * entry.weight, entry.data_folder))
+        sources.append(Source(name, entry.path, reader, weight * entry.weight, entry.data_folder,
+                              mandatory or entry.is_mandatory, {**(processor or {}), **entry.processor}))
     if not sources:
         raise ValueError("no datasets configured; add [[data.datasets]] entries with a `path`")
     return sources
@@ -102,6 +107,30 @@ class PackedDataloader:
         return out
 
 
+def release_packing_options(job_config: JobConfig, sources: Sequence[Source], strategy: str,
+                            infinite: bool) -> tuple[dict[str, Any], tuple[str, int]]:
+    """Packer options and the per-sample limit (setting, tokens) for `strategy`; release packing
+    checks its sizes against `[data] packing_length`, its `max_num_tokens`."""
+    data = job_config.data
+    mandatory = [s.name for s in sources if s.mandatory]
+    if strategy != "release":
+        if mandatory and infinite:
+            raise ConfigError(f"[[data.datasets]] {mandatory[0]!r} sets is_mandatory, which only release packing "
+                              f"honours; set [data] packing_strategy = \"release\" or drop is_mandatory")
+        return {}, ("[data] packing_length", data.packing_length)
+    config = (job_config.section("data.release_packing") if job_config.has_section("data.release_packing")
+              else ReleasePackingConfig())
+    for name in ("max_num_tokens_per_sample", "expected_num_tokens"):
+        if getattr(config, name) > data.packing_length:
+            raise ConfigError(f"[data.release_packing] {name} = {getattr(config, name)} exceeds [data] "
+                              f"packing_length = {data.packing_length} (the release's max_num_tokens, the hard "
+                              f"cap of a pack); lower it or raise packing_length")
+    # A finite pass (validation) has no endless source to draw mandatory samples from.
+    indices = [i for i, s in enumerate(sources) if s.mandatory] if infinite else []
+    return ({"release": config, "mandatory": indices},
+            ("[data.release_packing] max_num_tokens_per_sample", config.max_num_tokens_per_sample))
+
+
 class PackedDataloaderBuilder:
     """`[data] loader = "packed"`: the first-party dataloader."""
 
@@ -113,10 +142,14 @@ class PackedDataloaderBuilder:
         entries = list(data.datasets if datasets is None else datasets)
         sources = resolve_sources(entries, plugins)
         strategy_name = data.packing_strategy if data.packing else "none"
+        packer_options, max_sample = release_packing_options(job_config, sources, strategy_name, infinite)
         options = PipelineOptions(
             packing_length=data.packing_length,
             strategy=plugins.packing_strategies.get(strategy_name),
             window=data.packing_window,
+            packer_options=packer_options,
+            max_sample_tokens=max_sample[1],
+            max_sample_key=max_sample[0],
             oversize_policy=data.oversize_policy,
             seed=data.seed if data.seed >= 0 else job_config.training.seed,
             infinite=infinite,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from bagel_titan.protocols import RawSample, ReadPass
@@ -30,12 +30,17 @@ class Source:
     reader: Any
     weight: float
     data_folder: str = ""
+    mandatory: bool = False
+    """Release packing: one sample of this dataset starts every pack (`is_mandatory`)."""
+    processor_options: dict[str, Any] = field(default_factory=dict)
+    """Per-dataset processor overrides, handed to the processor with every sample."""
 
     def iter_shard(self, shard_index: int, num_shards: int, start: int, read_pass: ReadPass) -> Iterator[RawSample]:
         for sample in self.reader.iter_samples(self.path, shard_index=shard_index, num_shards=num_shards,
                                                start=start, read_pass=read_pass):
             sample.dataset = self.name
             sample.data_folder = sample.data_folder or self.data_folder
+            sample.processor_options = self.processor_options
             yield sample
 
 
@@ -133,7 +138,10 @@ class MixtureStream:
                     return drawn
                 self.current += 1
             raise StopIteration
-        i = self._choose()
+        return self.draw_from(self._choose())
+
+    def draw_from(self, i: int) -> Drawn:
+        """The next sample of source `i` (endless mode), without a weighted draw."""
         sample = self._next_of(i)
         if sample is None:  # end of this shard's pass: next epoch
             if self.positions[i] == 0:

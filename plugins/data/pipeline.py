@@ -30,6 +30,13 @@ class PipelineOptions:
     strategy: Any
     """A registered PackingStrategy."""
     window: int
+    packer_options: dict[str, Any]
+    """Strategy-specific options besides the window (release packing: its config, the indices
+    of the mandatory sources)."""
+    max_sample_tokens: int
+    """Longest sample kept (`packing_length`, or the release's max_num_tokens_per_sample)."""
+    max_sample_key: str
+    """The setting that sets `max_sample_tokens`, for the skip reason."""
     oversize_policy: str
     seed: int
     infinite: bool
@@ -98,7 +105,7 @@ class _ShardRun:
         self.mixture = MixtureStream(owner.sources, shard_index=shard_index, num_shards=num_shards,
                                      seed=o.seed, infinite=o.infinite, shuffle=o.shuffle,
                                      shuffle_window=o.shuffle_window)
-        self.packer = o.strategy.new_packer(o.packing_length, {"window": o.window})
+        self.packer = o.strategy.new_packer(o.packing_length, {"window": o.window, **o.packer_options})
         self.samples: dict[tuple[int, int, int], Any] = {}
         self.ready: list[list[tuple[int, int, int]]] = []
         self.bad = BadSampleCounter()
@@ -141,13 +148,13 @@ class _ShardRun:
             self._skip(BadSampleError("processor_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"), drawn)
             return None
         o = self.owner.options
-        if sample.num_tokens > o.packing_length:
+        if sample.num_tokens > o.max_sample_tokens:
             truncated = None
             if o.oversize_policy == "truncate" and hasattr(sample, "truncated"):
-                truncated = sample.truncated(o.packing_length)
+                truncated = sample.truncated(o.max_sample_tokens)
             if truncated is None:
-                self._skip(BadSampleError("oversize", f"{sample.num_tokens} tokens > [data] packing_length "
-                                          f"{o.packing_length} (oversize_policy = {o.oversize_policy!r})"), drawn)
+                self._skip(BadSampleError("oversize", f"{sample.num_tokens} tokens > {o.max_sample_key} "
+                                          f"{o.max_sample_tokens} (oversize_policy = {o.oversize_policy!r})"), drawn)
                 return None
             self.pending_stats["truncated"] += 1
             sample = truncated
@@ -168,7 +175,9 @@ class _ShardRun:
                 continue
             if self.finished:
                 return
-            drawn = next(self.mixture, None)
+            # Release packing starts each pack with one sample of every mandatory dataset.
+            wanted = self.packer.wanted_source() if hasattr(self.packer, "wanted_source") else None
+            drawn = next(self.mixture, None) if wanted is None else self.mixture.draw_from(wanted)
             if drawn is None:
                 self.ready.extend([_as_key(k) for k in pack] for pack in self.packer.flush())
                 self.finished = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from bagel_titan.hookspec import hookimpl
 
 from .loader import PackedDataloaderBuilder
-from .packing import STRATEGIES
+from .packing import STRATEGIES, ReleasePackingConfig
 from .readers import READERS
 
 
@@ -17,6 +17,11 @@ def bagel_titan_dataset_readers():
 @hookimpl
 def bagel_titan_packing_strategies():
     return list(STRATEGIES)
+
+
+@hookimpl
+def bagel_titan_config_sections():
+    return {"data.release_packing": ReleasePackingConfig}
 
 
 @hookimpl

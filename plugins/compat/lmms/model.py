@@ -26,8 +26,6 @@ def _bagel_options(conv: Conversion, options: Mapping[str, Any], prefix: str) ->
     for key, value in options.items():
         if key in names:
             conv.set("bagel", key, value, f"{prefix}.{key}")
-        elif key == "freeze_und" and value:
-            conv.set("model", "freeze", sorted(set(conv.get("model", "freeze", [])) | {"und"}), f"{prefix}.{key}")
         else:
             conv.skip(f"{prefix}.{key}", value, f"no [bagel] option of that name (options: {sorted(names)})")
 
@@ -67,10 +65,10 @@ def _custom_loader(conv: Conversion, loader: Mapping[str, Any], prefix: str) -> 
             for sub, sub_value in value.items():
                 conv.skip(f"{prefix}.config.{sub}", sub_value, {
                     "vae_path": "the VAE is read from ae.safetensors inside [model] pretrained_path",
-                    "vit_path": "building BAGEL from a separate SigLIP checkpoint is not supported; "
-                                "pretrained_path must be a BAGEL release (or LE) folder",
-                    "llm_path": "building BAGEL from a separate Qwen2 checkpoint is not supported; "
-                                "pretrained_path must be a BAGEL release (or LE) folder",
+                    "vit_path": "this config loads a BAGEL checkpoint (model_path); to start from SigLIP and "
+                                "Qwen2.5 folders instead, set [bagel] vit_path and llm_path",
+                    "llm_path": "this config loads a BAGEL checkpoint (model_path); to start from SigLIP and "
+                                "Qwen2.5 folders instead, set [bagel] vit_path and llm_path",
                     "finetune_from_hf": "the checkpoint layout is detected, no flag needed",
                 }.get(sub, "no equivalent in bagel-titan's model loading"))
         else:
