@@ -9,8 +9,11 @@ are summed here (`data_stats()`), so they are exact and part of the checkpoint.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
+import signal
+import weakref
 from collections import Counter
 from typing import Any, Iterator, Sequence
 
@@ -24,6 +27,20 @@ from .pipeline import PackedIterable, PipelineOptions, WorkerOutput
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def _close_if_alive(ref: "weakref.ref[PackedDataloader]") -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGINT: a launcher or a scheduler (`timeout`, `scancel`,
+    torchrun, Ctrl-C) signals the whole process group, and the main process decides to write a
+    stop checkpoint, which needs the workers alive. They still end with the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float = 1.0) -> list[Source]:
@@ -66,10 +83,25 @@ class PackedDataloader:
                        "dp_rank": dataset.dp_rank}
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
-            kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False}
+            kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False,
+                      "worker_init_fn": _ignore_stop_signals}
         self.loader = StatefulDataLoader(dataset, batch_size=None, num_workers=num_workers,
                                          collate_fn=_identity, **kwargs)
         self.stats: Counter[str] = Counter()
+        if num_workers > 0:
+            atexit.register(_close_if_alive, weakref.ref(self))
+
+    def close(self) -> None:
+        """Stop the loader workers now. They ignore SIGTERM, so the interpreter's exit, which
+        terminates daemonic children with SIGTERM and then waits for them, must not meet them."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+            return
+        iterator._shutdown_workers()  # asks the workers to finish, waits a moment for them
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
     def __iter__(self) -> Iterator[Any]:
         for output in self.loader:
