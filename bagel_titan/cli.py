@@ -82,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:  # user mistakes print one clear line, not a traceback
         print(f"bagel-titan: error: {where}{exc}", file=sys.stderr)
         return _fail(EXIT_USER_ERROR)
-    except Exception as exc:
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        if isinstance(exc, SystemExit):
+            raise
         if _peers_running() and _peer_lost(exc):
             print(f"bagel-titan: error: {where}another rank stopped (its error is printed above); ending this "
                   f"rank too", file=sys.stderr)

@@ -157,7 +157,7 @@ class CheckpointManager:
         if self._async_pg is None:
             try:
                 dcp.save(state, checkpoint_id=path, storage_writer=self._writer)
-            except Exception as exc:
+            except BaseException as exc:  # DCP's CheckpointException is a BaseException
                 _raise_save_error(path, exc)
                 raise
             # dcp.save returns once every rank's data and the metadata are written.
@@ -193,7 +193,7 @@ class CheckpointManager:
         self._pending = None
         try:
             pending.future.result()  # re-raises a failed save
-        except Exception as exc:
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
             _raise_save_error(pending.path, exc)
             raise
         # The future of the coordinating rank completes after all ranks wrote and the metadata
@@ -313,7 +313,7 @@ class CheckpointManager:
         info = read_marker(path)
         if info is None:
             raise CheckpointError(
-                f"{path} is not a complete bagel-titan checkpoint (no readable COMPLETE marker): "
+                f"{path} is not a complete bagel-titan checkpoint (no COMPLETE marker, or an unreadable one): "
                 f"either its save was interrupted or it is not a step-<N> folder of a training run"
             )
         names = ["model"] if model_only else list(self.states)
@@ -396,6 +396,9 @@ def _raise_save_error(path: str, exc: BaseException) -> None:
                 f"the run resumes from its last complete checkpoint"
             ) from exc
         failures = getattr(current, "failures", None)  # DCP's CheckpointException: {rank: error}
-        if isinstance(failures, dict):
-            todo.extend(e for e in failures.values() if isinstance(e, BaseException))
+        if isinstance(failures, dict):  # values: an exception, or (exception, stack summary)
+            for failure in failures.values():
+                failure = failure[0] if isinstance(failure, tuple) and failure else failure
+                if isinstance(failure, BaseException):
+                    todo.append(failure)
         todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)

@@ -18,6 +18,7 @@ import collections
 import copyreg
 import io
 import json
+import pathlib
 import pickle
 from typing import Any
 
@@ -103,6 +104,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             obj = getattr(torch, name, None)
             if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
                 return obj
+        elif module == "torch.serialization" and name == "_get_layout":  # a name -> torch.layout lookup
+            return torch.serialization._get_layout
+        elif module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
+            return getattr(pathlib, name)
         elif module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         elif module == "copyreg" and name == "_reconstructor":

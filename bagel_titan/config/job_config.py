@@ -10,12 +10,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bagel_titan.config.fields import FieldValueError
+
 
 def _require(ok: bool, key: str, rule: str, value: Any, fix: str = "") -> None:
     """Raise the one-line error of a section field whose value breaks `rule` (the section name is
-    added by the loader: "[training] steps must be > 0, got 0")."""
+    added by the loader: "training.steps must be > 0, got 0")."""
     if not ok:
-        raise ValueError(f"{key} must be {rule}, got {value!r}" + (f"; {fix}" if fix else ""))
+        raise FieldValueError(f"{key} must be {rule}, got {value!r}" + (f"; {fix}" if fix else ""))
 
 
 @dataclass
