@@ -21,6 +21,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from bagel_titan.config.job_config import DatasetEntry, JobConfig
 
+from bagel_titan.protocols import ReadPass
+
+from .bad_samples import BadSampleError, DataError, as_bad_record
 from .mixture import Source
 from .pipeline import PackedIterable, PipelineOptions, WorkerOutput
 
@@ -48,11 +51,11 @@ def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float
     sources: list[Source] = []
     for i, entry in enumerate(entries):
         if not entry.path:
-            raise ValueError(f"[[data.datasets]] entry {i} has no `path`; set it to a file, a folder "
+            raise DataError(f"[[data.datasets]] entry {i} has no `path`; set it to a file, a folder "
                              f"or a .yaml list of datasets")
         reader = plugins.dataset_readers.get(entry.format) if entry.format else plugins.reader_for_path(entry.path)
         if not os.path.exists(entry.path):
-            raise FileNotFoundError(f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
+            raise DataError(f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
                                     f"exist; fix `path` (relative paths resolve against {os.getcwd()!r})")
         if hasattr(reader, "expand"):
             sources.extend(resolve_sources(reader.expand(entry.path), plugins, weight * entry.weight))
@@ -63,14 +66,36 @@ def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float
                             f"has an iter_samples without the `read_pass` keyword; update it to "
                             f"bagel_titan.protocols.DatasetReader (it may ignore `read_pass.shuffle`)")
         if next(iter(reader.iter_samples(entry.path, shard_index=0, num_shards=1, start=0)), None) is None:
-            raise ValueError(f"dataset {name!r} ([[data.datasets]] entry {i}, format {reader.format!r}) "
-                             f"holds no samples; fix `path` or remove the entry")
+            raise DataError(f"dataset {name!r} ([[data.datasets]] entry {i}, format {reader.format!r}) "
+                            f"holds no samples; fix `path` or remove the entry")
         if any(s.name == name for s in sources):
-            raise ValueError(f"two datasets are named {name!r}; give them distinct `name`s")
+            raise DataError(f"two datasets are named {name!r}; give them distinct `name`s")
         sources.append(Source(name, entry.path, reader, weight * entry.weight, entry.data_folder))
     if not sources:
-        raise ValueError("no datasets configured; add [[data.datasets]] entries with a `path`")
+        raise DataError("no datasets configured; add [[data.datasets]] entries with a `path`")
     return sources
+
+
+def check_usable(sources: Sequence[Source], processor: Any) -> None:
+    """Raise `DataError` for a dataset with no usable sample at all, decided over the whole
+    dataset (not per shard, so the answer does not depend on ranks x workers). Reads until the
+    first usable sample: usually the first one."""
+    for source in sources:
+        skipped: Counter[str] = Counter()
+        for raw in source.iter_shard(0, 1, 0, ReadPass()):
+            bad = as_bad_record(raw.data)
+            if bad is None:
+                try:
+                    processor(raw)
+                    break
+                except BadSampleError as error:
+                    bad = error
+                except Exception as exc:  # counted like the pipeline counts it
+                    bad = BadSampleError("processor_error", f"{type(exc).__name__}: {exc}")
+            skipped[bad.reason] += 1
+        else:
+            raise DataError(f"dataset {source.name!r} has no usable sample: all {sum(skipped.values())} records "
+                            f"were skipped ({dict(skipped)}); fix the data (the reasons are logged) or drop it")
 
 
 class PackedDataloader:
@@ -155,7 +180,9 @@ class PackedDataloaderBuilder:
             shuffle=data.shuffle,
             shuffle_window=data.shuffle_window,
         )
-        dataset = PackedIterable(sources, model_spec.build_processor(job_config),
+        processor = model_spec.build_processor(job_config)
+        check_usable(sources, processor)
+        dataset = PackedIterable(sources, processor,
                                  model_spec.build_collator(job_config), options,
                                  dp_rank=dp_rank, dp_world_size=dp_world_size)
         return PackedDataloader(dataset, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
