@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 
 from bagel_titan.checkpoint.export import export_weights
@@ -127,7 +128,11 @@ class Trainer:
         with torch.no_grad():
             self.model_spec.init_weights(self.model)
         if cfg.model.pretrained_path:
-            self.model_spec.load_weights(self.model, cfg.model.pretrained_path)
+            try:
+                self.model_spec.load_weights(self.model, cfg.model.pretrained_path)
+            except SafetensorError as exc:  # a truncated or damaged weights file
+                raise UserError(f"[model] pretrained_path {cfg.model.pretrained_path!r}: a safetensors file does "
+                                f"not read ({exc}); download it again") from None
         self.model.train()
 
         # -- optimisation --

@@ -67,6 +67,10 @@ class FaultsSpec(ToySpec):
     def __init__(self):
         self.steps_seen = 0
 
+    def build(self, job_config, plugins):
+        self.steps_seen = 0  # the spec outlives a run when runs share a process
+        return super().build(job_config, plugins)
+
     def build_processor(self, job_config):
         return TextProcessor(self.flavors[job_config.model.flavor])
 
