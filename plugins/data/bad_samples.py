@@ -40,6 +40,10 @@ class DataError(UserError, ValueError):
     """A dataset the run cannot use: a missing path, no readable file, no usable sample."""
 
 
+class DataPathError(DataError, FileNotFoundError):
+    """A dataset path that does not exist, or a folder without data files."""
+
+
 class BadSampleError(Exception):
     """A record that cannot become a training sample; `reason` is the counter it increments."""
 

@@ -23,7 +23,7 @@ from bagel_titan.config.job_config import DatasetEntry, JobConfig
 
 from bagel_titan.protocols import ReadPass
 
-from .bad_samples import BadSampleError, DataError, as_bad_record
+from .bad_samples import BadSampleError, DataError, DataPathError, as_bad_record
 from .mixture import Source
 from .pipeline import PackedIterable, PipelineOptions, WorkerOutput
 
@@ -55,7 +55,7 @@ def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float
                              f"or a .yaml list of datasets")
         reader = plugins.dataset_readers.get(entry.format) if entry.format else plugins.reader_for_path(entry.path)
         if not os.path.exists(entry.path):
-            raise DataError(f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
+            raise DataPathError(f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
                                     f"exist; fix `path` (relative paths resolve against {os.getcwd()!r})")
         if hasattr(reader, "expand"):
             sources.extend(resolve_sources(reader.expand(entry.path), plugins, weight * entry.weight))
