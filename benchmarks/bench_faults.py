@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests"), str(REPO / "tests" / "faults")]
 
 from common import add_results_option, append_section, device_description, markdown_table  # noqa: E402
-from faults_helpers import complete_steps, faults_args, logged_steps, start_run, text_corpus, write_jsonl  # noqa: E402
+from faults_helpers import (  # noqa: E402
+    complete_steps,
+    descendants,
+    faults_args,
+    logged_steps,
+    signal_all,
+    start_run,
+    text_corpus,
+    write_jsonl,
+)
 
 MODES = ("sigkill_mid_step", "sigkill_mid_save", "sigterm_group")
 
@@ -62,11 +72,27 @@ def wait(predicate, job: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
-def kill_group(job: subprocess.Popen, sig: int) -> None:
+def wait_for_exit(pids: list[int], timeout: float = 60) -> None:
+    """Wait until none of `pids` runs any more (a next attempt must not share the folder with them)."""
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {pids} still run {timeout} s after the kill")
+        time.sleep(0.05)
+
+
+def _zombie(pid: int) -> bool:
     try:
-        os.killpg(job.pid, sig)
-    except ProcessLookupError:
-        pass
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def kill_group(job: subprocess.Popen, sig: int) -> None:
+    """`sig` to torchrun, every rank and every loader worker at once (ranks run in their own
+    sessions, so a process-group kill of torchrun would leave them running)."""
+    signal_all(job, sig)
 
 
 def soak(args: argparse.Namespace, work: Path) -> dict:
@@ -103,6 +129,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
         if not reached:  # the run finished first: it is the last attempt
             assert job.wait(timeout=300) == 0, log.read_text()[-3000:]
             break
+        survivors = [job.pid, *descendants(job.pid)]
         if mode == "sigkill_mid_save":
             wait(lambda: any((run / "checkpoint").glob("step-*/SAVING")), job, 30)
             kill_group(job, signal.SIGKILL)
@@ -116,6 +143,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
         finally:
             kill_group(job, signal.SIGKILL)
             job.wait()
+        wait_for_exit(survivors)
         if mode == "sigterm_group" and "stopping at step" in log.read_text():
             if complete_steps(run)[-1:] != logged_steps(run)[-1:]:
                 stop_checkpoints_missing += 1
@@ -138,8 +166,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.time()
-    with tempfile.TemporaryDirectory(prefix="bench_faults_") as tmp:
-        result = soak(args, Path(tmp))
+    work = Path(tempfile.mkdtemp(prefix="bench_faults_"))
+    result = soak(args, work)  # on a failure the folder stays, with every attempt's log
     minutes = (time.time() - start) / 60
     rows = [[mode, count] for mode, count in result["outcomes"].items()]
     rows += [["interruptions (total)", sum(result["outcomes"].values())],
@@ -155,7 +183,8 @@ def main() -> None:
                     f"kill schedule seed {args.seed}; {minutes:.1f} min wall"], body)
     print(json.dumps(result))
     if result["lost_steps"] or result["stop_checkpoints_missing"] or not result["bitwise_equal"]:
-        sys.exit(1)
+        sys.exit(f"soak failed; logs in {work}")
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":

@@ -74,12 +74,40 @@ def start_run(args: list[str], log: Path, nproc: int = 2, **extra_env: str) -> s
                                 stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts each rank in its own session, so a rank and its
+    loader workers are not in torchrun's process group)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_all(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the run's every process at once (launcher, ranks, loader workers), as a
+    scheduler (`scancel`) or `kill -- -<pgid>` on a plain run delivers it."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def stop_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's whole process group (torchrun, ranks, loader workers) if still there."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL every process of the run that is still there (all at once: once the launcher is
+    gone its ranks are no longer found below it)."""
+    signal_all(proc, signal.SIGKILL)
     proc.wait()
 
 

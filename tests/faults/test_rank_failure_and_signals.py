@@ -4,7 +4,6 @@ the run exits with 128 + 15."""
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from faults_helpers import (
     complete_steps,
     faults_args,
     logged_steps,
+    signal_all,
     start_run,
     stop_group,
     text_corpus,
@@ -49,7 +49,7 @@ def test_sigterm_to_the_group_writes_the_stop_checkpoint(tmp_path: Path, nproc: 
     job = start_run(args, log, nproc=nproc, FAULTS_SLEEP_PER_STEP="0.3")
     try:
         wait_until(lambda: len(logged_steps(run)) >= 3, 120, "step 3", job, log)
-        os.killpg(job.pid, signal.SIGTERM)  # as `timeout`, `scancel` or Ctrl-C deliver it
+        signal_all(job, signal.SIGTERM)  # every process at once, as `scancel` delivers it
         code = job.wait(timeout=60)
     finally:
         stop_group(job)
