@@ -148,5 +148,11 @@ def test_usable_data_is_decided_over_the_whole_dataset(tmp_path: Path) -> None:
     assert all(b.num_samples >= 1 for b in batches)
     assert {bytes(s.tokens).decode() for b in batches for s in b} == {"good text"}
 
+    # One row in all: shard 1 of 2 is empty, yet trains (before: "no samples for shard 1 of 2").
+    (tmp_path / "one").mkdir()
+    one = _source(tmp_path / "one", ["only row"])
+    stream = iter(PackedIterable([one], _process, Batch, options, dp_rank=1, dp_world_size=2))
+    assert {bytes(s.tokens).decode() for s in next(stream).batch} == {"only row"}
+
     with pytest.raises(DataError, match=r"dataset 'd' has no usable sample: all 2 records were skipped .*no_target"):
         check_usable([_source(tmp_path, ["", ""])], _process)
