@@ -214,7 +214,10 @@ class Trainer:
             os.makedirs(self.run_folder, exist_ok=True)
             if os.path.exists(path):
                 with open(path) as f:
-                    before = _flat_config(f.read())
+                    try:
+                        before = _flat_config(f.read())
+                    except tomllib.TOMLDecodeError:  # edited by hand: nothing to compare with
+                        before = _flat_config(text)
                 after = _flat_config(text)
                 changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
                            if before.get(k) != after.get(k) and k != "job.config_file"]
