@@ -62,6 +62,12 @@ def resumed_step(log: Path) -> int:
     return int(found[-1]) if found else 0
 
 
+def trained_to(log: Path) -> int:
+    """The last step this attempt trained (its own console lines, not the shared metrics file)."""
+    found = re.findall(r"step\s+(\d+)\s+loss", log.read_text())
+    return int(found[-1]) if found else 0
+
+
 def wait(predicate, job: subprocess.Popen, timeout: float) -> bool:
     """Poll `predicate` until true (True), the job ends or the timeout passes (False)."""
     deadline = time.monotonic() + timeout
@@ -123,7 +129,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
         mode = rng.choice(MODES)
         start_step = before[-1] if before else 0
         target = start_step + rng.randint(1, 3)
-        reached = wait(lambda: bool(logged_steps(run)) and logged_steps(run)[-1] >= target, job, 300)
+        reached = wait(lambda: trained_to(log) >= target, job, 300)
         if before and resumed_step(log) != before[-1]:
             lost_steps += 1
         if not reached:  # the run finished first: it is the last attempt
