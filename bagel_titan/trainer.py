@@ -19,16 +19,26 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 
 from bagel_titan.checkpoint.export import export_weights
 from bagel_titan.checkpoint.manager import CheckpointManager
 from bagel_titan.checkpoint.states import ModelState, OptimizerState
+from bagel_titan.config.fields import tomllib
 from bagel_titan.config.job_config import JobConfig
-from bagel_titan.config.manager import to_toml
+from bagel_titan.config.manager import check_run_environment, to_toml
 from bagel_titan.distributed.parallel_dims import ParallelDims
 from bagel_titan.distributed.parallelize import parallelize
-from bagel_titan.distributed.utils import init_distributed, select_device, set_deterministic, set_seed
+from bagel_titan.distributed.utils import (
+    all_reduce_sum,
+    init_distributed,
+    select_device,
+    set_deterministic,
+    set_seed,
+    sum_over_ranks,
+)
+from bagel_titan.errors import UserError
 from bagel_titan.metrics.device_flops import device_name, peak_flops_per_second
 from bagel_titan.metrics.logger import MetricsLogger
 from bagel_titan.metrics.throughput import ThroughputMeter
@@ -51,9 +61,27 @@ def restart_data_seed(seed: int, step: int) -> int:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """The run cannot continue (too many consecutive non-finite steps)."""
 
+
+class RunFolderError(UserError, OSError):
+    """The run folder cannot be created or written."""
+
+
+def _flat_config(text: str) -> dict[str, object]:
+    """`section.key -> value` of a config.toml (sub-tables flattened)."""
+    flat: dict[str, object] = {}
+
+    def visit(prefix: str, table: dict) -> None:
+        for key, value in table.items():
+            if isinstance(value, dict):
+                visit(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    visit("", tomllib.loads(text))
+    return flat
 
 
 def build_parallel_model(job_config: JobConfig, plugins: Any, mesh) -> tuple[Any, nn.Module]:
@@ -74,15 +102,14 @@ class Trainer:
     def __init__(self, job_config: JobConfig, plugins: Any):
         self.job_config = cfg = job_config
         self.plugins = plugins
+        check_run_environment(cfg, plugins)
         self.device = select_device(cfg.training.device)
         init_distributed(self.device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.run_folder = os.path.join(cfg.job.dump_folder, cfg.job.run_name)
         if self.rank == 0:
-            os.makedirs(self.run_folder, exist_ok=True)
-            with open(os.path.join(self.run_folder, "config.toml"), "w") as f:
-                f.write(to_toml(cfg))
+            self._write_config(cfg)
 
         set_seed(cfg.training.seed)
         set_deterministic(cfg.training.deterministic)
@@ -101,7 +128,11 @@ class Trainer:
         with torch.no_grad():
             self.model_spec.init_weights(self.model)
         if cfg.model.pretrained_path:
-            self.model_spec.load_weights(self.model, cfg.model.pretrained_path)
+            try:
+                self.model_spec.load_weights(self.model, cfg.model.pretrained_path)
+            except SafetensorError as exc:  # a truncated or damaged weights file
+                raise UserError(f"[model] pretrained_path {cfg.model.pretrained_path!r}: a safetensors file does "
+                                f"not read ({exc}); download it again") from None
         self.model.train()
 
         # -- optimisation --
@@ -137,6 +168,14 @@ class Trainer:
             cfg.checkpoint, self.run_folder, states, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size
         )
         restored_step = self.checkpointer.load()
+        if restored_step > cfg.training.steps:
+            raise UserError(
+                f"[training] steps = {cfg.training.steps} but the run resumes from its checkpoint at step "
+                f"{restored_step}; raise --training.steps above {restored_step}, or start a new run "
+                f"(another [job] run_name)"
+            )
+        if restored_step > 0:
+            self._apply_configured_hyperparameters()
         if restored_step > 0 and not self.checkpointer.restored_data_state:
             self._restart_data(restored_step)
         if self.ema is not None and restored_step == 0:
@@ -144,11 +183,14 @@ class Trainer:
             self.ema.copy_from_model()
         self.param_dtype = DTYPES[cfg.training.dtype]
         self.peak_flops = peak_flops_per_second(self.device, self.param_dtype, cfg.metrics.peak_tflops)
-        self.metrics_logger = MetricsLogger(self.run_folder, cfg.metrics.enable_tensorboard, self.rank == 0)
+        self.metrics_logger = MetricsLogger(self.run_folder, cfg.metrics.enable_tensorboard, self.rank == 0,
+                                            resumed_step=restored_step)
         self.throughput = ThroughputMeter(self.peak_flops)
         self.validator = Validator(self) if cfg.validation.enable else None
         self.consecutive_nonfinite = 0
-        self._stop_signal: int | None = None
+        self._signal_received: int | None = None
+        self.stop_signal: int | None = None
+        """The signal that stopped the run (received by any rank), or None."""
         self._pending: tuple[torch.Tensor, list[float], float] | None = None
         self._step_lr = cfg.optimizer.lr
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -162,6 +204,56 @@ class Trainer:
             )
 
     # -----------------------------------------------------------------------------------------
+
+    def _write_config(self, cfg: JobConfig) -> None:
+        """Rank 0: `<run>/config.toml`, logging what differs from the one a previous attempt of
+        this run wrote (a resumed run applies the new values; see `_apply_configured_hyperparameters`)."""
+        path = os.path.join(self.run_folder, "config.toml")
+        text = to_toml(cfg)
+        try:
+            os.makedirs(self.run_folder, exist_ok=True)
+            if os.path.exists(path):
+                with open(path) as f:
+                    try:
+                        before = _flat_config(f.read())
+                    except tomllib.TOMLDecodeError:  # edited by hand: nothing to compare with
+                        before = _flat_config(text)
+                after = _flat_config(text)
+                changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                           if before.get(k) != after.get(k) and k != "job.config_file"]
+                if changed:
+                    logger.info(f"config changed since this run folder's last start: {'; '.join(changed)}")
+            with open(path, "w") as f:
+                f.write(text)
+        except OSError as exc:
+            raise RunFolderError(
+                f"cannot write the run folder {self.run_folder!r} ({exc.strerror}); set [job] dump_folder "
+                f"to a writable folder"
+            ) from None
+
+    def _apply_configured_hyperparameters(self) -> None:
+        """A resumed run trains with the config's optimizer and schedule values, not the
+        checkpoint's: lr (the schedule's peak), betas, eps and weight decay are set again after
+        the optimizer and schedule states are restored (max_norm and the schedule's shape are
+        read from the config every step). What changed is logged."""
+        opt = self.job_config.optimizer
+        wanted = {"betas": tuple(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
+        changed = []
+        scheduler = self.lr_scheduler
+        for index, group in enumerate(self.optimizer.param_groups):
+            for key, value in wanted.items():
+                old = tuple(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
+                if old != value:
+                    changed.append(f"optimizer.{key} {old} -> {value}")
+                    group[key] = value
+            if scheduler.base_lrs[index] != opt.lr:
+                changed.append(f"optimizer.lr (peak) {scheduler.base_lrs[index]} -> {opt.lr}")
+            scheduler.base_lrs[index] = opt.lr
+            group["initial_lr"] = opt.lr
+            group["lr"] = opt.lr * scheduler.lr_lambdas[index](scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if changed and self.rank == 0:
+            logger.info(f"resumed with the config's hyper-parameters, not the checkpoint's: {'; '.join(sorted(set(changed)))}")
 
     def _build_dataloader(self, cfg: JobConfig) -> Any:
         builder = self.plugins.dataloaders.get(cfg.data.loader)
@@ -210,10 +302,7 @@ class Trainer:
         return [b.to(self.device) for b in batches]
 
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return tensor.tolist()
+        return all_reduce_sum(values, self._collective_device())
 
     def _all_reduce_max(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
@@ -233,11 +322,17 @@ class Trainer:
         n = len(self.loss_components)
         micro_counts = [float(c.count(b)) for b in batches for c in self.loss_components]
         local_tokens = float(sum(b.num_tokens for b in batches))
-        reduced = self._all_reduce_sum(micro_counts + [local_tokens, float(self._stop_signal is not None)])
+        signalled = self._signal_received is not None
+        reduced = self._all_reduce_sum(
+            micro_counts + [local_tokens, float(signalled), float(self._signal_received or 0)]
+        )
         per_micro = [reduced[i * n:(i + 1) * n] for i in range(len(batches))]
         global_counts = [sum(col) for col in zip(*per_micro)]
         global_tokens = int(reduced[len(micro_counts)])
-        stop_requested = reduced[-1] > 0
+        stop_requested = reduced[-2] > 0
+        if stop_requested and self.stop_signal is None:
+            # Every rank reports the same signal (the mean of those received: they agree in practice).
+            self.stop_signal = self._signal_received or round(reduced[-1] / reduced[-2])
         if self.job_config.training.grad_accum_weighting == "microbatches":  # the release's rule
             normalisers = [[count * len(batches) for count in counts] for counts in per_micro]
         else:
@@ -278,9 +373,11 @@ class Trainer:
             self.ema.update(step)
         self.throughput.add(sum(b.num_tokens for b in batches), sum(self.model_spec.flops(b) for b in batches))
         if self.consecutive_nonfinite >= self.job_config.training.max_consecutive_nonfinite:
+            healthy = self.checkpointer.latest_complete() if self.job_config.checkpoint.enable else None
+            where = f"the last healthy checkpoint is {healthy}" if healthy else "no checkpoint was saved"
             raise TrainingStopped(
                 f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
-                f"(last at step {step}); lower [optimizer] lr, check the data, or raise "
+                f"(last at step {step}; {where}); lower [optimizer] lr, check the data, or raise "
                 f"[training] max_consecutive_nonfinite"
             )
         self._pending = (sums, global_counts, grad_norm)
@@ -313,17 +410,36 @@ class Trainer:
         if self.device.type == "cuda":
             metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             metrics["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
-        for key, value in self.dataloader.data_stats().items():
-            metrics[key] = float(value)
+        metrics.update(self._data_stats())
         return metrics
+
+    def _data_stats(self) -> dict[str, float]:
+        """The loader's counters summed over the data-parallel ranks; a ratio (`fill_rate`) is
+        averaged instead."""
+        local = {key: float(value) for key, value in self.dataloader.data_stats().items()}
+        total = sum_over_ranks(local)
+        ratios = sum_over_ranks({key: 1.0 for key in local if key.endswith("fill_rate")})
+        for key, ranks in ratios.items():
+            total[key] /= ranks
+        return total
+
+    def _save_checkpoint(self, step: int, force: bool = False) -> None:
+        """Save unless the last step was non-finite: a checkpoint of a diverging run would
+        resume into the divergence."""
+        if self.consecutive_nonfinite:
+            if force or step % self.job_config.checkpoint.interval == 0:
+                logger.warning(f"step {step} was non-finite: not saving a checkpoint (the last healthy one "
+                               f"is {self.checkpointer.latest_complete() or 'none'})")
+            return
+        self.checkpointer.maybe_save(step, force=force)
 
     # -----------------------------------------------------------------------------------------
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
-            if self._stop_signal is None:
-                logger.warning(f"received signal {signum}: stopping after this step")
-            self._stop_signal = signum
+            if self._signal_received is None:
+                logger.warning(f"received signal {signum}: saving a checkpoint and stopping after the next step")
+            self._signal_received = signum
 
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -350,15 +466,15 @@ class Trainer:
                 last_step = step == cfg.training.steps
                 if self.validator is not None and (step % cfg.validation.interval == 0 or last_step):
                     self.validator.run(step)
-                self.checkpointer.maybe_save(step)
+                self._save_checkpoint(step)
                 if cfg.checkpoint.export_interval and step % cfg.checkpoint.export_interval == 0:
                     self.export(os.path.join(self.run_folder, "exports", f"step-{step}"))
                 if stop_requested:
-                    logger.warning(f"stopping at step {step} on request")
-                    self.checkpointer.maybe_save(step, force=True)
+                    logger.warning(f"stopping at step {step} on signal {self.stop_signal}")
+                    self._save_checkpoint(step, force=True)
                     break
             else:
-                self.checkpointer.maybe_save(self.train_state.step, force=True)
+                self._save_checkpoint(self.train_state.step, force=True)
                 if cfg.checkpoint.export_at_end:
                     self.export(os.path.join(self.run_folder, "exports", "final"))
         finally:
@@ -378,3 +494,6 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpointer.close()
+        close_loader = getattr(self.dataloader, "close", None)  # loaders with worker processes
+        if close_loader is not None:
+            close_loader()

@@ -112,10 +112,14 @@ def test_missing_component_and_bad_initial_load_path(tmp_path: Path) -> None:
 
 
 def test_config_errors(tmp_path: Path) -> None:
+    """Checked once, by the config (the manager trusts its section)."""
+    from bagel_titan.config.fields import ConfigError
+    from bagel_titan.config.manager import load_job_config
+
     with pytest.raises(ValueError, match="interval"):
-        CheckpointManager(Checkpoint(enable=True, interval=0), str(tmp_path), {}, 0, 1)
-    with pytest.raises(ValueError, match="async_mode"):
-        CheckpointManager(Checkpoint(enable=True, async_mode="sometimes"), str(tmp_path), {}, 0, 1)
+        Checkpoint(enable=True, interval=0)
+    with pytest.raises(ConfigError, match="async_mode"):
+        load_job_config(["--checkpoint.async_mode", "sometimes"])
 
 
 def test_exclude_frozen_leaves_frozen_parameters_out(tmp_path: Path) -> None:

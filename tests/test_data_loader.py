@@ -156,9 +156,8 @@ def test_bad_samples_are_skipped_and_counted_exactly(example, plugins, tmp_path,
 
 def test_an_all_bad_dataset_fails_instead_of_spinning(example, plugins, tmp_path):
     (tmp_path / "bad.jsonl").write_text("{broken\n" * 7)
-    loader = build(job([DatasetEntry(path=str(tmp_path / "bad.jsonl"))]), plugins, example)
-    with pytest.raises(ValueError, match="no usable sample"):
-        next(iter(loader))
+    with pytest.raises(ValueError, match="no usable sample"):  # decided at build, over the whole dataset
+        build(job([DatasetEntry(path=str(tmp_path / "bad.jsonl"))]), plugins, example)
 
 
 def test_truncate_policy_keeps_text_only_samples(example, plugins, tmp_path):

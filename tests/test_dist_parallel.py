@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from bagel_titan.config.fields import ConfigError
+from bagel_titan.config.manager import load_job_config
 from bagel_titan.config.job_config import ActivationCheckpoint
 from bagel_titan.distributed.activation_checkpoint import (
     apply_activation_checkpointing,
@@ -84,8 +86,8 @@ def test_reshard_policy() -> None:
     assert [reshard_after_forward_for("default", i, 3) for i in range(3)] == [True, True, False]
     assert all(reshard_after_forward_for("always", i, 3) for i in range(3))
     assert not any(reshard_after_forward_for("never", i, 3) for i in range(3))
-    with pytest.raises(ValueError, match="reshard_after_forward"):
-        reshard_after_forward_for("sometimes", 0, 3)
+    with pytest.raises(ConfigError, match="reshard_after_forward"):  # checked once, by the config
+        load_job_config(["--parallelism.reshard_after_forward", "sometimes"])
 
 
 def test_selective_every_nth() -> None:
@@ -94,11 +96,14 @@ def test_selective_every_nth() -> None:
 
     assert pick("none") == [] and pick("full") == list(range(6))
     assert pick("selective", 2) == [1, 3, 5] and pick("selective", 3) == [2, 5]
-    with pytest.raises(ValueError, match="mode"):
-        pick("some")
     assert checkpointed_unit_indices(3, ActivationCheckpoint("selective", 2), "op") == [0, 1, 2]
-    with pytest.raises(ValueError, match="granularity"):
-        checkpointed_unit_indices(3, ActivationCheckpoint("selective", 2), "block")
+    # Values are checked once, by the config.
+    with pytest.raises(ConfigError, match="mode"):
+        load_job_config(["--activation_checkpoint.mode", "some"])
+    with pytest.raises(ConfigError, match="granularity"):
+        load_job_config(["--activation_checkpoint.selective_granularity", "block"])
+    with pytest.raises(ConfigError, match="selective_every"):
+        load_job_config(["--activation_checkpoint.selective_every", "0"])
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,13 @@ A checkpoint is `<run>/<[checkpoint] folder>/step-<N>/` (see `layout.py`). It ho
   saved once, sharded tensors by each rank's shard, so a different world size can load them
   (DCP reshards);
 - per rank: `dataloader.dp_rank_<i>` (the exact data position of data-parallel rank i) and
-  `rng.rank_<r>` (global RNG states), pickled.
+  `rng.rank_<r>` (global RNG states), as JSON in a uint8 tensor (`safe_io.encode_state`).
+
+Loading runs no code from the checkpoint (`safe_io`): no pickle of the project's own, DCP's
+metadata through a restricted unpickler, DCP's non-tensor values with `weights_only=True`.
+Before a checkpoint is loaded its files are checked against the sizes and checksums its marker
+records; a damaged newest checkpoint is moved aside (`step-<N>.unusable-<time>`, kept for
+inspection, never deleted) and the previous complete one is loaded instead, with a warning.
 
 Resume on a different data-parallel world size: model, optimizer, EMA, LR schedule and train
 state are resharded exactly. A data position cannot be mapped between different shardings, so
@@ -19,26 +25,33 @@ replay the run's first samples.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import pickle
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from bagel_titan.checkpoint.layout import (
+    SAVING,
     CheckpointInfo,
+    describe_files,
     list_steps,
+    move_aside,
     read_marker,
     remove_checkpoint,
+    start_save,
     step_dir,
+    verify,
     write_marker,
 )
 from bagel_titan.checkpoint.rng import rng_state, set_rng_state
+from bagel_titan.checkpoint.safe_io import SafeLoadPlanner, SafeReader, decode_state, encode_state, load_metadata
 from bagel_titan.checkpoint.writer import CheckpointWriter
 from bagel_titan.config.job_config import Checkpoint
 from bagel_titan.errors import UserError
@@ -83,14 +96,6 @@ class CheckpointManager:
         dp_rank: int,
         dp_world_size: int,
     ):
-        if cfg.interval < 1:
-            raise ValueError(f"[checkpoint] interval must be >= 1, got {cfg.interval}")
-        if cfg.keep_latest_k < 0:
-            raise ValueError(f"[checkpoint] keep_latest_k must be >= 0, got {cfg.keep_latest_k}")
-        if cfg.async_mode not in ("disabled", "async"):
-            raise ValueError(
-                f"[checkpoint] async_mode must be 'disabled' or 'async', got {cfg.async_mode!r}"
-            )
         self.cfg = cfg
         self.root = os.path.join(run_folder, cfg.folder)
         self.states = {k: v for k, v in states.items() if k != DATALOADER}
@@ -140,22 +145,21 @@ class CheckpointManager:
         self._finalize_pending(block=True)
         path = step_dir(self.root, step)
         if self.rank == 0:
-            os.makedirs(self.root, exist_ok=True)
-            if os.path.exists(path):  # a save of this step interrupted by a crash, or a rerun
-                remove_checkpoint(path)
-            os.makedirs(path)
+            self._prepare_folder(path)
         dist.barrier()
         state = self._shared_state_dicts()
         if self.dataloader is not None:
-            state[DATALOADER] = {
-                f"dp_rank_{self.dp_rank}": pickle.dumps(self.dataloader.state_dict())
-            }
-        state[RNG] = {f"rank_{self.rank}": pickle.dumps(rng_state())}
+            state[DATALOADER] = {f"dp_rank_{self.dp_rank}": encode_state(self.dataloader.state_dict())}
+        state[RNG] = {f"rank_{self.rank}": encode_state(rng_state())}
         self._last_saved_step = step
         if self._writer is None:
             self._writer = CheckpointWriter(self.root)
         if self._async_pg is None:
-            dcp.save(state, checkpoint_id=path, storage_writer=self._writer)
+            try:
+                dcp.save(state, checkpoint_id=path, storage_writer=self._writer)
+            except BaseException as exc:  # DCP's CheckpointException is a BaseException
+                _raise_save_error(path, exc)
+                raise
             # dcp.save returns once every rank's data and the metadata are written.
             self._mark_complete(step, path)
             return
@@ -165,12 +169,33 @@ class CheckpointManager:
         future = getattr(result, "upload_completion", result)
         self._pending = _PendingSave(step, path, future)
 
+    def _prepare_folder(self, path: str) -> None:
+        """Rank 0: an empty step folder marked `SAVING`. A folder already there is this step's
+        interrupted save (removed) or something else (a complete checkpoint of an earlier
+        attempt, or not ours): that is moved aside, never deleted."""
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            if os.path.exists(path):
+                if read_marker(path) is None and os.path.exists(os.path.join(path, SAVING)):
+                    remove_checkpoint(path)
+                else:
+                    kept = move_aside(path, "replaced")
+                    logger.warning("%s already existed; moved it to %s before saving this step", path, kept)
+            start_save(path)
+        except OSError as exc:
+            _raise_save_error(path, exc)
+            raise
+
     def _finalize_pending(self, block: bool) -> None:
         pending = self._pending
         if pending is None or (not block and not pending.future.done()):
             return
         self._pending = None
-        pending.future.result()  # re-raises a failed save
+        try:
+            pending.future.result()  # re-raises a failed save
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            _raise_save_error(pending.path, exc)
+            raise
         # The future of the coordinating rank completes after all ranks wrote and the metadata
         # is on disk, so rank 0 can mark the checkpoint complete on its own.
         self._mark_complete(pending.step, pending.path)
@@ -178,13 +203,14 @@ class CheckpointManager:
     def _mark_complete(self, step: int, path: str) -> None:
         if self.rank != 0:
             return
-        write_marker(path, CheckpointInfo(step, self.world_size, self.dp_world_size))
+        write_marker(path, CheckpointInfo(step, self.world_size, self.dp_world_size, describe_files(path)))
         logger.info("checkpoint step %d complete: %s", step, path)
         self._apply_retention(step)
 
     def _apply_retention(self, newest: int) -> None:
-        """Rank 0: keep the newest `keep_latest_k` complete checkpoints, and drop folders of
-        interrupted saves older than the newest complete one (nothing writes to them)."""
+        """Rank 0: keep the newest `keep_latest_k` complete checkpoints (0 keeps all), and drop
+        this project's interrupted saves older than the newest complete one (nothing writes to
+        them). Folders that are neither (no readable marker, no `SAVING`) are never touched."""
         complete, incomplete = list_steps(self.root)
         doomed = [s for s in incomplete if s < newest]
         if self.cfg.keep_latest_k:
@@ -199,9 +225,10 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------
     # Loading
 
-    def complete_steps(self) -> list[int]:
-        """Steps of this run with a complete checkpoint, ascending."""
-        return list_steps(self.root)[0]
+    def latest_complete(self) -> str | None:
+        """The newest complete checkpoint folder of this run (None: there is none)."""
+        complete = list_steps(self.root)[0]
+        return step_dir(self.root, complete[-1]) if complete else None
 
     def load(self, step: int = -1) -> int:
         """Restore the run and return the step to continue after (0: start from scratch).
@@ -221,6 +248,13 @@ class CheckpointManager:
         wanted = step if step != -1 else self.cfg.load_step
         complete, incomplete = list_steps(self.root)
         if wanted != -1:
+            if wanted in complete:
+                problem = self._verified(step_dir(self.root, wanted))
+                if problem:
+                    raise CheckpointError(
+                        f"[checkpoint] load_step = {wanted} but {step_dir(self.root, wanted)} is damaged: "
+                        f"{problem}; pick another step or set load_step = -1"
+                    )
             if wanted not in complete:
                 state = "incomplete (interrupted save)" if wanted in incomplete else "missing"
                 raise CheckpointError(
@@ -235,8 +269,23 @@ class CheckpointManager:
                     wanted, newer,
                 )
             return self._load_from(step_dir(self.root, wanted), model_only=False)
-        if complete:
-            return self._load_from(step_dir(self.root, complete[-1]), model_only=False)
+        damaged = []
+        for candidate in reversed(complete):
+            path = step_dir(self.root, candidate)
+            problem = self._verified(path)
+            if problem is None:
+                return self._load_from(path, model_only=False)
+            damaged.append(f"{path} ({problem})")
+            if self.rank == 0:
+                kept = move_aside(path, "unusable")
+                logger.warning("checkpoint %s cannot be loaded: %s. Moved it to %s (kept for inspection, "
+                               "never deleted); trying the previous complete checkpoint", path, problem, kept)
+            dist.barrier()
+        if damaged:
+            raise CheckpointError(
+                f"every complete checkpoint of this run is damaged: {'; '.join(damaged)}; they were moved "
+                f"aside; restore one, or start from scratch by rerunning"
+            )
         if self.cfg.initial_load_path:
             return self._load_initial()
         return 0
@@ -247,15 +296,29 @@ class CheckpointManager:
         )
         return 0 if self.cfg.initial_load_model_only else restored
 
+    def _verified(self, path: str) -> str | None:
+        """What is wrong with complete checkpoint `path` (None: nothing): checked on rank 0
+        (it reads every file once) and agreed by all ranks."""
+        problem = None
+        if self.rank == 0:
+            info = read_marker(path)
+            problem = "its COMPLETE marker does not read" if info is None else verify(path, info, load_metadata)
+        if self.world_size > 1:
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        return problem
+
     def _load_from(self, path: str, model_only: bool) -> int:
         info = read_marker(path)
         if info is None:
             raise CheckpointError(
-                f"{path} is not a complete bagel-titan checkpoint (no COMPLETE marker): either "
-                f"its save was interrupted or it is not a step-<N> folder of a training run"
+                f"{path} is not a complete bagel-titan checkpoint (no COMPLETE marker, or an unreadable one): "
+                f"either its save was interrupted or it is not a step-<N> folder of a training run"
             )
         names = ["model"] if model_only else list(self.states)
-        saved = self._saved_keys(path)
+        metadata = load_metadata(path)
+        saved = set(metadata.state_dict_metadata)
         self._check_present(path, names, saved)
         state = {name: self.states[name].state_dict() for name in names}
         same_layout = info.dp_world_size == self.dp_world_size and info.world_size == self.world_size
@@ -268,8 +331,8 @@ class CheckpointManager:
                     f"dataloader; start from it with [checkpoint] initial_load_path instead"
                 )
             if self.dataloader is not None:
-                state[DATALOADER] = {f"dp_rank_{self.dp_rank}": b""}
-            state[RNG] = {f"rank_{self.rank}": b""}
+                state[DATALOADER] = {f"dp_rank_{self.dp_rank}": _tensor_for(metadata, path, data_key)}
+            state[RNG] = {f"rank_{self.rank}": _tensor_for(metadata, path, f"{RNG}.rank_{self.rank}")}
         elif not model_only:
             logger.warning(
                 "checkpoint %s was saved with %d data-parallel ranks (world size %d), this run "
@@ -278,25 +341,19 @@ class CheckpointManager:
                 "starts its data shard afresh",
                 path, info.dp_world_size, info.world_size, self.dp_world_size, self.world_size,
             )
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
         for name in names:
             self.states[name].load_state_dict(state[name])
         if restore_data:
             if self.dataloader is not None:
-                self.dataloader.load_state_dict(
-                    pickle.loads(state[DATALOADER][f"dp_rank_{self.dp_rank}"])
-                )
-            set_rng_state(pickle.loads(state[RNG][f"rank_{self.rank}"]))
+                self.dataloader.load_state_dict(decode_state(state[DATALOADER][f"dp_rank_{self.dp_rank}"]))
+            set_rng_state(decode_state(state[RNG][f"rank_{self.rank}"]))
         self.restored_data_state = restore_data
         self._last_saved_step = info.step if os.path.dirname(path) == self.root else -1
         logger.info(
             "loaded %s from %s (step %d)", "model weights" if model_only else "checkpoint", path, info.step
         )
         return info.step
-
-    @staticmethod
-    def _saved_keys(path: str) -> set[str]:
-        return set(FileSystemReader(path).read_metadata().state_dict_metadata)
 
     @staticmethod
     def _check_present(path: str, names: list[str], saved_keys: set[str]) -> None:
@@ -308,3 +365,40 @@ class CheckpointManager:
                 f"saved with that component disabled (e.g. [ema] enable = false)? Start from it "
                 f"with [checkpoint] initial_load_path and initial_load_model_only = true instead"
             )
+
+
+def _tensor_for(metadata, path: str, key: str) -> torch.Tensor:
+    """An empty tensor shaped like the saved JSON state `key`, for DCP to load into."""
+    saved = metadata.state_dict_metadata.get(key)
+    if not isinstance(saved, TensorStorageMetadata):
+        raise CheckpointError(
+            f"checkpoint {path} stores {key} in the older pickled format, which is not loaded (it could "
+            f"run code); start from it with [checkpoint] initial_load_path (model weights) instead"
+        )
+    return torch.empty(saved.size, dtype=torch.uint8)
+
+
+def _raise_save_error(path: str, exc: BaseException) -> None:
+    """Raise a one-line user error if a save failed for lack of space or permission (the partial
+    folder keeps its `SAVING` note and is removed by a later save); else return."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.append(current)
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES,
+                                                              errno.EROFS, errno.EPERM):
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {os.strerror(current.errno)}; free space or fix the "
+                f"permissions there (or set [checkpoint] folder / [job] dump_folder elsewhere) and rerun: "
+                f"the run resumes from its last complete checkpoint"
+            ) from exc
+        failures = getattr(current, "failures", None)  # DCP's CheckpointException: {rank: error}
+        if isinstance(failures, dict):  # values: an exception, or (exception, stack summary)
+            for failure in failures.values():
+                failure = failure[0] if isinstance(failure, tuple) and failure else failure
+                if isinstance(failure, BaseException):
+                    todo.append(failure)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)

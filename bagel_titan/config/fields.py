@@ -28,6 +28,11 @@ class ConfigError(UserError, ValueError):
     """A user error in the config (TOML file or command line)."""
 
 
+class FieldValueError(ValueError):
+    """Raised by a section's `__post_init__` for one field: "<key> must be ..."; the loader
+    prefixes the section ("training.steps must be > 0, got 0")."""
+
+
 @lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
     """{field name: the docstring written under it} for a dataclass."""
@@ -161,6 +166,8 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
         kwargs[key] = coerce(f"{where}.{key}", types_[key], value)
     try:
         return cls(**kwargs)
+    except FieldValueError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
     except (ValueError, TypeError) as exc:  # a section's own __post_init__ checks
         raise ConfigError(f"[{where}] {exc}") from exc
 

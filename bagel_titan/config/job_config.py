@@ -10,6 +10,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bagel_titan.config.fields import FieldValueError
+
+
+def _require(ok: bool, key: str, rule: str, value: Any, fix: str = "") -> None:
+    """Raise the one-line error of a section field whose value breaks `rule` (the section name is
+    added by the loader: "training.steps must be > 0, got 0")."""
+    if not ok:
+        raise FieldValueError(f"{key} must be {rule}, got {value!r}" + (f"; {fix}" if fix else ""))
+
 
 @dataclass
 class Job:
@@ -65,6 +74,13 @@ class Training:
     max_consecutive_nonfinite: int = 10
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
 
+    def __post_init__(self) -> None:
+        _require(self.steps > 0, "steps", "> 0", self.steps)
+        _require(self.grad_accum_steps > 0, "grad_accum_steps", "> 0", self.grad_accum_steps)
+        _require(self.max_norm >= 0, "max_norm", ">= 0 (0 disables clipping)", self.max_norm)
+        _require(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", ">= 1",
+                 self.max_consecutive_nonfinite, "1 stops at the first non-finite step")
+
 
 @dataclass
 class Optimizer:
@@ -81,6 +97,13 @@ class Optimizer:
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     """Kernel: "auto" takes fused on GPU, foreach otherwise."""
 
+    def __post_init__(self) -> None:
+        _require(self.lr >= 0, "lr", ">= 0", self.lr)
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                 "two numbers in [0, 1)", self.betas)
+        _require(self.eps >= 0, "eps", ">= 0", self.eps)
+        _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+
 
 @dataclass
 class LRScheduler:
@@ -90,6 +113,10 @@ class LRScheduler:
     """Schedule after warm-up."""
     min_lr: float = 0.0
     """Floor of the linear and cosine decays (absolute lr)."""
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        _require(self.min_lr >= 0, "min_lr", ">= 0", self.min_lr)
 
 
 @dataclass
@@ -108,6 +135,10 @@ class Parallelism:
     """Wrap the model with FSDP2. A single fp32 rank without CPU offload runs unwrapped: there
     FSDP would shard nothing and only add per-layer hooks."""
 
+    def __post_init__(self) -> None:
+        _require(self.dp_shard == -1 or self.dp_shard >= 1, "dp_shard", ">= 1 or -1 (auto)", self.dp_shard)
+        _require(self.dp_replicate >= 1, "dp_replicate", ">= 1", self.dp_replicate)
+
 
 @dataclass
 class ActivationCheckpoint:
@@ -119,6 +150,9 @@ class ActivationCheckpoint:
     """With "selective": "layer" checkpoints every Nth unit; "op" checkpoints every unit but keeps
     matmul and attention outputs (recomputes only the cheap ops)."""
 
+    def __post_init__(self) -> None:
+        _require(self.selective_every >= 1, "selective_every", ">= 1", self.selective_every)
+
 
 @dataclass
 class Compile:
@@ -126,6 +160,10 @@ class Compile:
     """torch.compile each sharding unit and the loss."""
     components: list[str] = field(default_factory=lambda: ["model", "loss"])
     """What to compile: "model" (per unit) and/or "loss"."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.components) - {"model", "loss"})
+        _require(not unknown, "components", 'a list of "model" and "loss"', self.components)
 
 
 @dataclass
@@ -153,6 +191,13 @@ class Checkpoint:
     export_at_end: bool = True
     """Export inference weights when the run ends."""
 
+    def __post_init__(self) -> None:
+        _require(self.interval >= 1, "interval", ">= 1", self.interval)
+        _require(self.keep_latest_k >= 0, "keep_latest_k", ">= 0 (0 keeps all)", self.keep_latest_k)
+        _require(self.load_step >= -1, "load_step", ">= 0, or -1 for the latest", self.load_step)
+        _require(self.export_interval >= 0, "export_interval", ">= 0 (0: only at the end)", self.export_interval)
+        _require(bool(self.folder), "folder", "a folder name", self.folder)
+
 
 @dataclass
 class Metrics:
@@ -162,6 +207,10 @@ class Metrics:
     """Write TensorBoard event files into `<run>/tb`."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0: look the device up in the table."""
+
+    def __post_init__(self) -> None:
+        _require(self.log_freq > 0, "log_freq", "> 0", self.log_freq)
+        _require(self.peak_tflops >= 0, "peak_tflops", ">= 0 (0: look the device up)", self.peak_tflops)
 
 
 @dataclass
@@ -183,6 +232,9 @@ class DatasetEntry:
     is_mandatory: bool = False
     """With `[data] packing_strategy = "release"`: every pack starts with one sample of this
     dataset (the release's `is_mandatory`)."""
+
+    def __post_init__(self) -> None:
+        _require(self.weight >= 0, "weight", ">= 0", self.weight)
 
 
 @dataclass
@@ -216,6 +268,13 @@ class Data:
     loader: str = "packed"
     """Dataloader builder (registered by a plugin)."""
 
+    def __post_init__(self) -> None:
+        _require(self.packing_length > 0, "packing_length", "> 0", self.packing_length)
+        _require(self.packing_window >= 1, "packing_window", ">= 1", self.packing_window)
+        _require(self.shuffle_window > 0, "shuffle_window", "> 0", self.shuffle_window)
+        _require(self.num_workers >= 0, "num_workers", ">= 0 (0 loads in the main process)", self.num_workers)
+        _require(self.prefetch_factor >= 1, "prefetch_factor", ">= 1", self.prefetch_factor)
+
 
 @dataclass
 class Validation:
@@ -227,6 +286,10 @@ class Validation:
     """Held-out packs per validation."""
     datasets: list[DatasetEntry] = field(default_factory=list)
     """Held-out data; empty: no held-out loss."""
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 1, "interval", ">= 1", self.interval)
+        _require(self.steps >= 1, "steps", ">= 1", self.steps)
 
 
 @dataclass
@@ -255,6 +318,11 @@ class EMA:
     """Copy the weights (no averaging) until this step."""
     update_interval: int = 1
     """Update every N steps."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.decay < 1.0, "decay", "in [0, 1)", self.decay)
+        _require(self.start_step >= 0, "start_step", ">= 0", self.start_step)
+        _require(self.update_interval >= 1, "update_interval", ">= 1", self.update_interval)
 
 
 @dataclass

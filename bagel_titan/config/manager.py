@@ -7,7 +7,7 @@ Overrides are ``--section.key value`` or ``--section.key=value``; nested section
 from __future__ import annotations
 
 import dataclasses
-import sys
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -162,29 +162,44 @@ def build_job_config(
 
 
 def validate(cfg: JobConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    positive = {
-        "training.steps": cfg.training.steps,
-        "training.grad_accum_steps": cfg.training.grad_accum_steps,
-        "metrics.log_freq": cfg.metrics.log_freq,
-        "data.packing_length": cfg.data.packing_length,
-        "data.shuffle_window": cfg.data.shuffle_window,
-        "checkpoint.interval": cfg.checkpoint.interval,
-        "ema.update_interval": cfg.ema.update_interval,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-    if len(cfg.optimizer.betas) != 2:
-        raise ConfigError(f"optimizer.betas must hold two numbers, got {cfg.optimizer.betas}")
+    """Cross-section checks (each section checks its own fields in `__post_init__`)."""
     unknown = sorted(set(cfg.loss.weights) - set(cfg.loss.components))
     if unknown:
         raise ConfigError(
             f"loss.weights names {unknown}, which are not in loss.components {cfg.loss.components}; "
             f"add them to components or remove their weights"
         )
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
+
+
+def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
+    """Checks that need the machine and the plugins, run once when a run starts (before any
+    model is built); `--job.print_config` skips them, so a GPU config can be printed anywhere."""
+    import torch
+
+    if cfg.training.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("[training] device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    on_cpu = cfg.training.device == "cpu" or not torch.cuda.is_available()
+    model_spec = plugins.model_specs.get(cfg.model.name)
+    flavors = getattr(model_spec, "flavors", None)
+    if flavors is not None and cfg.model.flavor not in flavors:
+        raise ConfigError(
+            f"[model] flavor {cfg.model.flavor!r} is not a flavor of model {cfg.model.name!r}; "
+            f"choose one of: {', '.join(sorted(flavors))}"
+        )
+    for key, name in (("backend", cfg.attention.backend), ("vit_backend", getattr(cfg.attention, "vit_backend", ""))):
+        if name and on_cpu and not getattr(plugins.attention_backends.get(name), "trains_on_cpu", True):
+            raise ConfigError(
+                f"[attention] {key} = {name!r} cannot train on the CPU (no backward there); use "
+                f"'sdpa' or 'eager' for a CPU run, or run on a GPU"
+            )
+    for key in ("pretrained_path", "tokenizer_path"):
+        path = getattr(cfg.model, key)
+        if path and not os.path.exists(path):
+            raise ConfigError(f"[model] {key} {path!r} does not exist; fix the path (relative paths "
+                              f"resolve against {os.getcwd()!r}) or leave it empty")
+    if cfg.checkpoint.initial_load_path and not os.path.isdir(cfg.checkpoint.initial_load_path):
+        raise ConfigError(f"[checkpoint] initial_load_path {cfg.checkpoint.initial_load_path!r} is not a "
+                          f"folder; point it at a step-<N> checkpoint folder")
 
 
 def load_job_config(argv: Sequence[str], plugins_factory=None) -> tuple[JobConfig, Any]:
@@ -291,6 +306,3 @@ def main_help(argv: Sequence[str]) -> str:
     sections = {name: plugins.config_sections.get(name) for name in plugins.config_sections.names()}
     return help_text(sections)
 
-
-def print_error(exc: Exception) -> None:
-    print(f"bagel-titan: config error: {exc}", file=sys.stderr)

@@ -15,8 +15,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from bagel_titan.config.job_config import Parallelism
 
-_RESHARD_POLICIES = ("default", "always", "never")
-
 
 def reshard_after_forward_for(policy: str, unit_index: int, num_units: int) -> bool:
     """Whether unit `unit_index` frees its gathered parameters after forward.
@@ -28,12 +26,7 @@ def reshard_after_forward_for(policy: str, unit_index: int, num_units: int) -> b
         return True
     if policy == "never":
         return False
-    if policy == "default":
-        return unit_index < num_units - 1
-    raise ValueError(
-        f"[parallelism] reshard_after_forward must be one of {', '.join(_RESHARD_POLICIES)}, "
-        f"got {policy!r}"
-    )
+    return unit_index < num_units - 1  # "default" (the config admits only these three)
 
 
 def apply_fsdp(

@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from bagel_titan.config.job_config import JobConfig
 from bagel_titan.distributed.activation_checkpoint import apply_activation_checkpointing
 from bagel_titan.distributed.compile import apply_compile
+from bagel_titan.distributed.parallel_dims import ParallelismConfigError
 from bagel_titan.distributed.fsdp import apply_fsdp
 from bagel_titan.distributed.units import resolve_units
 
@@ -36,13 +37,9 @@ def parallelize(
     """
     par = job_config.parallelism
     if not par.fsdp and mesh.size() > 1:
-        raise ValueError(
+        raise ParallelismConfigError(
             f"[parallelism] fsdp = false only works on a single rank, but the mesh has "
             f"{mesh.size()}; set fsdp = true to train data-parallel"
-        )
-    if job_config.training.dtype not in _DTYPES:
-        raise ValueError(
-            f"[training] dtype must be one of {', '.join(_DTYPES)}, got {job_config.training.dtype!r}"
         )
     units = resolve_units(model, units, par.transformer_layer_cls_to_wrap)
     ac = job_config.activation_checkpoint

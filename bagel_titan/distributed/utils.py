@@ -19,12 +19,9 @@ _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 def select_device(device: str = "auto") -> torch.device:
     """The device of this rank: `cuda:<LOCAL_RANK>` or the CPU.
 
-    `device` is `[training] device`: "auto" picks CUDA when available, "cuda" requires it.
+    `device` is `[training] device` (validated by the config): "auto" picks CUDA when
+    available, "cuda" requires it (checked when the config is loaded).
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"[training] device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("[training] device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -50,15 +47,16 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
         )
 
 
-def destroy_distributed(barrier_timeout_s: float = 30.0) -> None:
+def destroy_distributed(barrier_timeout_s: float = 30.0, wait_for_peers: bool = True) -> None:
     """Tear down the default process group (safe to call twice).
 
-    Ranks first wait for each other (bounded, so a crashed peer does not hang the others): a rank
-    that tears down its gloo connections while a peer still uses them can abort the peer at exit.
+    After a successful run ranks first wait for each other (bounded): a rank that tears down its
+    gloo connections while a peer still uses them can abort the peer at exit. A failed rank does
+    not wait (`wait_for_peers=False`): its peers may sit in a collective it will never join.
     """
     if not dist.is_initialized():
         return
-    if dist.get_world_size() > 1:
+    if wait_for_peers and dist.get_world_size() > 1:
         try:
             if dist.get_backend() == "gloo":
                 dist.monitored_barrier(timeout=timedelta(seconds=barrier_timeout_s))
@@ -86,3 +84,25 @@ def set_deterministic(enabled: bool) -> None:
     if enabled:
         # cuBLAS needs a fixed workspace to be deterministic; must be set before first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """`values` summed element-wise over all ranks (float64)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """`values` summed key by key over all ranks; the ranks may hold different keys (a key a
+    rank lacks counts as 0 there)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    total: dict[str, float] = {}
+    for part in gathered:
+        for key, value in (part or {}).items():
+            total[key] = total.get(key, 0.0) + value
+    return total

@@ -30,6 +30,30 @@ def format_console(step: int, metrics: dict[str, float]) -> str:
     return f"step {step:>6}  " + "  ".join(fmt(k, metrics[k]) for k in keys)
 
 
+def _truncate_after(path: str, step: int) -> None:
+    """Keep the rows of `metrics.jsonl` up to `step` (atomically: a crash leaves old or new)."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row_step = json.loads(line).get("step", 0)
+            except ValueError:  # a line cut short by a crash
+                dropped += 1
+                continue
+            if row_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        logger.info(f"metrics.jsonl: dropped {dropped} rows after step {step} (the resumed run logs them again)")
+
+
 class MetricsLogger:
     """Writes logged steps to the console, TensorBoard and `<run>/metrics.jsonl` (rank 0 only).
 
@@ -37,19 +61,24 @@ class MetricsLogger:
     written as `null` there (TensorBoard and the console keep the float).
     """
 
-    def __init__(self, run_folder: str, enable_tensorboard: bool, is_rank0: bool):
+    def __init__(self, run_folder: str, enable_tensorboard: bool, is_rank0: bool, resumed_step: int = 0):
+        """`resumed_step`: the step the run resumes after. Rows logged after it by an earlier
+        attempt (steps the resumed run repeats) are dropped from `metrics.jsonl`, and
+        TensorBoard purges them, so every step appears once."""
         self.is_rank0 = is_rank0
         self.jsonl = None
         self.tb = None
         if not is_rank0:
             return
         os.makedirs(run_folder, exist_ok=True)
+        path = os.path.join(run_folder, "metrics.jsonl")
+        _truncate_after(path, resumed_step)
         # Append: a resumed run continues the same file (its steps continue where it stopped).
-        self.jsonl = open(os.path.join(run_folder, "metrics.jsonl"), "a", buffering=1)
+        self.jsonl = open(path, "a", buffering=1)
         if enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_folder, "tb"))
+            self.tb = SummaryWriter(os.path.join(run_folder, "tb"), purge_step=resumed_step + 1 if resumed_step else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_rank0:

@@ -163,6 +163,8 @@ class FlexBackend:
     """The `flex` attention backend: compiled FlexAttention with a per-batch BlockMask."""
 
     name = "flex"
+    trains_on_cpu = False
+    """FlexAttention has no CPU backward: the config loader refuses a CPU training run with it."""
     config_section = "attention.flex"
 
     def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:

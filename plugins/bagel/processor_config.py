@@ -29,9 +29,10 @@ class ProcessorConfig:
     """Pixel budget of one VAE image after resizing (the release's 1,806,336)."""
     min_image_side: int = 16
     """An image whose shorter side (px, before resizing) is below this is skipped as too small."""
-    max_image_pixels: int = 178_956_970
-    """An image with more pixels than this (before resizing) is skipped as too large (twice PIL's
-    default decompression-bomb warning limit)."""
+    max_image_pixels: int = 40_000_000
+    """An image with more pixels than this (before resizing) is skipped as too large, from its
+    header, without decoding it (a 100-megapixel PNG takes seconds and ~0.5 GB to decode, every
+    epoch, only to be resized to about one megapixel)."""
     text_dropout_prob: float = 0.1
     """Probability to drop the conditioning text of a generation sample (classifier-free
     guidance training)."""

@@ -12,6 +12,8 @@ import logging
 from collections import Counter
 from typing import Any
 
+from bagel_titan.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 BAD_RECORD_KEY = "__bad_record__"
@@ -27,9 +29,19 @@ REASONS = (
     "image_too_large",   # more pixels than [bagel.processor] max_image_pixels
     "no_target",         # nothing to learn: no assistant text and no image to generate
     "oversize",          # longer than [data] packing_length (oversize_policy = "skip")
-    "unreadable_record", # a row group / record batch that does not decode
+    "unreadable_record", # a row group / record batch (or a whole parquet file) that does not decode
+    "bad_utf8",          # a jsonl line that is not valid UTF-8
+    "image_unsupported_mode",  # pixels PIL cannot turn into 8-bit RGB faithfully (float images)
     "processor_error",   # any other exception from the processor (logged with its traceback)
 )
+
+
+class DataError(UserError, ValueError):
+    """A dataset the run cannot use: a missing path, no readable file, no usable sample."""
+
+
+class DataPathError(DataError, FileNotFoundError):
+    """A dataset path that does not exist, or a folder without data files."""
 
 
 class BadSampleError(Exception):

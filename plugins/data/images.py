@@ -12,6 +12,7 @@ import binascii
 import io
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,11 +22,22 @@ from PIL import Image
 from .bad_samples import BadSampleError
 
 
-def _open_bytes(data: bytes, what: str) -> Image.Image:
+def _open(file: Any, what: str) -> Image.Image:
+    """PIL's lazy open (it reads the header only). The pixel cap is the caller's
+    (`max_pixels`), so PIL's own decompression-bomb warning is silenced, and its bomb error is a
+    too-large image, not a corrupt one."""
     try:
-        return Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(file)
+    except Image.DecompressionBombError as exc:
+        raise BadSampleError("image_too_large", f"{what}: {exc}") from None
     except Exception as exc:
         raise BadSampleError("image_corrupt", f"{what}: {type(exc).__name__}: {exc}") from None
+
+
+def _open_bytes(data: bytes, what: str) -> Image.Image:
+    return _open(io.BytesIO(data), what)
 
 
 def open_image(source: Any, data_folder: str) -> Image.Image:
@@ -55,22 +67,35 @@ def open_image(source: Any, data_folder: str) -> Image.Image:
     full = path if os.path.isabs(path) else os.path.join(data_folder, path)
     if not os.path.isfile(full):
         raise BadSampleError("image_missing", f"{full!r} does not exist (data_folder={data_folder!r})")
-    try:
-        with open(full, "rb") as f:
-            return _open_bytes(f.read(), full)
-    except OSError as exc:
-        raise BadSampleError("image_missing", f"{full!r}: {exc}") from None
+    # Opened by path: PIL reads the header only, so a huge or non-image file is never read whole.
+    return _open(full, full)
 
 
 def load_rgb(source: Any, data_folder: str, *, min_side: int, max_pixels: int) -> Image.Image:
-    """Decode to RGB after checking the size from the header (no decode of a too-large image)."""
+    """Decode to RGB after checking the size from the header (no decode of a too-large image).
+    16-bit and 32-bit integer greyscale are scaled to 8 bits; float images are skipped
+    ("image_unsupported_mode"): PIL's own conversion would clip them to white."""
     image = open_image(source, data_folder)
+    try:
+        return _to_rgb(image, min_side=min_side, max_pixels=max_pixels)
+    finally:
+        image.close()
+
+
+def _to_rgb(image: Image.Image, *, min_side: int, max_pixels: int) -> Image.Image:
     w, h = image.size
     if min(w, h) < min_side:
         raise BadSampleError("image_too_small", f"{w}x{h} px, shorter side < min_image_side {min_side}")
     if w * h > max_pixels:
         raise BadSampleError("image_too_large", f"{w}x{h} px > max_image_pixels {max_pixels}")
+    if image.mode == "F" or image.mode.startswith("BGR"):
+        raise BadSampleError("image_unsupported_mode", f"pixel mode {image.mode!r} has no faithful 8-bit RGB form")
     try:
+        if image.mode.startswith("I"):  # "I;16*" (16-bit) and "I" (32-bit integer) greyscale
+            pixels = np.asarray(image).astype(np.float64)
+            scale = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else pixels.max()
+            grey = np.clip(pixels / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return Image.fromarray(grey).convert("RGB")
         if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")  # transparent pixels become white, as in the release
             white = Image.new("RGB", rgba.size, (255, 255, 255))

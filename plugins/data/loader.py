@@ -9,8 +9,11 @@ are summed here (`data_stats()`), so they are exact and part of the checkpoint.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
+import signal
+import weakref
 from collections import Counter
 from typing import Any, Iterator, Sequence
 
@@ -19,6 +22,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from bagel_titan.config.fields import ConfigError
 from bagel_titan.config.job_config import DatasetEntry, JobConfig
 
+from bagel_titan.protocols import ReadPass
+
+from .bad_samples import BadSampleError, DataError, DataPathError, as_bad_record
 from .mixture import Source
 from .packing import ReleasePackingConfig
 from .pipeline import PackedIterable, PipelineOptions, WorkerOutput
@@ -28,17 +34,31 @@ def _identity(item: Any) -> Any:
     return item
 
 
+def _close_if_alive(ref: "weakref.ref[PackedDataloader]") -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGINT: a launcher or a scheduler (`timeout`, `scancel`,
+    torchrun, Ctrl-C) signals the whole process group, and the main process decides to write a
+    stop checkpoint, which needs the workers alive. They still end with the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float = 1.0,
                     mandatory: bool = False, processor: dict[str, Any] | None = None) -> list[Source]:
     """Config entries -> sources, yaml mixtures expanded, every path and format checked now."""
     sources: list[Source] = []
     for i, entry in enumerate(entries):
         if not entry.path:
-            raise ValueError(f"[[data.datasets]] entry {i} has no `path`; set it to a file, a folder "
+            raise DataError(f"[[data.datasets]] entry {i} has no `path`; set it to a file, a folder "
                              f"or a .yaml list of datasets")
         reader = plugins.dataset_readers.get(entry.format) if entry.format else plugins.reader_for_path(entry.path)
         if not os.path.exists(entry.path):
-            raise FileNotFoundError(f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
+            raise DataPathError(f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
                                     f"exist; fix `path` (relative paths resolve against {os.getcwd()!r})")
         if hasattr(reader, "expand"):
             sources.extend(resolve_sources(reader.expand(entry.path), plugins, weight * entry.weight,
@@ -50,15 +70,37 @@ def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float
                             f"has an iter_samples without the `read_pass` keyword; update it to "
                             f"bagel_titan.protocols.DatasetReader (it may ignore `read_pass.shuffle`)")
         if next(iter(reader.iter_samples(entry.path, shard_index=0, num_shards=1, start=0)), None) is None:
-            raise ValueError(f"dataset {name!r} ([[data.datasets]] entry {i}, format {reader.format!r}) "
-                             f"holds no samples; fix `path` or remove the entry")
+            raise DataError(f"dataset {name!r} ([[data.datasets]] entry {i}, format {reader.format!r}) "
+                            f"holds no samples; fix `path` or remove the entry")
         if any(s.name == name for s in sources):
-            raise ValueError(f"two datasets are named {name!r}; give them distinct `name`s")
+            raise DataError(f"two datasets are named {name!r}; give them distinct `name`s")
         sources.append(Source(name, entry.path, reader, weight * entry.weight, entry.data_folder,
                               mandatory or entry.is_mandatory, {**(processor or {}), **entry.processor}))
     if not sources:
-        raise ValueError("no datasets configured; add [[data.datasets]] entries with a `path`")
+        raise DataError("no datasets configured; add [[data.datasets]] entries with a `path`")
     return sources
+
+
+def check_usable(sources: Sequence[Source], processor: Any) -> None:
+    """Raise `DataError` for a dataset with no usable sample at all, decided over the whole
+    dataset (not per shard, so the answer does not depend on ranks x workers). Reads until the
+    first usable sample: usually the first one."""
+    for source in sources:
+        skipped: Counter[str] = Counter()
+        for raw in source.iter_shard(0, 1, 0, ReadPass()):
+            bad = as_bad_record(raw.data)
+            if bad is None:
+                try:
+                    processor(raw)
+                    break
+                except BadSampleError as error:
+                    bad = error
+                except Exception as exc:  # counted like the pipeline counts it
+                    bad = BadSampleError("processor_error", f"{type(exc).__name__}: {exc}")
+            skipped[bad.reason] += 1
+        else:
+            raise DataError(f"dataset {source.name!r} has no usable sample: all {sum(skipped.values())} records "
+                            f"were skipped ({dict(skipped)}); fix the data (the reasons are logged) or drop it")
 
 
 class PackedDataloader:
@@ -71,10 +113,25 @@ class PackedDataloader:
                        "dp_rank": dataset.dp_rank}
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
-            kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False}
+            kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False,
+                      "worker_init_fn": _ignore_stop_signals}
         self.loader = StatefulDataLoader(dataset, batch_size=None, num_workers=num_workers,
                                          collate_fn=_identity, **kwargs)
         self.stats: Counter[str] = Counter()
+        if num_workers > 0:
+            atexit.register(_close_if_alive, weakref.ref(self))
+
+    def close(self) -> None:
+        """Stop the loader workers now. They ignore SIGTERM, so the interpreter's exit, which
+        terminates daemonic children with SIGTERM and then waits for them, must not meet them."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+            return
+        iterator._shutdown_workers()  # asks the workers to finish, waits a moment for them
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
     def __iter__(self) -> Iterator[Any]:
         for output in self.loader:
@@ -156,7 +213,9 @@ class PackedDataloaderBuilder:
             shuffle=data.shuffle,
             shuffle_window=data.shuffle_window,
         )
-        dataset = PackedIterable(sources, model_spec.build_processor(job_config),
+        processor = model_spec.build_processor(job_config)
+        check_usable(sources, processor)
+        dataset = PackedIterable(sources, processor,
                                  model_spec.build_collator(job_config), options,
                                  dp_rank=dp_rank, dp_world_size=dp_world_size)
         return PackedDataloader(dataset, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from bagel_titan.protocols import RawSample, ReadPass
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,6 +102,9 @@ class MixtureStream:
         self.epochs = [0] * len(sources)
         self.positions = [0] * len(sources)
         self.current = 0  # one-pass mode: the source being read
+        self.whole_from: list[int | None] = [None] * len(sources)
+        """Per source: the epoch from which this shard reads the whole dataset, because its own
+        part holds no usable sample (a small dataset over many ranks x workers); None: its part."""
         self._iters: list[Iterator[RawSample] | None] = [None] * len(sources)
 
     def _choose(self) -> int:
@@ -111,8 +117,11 @@ class MixtureStream:
         source = self.sources[i]
         read_pass = ReadPass(epoch=epoch, seed=self.seed, shuffle=self.shuffle)
 
+        whole = self.whole_from[i] is not None and epoch >= self.whole_from[i]
+        shard, shards = (0, 1) if whole else (self.shard_index, self.num_shards)
+
         def open_at(first: int) -> Iterator[RawSample]:
-            return source.iter_shard(self.shard_index, self.num_shards, first, read_pass)
+            return source.iter_shard(shard, shards, first, read_pass)
 
         if self.shuffle_window == 1:
             return open_at(start)
@@ -145,17 +154,32 @@ class MixtureStream:
         sample = self._next_of(i)
         if sample is None:  # end of this shard's pass: next epoch
             if self.positions[i] == 0:
-                raise ValueError(
-                    f"dataset {self.sources[i].name!r} has no samples for shard {self.shard_index} of "
-                    f"{self.num_shards} (data-parallel ranks x loader workers); it is empty or has "
-                    f"fewer rows than shards: add data, lower [data] num_workers, or drop it")
-            self.epochs[i] += 1
-            self.positions[i] = 0
-            self._iters[i] = None
+                if self.whole_from[i] is not None and self.epochs[i] >= self.whole_from[i]:
+                    raise ValueError(f"dataset {self.sources[i].name!r} has no samples; fix `path` or drop it")
+                self.read_whole_from_next_epoch(i)
+            else:
+                self._next_epoch(i)
             sample = self._next_of(i)
         drawn = Drawn(i, self.epochs[i], self.positions[i], sample)
         self.positions[i] += 1
         return drawn
+
+    def _next_epoch(self, i: int) -> None:
+        self.epochs[i] += 1
+        self.positions[i] = 0
+        self._iters[i] = None
+
+    def read_whole_from_next_epoch(self, i: int) -> None:
+        """This shard's part of source `i` has no usable sample: from the next epoch on it reads
+        the whole dataset (in its own window order), so the run goes on whenever the dataset as a
+        whole has usable samples (the loader checks that once, at build time)."""
+        if self.whole_from[i] is None:
+            logger.warning(
+                "dataset %r: shard %d of %d (data-parallel ranks x loader workers) holds no usable sample; "
+                "this shard reads the whole dataset instead", self.sources[i].name, self.shard_index,
+                self.num_shards)
+        self.whole_from[i] = self.epochs[i] + 1
+        self._next_epoch(i)
 
     def fetch(self, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], RawSample]:
         """Re-read the samples at `keys` (to rebuild a restored packing buffer), one pass per source."""
@@ -179,7 +203,8 @@ class MixtureStream:
 
     def state_dict(self) -> dict[str, Any]:
         return {"draws": self.draws, "epochs": list(self.epochs), "positions": list(self.positions),
-                "current": self.current, "names": [s.name for s in self.sources], "order": self._order()}
+                "current": self.current, "names": [s.name for s in self.sources], "order": self._order(),
+                "whole_from": list(self.whole_from)}
 
     def _order(self) -> dict[str, Any]:
         return {"shuffle": self.shuffle, "shuffle_window": self.shuffle_window}
@@ -200,4 +225,5 @@ class MixtureStream:
         self.epochs = [int(e) for e in state["epochs"]]
         self.positions = [int(p) for p in state["positions"]]
         self.current = int(state["current"])
+        self.whole_from = [None if w is None else int(w) for w in state.get("whole_from", self.whole_from)]
         self._iters = [None] * len(self.sources)

@@ -116,16 +116,25 @@ class _ShardRun:
         self.epoch_seen: dict[int, int] = {}
         self.epoch_good: dict[int, bool] = {}
 
-    def _check_progress(self, drawn: Drawn) -> None:
+    def _check_progress(self, drawn: Drawn) -> bool:
+        """False when `drawn` starts a new pass of a source whose previous pass over this shard
+        gave no usable sample: the shard then reads the whole dataset from the next epoch on
+        (`drawn` is dropped). Whether a dataset has usable samples at all is decided over the
+        whole dataset, once, by the loader (`check_usable`), so every shard agrees."""
         source = drawn.source
         if self.epoch_seen.get(source, drawn.epoch) != drawn.epoch and not self.epoch_good.get(source, True):
-            counts = dict(self.bad.counts)
-            raise ValueError(f"dataset {drawn.sample.dataset!r}: a whole pass over its shard gave no usable "
-                             f"sample (skipped so far: {counts}); fix the data (see the logged reasons) or "
-                             f"drop the dataset")
+            whole_from = self.mixture.whole_from[source]
+            if whole_from is not None and self.epoch_seen[source] >= whole_from:
+                raise ValueError(f"dataset {drawn.sample.dataset!r}: a whole pass over it gave no usable sample "
+                                 f"(skipped so far: {dict(self.bad.counts)}); fix the data or drop the dataset")
+            self.mixture.read_whole_from_next_epoch(source)
+            self.epoch_seen[source] = self.mixture.epochs[source]
+            self.epoch_good[source] = False
+            return False
         if self.epoch_seen.get(source) != drawn.epoch:
             self.epoch_seen[source] = drawn.epoch
             self.epoch_good[source] = False
+        return True
 
     # -- one sample ---------------------------------------------------------------------------
     def _skip(self, error: BadSampleError, drawn: Drawn) -> None:
@@ -182,7 +191,8 @@ class _ShardRun:
                 self.ready.extend([_as_key(k) for k in pack] for pack in self.packer.flush())
                 self.finished = True
                 continue
-            self._check_progress(drawn)
+            if not self._check_progress(drawn):
+                continue
             sample = self._process(drawn)
             if sample is None:
                 continue

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from bagel_titan.protocols import RawSample, ReadPass
 
-from ..bad_samples import bad_record
+from ..bad_samples import DataPathError, bad_record
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def list_files(path: str, extensions: Sequence[str], what: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what} dataset path {path!r} does not exist; fix `path` in its "
+        raise DataPathError(f"{what} dataset path {path!r} does not exist; fix `path` in its "
                                 f"[[data.datasets]] entry")
     files = sorted(
         os.path.join(root, name)
@@ -44,7 +44,7 @@ def list_files(path: str, extensions: Sequence[str], what: str) -> list[str]:
         if name.endswith(tuple(extensions))
     )
     if not files:
-        raise FileNotFoundError(f"{what} dataset folder {path!r} holds no {'/'.join(extensions)} "
+        raise DataPathError(f"{what} dataset folder {path!r} holds no {'/'.join(extensions)} "
                                 f"files; fix `path` or `format` in its [[data.datasets]] entry")
     return files
 

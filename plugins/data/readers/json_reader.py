@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Iterator
 
 from bagel_titan.protocols import RawSample, ReadPass
 
-from ..bad_samples import bad_record
+from ..bad_samples import DataError, bad_record
 from .base import list_files
 
 
@@ -21,6 +22,14 @@ def _record(text: str, where: str) -> dict:
     return record
 
 
+def _decode(raw: bytes, where: str) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return bad_record("bad_utf8", f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
+    return _record(text, where)
+
+
 class JsonlReader:
     """`.jsonl` files (or a folder of them), one record per line, streamed; line i of the
     concatenated files (blank lines excluded) belongs to shard i % num_shards."""
@@ -30,18 +39,21 @@ class JsonlReader:
 
     def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
                      read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
-        """Only the lines of this shard are parsed; a line that does not parse is a bad record."""
+        """Only the lines of this shard are parsed; a line that does not parse, or is not valid
+        UTF-8, is a bad record. A UTF-8 byte-order mark at the start of a file is accepted."""
         index = 0
         owned = 0
         for file in list_files(path, self.extensions, "jsonl"):
-            with open(file, encoding="utf-8", errors="replace") as f:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
+            with open(file, "rb") as f:
+                for line_no, raw in enumerate(f, start=1):
+                    if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                        raw = raw[len(codecs.BOM_UTF8):]
+                    if not raw.strip():
                         continue
                     mine = index % num_shards == shard_index
                     if mine:
                         if owned >= start:
-                            yield RawSample(path, index, _record(line, f"{file}:{line_no}"))
+                            yield RawSample(path, index, _decode(raw, f"{file}:{line_no}"))
                         owned += 1
                     index += 1
 
@@ -57,14 +69,14 @@ class JsonListReader:
         """Record i of the concatenated lists belongs to shard i % num_shards."""
         index = 0
         for file in list_files(path, self.extensions, "json"):
-            with open(file, encoding="utf-8") as f:
+            with open(file, encoding="utf-8-sig") as f:  # a byte-order mark is accepted
                 try:
                     records = json.load(f)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"json dataset file {file!r} does not parse ({exc}); a `json` "
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise DataError(f"json dataset file {file!r} does not parse ({exc}); a `json` "
                                      f"dataset is one list of records (use `jsonl` for one per line)") from exc
             if not isinstance(records, list):
-                raise ValueError(f"json dataset file {file!r} holds a {type(records).__name__}, not a "
+                raise DataError(f"json dataset file {file!r} holds a {type(records).__name__}, not a "
                                  f"list of records; use `jsonl` for one record per line")
             first = (shard_index - index) % num_shards
             for local in range(first, len(records), num_shards):

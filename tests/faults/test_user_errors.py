@@ -1,0 +1,96 @@
+"""Issue 19 items 9 and 11, issue 15 item 9: every user-caused failure is one
+`bagel-titan: error:` line naming the key or file and the fix, exit code 2, no traceback; bad
+values are refused when the config is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from faults_helpers import faults_args, text_corpus, write_jsonl
+
+from bagel_titan.cli import main
+from bagel_titan.config.fields import ConfigError
+from bagel_titan.config.manager import load_job_config
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--training.max_consecutive_nonfinite", "0"], "training.max_consecutive_nonfinite must be >= 1, got 0"),
+        (["--lr_scheduler.warmup_steps", "-1"], "lr_scheduler.warmup_steps must be >= 0, got -1"),
+        (["--optimizer.lr", "-0.1"], "optimizer.lr must be >= 0, got -0.1"),
+        (["--data.num_workers", "-1"], "data.num_workers must be >= 0"),
+        (["--ema.decay", "1.0"], "ema.decay must be in [0, 1), got 1.0"),
+        (["--parallelism.dp_shard", "0"], "parallelism.dp_shard must be >= 1 or -1 (auto)"),
+        (["--checkpoint.keep_latest_k", "-1"], "checkpoint.keep_latest_k must be >= 0"),
+    ],
+)
+def test_bad_values_are_refused_by_the_config(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_job_config(argv)
+    assert message in str(info.value)
+
+
+def _run_in_process(args: list[str], capsys) -> tuple[int, str]:
+    code = main([*args, "--training.deterministic", "false"])
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "data.jsonl", text_corpus(20))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("flavor", "[model] flavor 'huge' is not a flavor of model 'faults_lm'; choose one of: tiny"),
+        ("pretrained", "[model] pretrained_path"),
+        ("tokenizer", "[model] tokenizer_path"),
+        ("dataset", "dataset path"),
+        ("dump_folder", "cannot write the run folder"),
+        ("flex_on_cpu", "[attention] backend = 'flex' cannot train on the CPU"),
+        ("safetensors", "a safetensors file does not read"),
+        ("negative_lr", "optimizer.lr must be >= 0"),
+        ("workers", "data.num_workers must be >= 0"),
+        ("steps", "training.steps must be > 0"),
+    ],
+)
+def test_user_mistakes_are_one_line_exit_2(tmp_path: Path, corpus: Path, capsys, case: str, message: str) -> None:
+    dataset = corpus
+    extra: list[str] = []
+    if case == "flavor":
+        extra = ["--model.flavor", "huge"]
+    elif case == "pretrained":
+        extra = ["--model.pretrained_path", str(tmp_path / "no-such-weights")]
+    elif case == "tokenizer":
+        extra = ["--model.tokenizer_path", str(tmp_path / "no-such-tokenizer")]
+    elif case == "dataset":
+        dataset = tmp_path / "missing.jsonl"
+    elif case == "dump_folder":
+        (tmp_path / "a-file").write_text("")
+        extra = ["--job.dump_folder", str(tmp_path / "a-file" / "runs")]
+    elif case == "flex_on_cpu":
+        extra = ["--attention.backend", "flex"]
+    elif case == "safetensors":
+        from safetensors.torch import save_file
+        import torch
+
+        weights = tmp_path / "model.safetensors"
+        save_file({"head.weight": torch.zeros(64, 32)}, str(weights))
+        weights.write_bytes(weights.read_bytes()[:-100])
+        extra = ["--model.pretrained_path", str(weights)]
+    elif case == "negative_lr":
+        extra = ["--optimizer.lr", "-1"]
+    elif case == "workers":
+        extra = ["--data.num_workers", "-1"]
+    elif case == "steps":
+        extra = ["--training.steps", "0"]
+    code, err = _run_in_process([*faults_args(tmp_path / "run", dataset), *extra], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("bagel-titan: error: "), err
+    assert message in lines[0]
+    assert "Traceback" not in err
