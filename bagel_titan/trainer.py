@@ -108,7 +108,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps, cfg.optimizer.lr)
         self.ema = (
-            EMA(self.model, cfg.ema.decay, cfg.ema.start_step, cfg.ema.update_interval) if cfg.ema.enable else None
+            EMA(self.model, cfg.ema.decay, cfg.ema.start_step, cfg.ema.update_interval, cfg.ema.device)
+            if cfg.ema.enable else None
         )
         self.loss_components: list[LossComponent] = [
             plugins.loss_components.get(name)(cfg.options(f"loss.{name}")) for name in cfg.loss.components

@@ -53,13 +53,10 @@ def apply_fsdp(
     its own dtype casts its input itself. Returns `model` (sharded in place; parameters become
     DTensors, state-dict keys are unchanged).
     """
-    if parallelism_cfg.cpu_offload and mesh.device_type == "cpu":
-        raise ValueError(
-            "[parallelism] cpu_offload = true moves parameters off an accelerator, but this job "
-            "runs on the CPU already; set cpu_offload = false"
-        )
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    offload: OffloadPolicy = CPUOffloadPolicy() if parallelism_cfg.cpu_offload else OffloadPolicy()
+    # Pinned host memory makes the copies to an accelerator asynchronous; a CPU job has none.
+    offload: OffloadPolicy = (CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
+                              if parallelism_cfg.cpu_offload else OffloadPolicy())
     policy = parallelism_cfg.reshard_after_forward
     ignored = {p for m in ignored_modules for p in m.parameters()}
     for index, unit in enumerate(units):

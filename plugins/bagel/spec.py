@@ -98,9 +98,9 @@ class BagelSpec:
         weights.load_weights(model, path)
 
     def export(self, model: Bagel, path: str, dtype: torch.dtype,
-               state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+               state_dict: Mapping[str, torch.Tensor] | None = None, *, ema: bool = False) -> None:
         write = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        weights.export(model, path, dtype, state_dict, write=write)
+        weights.export(model, path, dtype, state_dict, ema=ema, write=write)
 
     # -- parallelism / freezing ------------------------------------------------------------------
 

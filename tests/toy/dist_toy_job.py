@@ -61,12 +61,16 @@ class ToyModel(nn.Module):
 class ToySpec:
     """The export half of a model spec: writes `model.safetensors` in `dtype`."""
 
-    def export(self, model, path, dtype, state_dict=None):
+    def export(self, model, path, dtype, state_dict=None, *, ema=False):
+        import torch.distributed as dist
         from safetensors.torch import save_file
 
-        os.makedirs(path)
-        state = dict(state_dict if state_dict is not None else model.state_dict())
-        save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, f"{path}/model.safetensors")
+        from bagel_titan.distributed.tensor_io import gather_full
+
+        overrides = dict(state_dict or {})
+        state = {k: gather_full(overrides.get(k, v), dtype) for k, v in model.state_dict().items()}
+        if dist.get_rank() == 0:
+            save_file(state, f"{path}/model.safetensors")
 
 
 class ToyLoader:
