@@ -295,6 +295,12 @@ class ModelSpec(Protocol):
         """Modules to wrap with `fully_shard` (transformer blocks), in forward order."""
         ...
 
+    def separate_shards(self, model: nn.Module) -> list[nn.Module]:
+        """Optional. Large modules outside the units (token embedding, output head), in forward
+        order, that FSDP2 shards on their own (without AC) so the root does not hold them
+        gathered through the step. A spec without this method shards them with the root."""
+        ...
+
     def frozen_modules(self, model: nn.Module, job_config: "JobConfig") -> list[nn.Module]:
         """Modules whose parameters are frozen by the freeze policy of the config."""
         ...

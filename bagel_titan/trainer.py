@@ -64,7 +64,8 @@ def build_parallel_model(job_config: JobConfig, plugins: Any, mesh) -> tuple[Any
         model = model_spec.build(job_config, plugins)
     for module in model_spec.frozen_modules(model, job_config):
         module.requires_grad_(False)
-    parallelize(model, model_spec.sharding_units(model), job_config, mesh)
+    separate = model_spec.separate_shards(model) if hasattr(model_spec, "separate_shards") else []
+    parallelize(model, model_spec.sharding_units(model), job_config, mesh, separate_modules=separate)
     return model_spec, model
 
 

@@ -18,7 +18,8 @@ import os
 from typing import Mapping
 
 import torch
-from torch.distributed.tensor import DTensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 Region = tuple[slice, ...]
@@ -66,6 +67,16 @@ def gather_full(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     # The local part is cast (an elementwise cast commutes with the gather) and moved to the
     # mesh's device: an offloaded (CPU) shard of a CUDA mesh is gathered over NCCL.
     local = t.to_local().detach().to(device=mesh.device_type, dtype=dtype)
+    if mesh.ndim == 1 and tuple(t.placements) == (Shard(0),) and t.dim() > 0:
+        # FSDP2's layout: gather the row blocks straight into one buffer and return a view of it
+        # (DTensor.full_tensor would hold a second full copy while it unpads).
+        world, rows = mesh.size(), t.shape[0]
+        block = -(-rows // world)
+        if local.shape[0] != block:
+            local = torch.cat([local, local.new_zeros(block - local.shape[0], *local.shape[1:])])
+        out = torch.empty(block * world, *t.shape[1:], dtype=dtype, device=local.device)
+        dist.all_gather_into_tensor(out, local.contiguous(), group=mesh.get_group())
+        return out[:rows].to("cpu")
     full = DTensor.from_local(local, mesh, t.placements, run_check=False, shape=t.shape,
                               stride=t.stride()).full_tensor()
     return full.to("cpu")

@@ -102,6 +102,16 @@ class BagelSpec:
         write = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         weights.export(model, path, dtype, state_dict, ema=ema, write=write)
 
+    def activation_memory(self, model: Bagel, job_config, tokens: int, compute_bytes: int,
+                          activation_checkpointing: bool):
+        """Activation bytes of one pack of `tokens` (for `bagel-titan-estimate`)."""
+        from .memory import activation_memory
+
+        attention = job_config.attention
+        vit_backend = attention.vit_backend or ("sdpa" if attention.backend == "nsa" else attention.backend)
+        return activation_memory(model.arch, model.options, tokens, compute_bytes, activation_checkpointing,
+                                 llm_backend=attention.backend, vit_backend=vit_backend)
+
     # -- parallelism / freezing ------------------------------------------------------------------
 
     def sharding_units(self, model: Bagel) -> list[nn.Module]:
@@ -109,6 +119,11 @@ class BagelSpec:
         if model.options.visual_und:
             units += list(model.vit_model.vision_model.encoder.layers)
         return units + list(model.language_model.model.layers)
+
+    def separate_shards(self, model: Bagel) -> list[nn.Module]:
+        """The token embedding and the output head (a billion parameters at 7B): sharded on
+        their own so they are not held gathered with the root through the whole step."""
+        return [model.language_model.model.embed_tokens, model.language_model.lm_head]
 
     def frozen_modules(self, model: Bagel, job_config) -> list[nn.Module]:
         groups = list(job_config.model.freeze)

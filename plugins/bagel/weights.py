@@ -325,10 +325,15 @@ def export(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16,
     _write_streamed(os.path.join(folder, WEIGHT_FILES[ema]), entries, dtype, write)
     if not write:
         return
-    torch_dtype = str(dtype).removeprefix("torch.")
     if model.vae is not None:
         _write_streamed(os.path.join(folder, "ae.safetensors"), list(model.vae.module.state_dict().items()),
                         torch.float32, write)
+    _write_folder_files(model, folder, dtype)
+
+
+def _write_folder_files(model: Bagel, folder: str, dtype: torch.dtype) -> None:
+    """The configs and tokenizer files beside the weights; every file 0644."""
+    torch_dtype = str(dtype).removeprefix("torch.")
     configs = {
         "llm_config.json": llm_config_dict(model.arch, torch_dtype),
         "vit_config.json": vit_config_dict(model.arch, torch_dtype),
@@ -344,3 +349,21 @@ def export(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16,
                 shutil.copyfile(src, os.path.join(folder, name))
     for name in os.listdir(folder):
         os.chmod(os.path.join(folder, name), 0o644)
+
+
+def write_random_weights(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                         std: float = 0.02) -> None:
+    """An official-layout folder with random normal(0, std) weights for `model`'s shapes (which
+    may live on the meta device), generated and written one tensor at a time: benchmarks and
+    tests of the weight I/O at full width without a download."""
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    files = {"ema.safetensors": (model.state_dict(), dtype)}
+    if model.vae is not None:
+        files["ae.safetensors"] = (model.vae.module.state_dict(), torch.float32)
+    for name, (state, file_dtype) in files.items():
+        layout = {k: (file_dtype, tuple(v.shape)) for k, v in state.items()}
+        with SafetensorsStreamWriter(os.path.join(folder, name), layout) as writer:
+            for key, value in state.items():
+                writer.write(key, (torch.randn(value.shape, generator=generator) * std).to(file_dtype))
+    _write_folder_files(model, folder, dtype)
