@@ -142,3 +142,24 @@ def test_7b_width_slice_loads_only_local_rows_and_exports_streamed(tmp_path):
     result = torch.load(out)
     assert result["mismatched"] == []
     assert "ema.safetensors" in result["files"] and "model.safetensors" not in result["files"]
+
+
+def test_a_mapping_can_share_and_reshape_stored_tensors(tmp_path):
+    """The reader's mapping serves other source layouts: two of our names may read one stored
+    tensor (an und weight copied into its gen twin), and a conv kernel may fill a linear weight."""
+    from safetensors.torch import save_file
+
+    conv, shared = torch.randn(4, 3, 2, 2), torch.randn(5, 6)
+    save_file({"patch.weight": conv, "mlp.weight": shared}, str(tmp_path / "hf.safetensors"))
+    path = str(tmp_path / "hf.safetensors")
+    targets = {"linear": torch.zeros(4, 12), "und": torch.zeros(5, 6), "gen": torch.zeros(5, 6)}
+    weights.load_tensors(targets, {
+        "linear": weights.StoredTensor(path, "patch.weight", shape=(4, 12)),
+        "und": weights.StoredTensor(path, "mlp.weight"),
+        "gen": weights.StoredTensor(path, "mlp.weight"),
+    }, "hf folder")
+    assert torch.equal(targets["linear"], conv.reshape(4, 12))
+    assert torch.equal(targets["und"], shared) and torch.equal(targets["gen"], shared)
+    with pytest.raises(ValueError, match="row-keeping reshape"):
+        weights.load_tensors({"linear": torch.zeros(3, 16)},
+                             {"linear": weights.StoredTensor(path, "patch.weight", shape=(3, 16))}, "hf folder")
