@@ -98,7 +98,8 @@ class Trainer:
 
         # -- model --
         self.model_spec, self.model = build_parallel_model(cfg, plugins, mesh)
-        self.model.to_empty(device=self.device)
+        # With CPU offload FSDP2 keeps the sharded parameters in host memory: materialise them there.
+        self.model.to_empty(device="cpu" if cfg.parallelism.cpu_offload else self.device)
         with torch.no_grad():
             self.model_spec.init_weights(self.model)
         if cfg.model.pretrained_path:
