@@ -24,6 +24,9 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 Region = tuple[slice, ...]
 
+# torch 2.13 renames all_gather_into_tensor (same signature); 2.11 has only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def local_region(t: torch.Tensor) -> Region:
     """The slices of the full tensor that this rank's local part of `t` holds."""
@@ -75,7 +78,7 @@ def gather_full(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
         if local.shape[0] != block:
             local = torch.cat([local, local.new_zeros(block - local.shape[0], *local.shape[1:])])
         out = torch.empty(block * world, *t.shape[1:], dtype=dtype, device=local.device)
-        dist.all_gather_into_tensor(out, local.contiguous(), group=mesh.get_group())
+        _all_gather_single(out, local.contiguous(), group=mesh.get_group())
         return out[:rows].to("cpu")
     full = DTensor.from_local(local, mesh, t.placements, run_check=False, shape=t.shape,
                               stride=t.stride()).full_tensor()
