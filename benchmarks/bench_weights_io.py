@@ -89,6 +89,7 @@ def worker(args) -> None:
     trainer.train()
     peaks["step"] = _peak_gib()
     _reset_peak()
+    peaks["before_export"] = _peak_gib()  # the resident set the export starts from
     export = os.path.join(args.work_dir, "export")
     trainer.export(export)
     peaks["export"] = _peak_gib()
@@ -166,7 +167,9 @@ def main() -> None:
         f"export {'met' if export < target else 'MISSED'} ({export / model_gib:.2f} x M)",
         f"exported files: {', '.join(ranks[0]['exported'])}; every exported tensor equals the trained EMA / "
         f"frozen weights in bf16",
-        "peak RSS = Linux VmHWM of each rank, reset between phases; load includes the process start-up",
+        "peak RSS = Linux VmHWM of each rank, reset between phases; load includes the process start-up; "
+        "resident when the export starts (after the step): "
+        + ", ".join(f"rank {r} {d['peaks']['before_export']:.2f} GiB" for r, d in enumerate(ranks)),
     ]
     print(common.append_section(args.results, "Weight I/O at 7B width, 2 gloo ranks", common.device_description(),
                                 notes, body))

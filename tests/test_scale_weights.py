@@ -163,3 +163,31 @@ def test_a_mapping_can_share_and_reshape_stored_tensors(tmp_path):
     with pytest.raises(ValueError, match="row-keeping reshape"):
         weights.load_tensors({"linear": torch.zeros(3, 16)},
                              {"linear": weights.StoredTensor(path, "patch.weight", shape=(3, 16))}, "hf folder")
+
+
+def _gather_uneven(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from bagel_titan.distributed import tensor_io
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        tensor_io.GATHER_PIECE_BYTES = 40  # many pieces per tensor
+        for shape in [(7, 3), (1, 5), (2, 2, 2), (5,), (100, 4)]:  # uneven blocks, empty shards
+            full = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+            sharded = distribute_tensor(full, mesh, [Shard(0)])
+            for dtype in (torch.float32, torch.bfloat16):
+                assert torch.equal(tensor_io.gather_full(sharded, dtype), full.to(dtype)), (shape, dtype)
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.dist
+def test_gather_full_assembles_uneven_row_shards_piece_by_piece():
+    from conftest import free_port
+
+    mp.spawn(_gather_uneven, args=(3, free_port()), nprocs=3, join=True)

@@ -4,6 +4,8 @@ so a crash never leaves a half-written export under the final name."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import shutil
 from typing import Any
@@ -13,6 +15,16 @@ import torch.distributed as dist
 from torch import nn
 
 from bagel_titan.optim.ema import EMA
+
+
+def _release_free_host_memory() -> None:
+    """Hand the pages the C allocator kept after the training step back to the OS (glibc keeps
+    freed small blocks), so the export's one full tensor does not come on top of them."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass
 
 
 def export_weights(
@@ -29,6 +41,7 @@ def export_weights(
     Nothing is gathered here: the spec gathers each tensor as it writes it. An existing `path`
     is replaced.
     """
+    _release_free_host_memory()
     distributed = dist.is_initialized()
     rank0 = not distributed or dist.get_rank() == 0
     path = os.path.abspath(path)

@@ -14,6 +14,7 @@ tensors, and a safetensors writer that takes one tensor at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Mapping
 
@@ -67,22 +68,46 @@ def gather_full(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     if not isinstance(t, DTensor):
         return t.detach().to("cpu", dtype)
     mesh = t.device_mesh
+    if mesh.ndim == 1 and tuple(t.placements) == (Shard(0),) and t.dim() > 0:
+        return _gather_rows(t, dtype)
     # The local part is cast (an elementwise cast commutes with the gather) and moved to the
     # mesh's device: an offloaded (CPU) shard of a CUDA mesh is gathered over NCCL.
     local = t.to_local().detach().to(device=mesh.device_type, dtype=dtype)
-    if mesh.ndim == 1 and tuple(t.placements) == (Shard(0),) and t.dim() > 0:
-        # FSDP2's layout: gather the row blocks straight into one buffer and return a view of it
-        # (DTensor.full_tensor would hold a second full copy while it unpads).
-        world, rows = mesh.size(), t.shape[0]
-        block = -(-rows // world)
-        if local.shape[0] != block:
-            local = torch.cat([local, local.new_zeros(block - local.shape[0], *local.shape[1:])])
-        out = torch.empty(block * world, *t.shape[1:], dtype=dtype, device=local.device)
-        _all_gather_single(out, local.contiguous(), group=mesh.get_group())
-        return out[:rows].to("cpu")
     full = DTensor.from_local(local, mesh, t.placements, run_check=False, shape=t.shape,
                               stride=t.stride()).full_tensor()
     return full.to("cpu")
+
+
+GATHER_PIECE_BYTES = 64 * 2**20
+"""Row pieces of at most this size per rank are gathered at a time (see `_gather_rows`)."""
+
+
+def _gather_rows(t: DTensor, dtype: torch.dtype) -> torch.Tensor:
+    """FSDP2's layout (rank r holds rows [r*block, (r+1)*block)): the full tensor assembled in
+    one buffer from small gathered pieces, so that besides the result only a few pieces are
+    ever alive (DTensor.full_tensor would hold more full-size copies while it gathers and unpads).
+    """
+    mesh = t.device_mesh
+    world, rows = mesh.size(), t.shape[0]
+    block = -(-rows // world)
+    local = t.to_local().detach()
+    row_bytes = max(1, math.prod(t.shape[1:]) * dtype.itemsize)
+    step = max(1, GATHER_PIECE_BYTES // row_bytes)
+    full = torch.empty(rows, *t.shape[1:], dtype=dtype, device="cpu")
+    for start in range(0, block, step):
+        n = min(step, block - start)
+        piece = local.new_zeros(n, *t.shape[1:], dtype=dtype, device=mesh.device_type)
+        have = max(0, min(n, local.shape[0] - start))
+        if have:
+            piece[:have].copy_(local[start:start + have])
+        gathered = piece.new_empty(world * n, *t.shape[1:])
+        _all_gather_single(gathered, piece, group=mesh.get_group())
+        for r in range(world):
+            first = r * block + start
+            count = max(0, min(n, rows - first))
+            if count:
+                full[first:first + count].copy_(gathered[r * n:r * n + count])
+    return full
 
 
 # -- safetensors, streamed ------------------------------------------------------------------
