@@ -284,13 +284,23 @@ class ModelSpec(Protocol):
         """Load a pretrained folder (format detected) into a materialised, maybe sharded model."""
         ...
 
-    def export(self, model: nn.Module, path: str, dtype: torch.dtype, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Write an inference-ready folder; `state_dict` (full tensors, e.g. the EMA) overrides
-        the model's own parameters."""
+    def export(self, model: nn.Module, path: str, dtype: torch.dtype, state_dict: Mapping[str, torch.Tensor] | None = None,
+               *, ema: bool = False) -> None:
+        """Write an inference-ready folder into the existing folder `path`. Collective: every
+        rank calls it with the model as it is (maybe sharded), and rank 0 writes. `state_dict`
+        overrides the model's own tensors by name, sharded like them (the EMA shadow); `ema`
+        says it holds EMA weights, so the files can say which weights they are.
+        `bagel_titan.distributed.tensor_io` gathers one tensor at a time and streams it to disk."""
         ...
 
     def sharding_units(self, model: nn.Module) -> list[nn.Module]:
         """Modules to wrap with `fully_shard` (transformer blocks), in forward order."""
+        ...
+
+    def separate_shards(self, model: nn.Module) -> list[nn.Module]:
+        """Optional. Large modules outside the units (token embedding, output head), in forward
+        order, that FSDP2 shards on their own (without AC) so the root does not hold them
+        gathered through the step. A spec without this method shards them with the root."""
         ...
 
     def frozen_modules(self, model: nn.Module, job_config: "JobConfig") -> list[nn.Module]:

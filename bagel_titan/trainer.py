@@ -92,7 +92,8 @@ def build_parallel_model(job_config: JobConfig, plugins: Any, mesh) -> tuple[Any
         model = model_spec.build(job_config, plugins)
     for module in model_spec.frozen_modules(model, job_config):
         module.requires_grad_(False)
-    parallelize(model, model_spec.sharding_units(model), job_config, mesh)
+    separate = model_spec.separate_shards(model) if hasattr(model_spec, "separate_shards") else []
+    parallelize(model, model_spec.sharding_units(model), job_config, mesh, separate_modules=separate)
     return model_spec, model
 
 
@@ -124,7 +125,8 @@ class Trainer:
 
         # -- model --
         self.model_spec, self.model = build_parallel_model(cfg, plugins, mesh)
-        self.model.to_empty(device=self.device)
+        # With CPU offload FSDP2 keeps the sharded parameters in host memory: materialise them there.
+        self.model.to_empty(device="cpu" if cfg.parallelism.cpu_offload else self.device)
         with torch.no_grad():
             self.model_spec.init_weights(self.model)
         if cfg.model.pretrained_path:
@@ -139,7 +141,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps, cfg.optimizer.lr)
         self.ema = (
-            EMA(self.model, cfg.ema.decay, cfg.ema.start_step, cfg.ema.update_interval) if cfg.ema.enable else None
+            EMA(self.model, cfg.ema.decay, cfg.ema.start_step, cfg.ema.update_interval, cfg.ema.device)
+            if cfg.ema.enable else None
         )
         self.loss_components: list[LossComponent] = [
             plugins.loss_components.get(name)(cfg.options(f"loss.{name}")) for name in cfg.loss.components

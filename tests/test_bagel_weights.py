@@ -60,12 +60,14 @@ def test_fp32_round_trip_is_exact_and_byte_stable(reference, tmp_path):
     out1, out2 = tmp_path / "export1", tmp_path / "export2"
     export(reference, str(out1), torch.float32)
     assert detect(str(out1)).layout == "official"
-    for name in ("ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json", "config.json",
+    for name in ("model.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json", "config.json",
                  "tokenizer.json", "tokenizer_config.json"):
         assert (out1 / name).is_file(), name
+        assert (out1 / name).stat().st_mode & 0o777 == 0o644, name  # the group can read the export
+    assert not (out1 / "ema.safetensors").exists()  # raw weights are never named EMA
     with open(out1 / "vit_config.json") as f:
         assert json.load(f)["num_hidden_layers"] == reference.arch.vit.num_layers + 1
-    with safe_open(str(out1 / "ema.safetensors"), "pt") as f:
+    with safe_open(str(out1 / "model.safetensors"), "pt") as f:
         assert {"latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"} <= set(f.keys())
     again = _fresh(out1)
     assert again.arch == reference.arch
@@ -78,13 +80,13 @@ def test_fp32_round_trip_is_exact_and_byte_stable(reference, tmp_path):
     _assert_same(reference, again)
     again.tokenizer_path = str(tok)
     export(again, str(out2), torch.float32)
-    for name in ("ema.safetensors", "ae.safetensors", "config.json", "vit_config.json"):
+    for name in ("model.safetensors", "ae.safetensors", "config.json", "vit_config.json"):
         assert (out1 / name).read_bytes() == (out2 / name).read_bytes(), name
 
 
 def test_bf16_export_is_default_size_and_loads(reference, tmp_path):
     export(reference, str(tmp_path), torch.bfloat16)
-    with safe_open(str(tmp_path / "ema.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert len(f.keys()) > 0 and all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
     again = _fresh(tmp_path)
     load_weights(again, str(tmp_path))
@@ -98,8 +100,9 @@ def test_bf16_export_is_default_size_and_loads(reference, tmp_path):
 def test_export_overrides_with_a_given_state_dict(reference, tmp_path):
     key = "language_model.model.norm.weight"
     ema = {key: torch.full_like(reference.state_dict()[key], 0.5)}
-    export(reference, str(tmp_path), torch.float32, ema)
+    export(reference, str(tmp_path), torch.float32, ema, ema=True)
     assert torch.equal(load_file(tmp_path / "ema.safetensors")[key], ema[key])
+    assert not (tmp_path / "model.safetensors").exists()  # EMA weights are never named raw
     with pytest.raises(KeyError, match="not_a_key"):
         export(reference, str(tmp_path), torch.float32, {"not_a_key": torch.zeros(1)})
 
@@ -122,10 +125,10 @@ def test_le_layout_sharded_with_index(reference, tmp_path):
 
 def test_missing_and_unexpected_keys_are_listed(reference, tmp_path):
     export(reference, str(tmp_path), torch.float32)
-    tensors = load_file(tmp_path / "ema.safetensors")
+    tensors = load_file(tmp_path / "model.safetensors")
     tensors["language_model.model.extra.weight"] = torch.zeros(2)
     del tensors["connector.fc2.bias"]
-    save_file(tensors, tmp_path / "ema.safetensors")
+    save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(KeyError) as err:
         load_weights(_fresh(tmp_path), str(tmp_path))
     assert "connector.fc2.bias" in str(err.value) and "language_model.model.extra.weight" in str(err.value)
@@ -142,15 +145,15 @@ def test_position_table_that_does_not_fit_names_the_setting(reference, tmp_path)
 
 def test_another_architecture_names_the_key(reference, tmp_path):
     export(reference, str(tmp_path), torch.float32)
-    tensors = load_file(tmp_path / "ema.safetensors")
+    tensors = load_file(tmp_path / "model.safetensors")
     tensors["connector.fc1.weight"] = torch.zeros(3, 3)
-    save_file(tensors, tmp_path / "ema.safetensors")
+    save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="connector.fc1.weight .* flavor"):
         load_weights(_fresh(tmp_path), str(tmp_path))
 
 
 def test_unknown_folder_says_what_it_looked_for(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ema.safetensors"):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
         detect(str(tmp_path))
 
 

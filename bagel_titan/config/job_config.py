@@ -128,7 +128,9 @@ class Parallelism:
     reshard_after_forward: Literal["default", "always", "never"] = "default"
     """Free gathered parameters after forward: "default" reshards all but the last unit."""
     cpu_offload: bool = False
-    """Keep sharded parameters and optimizer state on the CPU."""
+    """FSDP2 CPU offload: sharded parameters, gradients and optimizer state live in host memory
+    (the optimizer steps on the CPU); units are copied to the accelerator to compute. On a CPU
+    job nothing moves, but the same code path runs."""
     transformer_layer_cls_to_wrap: list[str] = field(default_factory=list)
     """Class names to shard as units; empty: the model spec's sharding units."""
     fsdp: bool = True
@@ -318,6 +320,10 @@ class EMA:
     """Copy the weights (no averaging) until this step."""
     update_interval: int = 1
     """Update every N steps."""
+    device: Literal["param", "cpu"] = "param"
+    """Where the sharded fp32 shadow lives: "param" (with the parameter shards, on the
+    accelerator unless `[parallelism] cpu_offload`) or "cpu" (host memory: the accelerator holds
+    no EMA; each update copies the parameter shards to the host)."""
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.decay < 1.0, "decay", "in [0, 1)", self.decay)

@@ -37,8 +37,15 @@ def apply_fsdp(
     param_dtype: torch.dtype = torch.float32,
     reduce_dtype: torch.dtype = torch.float32,
     ignored_modules: Sequence[nn.Module] = (),
+    separate_modules: Sequence[nn.Module] = (),
 ) -> nn.Module:
-    """`fully_shard` every unit, then the root (which takes the remaining parameters).
+    """`fully_shard` every unit, then each of `separate_modules`, then the root (which takes the
+    remaining parameters).
+
+    `separate_modules` (e.g. the token embedding and the output head) are large modules outside
+    the units: sharded on their own, they are gathered only around their own use instead of
+    through the whole step with the root. The first frees its gathered parameters after
+    forward; the others (used last in forward, first in backward) keep them until backward.
 
     `ignored_modules` (e.g. a frozen VAE) stay outside FSDP: full, unsharded, replicated on
     every rank, and not gathered or reduced; the trainer moves them to the device. The root
@@ -46,13 +53,10 @@ def apply_fsdp(
     its own dtype casts its input itself. Returns `model` (sharded in place; parameters become
     DTensors, state-dict keys are unchanged).
     """
-    if parallelism_cfg.cpu_offload and mesh.device_type == "cpu":
-        raise ValueError(
-            "[parallelism] cpu_offload = true moves parameters off an accelerator, but this job "
-            "runs on the CPU already; set cpu_offload = false"
-        )
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    offload: OffloadPolicy = CPUOffloadPolicy() if parallelism_cfg.cpu_offload else OffloadPolicy()
+    # Pinned host memory makes the copies to an accelerator asynchronous; a CPU job has none.
+    offload: OffloadPolicy = (CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
+                              if parallelism_cfg.cpu_offload else OffloadPolicy())
     policy = parallelism_cfg.reshard_after_forward
     ignored = {p for m in ignored_modules for p in m.parameters()}
     for index, unit in enumerate(units):
@@ -68,6 +72,9 @@ def apply_fsdp(
             mp_policy=mp_policy,
             offload_policy=offload,
         )
+    for index, module in enumerate(separate_modules):
+        fully_shard(module, mesh=mesh, reshard_after_forward=index == 0 and policy != "never",
+                    mp_policy=mp_policy, offload_policy=offload)
     fully_shard(
         model,
         mesh=mesh,

@@ -29,11 +29,13 @@ def parallelize(
     mesh: DeviceMesh,
     ignored_modules: Sequence[nn.Module] = (),
     compile_backend: str = "inductor",
+    separate_modules: Sequence[nn.Module] = (),
 ) -> list[nn.Module]:
     """AC -> compile -> FSDP on `model` in place; returns the units actually used (the spec's
     `units`, or those named by `[parallelism] transformer_layer_cls_to_wrap`).
 
-    `ignored_modules` (frozen, e.g. the VAE) stay outside FSDP.
+    `ignored_modules` (frozen, e.g. the VAE) stay outside FSDP; `separate_modules` (embedding,
+    output head) are sharded on their own, without AC.
     """
     par = job_config.parallelism
     if not par.fsdp and mesh.size() > 1:
@@ -56,5 +58,6 @@ def parallelize(
             param_dtype=_DTYPES[job_config.training.dtype],
             reduce_dtype=torch.float32,
             ignored_modules=ignored_modules,
+            separate_modules=separate_modules,
         )
     return units

@@ -1,8 +1,11 @@
 """Exponential moving average of the trainable parameters, kept in fp32 and sharded like them.
 
 Under FSDP2 every parameter is a DTensor shard; the shadow of a parameter is a DTensor with the
-same mesh and placements, so each rank only averages (and checkpoints) its own shard. The update
-runs on the local shards with one fused `_foreach_lerp_`.
+same mesh and placements, so each rank only averages (and checkpoints) its own shard: the EMA is
+created sharded from the sharded model, never from a full copy. The update runs on the local
+shards with one fused `_foreach_lerp_`. With `device="cpu"` the shards live in host memory (as
+FSDP2's CPU offload keeps parameters): the accelerator holds no EMA at all, and each update
+copies the parameter shards to the host.
 """
 
 from __future__ import annotations
@@ -14,9 +17,22 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from bagel_titan.distributed.tensor_io import gather_full
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shadow_of(p: torch.Tensor, device: str) -> torch.Tensor:
+    """An fp32 copy of `p` (a DTensor stays one, same mesh and placements) on `device`
+    ("param": where the parameter's shard lives)."""
+    local = _local(p.detach())
+    local = local.to(device=local.device if device == "param" else device, dtype=torch.float32, copy=True)
+    if isinstance(p, DTensor):
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+    return local
 
 
 class EMA:
@@ -27,7 +43,8 @@ class EMA:
     names, so `full_state_dict()` is in the model's own (official) layout.
     """
 
-    def __init__(self, model: nn.Module, decay: float, start_step: int = 0, update_interval: int = 1):
+    def __init__(self, model: nn.Module, decay: float, start_step: int = 0, update_interval: int = 1,
+                 device: str = "param"):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"[ema] decay must be in [0, 1], got {decay}")
         if update_interval < 1:
@@ -42,9 +59,7 @@ class EMA:
         }
         if not self._params:
             raise ValueError("[ema] enable = true but the model has no trainable parameters")
-        self.shadow: dict[str, torch.Tensor] = {
-            name: p.detach().to(dtype=torch.float32, copy=True) for name, p in self._params.items()
-        }
+        self.shadow: dict[str, torch.Tensor] = {name: _shadow_of(p, device) for name, p in self._params.items()}
 
     @torch.no_grad()
     def update(self, step: int) -> bool:
@@ -53,21 +68,24 @@ class EMA:
         if step % self.update_interval:
             return False
         shadow_local = [_local(self.shadow[n]) for n in self._params]
-        param_local = [_local(p.detach()) for p in self._params.values()]
+        param_local = self._param_locals(shadow_local)
         if step <= self.start_step:
             torch._foreach_copy_(shadow_local, param_local)
         else:
-            param_fp32 = [p if p.dtype == torch.float32 else p.float() for p in param_local]
-            torch._foreach_lerp_(shadow_local, param_fp32, 1.0 - self.decay)
+            torch._foreach_lerp_(shadow_local, param_local, 1.0 - self.decay)
         return True
+
+    def _param_locals(self, shadow_local: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The parameters' local shards, as fp32 on the shadow's device (a no-op when they are
+        already there)."""
+        return [_local(p.detach()).to(device=s.device, dtype=torch.float32)
+                for p, s in zip(self._params.values(), shadow_local)]
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
         """Reset the shadow to the current parameters (after loading pretrained weights)."""
-        torch._foreach_copy_(
-            [_local(self.shadow[n]) for n in self._params],
-            [_local(p.detach()) for p in self._params.values()],
-        )
+        shadow_local = [_local(self.shadow[n]) for n in self._params]
+        torch._foreach_copy_(shadow_local, self._param_locals(shadow_local))
 
     def state_dict(self) -> dict[str, Any]:
         """The shadow tensors themselves (DTensors under FSDP), so DCP saves each rank's shard
@@ -97,7 +115,7 @@ class EMA:
         keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
         full: dict[str, torch.Tensor] = {}
         for name, value in self.shadow.items():
-            tensor = value.full_tensor() if isinstance(value, DTensor) else value
+            tensor = gather_full(value)
             if keep:
-                full[name] = tensor.detach().to("cpu", copy=True)
+                full[name] = tensor if isinstance(value, DTensor) else tensor.clone()
         return full

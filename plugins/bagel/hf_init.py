@@ -17,14 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from bagel_titan.errors import UserError
 
 from .config import BagelArchitecture, BagelConfig, LLMArgs, ViTArgs
-from .weights import WeightSource, load_model_tensors
+from .weights import StoredTensor, WeightSource, load_model_tensors
 
 LLM_PREFIX = "language_model."
 VIT_PREFIX = "vit_model."
@@ -126,7 +126,6 @@ def hf_start_source(model_keys: list[str], options: BagelConfig) -> WeightSource
             name = _vision_key(stored)
             if name is not None:
                 vit_files[name], stored_vit[name] = path, stored
-    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for key in model_keys:
         hf_key: str | None = None
         if key.startswith(LLM_PREFIX) and llm_files:
@@ -138,20 +137,17 @@ def hf_start_source(model_keys: list[str], options: BagelConfig) -> WeightSource
             if hf_key is not None and hf_key not in llm_files:
                 hf_key = None
             if hf_key is not None:
-                source.model_files[key] = llm_files[hf_key]
-                source.model_stored_keys[key] = hf_key
+                source.model[key] = StoredTensor(llm_files[hf_key], hf_key)
         elif key.startswith(VIT_PREFIX) and vit_files:
             hf_key = key[len(VIT_PREFIX):]
             if hf_key in vit_files:
-                source.model_files[key] = vit_files[hf_key]
-                source.model_stored_keys[key] = stored_vit[hf_key]
-                if hf_key.endswith("embeddings.patch_embedding.weight"):
-                    transforms[key] = _conv_to_linear
+                patch = hf_key.endswith("embeddings.patch_embedding.weight")
+                source.model[key] = StoredTensor(vit_files[hf_key], stored_vit[hf_key],
+                                                 convert=_conv_to_linear if patch else None)
             else:
                 hf_key = None
         if hf_key is None:
             source.fresh.add(key)
-    source.transforms = transforms
     return source
 
 

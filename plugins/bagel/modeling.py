@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bagel_titan.distributed.tensor_io import assign_full
 from bagel_titan.protocols import AttentionLayerSpec
 from bagel_titan_plugins.attention.meta import AttentionMeta
 
@@ -314,21 +315,3 @@ def documents_of(sample_lens: list[int], split_lens: list[int], attn_modes: list
             raise ValueError(f"a segment straddles two samples (sample_lens={sample_lens}, split_lens={split_lens})")
         docs.append(doc)
     return docs
-
-
-@torch.no_grad()
-def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full tensor into `param`, which may be a DTensor (FSDP2-sharded): the local shard
-    of `distribute_tensor(full)` is copied, so no rank ever holds more than one full tensor.
-    Every rank holds the same `full` (read from the same file or recomputed), so the shard is
-    cut locally (`src_data_rank=None`): no communication."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if tuple(full.shape) != tuple(param.shape):
-        raise ValueError(f"shape mismatch: checkpoint {tuple(full.shape)} vs model {tuple(param.shape)}")
-    if isinstance(param, DTensor):
-        shard = distribute_tensor(full.to(device=param.device, dtype=param.dtype), param.device_mesh, param.placements,
-                                  src_data_rank=None)
-        param.to_local().copy_(shard.to_local())
-    else:
-        param.copy_(full.to(device=param.device, dtype=param.dtype))

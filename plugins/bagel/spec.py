@@ -113,9 +113,19 @@ class BagelSpec:
         weights.load_weights(model, path)
 
     def export(self, model: Bagel, path: str, dtype: torch.dtype,
-               state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+               state_dict: Mapping[str, torch.Tensor] | None = None, *, ema: bool = False) -> None:
         write = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        weights.export(model, path, dtype, state_dict, write=write)
+        weights.export(model, path, dtype, state_dict, ema=ema, write=write)
+
+    def activation_memory(self, model: Bagel, job_config, tokens: int, compute_bytes: int,
+                          activation_checkpointing: bool):
+        """Activation bytes of one pack of `tokens` (for `bagel-titan-estimate`)."""
+        from .memory import activation_memory
+
+        attention = job_config.attention
+        vit_backend = attention.vit_backend or ("sdpa" if attention.backend == "nsa" else attention.backend)
+        return activation_memory(model.arch, model.options, tokens, compute_bytes, activation_checkpointing,
+                                 llm_backend=attention.backend, vit_backend=vit_backend)
 
     def tokenizer_path(self, job_config) -> str:
         return (job_config.model.tokenizer_path or job_config.model.pretrained_path
@@ -128,6 +138,11 @@ class BagelSpec:
         if model.options.visual_und:
             units += list(model.vit_model.vision_model.encoder.layers)
         return units + list(model.language_model.model.layers)
+
+    def separate_shards(self, model: Bagel) -> list[nn.Module]:
+        """The token embedding and the output head (a billion parameters at 7B): sharded on
+        their own so they are not held gathered with the root through the whole step."""
+        return [model.language_model.model.embed_tokens, model.language_model.lm_head]
 
     def frozen_modules(self, model: Bagel, job_config) -> list[nn.Module]:
         groups = list(job_config.model.freeze)

@@ -12,22 +12,25 @@ model: a rank never holds the full model on its CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+import math
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from bagel_titan.distributed.tensor_io import (Region, SafetensorsStreamWriter, assign_region, gather_full,
+                                               local_region)
 from bagel_titan_plugins.attention.state_keys import optional_attention_state_keys
 
 from .config import (BagelArchitecture, BagelConfig, VAEArgs, architecture_from_release, bagel_config_from_release,
                      llm_config_dict, release_config_dict, vit_config_dict)
-from .modeling import Bagel, assign_full
+from .modeling import Bagel
 
 POSITION_TABLES = {
     "latent_pos_embed.pos_embed": "max_latent_size",
@@ -40,29 +43,47 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of ours lives on disk."""
+
+    file: str
+    """The safetensors file holding it."""
+    key: str
+    """Its key in that file."""
+    shape: tuple[int, ...] | None = None
+    """Our shape when the stored tensor differs only by a reshape that keeps dim 0 (e.g. a conv
+    patch embedding stored for a linear one): its rows are read, then reshaped. None: same shape."""
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """A conversion that keeps dim 0, applied to the rows read (SigLIP's Conv2d patch kernel
+    [D, C, p, p] into BAGEL's Linear [D, p*p*C]); our shape is what it makes of the stored one."""
+
+
 @dataclass
 class WeightSource:
-    """Where each tensor of a pretrained folder lives: key -> file, for the model and the VAE."""
+    """Where each tensor of a pretrained folder lives, by the name the model gives it.
+
+    Any source layout (official, LE, HF Qwen2.5 + SigLIP folders, ...) is such a mapping; two of
+    our names may share one stored tensor (e.g. an und weight copied into its `_moe_gen` twin).
+    """
 
     layout: str
     """"official", "le", "fixture" or "hf_start" (Qwen2.5 + SigLIP folders, `hf_init.py`)."""
-    model_files: dict[str, str] = field(default_factory=dict)
-    """Model key -> safetensors file holding it."""
-    model_stored_keys: dict[str, str] = field(default_factory=dict)
-    """Model key -> the key in that file, where it differs (the HF start's names)."""
-    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
-    """Model key -> conversion of the stored tensor (SigLIP's patch Conv2d into a Linear)."""
+    model: dict[str, StoredTensor] = field(default_factory=dict)
+    """Model state-dict key -> stored tensor."""
+    vae: dict[str, StoredTensor] = field(default_factory=dict)
+    """VAE key (as the AutoEncoder names it, e.g. `encoder.conv_in.weight`) -> stored tensor."""
     fresh: set[str] = field(default_factory=set)
     """Model keys no file holds that keep their fresh init (the HF start's new modules)."""
-    vae_files: dict[str, str] = field(default_factory=dict)
-    """VAE key (as the AutoEncoder names it, e.g. `encoder.conv_in.weight`) -> file."""
-    vae_stored_keys: dict[str, str] = field(default_factory=dict)
-    """VAE key -> the key in that file (`vae_model.`-prefixed in the LE layout)."""
 
 
 def _keys_of(path: str) -> list[str]:
     with safe_open(path, "pt") as f:
         return list(f.keys())
+
+
+def _same_keys(path: str) -> dict[str, StoredTensor]:
+    return {k: StoredTensor(path, k) for k in _keys_of(path)}
 
 
 def detect(folder: str) -> WeightSource:
@@ -75,15 +96,10 @@ def detect(folder: str) -> WeightSource:
         model_file = join("ema.safetensors" if has("ema.safetensors") else "model.safetensors")
         if not has("ae.safetensors"):
             raise FileNotFoundError(f"official BAGEL folder {folder!r} has no ae.safetensors (the FLUX VAE)")
-        source = WeightSource("official", {k: model_file for k in _keys_of(model_file)})
-        for k in _keys_of(join("ae.safetensors")):
-            source.vae_files[k], source.vae_stored_keys[k] = join("ae.safetensors"), k
-        return source
+        return WeightSource("official", _same_keys(model_file), _same_keys(join("ae.safetensors")))
     if has("weights.safetensors") and has("vae_weights.safetensors") and has("config.json"):
-        source = WeightSource("fixture", {k: join("weights.safetensors") for k in _keys_of(join("weights.safetensors"))})
-        for k in _keys_of(join("vae_weights.safetensors")):
-            source.vae_files[k], source.vae_stored_keys[k] = join("vae_weights.safetensors"), k
-        return source
+        return WeightSource("fixture", _same_keys(join("weights.safetensors")),
+                            _same_keys(join("vae_weights.safetensors")))
     if has("config.json") and (has("model.safetensors.index.json") or has("model.safetensors")):
         if has("model.safetensors.index.json"):
             with open(join("model.safetensors.index.json")) as f:
@@ -94,10 +110,9 @@ def detect(folder: str) -> WeightSource:
         source = WeightSource("le")
         for k, path in files.items():
             if k.startswith(VAE_PREFIX_LE):
-                source.vae_files[k[len(VAE_PREFIX_LE):]] = path
-                source.vae_stored_keys[k[len(VAE_PREFIX_LE):]] = k
+                source.vae[k[len(VAE_PREFIX_LE):]] = StoredTensor(path, k)
             else:
-                source.model_files[k] = path
+                source.model[k] = StoredTensor(path, k)
         return source
     raise FileNotFoundError(
         f"cannot tell the weight layout of {folder!r}: expected an official BAGEL folder (llm_config.json + "
@@ -126,21 +141,72 @@ def read_architecture(folder: str) -> tuple[BagelArchitecture, BagelConfig]:
         config.setdefault("vae_config", dataclasses.asdict(VAEArgs()))
     arch = architecture_from_release(config, vit_config_counts_extra_layer=False)
     prefix = "vit_model.vision_model.encoder.layers."
-    vit_layers = {int(k[len(prefix):].split(".")[0]) for k in source.model_files if k.startswith(prefix)}
+    vit_layers = {int(k[len(prefix):].split(".")[0]) for k in source.model if k.startswith(prefix)}
     if vit_layers:
         arch = dataclasses.replace(arch, vit=dataclasses.replace(arch.vit, num_layers=max(vit_layers) + 1))
     return arch, bagel_config_from_release(config)
 
 
-def _stream(files: Mapping[str, str], stored: Mapping[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) one at a time, opening each file once."""
-    by_file: dict[str, list[str]] = {}
-    for key, path in files.items():
-        by_file.setdefault(path, []).append(key)
-    for path, keys in by_file.items():
-        with safe_open(path, "pt") as f:
-            for key in keys:
-                yield key, f.get_tensor(stored[key] if stored else key)
+class _Reader:
+    """Reads the slice of a stored tensor that a (possibly sharded) model tensor holds, keeping
+    each file open once; nothing else of the tensor is read or decoded."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Any] = {}
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *_) -> None:
+        for f in self._files.values():
+            f.__exit__(None, None, None)
+        self._files.clear()
+
+    def _open(self, path: str):
+        if path not in self._files:
+            handle = safe_open(path, "pt")
+            self._files[path] = handle.__enter__()
+        return self._files[path]
+
+    def shape(self, ref: StoredTensor) -> tuple[int, ...]:
+        """The tensor's shape as the model sees it, read from the header only."""
+        stored = tuple(self._open(ref.file).get_slice(ref.key).get_shape())
+        if ref.convert is not None:
+            converted = tuple(ref.convert(torch.empty(stored, device="meta")).shape)
+            if converted[0] != stored[0]:
+                raise ValueError(f"{ref.key} in {ref.file}: its conversion changes the rows {stored} -> {converted}")
+            return converted
+        if ref.shape is None:
+            return stored
+        if stored[0] != ref.shape[0] or math.prod(stored) != math.prod(ref.shape):
+            raise ValueError(f"{ref.key} in {ref.file} has shape {stored}, which no row-keeping reshape "
+                             f"turns into {ref.shape}")
+        return ref.shape
+
+    def read(self, ref: StoredTensor, region: Region) -> torch.Tensor:
+        """The `region` (slices in the model's shape) of the stored tensor."""
+        handle = self._open(ref.file).get_slice(ref.key)
+        if ref.shape is None and ref.convert is None:
+            return handle[region] if region else handle[:]
+        shape = self.shape(ref)
+        if any(r != slice(0, n) for r, n in zip(region[1:], shape[1:])):
+            raise ValueError(f"{ref.key}: a reshaped tensor can only be split by rows, got {region}")
+        rows = handle[region[0]] if region else handle[:]
+        return ref.convert(rows) if ref.convert is not None else rows.reshape(-1, *shape[1:])
+
+
+def load_tensors(targets: Mapping[str, torch.Tensor], refs: Mapping[str, StoredTensor], where: str) -> None:
+    """Fill each target tensor (a plain tensor or an FSDP2 shard) from its stored tensor.
+
+    The entry point for every source layout: each rank reads only the rows its shard holds
+    (`get_slice`), casts them and copies them into place, so a rank's host never holds more
+    than one slice beyond its own shard and the accelerator never sees a full tensor.
+    """
+    with _Reader() as reader:
+        for name, ref in refs.items():
+            target = targets[name]
+            _check_shape(name, target, reader.shape(ref), where)
+            assign_region(target, reader.read(ref, local_region(target)))
 
 
 def _check_keys(kind: str, expected: set[str], found: set[str], optional: set[str], where: str) -> None:
@@ -156,7 +222,7 @@ def _check_keys(kind: str, expected: set[str], found: set[str], optional: set[st
 
 
 def _check_position_table(model: Bagel, key: str, shape: tuple[int, ...], where: str) -> None:
-    own = tuple(model.state_dict()[key].shape)
+    own = tuple(getattr(model, key.split(".")[0]).pos_embed.shape)
     if shape != own:
         setting = POSITION_TABLES[key]
         side = int(round(shape[0] ** 0.5))
@@ -166,10 +232,10 @@ def _check_position_table(model: Bagel, key: str, shape: tuple[int, ...], where:
         )
 
 
-def _check_shape(key: str, param: torch.Tensor, tensor: torch.Tensor, where: str) -> None:
-    if tuple(param.shape) != tuple(tensor.shape):
+def _check_shape(key: str, param: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
+    if tuple(param.shape) != tuple(shape):
         raise ValueError(
-            f"{key} in {where} has shape {tuple(tensor.shape)} but the model's is {tuple(param.shape)}; "
+            f"{key} in {where} has shape {tuple(shape)} but the model's is {tuple(param.shape)}; "
             f"the checkpoint is another architecture: check [model] flavor"
         )
 
@@ -186,40 +252,36 @@ def load_weights(model: Bagel, folder: str) -> str:
 
 
 def load_from_source(model: Bagel, source: WeightSource, where: str) -> None:
+    """Load `source` into the model (sharded or not) and its VAE; see `load_tensors`."""
     load_model_tensors(model, source, where)
     if model.vae is None:
         return
     if model.options.vae_path:  # an explicit [bagel] vae_path wins over the folder's own VAE
         load_vae_file(model, model.options.vae_path)
     else:
-        _load_vae(model, source.vae_files, source.vae_stored_keys, where)
+        _load_vae(model, source.vae, where)
 
 
 def load_model_tensors(model: Bagel, source: WeightSource, where: str) -> None:
-    """Stream the model's (non-VAE) tensors of `source` into `model`, each cut to the rank's shard."""
-    own = model.state_dict()
+    """The model's (non-VAE) tensors of `source`, each rank reading only its shard's rows."""
+    own = model.state_dict(keep_vars=True)
     # Tables are recomputed; attention-backend parameters (NSA) are created fresh when absent.
     optional = set(POSITION_TABLES) | optional_attention_state_keys(model) | source.fresh
-    _check_keys("model", set(own), set(source.model_files), optional, where)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    for key, tensor in _stream(source.model_files, {**{k: k for k in source.model_files}, **source.model_stored_keys}):
-        if key in POSITION_TABLES:
-            _check_position_table(model, key, tuple(tensor.shape), where)
-            continue
-        tensor = source.transforms[key](tensor) if key in source.transforms else tensor
-        _check_shape(key, params[key], tensor, where)
-        assign_full(params[key], tensor)
+    _check_keys("model", set(own), set(source.model), optional, where)
+    refs = dict(source.model)
+    with _Reader() as reader:
+        for key in POSITION_TABLES:
+            if key in refs:
+                _check_position_table(model, key, reader.shape(refs.pop(key)), where)
+    load_tensors(own, refs, where)
     model.reset_position_tables()
 
 
-def _load_vae(model: Bagel, files: Mapping[str, str], stored: Mapping[str, str] | None, where: str) -> None:
+def _load_vae(model: Bagel, refs: Mapping[str, StoredTensor], where: str) -> None:
     model.vae.materialize(model.language_model.lm_head.weight.device)
     vae_params = model.vae.module.state_dict(keep_vars=True)
-    _check_keys("VAE", set(vae_params), set(files), set(), where)
-    for key, tensor in _stream(files, stored):
-        _check_shape(key, vae_params[key], tensor, where)
-        assign_full(vae_params[key], tensor)
+    _check_keys("VAE", set(vae_params), set(refs), set(), where)
+    load_tensors(vae_params, refs, where)
 
 
 def load_vae_file(model: Bagel, path: str) -> None:
@@ -233,42 +295,62 @@ def load_vae_file(model: Bagel, path: str) -> None:
             f"flavor write it with `bagel-titan-example-data data/example --vae`, or point vae_path at an "
             f"ae.safetensors"
         )
-    _load_vae(model, {k: path for k in _keys_of(path)}, None, f"[bagel] vae_path {path!r}")
+    _load_vae(model, _same_keys(path), f"[bagel] vae_path {path!r}")
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
+WEIGHT_FILES = {True: "ema.safetensors", False: "model.safetensors"}
+"""The release's names: EMA weights vs raw (non-averaged) weights."""
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+
+def export_entries(model: Bagel, state_dict: Mapping[str, torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """(official name, local tensor or DTensor) for every tensor an export writes, in file
+    order; `state_dict` replaces the model's tensors by name (e.g. the sharded EMA shadow)."""
+    overrides = dict(state_dict or {})
+    entries = [(key, overrides.pop(key, value)) for key, value in model.state_dict().items()]
+    if overrides:
+        raise KeyError(f"export state_dict has keys the model does not: {sorted(overrides)[:20]}")
+    return entries
+
+
+def _write_streamed(path: str, entries: list[tuple[str, torch.Tensor]], dtype: torch.dtype, write: bool) -> None:
+    """Gather, cast and write one tensor at a time (collective for sharded entries)."""
+    layout = {name: (dtype, tuple(t.shape)) for name, t in entries}
+    with SafetensorsStreamWriter(path, layout) if write else contextlib.nullcontext() as writer:
+        for name, tensor in entries:
+            full = gather_full(tensor, dtype)
+            # A per-tensor transform (e.g. a LoRA merge of this name's base) plugs in here, on `full`.
+            if writer is not None:
+                writer.write(name, full)
+            del full
 
 
 def export(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16,
-           state_dict: Mapping[str, torch.Tensor] | None = None, *, write: bool = True) -> None:
+           state_dict: Mapping[str, torch.Tensor] | None = None, *, ema: bool = False, write: bool = True) -> None:
     """Write an official-layout folder the release code loads unchanged.
 
-    `ema.safetensors` in `dtype` (both sin-cos tables included), `ae.safetensors` (fp32),
-    `llm_config.json`, `vit_config.json` (built layers + 1, the release's convention),
-    `config.json`, and the tokenizer files of `model.tokenizer_path`. `state_dict` overrides the
-    model's tensors (e.g. EMA weights). Under FSDP every rank must call this (full tensors are
-    gathered); only ranks with `write=True` touch the disk.
+    `ema.safetensors` (EMA weights, `ema=True`) or `model.safetensors` (the raw weights) in
+    `dtype`, both sin-cos tables included; `ae.safetensors` (fp32); `llm_config.json`,
+    `vit_config.json` (built layers + 1, the release's convention), `config.json`; the tokenizer
+    files of `model.tokenizer_path`. `state_dict` overrides the model's tensors by name and may be
+    sharded like them. Collective under FSDP: every rank calls it; tensors are gathered ONE at a
+    time, cast before the gather, and only ranks with `write=True` touch the disk, so the
+    writer's host holds one full tensor beyond its own shard, never the model.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    overrides = dict(state_dict or {})
-    for key, value in model.state_dict().items():
-        value = overrides.pop(key, value)
-        full = _full(value).detach()
-        if write:
-            tensors[key] = full.to(device="cpu", dtype=dtype).contiguous()
-    if overrides:
-        raise KeyError(f"export state_dict has keys the model does not: {sorted(overrides)[:20]}")
+    entries = export_entries(model, state_dict)
+    if write:
+        os.makedirs(folder, exist_ok=True)
+    _write_streamed(os.path.join(folder, WEIGHT_FILES[ema]), entries, dtype, write)
     if not write:
         return
-    os.makedirs(folder, exist_ok=True)
-    torch_dtype = str(dtype).removeprefix("torch.")
-    save_file(tensors, os.path.join(folder, "ema.safetensors"), metadata={"format": "pt"})
     if model.vae is not None:
-        vae = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.vae.module.state_dict().items()}
-        save_file(vae, os.path.join(folder, "ae.safetensors"), metadata={"format": "pt"})
+        _write_streamed(os.path.join(folder, "ae.safetensors"), list(model.vae.module.state_dict().items()),
+                        torch.float32, write)
+    _write_folder_files(model, folder, dtype)
+
+
+def _write_folder_files(model: Bagel, folder: str, dtype: torch.dtype) -> None:
+    """The configs and tokenizer files beside the weights; every file 0644."""
+    torch_dtype = str(dtype).removeprefix("torch.")
     configs = {
         "llm_config.json": llm_config_dict(model.arch, torch_dtype),
         "vit_config.json": vit_config_dict(model.arch, torch_dtype),
@@ -282,3 +364,23 @@ def export(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16,
             src = os.path.join(model.tokenizer_path, name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(folder, name))
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o644)
+
+
+def write_random_weights(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                         std: float = 0.02) -> None:
+    """An official-layout folder with random normal(0, std) weights for `model`'s shapes (which
+    may live on the meta device), generated and written one tensor at a time: benchmarks and
+    tests of the weight I/O at full width without a download."""
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    files = {"ema.safetensors": (model.state_dict(), dtype)}
+    if model.vae is not None:
+        files["ae.safetensors"] = (model.vae.module.state_dict(), torch.float32)
+    for name, (state, file_dtype) in files.items():
+        layout = {k: (file_dtype, tuple(v.shape)) for k, v in state.items()}
+        with SafetensorsStreamWriter(os.path.join(folder, name), layout) as writer:
+            for key, value in state.items():
+                writer.write(key, (torch.randn(value.shape, generator=generator) * std).to(file_dtype))
+    _write_folder_files(model, folder, dtype)

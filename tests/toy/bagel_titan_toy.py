@@ -131,14 +131,18 @@ class ToySpec:
         for name, p in model.named_parameters():
             _copy_full(p, state[name])
 
-    def export(self, model, path, dtype, state_dict=None):
+    def export(self, model, path, dtype, state_dict=None, *, ema=False):
         import os
 
+        import torch.distributed as dist
         from safetensors.torch import save_file
 
-        os.makedirs(path, exist_ok=True)
-        tensors = {k: v.to(dtype).contiguous() for k, v in (state_dict or {}).items()}
-        save_file(tensors, os.path.join(path, "model.safetensors"))
+        from bagel_titan.distributed.tensor_io import gather_full
+
+        overrides = dict(state_dict or {})
+        tensors = {k: gather_full(overrides.get(k, v), dtype) for k, v in model.state_dict().items()}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            save_file(tensors, os.path.join(path, "model.safetensors"))
 
     def sharding_units(self, model):
         return list(model.layers)
