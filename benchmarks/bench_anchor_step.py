@@ -373,26 +373,29 @@ def run_row(row: Row) -> dict[str, Any]:
         trainer = Trainer(job_config, plugins)
         try:
             batches = iter(trainer.dataloader)
-            times, tokens = [], []
+            times, cpu_times, tokens = [], [], []
             graphs_after_warmup = 0
             for step in range(row.warmup + row.steps):
                 batch = next(batches).to(trainer.device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 trainer.train_step([batch])
-                seconds = time.perf_counter() - start
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
                 if step == row.warmup - 1 or row.warmup == 0 and step == 0:
                     graphs_after_warmup = unique_graphs()
                 if step >= row.warmup:
                     times.append(seconds)
+                    cpu_times.append(cpu_seconds)
                     tokens.append(batch.num_tokens)
-                print(f"STEP {step + 1} tokens={batch.num_tokens} ms={seconds * 1e3:.1f} "
+                print(f"STEP {step + 1} tokens={batch.num_tokens} ms={seconds * 1e3:.1f} cpu_ms={cpu_seconds * 1e3:.1f} "
                       f"tok_s={batch.num_tokens / seconds:.0f}{' (warm-up)' if step < row.warmup else ''}", flush=True)
             backend = job_config.attention.backend
         finally:
             trainer.close()
             destroy_distributed()
     tok_s = [n / t for n, t in zip(tokens, times)]
+    cpu_tok_s = [n / t for n, t in zip(tokens, cpu_times)]
     return {"backend": backend, "median_tok_s": statistics.median(tok_s), "median_ms": statistics.median(times) * 1e3,
+            "median_cpu_tok_s": statistics.median(cpu_tok_s),
             "tokens": tokens, "recompiles": unique_graphs() - graphs_after_warmup, "threads": torch.get_num_threads(),
             "device": common.device_description("cpu")}
 
@@ -482,28 +485,33 @@ def main() -> None:
                     print(f"TOTAL {label(row)} error={r['error']}", flush=True)
                 else:
                     print(f"TOTAL {label(row)} median_ms={r['median_ms']:.1f} median_tok_s={r['median_tok_s']:.0f} "
-                          f"recompiles={r['recompiles']}", flush=True)
+                          f"median_cpu_tok_s={r['median_cpu_tok_s']:.0f} recompiles={r['recompiles']}", flush=True)
 
-    def summary(rs: list[dict[str, Any]]) -> tuple[float | None, str]:
+    def summary(rs: list[dict[str, Any]], key: str) -> float | None:
         ok = [r for r in rs if "error" not in r]
-        if not ok:
-            return None, rs[0]["error"]
-        return statistics.median(r["median_tok_s"] for r in ok), ""
+        return statistics.median(r[key] for r in ok) if ok else None
 
-    header = ["tree", "dtype", "backend", "compile", "AC", "median tokens/s", "recompiles (timed)", "vs baseline", "note"]
+    def ratio(value: float | None, ref: float | None) -> str:
+        return f"{value / ref:.2f}x" if value and ref else ""
+
+    header = ["tree", "dtype", "backend", "compile", "AC", "median tokens/s", "CPU-time tokens/s",
+              "recompiles (timed)", "vs baseline (wall, CPU time)", "note"]
     table_rows = []
     for i, base in enumerate(grid):
-        ref, _ = summary(results[(i, trees[-1])]) if args.baseline else (None, "")
+        ref_rs = results[(i, trees[-1])] if args.baseline else []
         for tree in trees:
             rs = results[(i, tree)]
-            value, error = summary(rs)
             ok = [r for r in rs if "error" not in r]
+            wall, cpu = summary(rs, "median_tok_s"), summary(rs, "median_cpu_tok_s")
+            versus = ""
+            if ref_rs and tree != trees[-1]:
+                versus = f"{ratio(wall, summary(ref_rs, 'median_tok_s'))}, {ratio(cpu, summary(ref_rs, 'median_cpu_tok_s'))}"
             backend = ok[0]["backend"] if ok else (base.backend or "default")
-            ratio = f"{value / ref:.2f}x" if value and ref and tree != trees[-1] else ""
             table_rows.append(("baseline" if tree else "this tree", base.dtype, backend, "on" if base.compile else "off",
-                               base.ac, f"{value:,.0f}" if value else "", str(max(r["recompiles"] for r in ok)) if ok else "",
-                               ratio, f"failed: {error}" if error else ""))
-    table = common.markdown_table(header, table_rows, "lllllrrrl")
+                               base.ac, f"{wall:,.0f}" if wall else "", f"{cpu:,.0f}" if cpu else "",
+                               str(max(r["recompiles"] for r in ok)) if ok else "", versus,
+                               "" if ok else f"failed: {rs[0]['error']}"))
+    table = common.markdown_table(header, table_rows, "lllllrrrrl")
     ok_any = [r for rs in results.values() for r in rs if "error" not in r]
     notes = [
         f"anchor configuration (tiny_bagel.json, VAE {args.vae}), mix {args.mix}, first-fit packs of {args.pack_len}: "
@@ -511,7 +519,8 @@ def main() -> None:
         f"one process per row; timed: `Trainer.train_step` (VAE encode, forward, loss, backward, clip, AdamW)",
         f"{args.rounds} round(s)" + (f", rows of this tree and of the baseline `{args.baseline}` interleaved" if args.baseline else ""),
         f"torch intra-op threads: {ok_any[0]['threads'] if ok_any else '?'}; the machine was shared with other jobs "
-        f"(compare ratios within this run, not absolute figures across runs)",
+        f"(compare ratios within this run, not absolute figures across runs); CPU-time tokens/s divide by the "
+        f"process's CPU time (with 1 thread: the work, less sensitive to the other jobs)",
     ]
     print(table)
     common.append_section(args.results, "bench_anchor_step", ok_any[0]["device"] if ok_any else "cpu", notes, table)

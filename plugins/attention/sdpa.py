@@ -239,9 +239,17 @@ class SDPAAttention(nn.Module):
         self.config = config
 
     def _strategy(self, meta: AttentionMeta) -> str:
-        if self.config.strategy == "auto":
-            return "dense" if prefers_dense(meta, self.config.document_call_tokens) else "per_document"
-        return self.config.strategy
+        """The strategy for this batch, decided once (in `prepare`, outside any compiled layer)
+        and cached: read inside a compiled layer, the document lengths would become guards and
+        every new pack layout a recompile."""
+        config = self.config
+
+        def decide() -> str:
+            if config.strategy != "auto":
+                return config.strategy
+            return "dense" if prefers_dense(meta, config.document_call_tokens) else "per_document"
+
+        return meta.cached(f"sdpa_strategy:{config.strategy}:{config.document_call_tokens}", decide)
 
     def prepare(self, meta: AttentionMeta) -> None:
         if self._strategy(meta) == "dense":
@@ -258,8 +266,7 @@ class SDPAAttention(nn.Module):
         meta: AttentionMeta,
         hidden_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        strategy = self._strategy(meta)
-        if strategy == "dense":
+        if self._strategy(meta) == "dense":
             return sdpa_dense(q_THD, k_THD, v_THD, meta)
         return sdpa_per_document(q_THD, k_THD, v_THD, meta)
 
