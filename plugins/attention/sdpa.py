@@ -215,19 +215,31 @@ def sdpa_per_document(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Ten
     Kept out of torch.compile: the document boundaries change every batch (a recompile each
     step) and each call is already a fused kernel.
     """
-    pieces: list[torch.Tensor] = []
+    num_tokens = q_THD.shape[0]
+    sizes: list[int] = []
+    plan: list[DocumentCall | None] = []  # None: tokens outside every document (padding)
     pos = 0
     for call in document_calls(meta):
         if call.start > pos:
-            pieces.append(q_THD.new_zeros(call.start - pos, *q_THD.shape[1:]))
-        s = slice(call.start, call.end)
-        out_BHLD = sdpa_gqa(
-            _to_BHTD(q_THD[s]), _to_BHTD(k_THD[s]), _to_BHTD(v_THD[s]), call.mask_LL, is_causal=call.is_causal
-        )
-        pieces.append(_from_BHTD(out_BHLD))
+            sizes.append(call.start - pos)
+            plan.append(None)
+        sizes.append(call.end - call.start)
+        plan.append(call)
         pos = call.end
-    if pos < q_THD.shape[0]:
-        pieces.append(q_THD.new_zeros(q_THD.shape[0] - pos, *q_THD.shape[1:]))
+    if pos < num_tokens:
+        sizes.append(num_tokens - pos)
+        plan.append(None)
+    if not plan:
+        return torch.zeros_like(q_THD)
+    # One split, not a slice per document: a slice's backward zero-fills a gradient of the whole
+    # pack for every document; the split's concatenates the pieces once.
+    pieces: list[torch.Tensor] = []
+    for call, q_LHD, k_LHD, v_LHD in zip(plan, q_THD.split(sizes), k_THD.split(sizes), v_THD.split(sizes)):
+        if call is None:
+            pieces.append(torch.zeros_like(q_LHD))
+            continue
+        out_BHLD = sdpa_gqa(_to_BHTD(q_LHD), _to_BHTD(k_LHD), _to_BHTD(v_LHD), call.mask_LL, is_causal=call.is_causal)
+        pieces.append(_from_BHTD(out_BHLD))
     return torch.cat(pieces, dim=0)
 
 
