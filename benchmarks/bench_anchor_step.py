@@ -11,8 +11,8 @@ and packed first-fit into 2048-token bins: the first packs hold 1921, 1695, 1859
 Each pack goes through bagel-titan's own pieces: `BagelSample`s -> `BagelCollator` (in the
 loader, untimed, as the anchors leave data loading out) -> `Trainer.train_step` (timed: VAE
 encode, forward, CE + flow-MSE loss, backward, clip 1.0, AdamW lr 1e-4). The first `--warmup`
-steps are left out of the medians; recompiles during the timed steps are counted (dynamo's
-`unique_graphs` after the warm-up vs at the end).
+steps are left out of the medians; graphs compiled during each timed step (recompiles: dynamo's
+`unique_graphs`) are counted, and the table says in which timed step the last one happened.
 
     python benchmarks/bench_anchor_step.py                        # fp32, default backend
     python benchmarks/bench_anchor_step.py --dtype bf16 --backend sdpa,eager --compile off,on
@@ -374,20 +374,22 @@ def run_row(row: Row) -> dict[str, Any]:
         try:
             batches = iter(trainer.dataloader)
             times, cpu_times, tokens = [], [], []
-            graphs_after_warmup = 0
+            new_graphs: list[int] = []  # graphs compiled during each timed step (recompiles)
             for step in range(row.warmup + row.steps):
                 batch = next(batches).to(trainer.device)
+                graphs = unique_graphs()
                 start, cpu_start = time.perf_counter(), time.process_time()
                 trainer.train_step([batch])
                 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-                if step == row.warmup - 1 or row.warmup == 0 and step == 0:
-                    graphs_after_warmup = unique_graphs()
+                compiled = unique_graphs() - graphs
                 if step >= row.warmup:
                     times.append(seconds)
                     cpu_times.append(cpu_seconds)
                     tokens.append(batch.num_tokens)
+                    new_graphs.append(compiled)
                 print(f"STEP {step + 1} tokens={batch.num_tokens} ms={seconds * 1e3:.1f} cpu_ms={cpu_seconds * 1e3:.1f} "
-                      f"tok_s={batch.num_tokens / seconds:.0f}{' (warm-up)' if step < row.warmup else ''}", flush=True)
+                      f"tok_s={batch.num_tokens / seconds:.0f} new_graphs={compiled}"
+                      f"{' (warm-up)' if step < row.warmup else ''}", flush=True)
             backend = job_config.attention.backend
         finally:
             trainer.close()
@@ -396,7 +398,9 @@ def run_row(row: Row) -> dict[str, Any]:
     cpu_tok_s = [n / t for n, t in zip(tokens, cpu_times)]
     return {"backend": backend, "median_tok_s": statistics.median(tok_s), "median_ms": statistics.median(times) * 1e3,
             "median_cpu_tok_s": statistics.median(cpu_tok_s),
-            "tokens": tokens, "recompiles": unique_graphs() - graphs_after_warmup, "threads": torch.get_num_threads(),
+            "tokens": tokens, "recompiles": sum(new_graphs),
+            "last_recompile": max((i + 1 for i, n in enumerate(new_graphs) if n), default=0),
+            "threads": torch.get_num_threads(),
             "device": common.device_description("cpu")}
 
 
@@ -491,6 +495,13 @@ def main() -> None:
         ok = [r for r in rs if "error" not in r]
         return statistics.median(r[key] for r in ok) if ok else None
 
+    def recompile_note(ok: list[dict[str, Any]]) -> str:
+        if not ok:
+            return ""
+        worst = max(ok, key=lambda r: r["recompiles"])
+        last = worst.get("last_recompile", 0)
+        return f"{worst['recompiles']}" + (f" (last in timed step {last} of {args.steps})" if last else "")
+
     def ratio(value: float | None, ref: float | None) -> str:
         return f"{value / ref:.2f}x" if value and ref else ""
 
@@ -509,7 +520,7 @@ def main() -> None:
             backend = ok[0]["backend"] if ok else (base.backend or "default")
             table_rows.append(("baseline" if tree else "this tree", base.dtype, backend, "on" if base.compile else "off",
                                base.ac, f"{wall:,.0f}" if wall else "", f"{cpu:,.0f}" if cpu else "",
-                               str(max(r["recompiles"] for r in ok)) if ok else "", versus,
+                               recompile_note(ok), versus,
                                "" if ok else f"failed: {rs[0]['error']}"))
     table = common.markdown_table(header, table_rows, "lllllrrrrl")
     ok_any = [r for rs in results.values() for r in rs if "error" not in r]

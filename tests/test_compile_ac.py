@@ -54,9 +54,10 @@ def _step(model, index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ac", list(AC_SETTINGS))
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend,ac", [("eager", "full"), ("sdpa", "full"), ("sdpa", "selective-op")])
 def test_compiled_checkpointed_units_match_and_do_not_recompile(backend, ac):
+    """eager + full AC + compile is the combination that once failed with "CheckpointError:
+    Recomputed values ... have different metadata" (a mask built lazily inside the layer)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
