@@ -118,13 +118,59 @@ class AttentionLayerSpec:
     """"llm" or "vit": lets a backend (NSA) treat the two differently."""
 
 
+@runtime_checkable
+class AttentionMeta(Protocol):
+    """The attention metadata of one packed batch: what a backend may read (built once per batch,
+    by the model's collator, and shared by all layers).
+
+    A pack holds documents (samples) that never see each other; a document is a run of segments.
+    Which (query, key) pairs of one document may attend is the model's mask rule, applied by
+    `allowed`; a backend needs nothing else to derive its masks, so it imports only the core.
+    Tokens after the last document are padding (document -1): they see nothing and give zeros.
+    """
+
+    doc_ids: torch.Tensor
+    """[T] int64 document of every token; -1 for padding."""
+    segment_ids: torch.Tensor
+    """[T] int64 global segment index of every token (non-decreasing)."""
+    token_modes: torch.Tensor
+    """[T] int64 mode of the token's segment (codes defined by the model's mask rule)."""
+    cu_seqlens: torch.Tensor
+    """[num_docs + 1] int32 cumulative document offsets (padding excluded)."""
+    doc_lengths: list[int]
+    """Host copy of the document lengths (no device sync needed to plan per-document work)."""
+    segment_bounds: list[tuple[int, int, int, int]]
+    """Per segment, on the host: (start, end, mode, document)."""
+    position_ids: torch.Tensor | None
+    """[T] RoPE positions, when the model has them."""
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def has_padding(self) -> bool: ...
+
+    def allowed(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        """The mask rule for (broadcastable) query and key indices; True = may attend. Tensor ops
+        only, so it also serves as a flex-attention `mask_mod`."""
+        ...
+
+    def dense_mask(self) -> torch.Tensor:
+        """[T, T] bool `allowed` over the whole pack, cached."""
+        ...
+
+    def cached(self, key: str, build: Any) -> Any:
+        """`build()` computed once per batch under `key` (masks, plans)."""
+        ...
+
+
 class AttentionBackend(Protocol):
     """A named attention implementation for packed sequences.
 
     `build(spec)` returns the per-layer module the model calls as
     `module(q_THD, k_THD, v_THD, meta, hidden_TD) -> out_THD` where `q` is [T, Hq, D], `k`/`v` are
-    [T, Hkv, D] and `meta` is the batch's attention metadata (built once per packed batch and
-    shared by all layers; see `bagel_titan_plugins.attention.meta.AttentionMeta`). The module
+    [T, Hkv, D] and `meta` is the batch's `AttentionMeta` (above; the first-party one, with its
+    mask rule, is `bagel_titan_plugins.attention.meta.AttentionMeta`). The module
     may own parameters (NSA gates and compression weights); they then live in the model's
     state dict under the attention layer. It may define `prepare(meta)`, which the model calls
     once per batch before its layers (`meta.prepare_for(module)`) to build masks and plans

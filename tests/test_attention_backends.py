@@ -66,3 +66,14 @@ def test_vit_backend_resolution_and_per_image_attention(plugins, name):
         expected = _build(plugins, "eager", spec)(*args)
         actual = _build(plugins, vit_name, spec)(*args)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bagel_metadata_satisfies_the_core_contract():
+    """A third-party backend types against `bagel_titan.protocols.AttentionMeta` and imports no
+    plugin; BAGEL's metadata (its mask rule inside) is one implementation of it."""
+    from bagel_titan.protocols import AttentionMeta as CoreAttentionMeta
+
+    meta = AttentionMeta.from_segments([[(3, "causal"), (4, "noise")], [(2, "full")]], pad_to=12)
+    assert isinstance(meta, CoreAttentionMeta)
+    assert meta.num_tokens == 12 and meta.has_padding and meta.doc_lengths == [7, 2]
+    assert meta.cu_seqlens.tolist() == [0, 7, 9] and meta.doc_ids.tolist()[-3:] == [-1, -1, -1]

@@ -32,7 +32,7 @@ def test_sdpa_matches_eager_forward_and_grad(strategy, seed, kv_heads):
     inputs = random_inputs(docs, num_heads=4, num_kv_heads=kv_heads, head_dim=16, pad=7, seed=seed, requires_grad=True)
     spec = AttentionLayerSpec(4, kv_heads, 16, 32, 0, "llm")
     eager = EagerBackend().build(spec, {})
-    sdpa = SDPABackend().build(spec, {"strategy": strategy, "dense_max_tokens": 64})
+    sdpa = SDPABackend().build(spec, {"strategy": strategy, "document_call_tokens": 64})
 
     expected = _grads(eager, inputs)
     actual = _grads(sdpa, inputs)
@@ -71,7 +71,21 @@ def test_sdpa_bf16_close_to_eager():
 
 
 def test_unknown_option_names_the_section_and_known_keys():
-    with pytest.raises(ValueError, match=r"\[attention.sdpa\].*dense_max_tokens"):
+    with pytest.raises(ValueError, match=r"\[attention.sdpa\].*document_call_tokens"):
         SDPABackend().build(SPEC, {"stratgy": "dense"})
     with pytest.raises(ValueError, match="strategy"):
         SDPAConfig(strategy="loop")
+
+
+def test_auto_goes_per_document_for_a_pack_of_samples_and_dense_for_many_tiny_documents():
+    from bagel_titan_plugins.attention.sdpa import prefers_dense
+
+    config = SDPAConfig()
+    anchor_pack = AttentionMeta.from_segments([[(40, "causal"), (160, "noise")]] * 9 + [[(60, "causal"), (80, "causal")]])
+    assert not prefers_dense(anchor_pack, config.document_call_tokens)  # 2k tokens, 10 samples: ~8x less work
+    crumbs = AttentionMeta.from_segments([[(2, "causal")]] * 1000)
+    assert prefers_dense(crumbs, config.document_call_tokens)  # 1000 calls cost more than one 2k call
+    one_document = AttentionMeta.from_segments([[(30, "causal"), (20, "full")]])
+    assert prefers_dense(one_document, config.document_call_tokens)  # the same call either way
+    module = SDPABackend().build(SPEC, {})
+    assert module._strategy(anchor_pack) == "per_document" and module._strategy(crumbs) == "dense"

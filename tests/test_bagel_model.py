@@ -208,3 +208,30 @@ def test_config_errors_name_the_key():
     config["llm_config"]["rope_scaling"] = {"type": "yarn", "factor": 4.0}
     with pytest.raises(ValueError, match="llm_config.rope_scaling"):
         architecture_from_release(config, vit_config_counts_extra_layer=False)
+
+
+HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero"}
+"""Ops that copy a device value to the host (a `.tolist()`, `bool(tensor)`, boolean indexing)."""
+
+
+@pytest.mark.parametrize("strategy", ["dense", "per_document"])
+def test_training_forward_reads_nothing_back_from_the_device(strategy):
+    """The batch carries its attention metadata and token indexes from the collator, so the
+    training forward and backward never wait for the device to learn a length or a mask."""
+    from bagel_titan_plugins.attention.sdpa import SDPABackend
+    from bagel_titan_plugins.bagel.spec import build_bagel
+
+    class Backend:
+        def build(self, spec, options):
+            return SDPABackend().build(spec, {"strategy": strategy})
+
+    model = build_bagel(ARCH, OPTS, backend=Backend())
+    torch.manual_seed(0)
+    model.init_weights()
+    _randomise_zero_init(model)
+    batch = synthetic_batch(ARCH, OPTS, [UNDERSTANDING, EDITING, TEXT_ONLY], torch.Generator().manual_seed(0))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss, _ = _loss(model, batch, torch.Generator().manual_seed(1))
+        loss.backward()
+    synced = sorted({e.key for e in prof.key_averages()} & HOST_SYNC_OPS)
+    assert not synced, f"the training step reads device values on the host through {synced}"

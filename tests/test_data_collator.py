@@ -84,6 +84,40 @@ def test_collator_reproduces_reference_batch(folder: Path):
     assert torch.equal(noised_tokens, torch.isfinite(timesteps))
 
 
+
+@pytest.mark.parametrize("folder", FIXTURE_DIRS, ids=lambda p: p.name)
+def test_batch_carries_its_attention_metadata(folder: Path):
+    """The collator (in a loader worker) builds the LLM's and the ViT's attention metadata and the
+    noised-token index, so the model's forward has no layout work left; they survive pickling
+    (worker -> trainer) and `.to()`."""
+    import pickle
+
+    from bagel_titan_plugins.attention.meta import CAUSAL, FULL, NOISE
+
+    meta = json.loads((folder / "batch.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "batch.safetensors"))
+    ids = meta["special_token_ids"]
+    special = SpecialTokens(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
+    section = BagelConfig(latent_patch_size=config["latent_patch_size"], max_latent_size=config["max_latent_size"],
+                          vit_max_num_patch_per_side=config["vit_max_num_patch_per_side"])
+    collator = BagelCollator(JobConfig(), section, vit_patch_size=meta["vit_patch_size"],
+                             vae_downsample=meta["vae_image_downsample"] // config["latent_patch_size"],
+                             special_tokens=special)
+    batch = pickle.loads(pickle.dumps(collator(samples_from_fixture(meta, tensors)))).to("cpu")
+
+    llm = batch.attention
+    codes = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
+    assert llm.doc_lengths == batch.sample_lens and llm.cu_seqlens.tolist()[-1] == batch.sequence_length
+    assert torch.equal(llm.doc_ids, torch.cat([torch.full((n,), d) for d, n in enumerate(batch.sample_lens)]))
+    assert torch.equal(llm.segment_ids, torch.cat([torch.full((n,), s) for s, n in enumerate(batch.split_lens)]))
+    assert torch.equal(llm.token_modes, torch.cat([torch.full((n,), codes[m]) for n, m in zip(batch.split_lens, batch.attn_modes)]))
+    assert torch.equal(llm.position_ids, batch.packed_position_ids)
+    assert batch.vit_attention.doc_lengths == batch.vit_token_seqlens.tolist()
+    noised = torch.isfinite(tensors["packed_timesteps"]).nonzero().flatten()
+    assert torch.equal(batch.noised_vae_tokens, noised)
+    assert torch.equal(batch.packed_vae_token_indexes[batch.noised_vae_tokens], batch.mse_loss_indexes)
+
 # ---------------------------------------------------------------------------------------------
 # The processor on real records
 # ---------------------------------------------------------------------------------------------

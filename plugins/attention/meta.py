@@ -70,6 +70,11 @@ class AttentionMeta:
         return int(self.doc_ids.shape[0])
 
     @property
+    def has_padding(self) -> bool:
+        """Whether tokens outside every document follow the documents (known on the host)."""
+        return self.num_tokens > sum(self.doc_lengths)
+
+    @property
     def max_seqlen(self) -> int:
         return max(self.doc_lengths) if self.doc_lengths else 0
 
@@ -116,13 +121,12 @@ class AttentionMeta:
 
         `pad_to` appends padding tokens (document -1) up to that length.
         """
-        doc_ids: list[int] = []
-        seg_ids: list[int] = []
+        lengths: list[int] = []
         modes: list[int] = []
+        docs: list[int] = []
         bounds: list[tuple[int, int, int, int]] = []
         doc_lengths: list[int] = []
         pos = 0
-        seg = 0
         for doc, segments in enumerate(doc_segments):
             doc_len = 0
             for length, mode in segments:
@@ -131,28 +135,28 @@ class AttentionMeta:
                 if length <= 0:
                     continue
                 m = SEGMENT_MODES.index(mode)
-                doc_ids += [doc] * length
-                seg_ids += [seg] * length
-                modes += [m] * length
+                lengths.append(length)
+                modes.append(m)
+                docs.append(doc)
                 bounds.append((pos, pos + length, m, doc))
                 pos += length
                 doc_len += length
-                seg += 1
             doc_lengths.append(doc_len)
-        if pad_to is not None and pad_to > pos:
-            n = pad_to - pos
-            doc_ids += [-1] * n
-            seg_ids += [seg] * n
-            modes += [CAUSAL] * n
-        cu = [0]
-        for n in doc_lengths:
-            cu.append(cu[-1] + n)
+        pad = pad_to - pos if pad_to is not None and pad_to > pos else 0
+        if pad:  # padding: one more segment, document -1
+            lengths.append(pad)
+            modes.append(CAUSAL)
+            docs.append(-1)
+        # Per-token tables by repeating per-segment values: no Python loop over tokens.
+        repeats = torch.tensor(lengths, dtype=torch.long)
+        cu = torch.zeros(len(doc_lengths) + 1, dtype=torch.int32)
+        torch.cumsum(torch.tensor(doc_lengths, dtype=torch.int32), 0, out=cu[1:])
         dev = torch.device(device)
         return cls(
-            doc_ids=torch.tensor(doc_ids, dtype=torch.long, device=dev),
-            segment_ids=torch.tensor(seg_ids, dtype=torch.long, device=dev),
-            token_modes=torch.tensor(modes, dtype=torch.long, device=dev),
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
+            doc_ids=torch.repeat_interleave(torch.tensor(docs, dtype=torch.long), repeats).to(dev),
+            segment_ids=torch.repeat_interleave(torch.arange(len(lengths)), repeats).to(dev),
+            token_modes=torch.repeat_interleave(torch.tensor(modes, dtype=torch.long), repeats).to(dev),
+            cu_seqlens=cu.to(dev),
             segment_bounds=bounds,
             doc_lengths=doc_lengths,
             position_ids=position_ids,
@@ -171,13 +175,18 @@ class AttentionMeta:
         if prepare is not None:
             prepare(self)
 
-    def to(self, device: torch.device) -> "AttentionMeta":
+    def to(self, device: torch.device | str) -> "AttentionMeta":
+        """The same metadata on `device` (non-blocking copies); the cache stays behind: what
+        `prepare` builds is per device."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
         return AttentionMeta(
-            doc_ids=self.doc_ids.to(device),
-            segment_ids=self.segment_ids.to(device),
-            token_modes=self.token_modes.to(device),
-            cu_seqlens=self.cu_seqlens.to(device),
+            doc_ids=self.doc_ids.to(device, non_blocking=True),
+            segment_ids=self.segment_ids.to(device, non_blocking=True),
+            token_modes=self.token_modes.to(device, non_blocking=True),
+            cu_seqlens=self.cu_seqlens.to(device, non_blocking=True),
             segment_bounds=self.segment_bounds,
             doc_lengths=self.doc_lengths,
-            position_ids=None if self.position_ids is None else self.position_ids.to(device),
+            position_ids=None if self.position_ids is None else self.position_ids.to(device, non_blocking=True),
         )

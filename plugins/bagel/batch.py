@@ -3,6 +3,11 @@
 Field names follow the public implementation's forward arguments (and the reference fixture),
 so that a reader of either can map one to the other. Index tensors point into the packed
 sequence of `sequence_length` real tokens (no flex padding here: backends pad if they must).
+
+The batch carries its layout work done: the attention metadata of the LLM and the ViT and the
+index of the noised VAE tokens are built when the batch is made (by the collator, in a loader
+worker), from host-side lengths, so the model's forward neither loops over tokens nor waits for
+the device to learn a length.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from bagel_titan_plugins.attention.meta import AttentionMeta
 
 
 @dataclass
@@ -67,6 +74,27 @@ class BagelPackedBatch:
     """Samples in the pack (documents)."""
     sample_keys: list = field(default_factory=list)
     """(dataset, index) of every sample, for logging and exact-resume checks."""
+    # -- derived from the fields above when the batch is made (None: build them) --
+    attention: AttentionMeta | None = None
+    """The LLM's attention metadata: documents = samples, segments = (split_lens, attn_modes)."""
+    vit_attention: AttentionMeta | None = None
+    """The ViT's attention metadata: one `full` document per image (`vit_token_seqlens`)."""
+    noised_vae_tokens: torch.Tensor | None = None
+    """[Nm] int64 positions among the packed VAE tokens of the noised ones (in the order of
+    `mse_loss_indexes`): where the flow-matching targets are taken."""
+
+    def __post_init__(self) -> None:
+        if self.attention is None:
+            self.attention = AttentionMeta.from_segments(
+                documents_of(self.sample_lens, self.split_lens, self.attn_modes),
+                device=self.packed_position_ids.device, position_ids=self.packed_position_ids)
+        if self.vit_attention is None:
+            lengths = self.vit_token_seqlens.cpu().tolist()  # made on the host: no device sync
+            self.vit_attention = AttentionMeta.full_documents(lengths, device=self.vit_token_seqlens.device)
+        if self.noised_vae_tokens is None:
+            counts = torch.tensor([h * w for h, w in self.patchified_vae_latent_shapes], dtype=torch.long)
+            noised = torch.repeat_interleave(torch.tensor(self.vae_image_noised, dtype=torch.bool), counts)
+            self.noised_vae_tokens = noised.nonzero().flatten().to(self.packed_position_ids.device)
 
     @property
     def num_tokens(self) -> int:
@@ -84,5 +112,30 @@ class BagelPackedBatch:
         values = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            values[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            if isinstance(value, torch.Tensor):
+                value = value.to(device, non_blocking=True)
+            elif isinstance(value, AttentionMeta):
+                value = value.to(device)
+            values[f.name] = value
         return BagelPackedBatch(**values)
+
+
+def documents_of(sample_lens: list[int], split_lens: list[int], attn_modes: list[str]) -> list[list[tuple[int, str]]]:
+    """Group the pack's segments into its samples; a segment may not straddle two samples."""
+    if sum(sample_lens) != sum(split_lens) or len(split_lens) != len(attn_modes):
+        raise ValueError(
+            f"inconsistent pack: sum(sample_lens) = {sum(sample_lens)}, sum(split_lens) = {sum(split_lens)}, "
+            f"{len(split_lens)} split_lens vs {len(attn_modes)} attn_modes"
+        )
+    docs: list[list[tuple[int, str]]] = []
+    splits = iter(zip(split_lens, attn_modes))
+    for length in sample_lens:
+        doc, filled = [], 0
+        while filled < length:
+            n, mode = next(splits)
+            doc.append((n, mode))
+            filled += n
+        if filled != length:
+            raise ValueError(f"a segment straddles two samples (sample_lens={sample_lens}, split_lens={split_lens})")
+        docs.append(doc)
+    return docs

@@ -86,8 +86,9 @@ class _Builder:
     def text(self, seg: TextSegment, rope: int) -> int:
         start = self.curr
         shifted = [self.special.bos, *seg.ids]
-        for token in shifted:
-            self._token(token)
+        self.text_ids.extend(shifted)
+        self.text_indexes.extend(range(start, start + len(shifted)))
+        self.curr += len(shifted)
         if seg.loss:
             self.ce_indexes.extend(range(start, start + len(shifted)))
             self.ce_weights.extend([1.0 / math.sqrt(len(shifted))] * len(shifted))

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .batch import BagelPackedBatch
+from .batch import BagelPackedBatch, documents_of
 from .config import BagelArchitecture, BagelConfig
-from .modeling import documents_of
 
 TRAIN_FACTOR = 3
 """Forward + backward = 3x forward (backward computes input and weight gradients)."""
@@ -54,7 +53,7 @@ def forward_flops(batch: BagelPackedBatch, arch: BagelArchitecture, options: Bag
     flops += 4 * pairs * llm.num_heads * llm.head_dim * llm.num_layers
     flops += 2 * batch.num_ce_tokens * d * llm.vocab_size
 
-    vit_lengths = [int(n) for n in batch.vit_token_seqlens.tolist()]
+    vit_lengths = batch.vit_attention.doc_lengths  # host-side: no device sync
     num_vit = sum(vit_lengths)
     patch_dim = vit.patch_size * vit.patch_size * vit.num_channels
     flops += 2 * num_vit * (patch_dim * vit.hidden_size + vit.num_layers * vit_layer_linear_params(arch))

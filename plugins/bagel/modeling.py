@@ -19,7 +19,6 @@ from torch import nn
 
 from bagel_titan.distributed.tensor_io import assign_full
 from bagel_titan.protocols import AttentionLayerSpec
-from bagel_titan_plugins.attention.meta import AttentionMeta
 
 from .batch import BagelPackedBatch
 from .config import BagelArchitecture, BagelConfig
@@ -203,7 +202,7 @@ class Bagel(nn.Module):
         # reaches the same FSDP units in backward (no hang) and the gradients are zero, not None.
         num_vit = int(batch.packed_vit_tokens.shape[0])
         if self.options.visual_und:
-            vit_meta = AttentionMeta.full_documents([int(n) for n in batch.vit_token_seqlens.tolist()], device=device)
+            vit_meta = batch.vit_attention
             vit_meta.prepare_for(self.vit_model.vision_model.encoder.layers[0].self_attn.attn_core)
             pixels_NP = batch.packed_vit_tokens
             if num_vit == 0:  # any [0, ...] placeholder: give it the patch width
@@ -225,7 +224,7 @@ class Bagel(nn.Module):
                 x0_NP, t_N, noise_NP = self._latent_inputs(batch, generator, device)
                 keep("packed_latent_clean", x0_NP)
                 xt_NP = (1 - t_N[:, None]) * x0_NP + t_N[:, None] * noise_NP
-                target_velocity = (noise_NP - x0_NP)[t_N > 0]
+                target_velocity = (noise_NP - x0_NP)[batch.noised_vae_tokens]
             else:
                 xt_NP, t_N = noised
             keep("timesteps_shifted", t_N)
@@ -244,7 +243,7 @@ class Bagel(nn.Module):
         if num_vit > 0:
             und = torch.cat([und, batch.packed_vit_token_indexes])
         routing = MoTRouting.build(und, batch.packed_vae_token_indexes, batch.sequence_length)
-        meta = self.llm_attention_meta(batch, device)
+        meta = batch.attention
         meta.prepare_for(self.language_model.model.layers[0].self_attn.attn_core)
         layer_outputs: list[torch.Tensor] | None = [] if keep_intermediates else None
         hidden_TD = self.language_model.model(seq_TD, routing, batch.packed_position_ids, meta, layer_outputs)
@@ -283,35 +282,8 @@ class Bagel(nn.Module):
             draws = torch.randn(len(counts), generator=generator, device=device)
             clean = torch.tensor([not n for n in batch.vae_image_noised], device=device)
             draws = draws.masked_fill(clean, float("-inf"))
-            raw_t = torch.repeat_interleave(draws, torch.tensor(counts, device=device))
+            raw_t = torch.repeat_interleave(draws, torch.tensor(counts, device=device), output_size=sum(counts))
         noise = batch.noise
         if noise is None:
             noise = torch.randn(x0_NP.shape, generator=generator, device=device, dtype=x0_NP.dtype)
         return x0_NP, flow_timesteps(raw_t.float(), self.options.timestep_shift), noise.to(x0_NP.dtype)
-
-    @staticmethod
-    def llm_attention_meta(batch: BagelPackedBatch, device: torch.device):
-        """Documents = samples, segments = (split_lens, attn_modes)."""
-        return AttentionMeta.from_segments(documents_of(batch.sample_lens, batch.split_lens, batch.attn_modes),
-                                           device=device, position_ids=batch.packed_position_ids)
-
-
-def documents_of(sample_lens: list[int], split_lens: list[int], attn_modes: list[str]) -> list[list[tuple[int, str]]]:
-    """Group the pack's segments into its samples; a segment may not straddle two samples."""
-    if sum(sample_lens) != sum(split_lens) or len(split_lens) != len(attn_modes):
-        raise ValueError(
-            f"inconsistent pack: sum(sample_lens) = {sum(sample_lens)}, sum(split_lens) = {sum(split_lens)}, "
-            f"{len(split_lens)} split_lens vs {len(attn_modes)} attn_modes"
-        )
-    docs: list[list[tuple[int, str]]] = []
-    splits = iter(zip(split_lens, attn_modes))
-    for length in sample_lens:
-        doc, filled = [], 0
-        while filled < length:
-            n, mode = next(splits)
-            doc.append((n, mode))
-            filled += n
-        if filled != length:
-            raise ValueError(f"a segment straddles two samples (sample_lens={sample_lens}, split_lens={split_lens})")
-        docs.append(doc)
-    return docs
