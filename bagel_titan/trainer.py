@@ -29,6 +29,7 @@ from bagel_titan.config.manager import to_toml
 from bagel_titan.distributed.parallel_dims import ParallelDims
 from bagel_titan.distributed.parallelize import parallelize
 from bagel_titan.distributed.utils import init_distributed, select_device, set_deterministic, set_seed
+from bagel_titan.lora import apply_lora, init_adapters
 from bagel_titan.metrics.device_flops import device_name, peak_flops_per_second
 from bagel_titan.metrics.logger import MetricsLogger
 from bagel_titan.metrics.throughput import ThroughputMeter
@@ -64,6 +65,8 @@ def build_parallel_model(job_config: JobConfig, plugins: Any, mesh) -> tuple[Any
         model = model_spec.build(job_config, plugins)
     for module in model_spec.frozen_modules(model, job_config):
         module.requires_grad_(False)
+    if job_config.lora.enable:  # before FSDP, so it shards the adapters with their frozen base
+        apply_lora(model, model_spec, job_config.lora)
     parallelize(model, model_spec.sharding_units(model), job_config, mesh)
     return model_spec, model
 
@@ -102,6 +105,8 @@ class Trainer:
             self.model_spec.init_weights(self.model)
         if cfg.model.pretrained_path:
             self.model_spec.load_weights(self.model, cfg.model.pretrained_path)
+        if cfg.lora.enable:
+            init_adapters(self.model, cfg.training.seed)
         self.model.train()
 
         # -- optimisation --
@@ -366,7 +371,8 @@ class Trainer:
     def export(self, path: str) -> None:
         """Inference weights in the model spec's layout (the EMA's, when kept)."""
         dtype = DTYPES[self.job_config.checkpoint.export_dtype]
-        export_weights(self.model_spec, self.model, path, dtype, ema=self.ema)
+        export_weights(self.model_spec, self.model, path, dtype, ema=self.ema, lora=self.job_config.lora,
+                       base_model_name_or_path=self.job_config.model.pretrained_path or None)
         if self.rank == 0:
             logger.info(f"exported weights to {path}")
 

@@ -185,6 +185,14 @@ def validate(cfg: JobConfig) -> None:
         )
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
+    lora = cfg.lora
+    # bf16 frozen weights or adapters compute only in a bf16 job (FSDP's mixed precision casts
+    # every parameter and input to it); an fp32 job would mix dtypes in one matmul.
+    if lora.enable and "bfloat16" in (lora.base_dtype, lora.dtype) and cfg.training.dtype != "bfloat16":
+        raise ConfigError(
+            '[lora] base_dtype or dtype = "bfloat16" needs [training] dtype = "bfloat16"; set it, or keep '
+            'the [lora] dtypes at "float32"'
+        )
 
 
 def load_job_config(argv: Sequence[str], plugins_factory=None) -> tuple[JobConfig, Any]:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import nn
 
+from bagel_titan.lora import LoRAGroups
 from bagel_titan.protocols import AttentionLayerSpec, GeneratedSamples, ModelOutputs
 
 from . import weights
@@ -24,6 +25,17 @@ FREEZE_GROUPS = ("llm", "vit", "connector", "und", "gen")
 (+ embeddings, lm_head, final norm), the generation experts (+ latent projections, timestep MLP)."""
 
 UND_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+LLM_PROJECTIONS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                   "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+                   "down_proj": "mlp.down_proj"}
+"""`[lora] targets` projections of an LLM expert -> module path inside a decoder layer (the
+understanding expert's; the generation expert's adds `_moe_gen` to the attention projection or
+the MLP)."""
+VIT_PROJECTIONS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                   "out_proj": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+LORA_FULL_GROUPS = FREEZE_GROUPS + ("vae2llm", "llm2vae", "time_embedder")
+"""`[lora] train_also` names: the freeze groups plus the latent projections and timestep MLP."""
 
 
 
@@ -142,6 +154,30 @@ class BagelSpec:
                 mods += [model.time_embedder, model.vae2llm, model.llm2vae]
             return mods
         raise ValueError(f"unknown freeze group {group!r}; known: {list(FREEZE_GROUPS)}")
+
+    def lora_groups(self, model: Bagel) -> LoRAGroups:
+        """`[lora] targets`: "und" / "gen" (the two LLM experts' q/k/v/o and gate/up/down), "vit"
+        (its attention and MLP linears), "connector" (fc1, fc2), "vae2llm", "llm2vae"; groups of a
+        modality that is off hold no module. `train_also`: `LORA_FULL_GROUPS`."""
+        layers = [f"language_model.model.layers.{i}" for i in range(len(model.language_model.model.layers))]
+        gen_path = lambda path: path.replace("mlp.", "mlp_moe_gen.") if path.startswith("mlp.") else path + "_moe_gen"  # noqa: E731
+        targets: dict[str, dict[str, list[str]]] = {
+            "und": {p: [f"{layer}.{path}" for layer in layers] for p, path in LLM_PROJECTIONS.items()},
+            "gen": {p: [f"{layer}.{gen_path(path)}" for layer in layers] for p, path in LLM_PROJECTIONS.items()},
+        }
+        vit_layers = []
+        if model.options.visual_und:
+            vit_layers = [f"vit_model.vision_model.encoder.layers.{i}"
+                          for i in range(len(model.vit_model.vision_model.encoder.layers))]
+        targets["vit"] = {p: [f"{layer}.{path}" for layer in vit_layers] for p, path in VIT_PROJECTIONS.items()}
+        targets["connector"] = {p: [f"connector.{p}"] if model.options.visual_und else [] for p in ("fc1", "fc2")}
+        for name in ("vae2llm", "llm2vae"):
+            targets[name] = {name: [name] if model.options.visual_gen else []}
+        names = {id(module): name for name, module in model.named_modules()}
+        full = {group: [names[id(m)] for m in self.group_modules(model, group)] for group in FREEZE_GROUPS}
+        for name in ("vae2llm", "llm2vae", "time_embedder"):
+            full[name] = [name] if model.options.visual_gen else []
+        return LoRAGroups(targets=targets, full=full)
 
     # -- data / compute --------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bagel_titan.lora import adapter_state_keys
 from bagel_titan_plugins.attention.state_keys import optional_attention_state_keys
 
 from .config import (BagelArchitecture, BagelConfig, VAEArgs, architecture_from_release, bagel_config_from_release,
@@ -182,7 +183,8 @@ def load_weights(model: Bagel, folder: str) -> str:
 def load_from_source(model: Bagel, source: WeightSource, where: str) -> None:
     own = model.state_dict()
     # Tables are recomputed; attention-backend parameters (NSA) are created fresh when absent.
-    optional = set(POSITION_TABLES) | optional_attention_state_keys(model)
+    # LoRA adapters are initialised fresh, never part of a pretrained folder.
+    optional = set(POSITION_TABLES) | optional_attention_state_keys(model) | adapter_state_keys(model)
     _check_keys("model", set(own), set(source.model_files), optional, where)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
@@ -242,7 +244,10 @@ def export(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16,
     """
     tensors: dict[str, torch.Tensor] = {}
     overrides = dict(state_dict or {})
+    adapters = adapter_state_keys(model)  # LoRA: `state_dict` holds the merged weights instead
     for key, value in model.state_dict().items():
+        if key in adapters:
+            continue
         value = overrides.pop(key, value)
         full = _full(value).detach()
         if write:
