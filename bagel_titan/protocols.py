@@ -15,6 +15,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from bagel_titan.config.job_config import JobConfig
+    from bagel_titan.lora import LoRAGroups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +294,12 @@ class ModelSpec(Protocol):
 
     def frozen_modules(self, model: nn.Module, job_config: "JobConfig") -> list[nn.Module]:
         """Modules whose parameters are frozen by the freeze policy of the config."""
+        ...
+
+    def lora_groups(self, model: nn.Module) -> "LoRAGroups":
+        """Optional (needed for `[lora] enable`): the module groups `[lora] targets` and
+        `train_also` name, with the linears / modules behind each (`bagel_titan.lora.LoRAGroups`).
+        Called on the meta-device model, before parallelisation."""
         ...
 
     def flops(self, batch: Batch) -> float:
