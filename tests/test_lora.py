@@ -214,3 +214,14 @@ def test_export_plan_is_per_tensor():
     torch.testing.assert_close(merged, sd[f"{key}.weight"] + scaling * sd[f"{key}.lora_B"] @ sd[f"{key}.lora_A"])
     assert plan.merged(f"{key}.bias", sd[f"{key}.bias"], sd.__getitem__) is sd[f"{key}.bias"]
     assert LoRAExport.of(load_fixture_model(FIXTURE), CONFIG) is None
+
+
+def test_base_dtype_keeps_the_frozen_base_in_bf16_and_the_trainable_in_dtype():
+    model = meta_fixture_model()
+    apply_lora(model, BagelSpec(), LoRA(enable=True, targets=["gen.q_proj"], train_also=["connector"],
+                                        base_dtype="bfloat16"))
+    dtypes = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
+    assert dtypes["language_model.model.layers.0.self_attn.q_proj_moe_gen.weight"] == (torch.bfloat16, False)
+    assert dtypes["language_model.model.layers.0.self_attn.q_proj_moe_gen.lora_A"] == (torch.float32, True)
+    assert dtypes["connector.fc1.weight"] == (torch.float32, True)
+    assert {d for d, trainable in dtypes.values() if not trainable} == {torch.bfloat16}

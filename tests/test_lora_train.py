@@ -93,3 +93,27 @@ def test_two_rank_lora_resume_is_bitwise(tmp_path, example_data):
     assert len(a) == 4 and len(b) == 4
     assert a == b  # bitwise
     assert losses(straight / "run", "grad_norm") == losses(resumed / "run", "grad_norm")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_7b_lora_recipe_applies_on_meta_with_two_ranks(tmp_path):
+    """train_configs/bagel_7b_lora.toml: adapters injected into the 7B model on the meta device,
+    then AC and FSDP2 over 2 gloo ranks; exactly the adapters are trainable (its memory
+    arithmetic counts 80.7M of them)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port, subprocess_env
+
+    config = REPO / "train_configs" / "bagel_7b_lora.toml"
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(REPO / "tests" / "scripts" / "plan_7b.py"), str(out), str(config)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads(out.read_text())
+    adapters = 16 * 180_224 * 28  # rank x (in + out) summed over 7 projections and 2 experts, 28 layers
+    assert report["params_trainable"] == adapters == 80_740_352
+    assert abs(report["params_total"] - 14_607_000_000 - adapters) < 1_000_000
+    assert report["fsdp_units"] == report["units"] and report["root_is_fsdp"] and report["all_meta"]
