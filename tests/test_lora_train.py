@@ -117,3 +117,21 @@ def test_7b_lora_recipe_applies_on_meta_with_two_ranks(tmp_path):
     assert report["params_trainable"] == adapters == 80_740_352
     assert abs(report["params_total"] - 14_607_000_000 - adapters) < 1_000_000
     assert report["fsdp_units"] == report["units"] and report["root_is_fsdp"] and report["all_meta"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_bench_lora_records_both_rows(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    results = tmp_path / "RESULTS.md"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_lora.py"), "--models", "debug", "--steps", "1",
+           "--warmup", "0", "--packing-length", "256", "--rank", "4", "--results", str(results)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = results.read_text()
+    assert "## bench_lora" in text and "| debug |" in text and "skipped" not in text
+    assert "full fine-tune" in text and "LoRA r=4 (und+gen)" in text
