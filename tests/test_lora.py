@@ -75,7 +75,8 @@ def test_targets_resolve_to_linears_and_everything_else_is_frozen():
     assert trainable == {f"{m}.{p}" for m in adapted for p in ("lora_A", "lora_B")} | {"llm2vae.weight", "llm2vae.bias"}
     # The official keys are where they were: only the adapters are new.
     base = load_fixture_model(FIXTURE)
-    assert set(model.state_dict()) - set(base.state_dict()) == {f"{m}.{p}" for m in adapted for p in ("lora_A", "lora_B")}
+    adapters = {f"{m}.{p}" for m in adapted for p in ("lora_A", "lora_B")}
+    assert set(model.state_dict()) - set(base.state_dict()) == adapters
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -40,10 +40,11 @@ class LoRAExport:
         self.targets = list(modules)
         self.scaling = {f"{name}.weight": m.scaling for name, m in modules.items()}
         self.adapter_keys = {f"{name}.{p}" for name in modules for p in ("lora_A", "lora_B")}
-        adapted = {n for n in modules}
+        # Trained in full (`train_also`): every module outside the adapted ones with trainable
+        # parameters of its own.
         self.full_modules = sorted({
             name for name, m in model.named_modules()
-            if name not in adapted and any(p.requires_grad for p in m.parameters(recurse=False))
+            if name not in modules and any(p.requires_grad for p in m.parameters(recurse=False))
         })
         self.full_keys = [
             f"{name}.{p}" for name in self.full_modules
@@ -51,7 +52,8 @@ class LoRAExport:
         ]
 
     @classmethod
-    def of(cls, model: nn.Module, config: LoRAConfig, base_model_name_or_path: str | None = None) -> "LoRAExport | None":
+    def of(cls, model: nn.Module, config: LoRAConfig,
+           base_model_name_or_path: str | None = None) -> "LoRAExport | None":
         """The export plan of `model`, or None when it has no adapters."""
         return cls(model, config, base_model_name_or_path) if lora_modules(model) else None
 

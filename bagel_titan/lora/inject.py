@@ -40,7 +40,7 @@ def _valid_targets(groups: LoRAGroups) -> list[str]:
     for group, projections in groups.targets.items():
         present = [p for p, names in projections.items() if names]
         if present:
-            valid += [group] + [f"{group}.{p}" for p in present]
+            valid += [group] + [f"{group}.{p}" for p in present if p != group]
     return valid
 
 

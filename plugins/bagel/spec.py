@@ -26,16 +26,19 @@ FREEZE_GROUPS = ("llm", "vit", "connector", "und", "gen")
 
 UND_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
-LLM_PROJECTIONS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-                   "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-                   "down_proj": "mlp.down_proj"}
-"""`[lora] targets` projections of an LLM expert -> module path inside a decoder layer (the
-understanding expert's; the generation expert's adds `_moe_gen` to the attention projection or
-the MLP)."""
+EXPERT_PROJECTIONS = {
+    "und": {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+            "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+            "down_proj": "mlp.down_proj"},
+    "gen": {"q_proj": "self_attn.q_proj_moe_gen", "k_proj": "self_attn.k_proj_moe_gen",
+            "v_proj": "self_attn.v_proj_moe_gen", "o_proj": "self_attn.o_proj_moe_gen",
+            "gate_proj": "mlp_moe_gen.gate_proj", "up_proj": "mlp_moe_gen.up_proj", "down_proj": "mlp_moe_gen.down_proj"},
+}
+"""`[lora] targets` of the LLM: expert group -> projection -> module path inside a decoder layer."""
 VIT_PROJECTIONS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
                    "out_proj": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-LORA_FULL_GROUPS = FREEZE_GROUPS + ("vae2llm", "llm2vae", "time_embedder")
-"""`[lora] train_also` names: the freeze groups plus the latent projections and timestep MLP."""
+GEN_MODULES = ("vae2llm", "llm2vae", "time_embedder")
+"""Generation-only modules `[lora] train_also` names one by one, beside the freeze groups."""
 
 
 
@@ -158,12 +161,11 @@ class BagelSpec:
     def lora_groups(self, model: Bagel) -> LoRAGroups:
         """`[lora] targets`: "und" / "gen" (the two LLM experts' q/k/v/o and gate/up/down), "vit"
         (its attention and MLP linears), "connector" (fc1, fc2), "vae2llm", "llm2vae"; groups of a
-        modality that is off hold no module. `train_also`: `LORA_FULL_GROUPS`."""
+        modality that is off hold no module. `train_also`: the freeze groups and `GEN_MODULES`."""
         layers = [f"language_model.model.layers.{i}" for i in range(len(model.language_model.model.layers))]
-        gen_path = lambda path: path.replace("mlp.", "mlp_moe_gen.") if path.startswith("mlp.") else path + "_moe_gen"  # noqa: E731
         targets: dict[str, dict[str, list[str]]] = {
-            "und": {p: [f"{layer}.{path}" for layer in layers] for p, path in LLM_PROJECTIONS.items()},
-            "gen": {p: [f"{layer}.{gen_path(path)}" for layer in layers] for p, path in LLM_PROJECTIONS.items()},
+            group: {p: [f"{layer}.{path}" for layer in layers] for p, path in projections.items()}
+            for group, projections in EXPERT_PROJECTIONS.items()
         }
         vit_layers = []
         if model.options.visual_und:
@@ -175,7 +177,7 @@ class BagelSpec:
             targets[name] = {name: [name] if model.options.visual_gen else []}
         names = {id(module): name for name, module in model.named_modules()}
         full = {group: [names[id(m)] for m in self.group_modules(model, group)] for group in FREEZE_GROUPS}
-        for name in ("vae2llm", "llm2vae", "time_embedder"):
+        for name in GEN_MODULES:
             full[name] = [name] if model.options.visual_gen else []
         return LoRAGroups(targets=targets, full=full)
 
