@@ -15,6 +15,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from bagel_titan.config.job_config import JobConfig
+    from bagel_titan.lora import LoRAGroups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,12 +332,14 @@ class ModelSpec(Protocol):
         ...
 
     def export(self, model: nn.Module, path: str, dtype: torch.dtype, state_dict: Mapping[str, torch.Tensor] | None = None,
-               *, ema: bool = False) -> None:
+               *, ema: bool = False, **options: Any) -> None:
         """Write an inference-ready folder into the existing folder `path`. Collective: every
         rank calls it with the model as it is (maybe sharded), and rank 0 writes. `state_dict`
         overrides the model's own tensors by name, sharded like them (the EMA shadow); `ema`
         says it holds EMA weights, so the files can say which weights they are.
-        `bagel_titan.distributed.tensor_io` gathers one tensor at a time and streams it to disk."""
+        `bagel_titan.distributed.tensor_io` gathers one tensor at a time and streams it to disk.
+        A model with LoRA adapters receives `lora=` a `bagel_titan.lora.LoRAExport`: each
+        adapted weight is written merged (`lora.adapts`, `lora.merged`), adapters are left out."""
         ...
 
     def sharding_units(self, model: nn.Module) -> list[nn.Module]:
@@ -351,6 +354,12 @@ class ModelSpec(Protocol):
 
     def frozen_modules(self, model: nn.Module, job_config: "JobConfig") -> list[nn.Module]:
         """Modules whose parameters are frozen by the freeze policy of the config."""
+        ...
+
+    def lora_groups(self, model: nn.Module) -> "LoRAGroups":
+        """Optional (needed for `[lora] enable`): the module groups `[lora] targets` and
+        `train_also` name, with the linears / modules behind each (`bagel_titan.lora.LoRAGroups`).
+        Called on the meta-device model, before parallelisation."""
         ...
 
     def flops(self, batch: Batch) -> float:

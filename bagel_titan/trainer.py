@@ -39,6 +39,7 @@ from bagel_titan.distributed.utils import (
     sum_over_ranks,
 )
 from bagel_titan.errors import UserError
+from bagel_titan.lora import apply_lora, init_adapters
 from bagel_titan.metrics.device_flops import device_name, peak_flops_per_second
 from bagel_titan.metrics.logger import MetricsLogger
 from bagel_titan.metrics.throughput import ThroughputMeter
@@ -92,6 +93,8 @@ def build_parallel_model(job_config: JobConfig, plugins: Any, mesh) -> tuple[Any
         model = model_spec.build(job_config, plugins)
     for module in model_spec.frozen_modules(model, job_config):
         module.requires_grad_(False)
+    if job_config.lora.enable:  # before FSDP, so it shards the adapters with their frozen base
+        apply_lora(model, model_spec, job_config.lora)
     separate = model_spec.separate_shards(model) if hasattr(model_spec, "separate_shards") else []
     parallelize(model, model_spec.sharding_units(model), job_config, mesh, separate_modules=separate)
     return model_spec, model
@@ -135,6 +138,8 @@ class Trainer:
             except SafetensorError as exc:  # a truncated or damaged weights file
                 raise UserError(f"[model] pretrained_path {cfg.model.pretrained_path!r}: a safetensors file does "
                                 f"not read ({exc}); download it again") from None
+        if cfg.lora.enable:
+            init_adapters(self.model, cfg.training.seed)
         self.model.train()
 
         # -- optimisation --
@@ -491,7 +496,8 @@ class Trainer:
     def export(self, path: str) -> None:
         """Inference weights in the model spec's layout (the EMA's, when kept)."""
         dtype = DTYPES[self.job_config.checkpoint.export_dtype]
-        export_weights(self.model_spec, self.model, path, dtype, ema=self.ema)
+        export_weights(self.model_spec, self.model, path, dtype, ema=self.ema, lora=self.job_config.lora,
+                       base_model_name_or_path=self.job_config.model.pretrained_path or None)
         if self.rank == 0:
             logger.info(f"exported weights to {path}")
 

@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bagel_titan.config.job_config import LoRA
+from bagel_titan.distributed.tensor_io import gather_full
+from bagel_titan.lora import LoRAExport
 from bagel_titan.optim.ema import EMA
 
 
@@ -33,13 +36,16 @@ def export_weights(
     path: str,
     dtype: torch.dtype = torch.bfloat16,
     ema: EMA | None = None,
+    lora: LoRA | None = None,
+    base_model_name_or_path: str | None = None,
 ) -> None:
     """`model_spec.export(model, tmp, dtype, state_dict=..., ema=...)`, then rename. Collective.
 
     With an EMA its (sharded) shadow replaces the trainable parameters and the spec names the
     file for EMA weights; without one the raw weights are written under the raw-weights name.
-    Nothing is gathered here: the spec gathers each tensor as it writes it. An existing `path`
-    is replaced.
+    Nothing is gathered here: the spec gathers each tensor as it writes it. A model with LoRA
+    adapters is exported merged (base + alpha/rank * B A under the official keys), with the
+    adapters alone in peft's format under `path/adapter/`. An existing `path` is replaced.
     """
     _release_free_host_memory()
     distributed = dist.is_initialized()
@@ -52,8 +58,13 @@ def export_weights(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         os.chmod(tmp, 0o755)
-    model_spec.export(model, tmp, dtype, state_dict=ema.state_dict() if ema is not None else None,
-                      ema=ema is not None)
+    ema_state = ema.state_dict() if ema is not None else None
+    lora_export = LoRAExport.of(model, lora, base_model_name_or_path) if lora is not None else None
+    extra = {"lora": lora_export} if lora_export is not None else {}
+    model_spec.export(model, tmp, dtype, state_dict=ema_state, ema=ema is not None, **extra)
+    if lora_export is not None:
+        tensors = {**model.state_dict(), **(ema_state or {})}
+        lora_export.write_adapter(os.path.join(tmp, "adapter"), lambda key: gather_full(tensors[key]), write=rank0)
     if rank0:
         if os.path.exists(path):
             shutil.rmtree(old, ignore_errors=True)

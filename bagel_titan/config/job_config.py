@@ -332,6 +332,43 @@ class EMA:
 
 
 @dataclass
+class LoRA:
+    enable: bool = False
+    """Fine-tune low-rank adapters (LoRA) instead of the whole model: every parameter is frozen
+    except the adapters and the `train_also` groups. The export holds the merged weights in the
+    model's own layout plus `adapter/` in peft's format."""
+    rank: int = 16
+    """Rank r of each adapter (A: r x in, B: out x r)."""
+    alpha: float = 32.0
+    """Scale numerator: the update is alpha / rank * B A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training (0: none; > 0 draws from the global RNG,
+    so a resumed run is no longer bitwise identical to a straight one)."""
+    targets: list[str] = field(default_factory=lambda: ["und", "gen"])
+    """Linear layers to adapt: a module group of the model spec (every projection of it) or
+    "group.projection", e.g. "und.q_proj"; an unknown name lists the valid ones (BAGEL: und, gen
+    with q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; vit; connector; vae2llm; llm2vae)."""
+    train_also: list[str] = field(default_factory=list)
+    """Module groups trained in full beside the adapters (BAGEL: connector, vit, vae2llm, llm2vae,
+    time_embedder, und, gen, llm); exported inside `adapter/` as peft's `modules_to_save`."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the trainable parameters (adapters, `train_also`) and so of their optimizer state."""
+    base_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype the frozen base weights are kept in; "bfloat16" halves their memory (needs
+    [training] dtype = "bfloat16")."""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.enable and not self.targets:
+            raise ValueError("targets is empty: name at least one module group to adapt, e.g. [\"und\"]")
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -348,6 +385,7 @@ class JobConfig:
     attention: Attention = field(default_factory=Attention)
     loss: Loss = field(default_factory=Loss)
     ema: EMA = field(default_factory=EMA)
+    lora: LoRA = field(default_factory=LoRA)
     plugin_sections: dict[str, Any] = field(default_factory=dict)
     """Sections contributed by plugins, by dotted name (not a TOML key itself)."""
 
@@ -385,4 +423,5 @@ CORE_SECTIONS: dict[str, type] = {
     "attention": Attention,
     "loss": Loss,
     "ema": EMA,
+    "lora": LoRA,
 }

@@ -169,6 +169,14 @@ def validate(cfg: JobConfig) -> None:
             f"loss.weights names {unknown}, which are not in loss.components {cfg.loss.components}; "
             f"add them to components or remove their weights"
         )
+    lora = cfg.lora
+    # bf16 frozen weights or adapters compute only in a bf16 job (FSDP's mixed precision casts
+    # every parameter and input to it); an fp32 job would mix dtypes in one matmul.
+    if lora.enable and "bfloat16" in (lora.base_dtype, lora.dtype) and cfg.training.dtype != "bfloat16":
+        raise ConfigError(
+            '[lora] base_dtype or dtype = "bfloat16" needs [training] dtype = "bfloat16"; set it, or keep '
+            'the [lora] dtypes at "float32"'
+        )
 
 
 def check_run_environment(cfg: JobConfig, plugins: Any) -> None:

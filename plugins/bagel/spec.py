@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from bagel_titan.errors import UserError
+from bagel_titan.lora import LoRAExport, LoRAGroups
 from bagel_titan.protocols import AttentionLayerSpec, GeneratedSamples, ModelOutputs
 
 from . import weights
@@ -25,6 +26,20 @@ FREEZE_GROUPS = ("llm", "vit", "connector", "und", "gen")
 (+ embeddings, lm_head, final norm), the generation experts (+ latent projections, timestep MLP)."""
 
 UND_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+EXPERT_PROJECTIONS = {
+    "und": {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+            "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+            "down_proj": "mlp.down_proj"},
+    "gen": {"q_proj": "self_attn.q_proj_moe_gen", "k_proj": "self_attn.k_proj_moe_gen",
+            "v_proj": "self_attn.v_proj_moe_gen", "o_proj": "self_attn.o_proj_moe_gen",
+            "gate_proj": "mlp_moe_gen.gate_proj", "up_proj": "mlp_moe_gen.up_proj", "down_proj": "mlp_moe_gen.down_proj"},
+}
+"""`[lora] targets` of the LLM: expert group -> projection -> module path inside a decoder layer."""
+VIT_PROJECTIONS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                   "out_proj": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+GEN_MODULES = ("vae2llm", "llm2vae", "time_embedder")
+"""Generation-only modules `[lora] train_also` names one by one, beside the freeze groups."""
 
 
 
@@ -113,9 +128,10 @@ class BagelSpec:
         weights.load_weights(model, path)
 
     def export(self, model: Bagel, path: str, dtype: torch.dtype,
-               state_dict: Mapping[str, torch.Tensor] | None = None, *, ema: bool = False) -> None:
+               state_dict: Mapping[str, torch.Tensor] | None = None, *, ema: bool = False,
+               lora: LoRAExport | None = None) -> None:
         write = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        weights.export(model, path, dtype, state_dict, ema=ema, write=write)
+        weights.export(model, path, dtype, state_dict, ema=ema, write=write, lora=lora)
 
     def activation_memory(self, model: Bagel, job_config, tokens: int, compute_bytes: int,
                           activation_checkpointing: bool):
@@ -176,6 +192,29 @@ class BagelSpec:
                 mods += [model.time_embedder, model.vae2llm, model.llm2vae]
             return mods
         raise ValueError(f"unknown freeze group {group!r}; known: {list(FREEZE_GROUPS)}")
+
+    def lora_groups(self, model: Bagel) -> LoRAGroups:
+        """`[lora] targets`: "und" / "gen" (the two LLM experts' q/k/v/o and gate/up/down), "vit"
+        (its attention and MLP linears), "connector" (fc1, fc2), "vae2llm", "llm2vae"; groups of a
+        modality that is off hold no module. `train_also`: the freeze groups and `GEN_MODULES`."""
+        layers = [f"language_model.model.layers.{i}" for i in range(len(model.language_model.model.layers))]
+        targets: dict[str, dict[str, list[str]]] = {
+            group: {p: [f"{layer}.{path}" for layer in layers] for p, path in projections.items()}
+            for group, projections in EXPERT_PROJECTIONS.items()
+        }
+        vit_layers = []
+        if model.options.visual_und:
+            vit_layers = [f"vit_model.vision_model.encoder.layers.{i}"
+                          for i in range(len(model.vit_model.vision_model.encoder.layers))]
+        targets["vit"] = {p: [f"{layer}.{path}" for layer in vit_layers] for p, path in VIT_PROJECTIONS.items()}
+        targets["connector"] = {p: [f"connector.{p}"] if model.options.visual_und else [] for p in ("fc1", "fc2")}
+        for name in ("vae2llm", "llm2vae"):
+            targets[name] = {name: [name] if model.options.visual_gen else []}
+        names = {id(module): name for name, module in model.named_modules()}
+        full = {group: [names[id(m)] for m in self.group_modules(model, group)] for group in FREEZE_GROUPS}
+        for name in GEN_MODULES:
+            full[name] = [name] if model.options.visual_gen else []
+        return LoRAGroups(targets=targets, full=full)
 
     # -- data / compute --------------------------------------------------------------------------
 

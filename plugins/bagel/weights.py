@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from bagel_titan.distributed.tensor_io import (Region, SafetensorsStreamWriter, assign_region, gather_full,
                                                local_region)
+from bagel_titan.lora import LoRAExport, adapter_state_keys
 from bagel_titan_plugins.attention.state_keys import optional_attention_state_keys
 
 from .config import (BagelArchitecture, BagelConfig, VAEArgs, architecture_from_release, bagel_config_from_release,
@@ -265,8 +266,9 @@ def load_from_source(model: Bagel, source: WeightSource, where: str) -> None:
 def load_model_tensors(model: Bagel, source: WeightSource, where: str) -> None:
     """The model's (non-VAE) tensors of `source`, each rank reading only its shard's rows."""
     own = model.state_dict(keep_vars=True)
-    # Tables are recomputed; attention-backend parameters (NSA) are created fresh when absent.
-    optional = set(POSITION_TABLES) | optional_attention_state_keys(model) | source.fresh
+    # Tables are recomputed; attention-backend parameters (NSA) are created fresh when absent;
+    # LoRA adapters are initialised fresh, never part of a pretrained folder.
+    optional = set(POSITION_TABLES) | optional_attention_state_keys(model) | adapter_state_keys(model) | source.fresh
     _check_keys("model", set(own), set(source.model), optional, where)
     refs = dict(source.model)
     with _Reader() as reader:
@@ -303,8 +305,9 @@ WEIGHT_FILES = {True: "ema.safetensors", False: "model.safetensors"}
 
 
 def export_entries(model: Bagel, state_dict: Mapping[str, torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]]:
-    """(official name, local tensor or DTensor) for every tensor an export writes, in file
-    order; `state_dict` replaces the model's tensors by name (e.g. the sharded EMA shadow)."""
+    """(state-dict name, local tensor or DTensor) for every tensor of the model, in file order,
+    LoRA adapters included; `state_dict` replaces the model's tensors by name (e.g. the sharded
+    EMA shadow)."""
     overrides = dict(state_dict or {})
     entries = [(key, overrides.pop(key, value)) for key, value in model.state_dict().items()]
     if overrides:
@@ -312,20 +315,28 @@ def export_entries(model: Bagel, state_dict: Mapping[str, torch.Tensor] | None =
     return entries
 
 
-def _write_streamed(path: str, entries: list[tuple[str, torch.Tensor]], dtype: torch.dtype, write: bool) -> None:
-    """Gather, cast and write one tensor at a time (collective for sharded entries)."""
-    layout = {name: (dtype, tuple(t.shape)) for name, t in entries}
+def _write_streamed(path: str, entries: list[tuple[str, torch.Tensor]], dtype: torch.dtype, write: bool,
+                    lora: LoRAExport | None = None, skip: set[str] = frozenset()) -> None:
+    """Gather, cast and write one tensor at a time (collective for sharded entries), leaving out
+    `skip`. With `lora`, an adapted weight is gathered in fp32 with its A and B, merged, then cast."""
+    by_name = dict(entries)
+    written = [(name, tensor) for name, tensor in entries if name not in skip]
+    layout = {name: (dtype, tuple(t.shape)) for name, t in written}
     with SafetensorsStreamWriter(path, layout) if write else contextlib.nullcontext() as writer:
-        for name, tensor in entries:
-            full = gather_full(tensor, dtype)
-            # A per-tensor transform (e.g. a LoRA merge of this name's base) plugs in here, on `full`.
+        for name, tensor in written:
+            if lora is not None and lora.adapts(name):
+                full_of = lambda key: gather_full(by_name[key], torch.float32)  # noqa: E731
+                full = lora.merged(name, gather_full(tensor, torch.float32), full_of).to(dtype)
+            else:
+                full = gather_full(tensor, dtype)
             if writer is not None:
                 writer.write(name, full)
             del full
 
 
 def export(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16,
-           state_dict: Mapping[str, torch.Tensor] | None = None, *, ema: bool = False, write: bool = True) -> None:
+           state_dict: Mapping[str, torch.Tensor] | None = None, *, ema: bool = False, write: bool = True,
+           lora: LoRAExport | None = None) -> None:
     """Write an official-layout folder the release code loads unchanged.
 
     `ema.safetensors` (EMA weights, `ema=True`) or `model.safetensors` (the raw weights) in
@@ -334,12 +345,13 @@ def export(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16,
     files of `model.tokenizer_path`. `state_dict` overrides the model's tensors by name and may be
     sharded like them. Collective under FSDP: every rank calls it; tensors are gathered ONE at a
     time, cast before the gather, and only ranks with `write=True` touch the disk, so the
-    writer's host holds one full tensor beyond its own shard, never the model.
+    writer's host holds one full tensor beyond its own shard, never the model. LoRA adapters are
+    never written under official keys: with `lora` each adapted weight is written merged.
     """
     entries = export_entries(model, state_dict)
     if write:
         os.makedirs(folder, exist_ok=True)
-    _write_streamed(os.path.join(folder, WEIGHT_FILES[ema]), entries, dtype, write)
+    _write_streamed(os.path.join(folder, WEIGHT_FILES[ema]), entries, dtype, write, lora, adapter_state_keys(model))
     if not write:
         return
     if model.vae is not None:

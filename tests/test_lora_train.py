@@ -1,0 +1,137 @@
+"""LoRA end to end: the debug config with `--lora.enable true --lora.rank 8` trains, starts at the
+base model's loss, exports merged weights that load strictly into a fresh model plus peft-format
+adapters; a 2-rank FSDP2 LoRA run with AC, EMA and gradient accumulation resumes bitwise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bagel_titan_plugins.data.example_data import ensure_example_data
+from conftest import run_bagel_titan
+from test_e2e_debug import debug_args, losses
+
+LORA = ["--lora.enable", "true", "--lora.rank", "8"]
+
+
+@pytest.fixture(scope="module")
+def example_data(tmp_path_factory) -> dict[str, str]:
+    return ensure_example_data(str(tmp_path_factory.mktemp("example") / "data"))
+
+
+def checkpoint_model_state(step_folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a DCP checkpoint, read without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(step_folder), str(tmp_path / "ckpt.pt"))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    return state["model"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_debug_lora_run_trains_from_the_base_loss_and_exports_merged(tmp_path, example_data):
+    common = ["--lr_scheduler.warmup_steps", "2", "--ema.decay", "0.5"]
+    full, lora = tmp_path / "full", tmp_path / "lora"
+    run_bagel_titan(debug_args(full, example_data, 1, *common, "--checkpoint.enable", "false",
+                               "--checkpoint.export_at_end", "false"))
+    # The random base's llm2vae is zero, which blocks every gradient to the generation experts:
+    # trained in full beside the adapters, it opens that path (and covers peft's modules_to_save).
+    run_bagel_titan(debug_args(lora, example_data, 30, *common, *LORA, "--checkpoint.interval", "30",
+                               "--lora.train_also", '["llm2vae"]'))
+    run = lora / "run"
+    # Step 1's loss is measured before any update: with B = 0 it is the base model's, bitwise.
+    assert losses(run, "loss")[0] == losses(full / "run", "loss")[0]
+    loss = losses(run, "loss")
+    # Rank-8 adapters on a random 1M-parameter base: about 8% down in 30 steps (the full
+    # fine-tune does more; tests/test_e2e_debug.py).
+    assert sum(loss[-5:]) / 5 < 0.95 * sum(loss[:5]) / 5, loss
+
+    export = run / "exports" / "final"
+    from bagel_titan_plugins.bagel.spec import build_bagel_for_tests
+    from bagel_titan_plugins.bagel.weights import load_weights
+
+    fresh = build_bagel_for_tests("debug")
+    assert load_weights(fresh, str(export)) == "official"  # strict: exactly the official keys
+    merged = load_file(str(export / "ema.safetensors"))
+    assert set(merged) == set(fresh.state_dict())
+    config = json.loads((export / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 32.0
+    assert len(config["target_modules"]) == 14 * len(fresh.language_model.model.layers)  # und + gen, 7 projections
+    adapters = load_file(str(export / "adapter" / "adapter_model.safetensors"))
+    # Merged = frozen base (from the checkpoint) + alpha/r * B A of the exported (EMA) adapters.
+    base = checkpoint_model_state(run / "checkpoint" / "step-30", tmp_path)
+    for module in config["target_modules"][:3] + config["target_modules"][-3:]:
+        a = adapters[f"base_model.model.{module}.lora_A.weight"]
+        b = adapters[f"base_model.model.{module}.lora_B.weight"]
+        assert b.abs().max() > 0, module  # trained
+        want = (base[f"{module}.weight"] + 4.0 * b @ a).bfloat16()
+        torch.testing.assert_close(merged[f"{module}.weight"], want, rtol=0, atol=0)
+    torch.testing.assert_close(merged["llm2vae.weight"], adapters["base_model.model.llm2vae.weight"].bfloat16(),
+                               rtol=0, atol=0)
+    assert adapters["base_model.model.llm2vae.weight"].abs().max() > 0
+    assert config["modules_to_save"] == ["llm2vae"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_rank_lora_resume_is_bitwise(tmp_path, example_data):
+    """4 steps straight == 2 steps, stop, resume, 2 more: FSDP2 on 2 gloo ranks, full activation
+    checkpointing, EMA, gradient accumulation, adapters plus a module trained in full."""
+    common = [*LORA, "--lora.train_also", '["connector"]', "--training.deterministic", "true",
+              "--training.grad_accum_steps", "2", "--activation_checkpoint.mode", "full",
+              "--checkpoint.interval", "2", "--checkpoint.export_at_end", "false", "--data.num_workers", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_bagel_titan(debug_args(straight, example_data, 4, *common), nproc=2)
+    run_bagel_titan(debug_args(resumed, example_data, 2, *common), nproc=2)
+    run_bagel_titan(debug_args(resumed, example_data, 4, *common), nproc=2)
+    a, b = losses(straight / "run", "loss"), losses(resumed / "run", "loss")
+    assert len(a) == 4 and len(b) == 4
+    assert a == b  # bitwise
+    assert losses(straight / "run", "grad_norm") == losses(resumed / "run", "grad_norm")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_7b_lora_recipe_applies_on_meta_with_two_ranks(tmp_path):
+    """train_configs/bagel_7b_lora.toml: adapters injected into the 7B model on the meta device,
+    then AC and FSDP2 over 2 gloo ranks; exactly the adapters are trainable (its memory
+    arithmetic counts 80.7M of them)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port, subprocess_env
+
+    config = REPO / "train_configs" / "bagel_7b_lora.toml"
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(REPO / "tests" / "scripts" / "plan_7b.py"), str(out), str(config)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads(out.read_text())
+    adapters = 16 * 180_224 * 28  # rank x (in + out) summed over 7 projections and 2 experts, 28 layers
+    assert report["params_trainable"] == adapters == 80_740_352
+    assert abs(report["params_total"] - 14_607_000_000 - adapters) < 1_000_000
+    assert report["fsdp_units"] == report["units"] and report["root_is_fsdp"] and report["all_meta"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_bench_lora_records_both_rows(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    results = tmp_path / "RESULTS.md"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_lora.py"), "--models", "debug", "--steps", "1",
+           "--warmup", "0", "--packing-length", "256", "--rank", "4", "--results", str(results)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = results.read_text()
+    assert "## bench_lora" in text and "| debug |" in text and "skipped" not in text
+    assert "full fine-tune" in text and "LoRA r=4 (und+gen)" in text
