@@ -18,6 +18,24 @@ from test_e2e_debug import debug_args, losses
 LORA = ["--lora.enable", "true", "--lora.rank", "8"]
 
 
+def assert_export_is_merged(export: Path, step_folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Merged = frozen base (from the checkpoint) + alpha/r * B A of the exported (EMA) adapters,
+    exactly in bf16, for the first and last adapted projections; returns the adapter file."""
+    merged = load_file(str(export / "ema.safetensors"))
+    config = json.loads((export / "adapter" / "adapter_config.json").read_text())
+    adapters = load_file(str(export / "adapter" / "adapter_model.safetensors"))
+    base = checkpoint_model_state(step_folder, tmp_path)
+    checked = config["target_modules"][:3] + config["target_modules"][-3:]
+    assert len(checked) == 6
+    for module in checked:
+        a = adapters[f"base_model.model.{module}.lora_A.weight"]
+        b = adapters[f"base_model.model.{module}.lora_B.weight"]
+        assert b.abs().max() > 0, module  # trained
+        want = (base[f"{module}.weight"] + 4.0 * b @ a).bfloat16()
+        torch.testing.assert_close(merged[f"{module}.weight"], want, rtol=0, atol=0)
+    return adapters
+
+
 @pytest.fixture(scope="module")
 def example_data(tmp_path_factory) -> dict[str, str]:
     return ensure_example_data(str(tmp_path_factory.mktemp("example") / "data"))
@@ -62,15 +80,7 @@ def test_debug_lora_run_trains_from_the_base_loss_and_exports_merged(tmp_path, e
     config = json.loads((export / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 32.0
     assert len(config["target_modules"]) == 14 * len(fresh.language_model.model.layers)  # und + gen, 7 projections
-    adapters = load_file(str(export / "adapter" / "adapter_model.safetensors"))
-    # Merged = frozen base (from the checkpoint) + alpha/r * B A of the exported (EMA) adapters.
-    base = checkpoint_model_state(run / "checkpoint" / "step-30", tmp_path)
-    for module in config["target_modules"][:3] + config["target_modules"][-3:]:
-        a = adapters[f"base_model.model.{module}.lora_A.weight"]
-        b = adapters[f"base_model.model.{module}.lora_B.weight"]
-        assert b.abs().max() > 0, module  # trained
-        want = (base[f"{module}.weight"] + 4.0 * b @ a).bfloat16()
-        torch.testing.assert_close(merged[f"{module}.weight"], want, rtol=0, atol=0)
+    adapters = assert_export_is_merged(export, run / "checkpoint" / "step-30", tmp_path)
     torch.testing.assert_close(merged["llm2vae.weight"], adapters["base_model.model.llm2vae.weight"].bfloat16(),
                                rtol=0, atol=0)
     assert adapters["base_model.model.llm2vae.weight"].abs().max() > 0
@@ -86,13 +96,15 @@ def test_two_rank_lora_resume_is_bitwise(tmp_path, example_data):
               "--training.grad_accum_steps", "2", "--activation_checkpoint.mode", "full",
               "--checkpoint.interval", "2", "--checkpoint.export_at_end", "false", "--data.num_workers", "1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_bagel_titan(debug_args(straight, example_data, 4, *common), nproc=2)
+    run_bagel_titan(debug_args(straight, example_data, 4, *common, "--checkpoint.export_at_end", "true"), nproc=2)
     run_bagel_titan(debug_args(resumed, example_data, 2, *common), nproc=2)
     run_bagel_titan(debug_args(resumed, example_data, 4, *common), nproc=2)
     a, b = losses(straight / "run", "loss"), losses(resumed / "run", "loss")
     assert len(a) == 4 and len(b) == 4
     assert a == b  # bitwise
     assert losses(straight / "run", "grad_norm") == losses(resumed / "run", "grad_norm")
+    # The streaming export gathers each sharded base weight with its A and B and merges it.
+    assert_export_is_merged(straight / "run" / "exports" / "final", straight / "run" / "checkpoint" / "step-4", tmp_path)
 
 
 @pytest.mark.dist
