@@ -18,19 +18,22 @@ from test_e2e_debug import debug_args, losses
 LORA = ["--lora.enable", "true", "--lora.rank", "8"]
 
 
-def assert_export_is_merged(export: Path, step_folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+def assert_export_is_merged(export: Path, step_folder: Path, tmp_path: Path,
+                            gen_trained: bool = True) -> dict[str, torch.Tensor]:
     """Merged = frozen base (from the checkpoint) + alpha/r * B A of the exported (EMA) adapters,
-    exactly in bf16, for the first and last adapted projections; returns the adapter file."""
+    exactly in bf16, for the first (und) and last (gen) adapted projections; returns the adapter
+    file. The gen adapters train only when a gradient reaches them (see `gen_trained`)."""
     merged = load_file(str(export / "ema.safetensors"))
     config = json.loads((export / "adapter" / "adapter_config.json").read_text())
     adapters = load_file(str(export / "adapter" / "adapter_model.safetensors"))
     base = checkpoint_model_state(step_folder, tmp_path)
     checked = config["target_modules"][:3] + config["target_modules"][-3:]
     assert len(checked) == 6
-    for module in checked:
+    for i, module in enumerate(checked):
         a = adapters[f"base_model.model.{module}.lora_A.weight"]
         b = adapters[f"base_model.model.{module}.lora_B.weight"]
-        assert b.abs().max() > 0, module  # trained
+        if i < 3 or gen_trained:
+            assert b.abs().max() > 0, module  # trained
         want = (base[f"{module}.weight"] + 4.0 * b @ a).bfloat16()
         torch.testing.assert_close(merged[f"{module}.weight"], want, rtol=0, atol=0)
     return adapters
@@ -104,7 +107,9 @@ def test_two_rank_lora_resume_is_bitwise(tmp_path, example_data):
     assert a == b  # bitwise
     assert losses(straight / "run", "grad_norm") == losses(resumed / "run", "grad_norm")
     # The streaming export gathers each sharded base weight with its A and B and merges it.
-    assert_export_is_merged(straight / "run" / "exports" / "final", straight / "run" / "checkpoint" / "step-4", tmp_path)
+    # (The random debug base's llm2vae is zero and not trained here: no gradient reaches the gen adapters.)
+    assert_export_is_merged(straight / "run" / "exports" / "final", straight / "run" / "checkpoint" / "step-4",
+                            tmp_path, gen_trained=False)
 
 
 @pytest.mark.dist
