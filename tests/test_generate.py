@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bagel_titan_plugins.bagel.generate import load_sampler, main, run_config_of
+from bagel_titan_plugins.bagel.modeling import flow_timesteps, patchify_latents
+from bagel_titan_plugins.bagel.processor import BagelSample, TextSegment, VaeSegment
 from bagel_titan_plugins.data.example_data import ensure_example_data
 from conftest import REPO, run_bagel_titan, subprocess_env
 
@@ -57,12 +60,41 @@ def test_prompt_question_and_edit_from_the_debug_export(debug_export, tmp_path, 
 
 
 @pytest.mark.dist
-def test_same_seed_same_image_and_the_validation_sampler(debug_export):
+def test_same_seed_same_image(debug_export):
     sampler = load_sampler(str(debug_export), device="cpu", config_file=run_config_of(str(debug_export)),
                            num_steps=2, image_size=[16, 16])
     assert sampler.config.cfg_scale == 4.0  # the debug config's [bagel.sampling]
     first = sampler.generate_image("a small green triangle on a black background", 7)
     assert np.array_equal(first, sampler.generate_image("a small green triangle on a black background", 7))
+    red = Image.new("RGB", (32, 32), (220, 40, 40))
+    assert np.array_equal(sampler.edit_image(red, "make it green", 3), sampler.edit_image(red, "make it green", 3))
+
+
+@pytest.mark.dist
+def test_edit_velocity_is_the_training_forward_of_an_editing_sample(debug_export):
+    """The sampler's forward of an edit (source latents given at t = 0 before the target) equals
+    the training forward of the same editing sample at the same x_t."""
+    sampler = load_sampler(str(debug_export), device="cpu", config_file=run_config_of(str(debug_export)))
+    model, processor = sampler.model, sampler.processor
+    image = Image.new("RGB", (32, 32), (40, 80, 220))
+    source = processor.vae_segment(image, noised=False)
+    target = VaeSegment(torch.zeros(3, 32, 32), processor.vae_stride, noised=True)
+    sample = BagelSample([source, processor.vit_segment(image), TextSegment(processor.encode("make it red"), loss=False),
+                          target])
+    batch = sampler.collator([sample])
+    clean = model.vae.encode(source.image[None], eps=torch.zeros(()))
+    batch.padded_latent = torch.cat([clean, clean])  # the target's x0 is irrelevant: x_t is given below
+    n = source.grid[0] * source.grid[1]
+    gen = torch.Generator().manual_seed(0)
+    batch.noise = torch.randn(2 * n, model.patch_latent_dim, generator=gen)
+    batch.packed_timesteps = torch.cat([torch.full((n,), float("-inf")), torch.full((n,), 0.4)])
+    with torch.no_grad():
+        trained = model(batch)
+        t = float(flow_timesteps(torch.tensor(0.4), model.options.timestep_shift))
+        x0 = patchify_latents(batch.padded_latent, [source.grid, target.grid], 2)
+        x_t = (1 - t) * x0[n:] + t * batch.noise[n:]
+        sampled = sampler._velocity(batch, x_t, t, [sampler._clean_latents([source])])
+    torch.testing.assert_close(sampled, trained.pred_velocity, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.dist

@@ -158,6 +158,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # its notice about the export's config.json is noise here
     try:
         run(args, overrides)
     except UserError as exc:

@@ -28,6 +28,7 @@ from bagel_titan.protocols import GeneratedSamples
 from bagel_titan_plugins.data.bad_samples import BadSampleError
 from bagel_titan_plugins.data.images import load_rgb
 
+from .batch import BagelPackedBatch
 from .collator import BagelCollator
 from .modeling import patchify_latents
 from .processor import BagelProcessor, BagelSample, TextSegment, VaeSegment
@@ -137,6 +138,21 @@ class BagelSampler:
     def __post_init__(self) -> None:
         self.device = model_device(self.model)
 
+    def _velocity(self, batch: BagelPackedBatch, x_NP: torch.Tensor, t: float,
+                  cleans: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The predicted velocity [N, P] at the noised tokens x_NP (the samples' targets in pack
+        order, equal sizes) at time t. The model takes every VAE token's input when given x_t:
+        `cleans` holds each sample's clean condition latents (editing), put before its target at
+        t = 0."""
+        if not cleans:
+            t_N = torch.full((x_NP.shape[0],), t, dtype=torch.float32, device=x_NP.device)
+            return self.model(batch, noised=(x_NP, t_N)).pred_velocity.float()
+        xs, ts = [], []
+        for clean_NP, target_NP in zip(cleans, x_NP.chunk(len(cleans))):
+            xs += [clean_NP, target_NP]
+            ts += [torch.zeros(len(clean_NP), device=x_NP.device), torch.full((len(target_NP),), t, device=x_NP.device)]
+        return self.model(batch, noised=(torch.cat(xs), torch.cat(ts))).pred_velocity.float()
+
     def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """Latent patches (rows, cols) of an image of `size` (H, W), checked against the model."""
         height, width = size
@@ -180,21 +196,13 @@ class BagelSampler:
         cond_sample, uncond_sample = BagelSample([*conditional, target]), BagelSample([*unconditional, target])
         cond_batch = self.collator([cond_sample]).to(self.device)
         pair_batch = self.collator([cond_sample, uncond_sample]).to(self.device)
-        # The model takes every VAE token's input when given x_t: clean conditions (editing) as
-        # their latents at t = 0, in pack order before the target of their sample.
         cond_clean_NP, uncond_clean_NP = self._clean_latents(conditional), self._clean_latents(unconditional)
-
-        def model_inputs(cleans: list[torch.Tensor], x_NP: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-            xs = [part for clean in cleans for part in (clean, x_NP)]
-            ts = [torch.full((len(part),), value, dtype=torch.float32, device=x_NP.device)
-                  for clean in cleans for part, value in ((clean, 0.0), (x_NP, t))]
-            return torch.cat(xs), torch.cat(ts)
 
         def velocity(x_NP: torch.Tensor, t: float) -> torch.Tensor:
             if not guidance_active(t, cfg.cfg_scale, cfg.cfg_interval):
-                return self.model(cond_batch, noised=model_inputs([cond_clean_NP], x_NP, t)).pred_velocity.float()
-            inputs = model_inputs([cond_clean_NP, uncond_clean_NP], x_NP, t)
-            v_cond_NP, v_uncond_NP = self.model(pair_batch, noised=inputs).pred_velocity.float().chunk(2)
+                return self._velocity(cond_batch, x_NP, t, [cond_clean_NP])
+            v_cond_NP, v_uncond_NP = self._velocity(pair_batch, torch.cat([x_NP, x_NP]), t,
+                                                    [cond_clean_NP, uncond_clean_NP]).chunk(2)
             return guided_velocity(v_cond_NP, v_uncond_NP, cfg.cfg_scale, cfg.cfg_renorm, cfg.cfg_renorm_min)
 
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
