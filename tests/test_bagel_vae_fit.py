@@ -22,7 +22,7 @@ from bagel_titan_plugins.data.example_data import (DEFAULT_IMAGE_SIZE, QUESTION_
                                                    random_scene, render)
 
 # A shortened fit (the command's default, 400 steps of 8 images, costs about 100 s of CPU and
-# reaches about 24 dB) keeps this file near its time budget: about 50 s of CPU, 18.3 dB here.
+# reaches about 24 dB) keeps this file near its time budget: about 50 s of CPU.
 FIT = VAEFitConfig(steps=300, batch_size=6, half_res_fraction=0.8)
 # Why 15 dB: the random VAE scores about 8 dB on these scenes and fits that have not learned the
 # colours yet (150 steps, or the 32-channel decoder trained at full size only) 10-12 dB; from
