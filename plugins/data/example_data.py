@@ -221,7 +221,7 @@ DEFAULT_IMAGE_SIZE = (32, 32)
 
 
 def write_example_data(out_dir: str, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
-                       image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, row_group_size: int = 256,
+                       image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, row_group_size: int = 64,
                        vae_fit: "VAEFitConfig | None" = None) -> dict[str, str]:
     """Write the dataset, tokenizer and question images into `out_dir`, and with `vae_fit` the
     fitted debug VAE (tens of seconds of CPU, hence opt-in here); returns their paths."""
