@@ -10,6 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= train_configs/debug_model.toml
+# The run folder of CONFIG (<job.dump_folder>/<job.run_name>), where `train` draws loss.png.
+RUN ?= outputs/debug
 ARGS ?=
 
 .PHONY: setup train test test-fast lint clean
@@ -20,18 +22,19 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,plot]"
 	touch $(STAMP)
 
 # The example data, its tokenizer, question images and a small VAE fitted to its images (about a
-# minute of CPU, once).
+# minute of CPU, once; again when its generator changes).
 EXAMPLE_DATA := data/example/ae.safetensors
 
-$(EXAMPLE_DATA): $(STAMP)
+$(EXAMPLE_DATA): $(STAMP) plugins/data/example_data.py plugins/bagel/vae_fit.py
 	$(VENV)/bin/bagel-titan-example-data data/example --vae
 
 train: $(STAMP) $(EXAMPLE_DATA)
 	$(VENV)/bin/bagel-titan --job.config_file $(CONFIG) $(ARGS)
+	$(VENV)/bin/bagel-titan-plot $(RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q $(ARGS)

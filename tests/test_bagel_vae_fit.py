@@ -18,10 +18,11 @@ from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel_for_tests
 from bagel_titan_plugins.bagel.vae import AutoEncoder
 from bagel_titan_plugins.bagel.vae_fit import VAEFitConfig, fit_vae, reconstruction_psnr
 from bagel_titan_plugins.bagel.weights import export
-from bagel_titan_plugins.data.example_data import QUESTION_SCENES, ensure_example_data, random_scene, render
+from bagel_titan_plugins.data.example_data import (DEFAULT_IMAGE_SIZE, QUESTION_SCENES, ensure_example_data,
+                                                   random_scene, render)
 
 # A shortened fit (the command's default, 400 steps of 8 images, costs about 100 s of CPU and
-# reaches about 24 dB) keeps this file near its time budget: about 50 s of CPU, 18.3 dB here.
+# reaches about 24 dB) keeps this file near its time budget: about 50 s of CPU.
 FIT = VAEFitConfig(steps=300, batch_size=6, half_res_fraction=0.8)
 # Why 15 dB: the random VAE scores about 8 dB on these scenes and fits that have not learned the
 # colours yet (150 steps, or the 32-channel decoder trained at full size only) 10-12 dB; from
@@ -36,9 +37,9 @@ def pixels(png: bytes) -> torch.Tensor:
 
 
 def held_out_images(n: int = 16) -> list[torch.Tensor]:
-    """Scenes the fit never saw (another seed than the dataset's), in both orientations."""
+    """Scenes the fit never saw (another seed than the dataset's), at the example data's size."""
     rng = random.Random(12345)
-    return [pixels(render(random_scene(rng), *((64, 48) if i % 2 else (48, 64)))) for i in range(n)]
+    return [pixels(render(random_scene(rng), *DEFAULT_IMAGE_SIZE)) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_fit_is_deterministic_and_latents_are_about_unit_scale(example):
     assert a and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     ae = _autoencoder(load_file(example["vae"]))
-    latents = ae.encode(torch.stack([x for x in images if x.shape[1] == 48]), generator=torch.Generator().manual_seed(0))
+    latents = ae.encode(torch.stack(images), generator=torch.Generator().manual_seed(0))
     assert 0.3 < latents.std().item() < 2.0 and abs(latents.mean().item()) < 0.5
 
 
@@ -81,7 +82,7 @@ def test_fit_is_deterministic_and_latents_are_about_unit_scale(example):
 def test_example_folder_has_question_images_and_is_rewritten_when_outdated(example, tmp_path):
     for name, scene in QUESTION_SCENES.items():
         with open(f"{example['samples']}/{name}.png", "rb") as f:
-            assert f.read() == render(scene, 64, 48)
+            assert f.read() == render(scene, *DEFAULT_IMAGE_SIZE)
     out = tmp_path / "data"
     old = ensure_example_data(str(out), num_samples=8)  # a folder without the VAE (as before)
     assert "vae" not in old and not (out / "ae.safetensors").exists()

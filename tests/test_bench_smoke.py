@@ -86,7 +86,30 @@ def test_example_qa_eval_scores_an_export(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith(f"| {tmp_path / 'export'} |"))
     cells = row.strip("|").split("|")[1:]
     assert len(cells) == 3 and all(cell.strip().endswith("%") for cell in cells), row
-    assert "| (chance) | 12% | 33% | 12% |" in text
+    assert "| (chance) | 17% | 33% | 17% |" in text
+
+
+@pytest.mark.dist
+def test_example_gen_eval_scores_an_export(tmp_path):
+    """A random debug model: each generated image read by the checker, per attribute, and a grid."""
+    import torch
+
+    from bagel_titan_plugins.bagel import weights
+    from bagel_titan_plugins.bagel.spec import build_bagel_for_tests
+    from bagel_titan_plugins.data.example_data import write_example_data
+
+    example = write_example_data(str(tmp_path / "example"), num_samples=8)
+    model = build_bagel_for_tests("debug")
+    model.tokenizer_path = example["tokenizer"]
+    weights.export(model, str(tmp_path / "export"), torch.float32)
+    text = _run([PY, str(BENCH / "eval_example_gen.py"), str(tmp_path / "export"), "--prompts", "2", "--steps", "2",
+                 "--cfg", "1.0", "2.0", "--grid", str(tmp_path / "grid.png")], tmp_path / "RESULTS.md")
+    assert text.count("## eval_example_gen") == 1
+    rows = [line for line in text.splitlines() if line.startswith(f"| {tmp_path / 'export'} |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]  # one row per --cfg
+    assert all(cell.strip().endswith("%") for row in rows for cell in row.strip("|").split("|")[2:])
+    assert "| (chance) |  | 17% | 17% | 33% |" in text and "2 steps" in text
+    assert (tmp_path / "grid.png").is_file()
 
 
 @pytest.mark.dist

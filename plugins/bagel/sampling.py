@@ -30,6 +30,7 @@ from bagel_titan_plugins.data.images import load_rgb
 
 from .batch import BagelPackedBatch
 from .collator import BagelCollator
+from .modeling import patchify_latents
 from .processor import BagelProcessor, BagelSample, TextSegment, VaeSegment
 from .sampling_config import SamplingConfig, SamplingQuestion
 
@@ -137,13 +138,24 @@ class BagelSampler:
     def __post_init__(self) -> None:
         self.device = model_device(self.model)
 
-    def _velocity(self, batch: BagelPackedBatch, x_NP: torch.Tensor, t: float) -> torch.Tensor:
-        t_N = torch.full((x_NP.shape[0],), t, dtype=torch.float32, device=x_NP.device)
-        return self.model(batch, noised=(x_NP, t_N)).pred_velocity.float()
+    def _velocity(self, batch: BagelPackedBatch, x_NP: torch.Tensor, t: float,
+                  cleans: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The predicted velocity [N, P] at the noised tokens x_NP (the samples' targets in pack
+        order, equal sizes) at time t. The model takes every VAE token's input when given x_t:
+        `cleans` holds each sample's clean condition latents (editing), put before its target at
+        t = 0."""
+        if not cleans:
+            t_N = torch.full((x_NP.shape[0],), t, dtype=torch.float32, device=x_NP.device)
+            return self.model(batch, noised=(x_NP, t_N)).pred_velocity.float()
+        xs, ts = [], []
+        for clean_NP, target_NP in zip(cleans, x_NP.chunk(len(cleans))):
+            xs += [clean_NP, target_NP]
+            ts += [torch.zeros(len(clean_NP), device=x_NP.device), torch.full((len(target_NP),), t, device=x_NP.device)]
+        return self.model(batch, noised=(torch.cat(xs), torch.cat(ts))).pred_velocity.float()
 
-    def _grid(self) -> tuple[int, int]:
-        """Latent patches (rows, cols) of `image_size`, checked against the model."""
-        height, width = self.config.image_size
+    def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Latent patches (rows, cols) of an image of `size` (H, W), checked against the model."""
+        height, width = size
         stride, side = self.processor.vae_stride, self.model.options.max_latent_size
         if height % stride or width % stride or max(height, width) > side * stride:
             raise ValueError(
@@ -155,23 +167,42 @@ class BagelSampler:
 
     def generate_image(self, prompt: str, seed: int) -> np.ndarray:
         """One image for `prompt` as uint8 [H, W, 3]; the initial noise is drawn from `seed`."""
+        height, width = self.config.image_size
+        return self._sample([TextSegment(self.processor.encode(prompt), loss=False)], [], (height, width), seed)
+
+    def edit_image(self, image, instruction: str, seed: int) -> np.ndarray:
+        """`image` (a PIL image) edited by `instruction`, as uint8 [H, W, 3] of the image's VAE size.
+
+        The context is the training's editing sample: the image as a clean VAE condition and as
+        ViT input, then the instruction; the guidance's unconditional pass drops the instruction
+        (text guidance; the image conditions stay, as the release's cfg_text pass)."""
+        if not self.model.options.visual_und:
+            raise ValueError("editing needs the ViT: the model has [bagel] visual_und = false")
+        source = self.processor.vae_segment(image, noised=False)
+        images = [source, self.processor.vit_segment(image)]
+        text = [TextSegment(self.processor.encode(instruction), loss=False)]
+        return self._sample(images + text, images, tuple(source.image.shape[1:]), seed)
+
+    def _sample(self, conditional: list, unconditional: list, size: tuple[int, int], seed: int) -> np.ndarray:
+        """Euler-sample an image of `size` (H, W) after the `conditional` segments, guided
+        against the `unconditional` ones (see the module doc)."""
         if not self.model.options.visual_gen:
             raise ValueError("[bagel.sampling] prompts need an image generator: set [bagel] visual_gen = true "
                              "or remove the prompts")
         cfg = self.config
-        h, w = self._grid()
-        height, width = cfg.image_size
+        h, w = self._grid(size)
         # The collator only reads the target's shape: its pixels are never encoded (x_t is given).
-        target = VaeSegment(torch.zeros(3, height, width), self.processor.vae_stride, noised=True)
-        conditional = BagelSample([TextSegment(self.processor.encode(prompt), loss=False), target])
-        unconditional = BagelSample([target])  # the prompt dropped, as text dropout trains it
-        cond_batch = self.collator([conditional]).to(self.device)
-        pair_batch = self.collator([conditional, unconditional]).to(self.device)
+        target = VaeSegment(torch.zeros(3, *size), self.processor.vae_stride, noised=True)
+        cond_sample, uncond_sample = BagelSample([*conditional, target]), BagelSample([*unconditional, target])
+        cond_batch = self.collator([cond_sample]).to(self.device)
+        pair_batch = self.collator([cond_sample, uncond_sample]).to(self.device)
+        cond_clean_NP, uncond_clean_NP = self._clean_latents(conditional), self._clean_latents(unconditional)
 
         def velocity(x_NP: torch.Tensor, t: float) -> torch.Tensor:
             if not guidance_active(t, cfg.cfg_scale, cfg.cfg_interval):
-                return self._velocity(cond_batch, x_NP, t)
-            v_cond_NP, v_uncond_NP = self._velocity(pair_batch, torch.cat([x_NP, x_NP]), t).chunk(2)
+                return self._velocity(cond_batch, x_NP, t, [cond_clean_NP])
+            v_cond_NP, v_uncond_NP = self._velocity(pair_batch, torch.cat([x_NP, x_NP]), t,
+                                                    [cond_clean_NP, uncond_clean_NP]).chunk(2)
             return guided_velocity(v_cond_NP, v_uncond_NP, cfg.cfg_scale, cfg.cfg_renorm, cfg.cfg_renorm_min)
 
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
@@ -180,11 +211,19 @@ class BagelSampler:
         latent = unpatchify_latents(x0_NP, h, w, self.model.options.latent_patch_size, self.model.latent_channels)
         return to_uint8_image(self.model.vae.decode(latent))
 
+    def _clean_latents(self, segments: list) -> torch.Tensor:
+        """The latent tokens [N, P] of the clean VAE conditions among `segments` (the posterior
+        means: the same every call)."""
+        parts = [torch.zeros(0, self.model.patch_latent_dim, device=self.device)]
+        for segment in segments:
+            if isinstance(segment, VaeSegment) and not segment.noised:
+                pixels = segment.image[None].to(self.device)
+                latent = self.model.vae.encode(pixels, eps=torch.zeros(()))
+                parts.append(patchify_latents(latent, [segment.grid], self.model.options.latent_patch_size))
+        return torch.cat(parts)
+
     def answer(self, question: SamplingQuestion) -> str:
-        """The greedy answer to `question` (at most `max_new_tokens` tokens, up to <|im_end|>)."""
-        if not self.model.options.visual_und:
-            raise ValueError("[bagel.sampling] questions need the ViT: set [bagel] visual_und = true or remove "
-                             "the questions")
+        """The greedy answer to `question` (its image file resolved against `data_folder`)."""
         limits = self.processor.config
         try:
             image = load_rgb(question.image, self.config.data_folder, min_side=limits.min_image_side,
@@ -192,7 +231,15 @@ class BagelSampler:
         except BadSampleError as exc:
             raise ValueError(f"[bagel.sampling] questions: image {question.image!r} cannot be used ({exc}); fix "
                              f"the path or [bagel.sampling] data_folder") from exc
-        context = [self.processor.vit_segment(image), TextSegment(self.processor.encode(question.question), loss=False)]
+        return self.answer_image(image, question.question)
+
+    def answer_image(self, image, question: str) -> str:
+        """The greedy answer to `question` about `image` (a PIL image): at most `max_new_tokens`
+        tokens, up to <|im_end|>."""
+        if not self.model.options.visual_und:
+            raise ValueError("[bagel.sampling] questions need the ViT: set [bagel] visual_und = true or remove "
+                             "the questions")
+        context = [self.processor.vit_segment(image), TextSegment(self.processor.encode(question), loss=False)]
         # Ids past the tokenizer are padding rows of the embedding table: never predicted.
         vocab = len(self.processor.tokenizer)
         eos = self.processor.special.eos

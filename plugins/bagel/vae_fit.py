@@ -6,7 +6,7 @@ recognisable image. `fit_vae` trains the autoencoder once (e.g. on the bundled e
 when they are written) with
 
 - reconstruction: L1 + MSE between the images and the decoded posterior samples;
-- a small KL term on the latent the BAGEL model actually sees, `u = scale * (z - shift)` (the
+- a KL term on the latent the BAGEL model actually sees, `u = scale * (z - shift)` (the
   architecture's own `scale_factor` / `shift_factor`), towards N(0, 1): flow matching starts from
   N(0, 1) noise, so latents of about unit scale suit it, and the unused channels become plain
   N(0, 1) instead of arbitrary values.
@@ -44,8 +44,11 @@ class VAEFitConfig:
     """Images per step (all of one size; sizes take turns)."""
     lr: float = 5e-3
     """Peak AdamW learning rate (cosine decay to 5% after a short warm-up)."""
-    kl_weight: float = 1e-4
-    """Weight of KL(q(u|x) || N(0, 1)) per latent element relative to the per-pixel loss."""
+    kl_weight: float = 1e-2
+    """Weight of KL(q(u|x) || N(0, 1)) per latent element relative to the per-pixel loss. At 1e-2
+    the posterior keeps a std of about 0.2 on latents of about unit scale, so the decoder learns
+    to ignore small latent errors: a generated latent that is nearly right decodes to a clean
+    image instead of speckles (at 1e-4 the std is 0.02 and it does not), for the same PSNR."""
     seed: int = 0
     """Seeds the initialisation and the batch order."""
     half_res_fraction: float = 0.75
