@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import types
 
+import pytest
 import torch
 
 from bagel_titan.config.manager import help_text
@@ -42,11 +43,12 @@ def test_plugin_example_backend_matches_eager_and_loss_runs():
     assert term.count == loss.count(batch) == 3 and term.sum > 0
 
 
-def test_every_option_the_readme_names_exists():
+@pytest.mark.parametrize("page", ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))])
+def test_every_option_the_docs_name_exists(page):
     manager = PluginManager()
     sections = {name: manager.config_sections.get(name) for name in manager.config_sections.names()}
     known = set(re.findall(r"--([a-z_.]+) \(", help_text(sections)))
     named = set(re.findall(r"--((?:job|model|training|optimizer|lr_scheduler|parallelism|activation_checkpoint|compile|"
-                           r"checkpoint|metrics|data|validation|attention|loss|ema|bagel)\.[a-z_.]+)", README))
-    assert named, "the README names no options?"
-    assert named <= known, f"README names unknown options: {sorted(named - known)}"
+                           r"checkpoint|metrics|data|validation|attention|loss|ema|lora|bagel)\.[a-z_.]+)",
+                           (REPO / page).read_text()))
+    assert named <= known, f"{page} names unknown options: {sorted(named - known)}"
