@@ -19,6 +19,7 @@ from bagel_titan.config.job_config import JobConfig
 from bagel_titan.distributed.parallel_dims import ParallelDims
 from bagel_titan.distributed.units import resolve_units
 from bagel_titan.errors import UserError
+from bagel_titan.lora import apply_lora
 from bagel_titan.metrics.memory_estimate import MemoryPlan, generic_activations, plan_memory
 
 _COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -31,6 +32,8 @@ def plan_for(job_config: JobConfig, plugins, world_size: int) -> MemoryPlan:
         model = spec.build(job_config, plugins)
     for module in spec.frozen_modules(model, job_config):
         module.requires_grad_(False)
+    if job_config.lora.enable:  # as the trainer builds it: adapters trainable, the base frozen in base_dtype
+        apply_lora(model, spec, job_config.lora)
     par = job_config.parallelism
     dims = ParallelDims(dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, world_size=world_size)
     units = resolve_units(model, spec.sharding_units(model), par.transformer_layer_cls_to_wrap)

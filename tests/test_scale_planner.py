@@ -77,7 +77,7 @@ def _peak_gib(report: str) -> float:
 
 def test_estimate_prints_the_per_rank_breakdown_for_the_7b_recipes():
     eight = _estimate("--job.config_file", str(REPO / "train_configs" / "bagel_7b.toml"), "--world-size", "8")
-    for part in ("fp32 parameters", "fp32 gradients", "optimizer state", "EMA", "activations",
+    for part in ("parameters (sharded over 8)", "gradients", "optimizer state", "EMA", "activations",
                  "largest transient", "peak per rank"):
         assert part in eight, part
     assert "14.607 B" in eight
@@ -87,6 +87,16 @@ def test_estimate_prints_the_per_rank_breakdown_for_the_7b_recipes():
     resident = _estimate("--job.config_file", str(REPO / "train_configs" / "bagel_7b_2gpu.toml"), "--world-size", "2",
                          "--parallelism.cpu_offload", "false", "--ema.device", "param")
     assert _peak_gib(resident) > 80
+
+
+def test_the_lora_recipe_plans_to_fit_one_80_gb_gpu():
+    """Adapters trainable (their states counted), the base frozen in bf16 (2 bytes a parameter)."""
+    one = _estimate("--job.config_file", str(REPO / "train_configs" / "bagel_7b_lora.toml"), "--world-size", "1")
+    assert "(0.081 B trainable)" in one
+    assert _peak_gib(one) < 80
+    full = _estimate("--job.config_file", str(REPO / "train_configs" / "bagel_7b_lora.toml"), "--world-size", "1",
+                     "--lora.enable", "false", "--lora.base_dtype", "float32")
+    assert _peak_gib(full) > 3 * _peak_gib(one)
 
 
 def test_estimate_without_world_size_is_a_user_error():

@@ -1,8 +1,8 @@
 """Per-rank accelerator memory of one training step, from the model's shapes and the plan.
 
-States are counted exactly from the parameters: FSDP2 keeps fp32 master parameters sharded over
-`dp_shard` ranks, fp32 gradients and two AdamW moments for the trainable ones, and the EMA's fp32
-shadow sharded like them. `[parallelism] cpu_offload` moves parameters, gradients and optimizer
+States are counted exactly from the parameters in their own dtypes: FSDP2 keeps the master
+parameters (fp32, or a LoRA base frozen in bf16) sharded over `dp_shard` ranks, gradients and
+two AdamW moments in the dtype of each trainable one, and the EMA's fp32 shadow sharded like them. `[parallelism] cpu_offload` moves parameters, gradients and optimizer
 state to the host, `[ema] device = "cpu"` the EMA. The transient is what FSDP2 all-gathers in the
 compute dtype: the root's own parameters (kept gathered through the step), the largest unit and
 the prefetched next one, plus one unit's unsharded fp32 gradients before its reduce-scatter.
@@ -64,8 +64,8 @@ class MemoryPlan:
         gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
         rows = [
             ("parameters", f"{self.params_total / 1e9:.3f} B ({self.params_trainable / 1e9:.3f} B trainable)"),
-            (f"fp32 parameters (sharded over {self.dp_shard})", gib(self.parameters)),
-            ("fp32 gradients", gib(self.gradients)),
+            (f"parameters (sharded over {self.dp_shard})", gib(self.parameters)),
+            ("gradients", gib(self.gradients)),
             ("optimizer state (AdamW)", gib(self.optimizer)),
             ("EMA (fp32)", gib(self.ema)),
             ("activations", gib(self.activations.total)),
@@ -106,7 +106,9 @@ def plan_memory(model: nn.Module, units: Sequence[nn.Module], *, world_size: int
     total = _numel(params)
     trainable = _numel(p for p in params if p.requires_grad)
     shard = lambda n: -(-n // dp_shard)  # noqa: E731
-    parameters, gradients, optimizer = 4 * shard(total), 4 * shard(trainable), 8 * shard(trainable)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    parameters = shard(sum(p.numel() * p.element_size() for p in params))
+    gradients, optimizer = shard(trainable_bytes), 2 * shard(trainable_bytes)
     ema_bytes = 4 * shard(trainable) if ema else 0
     host = 0
     if cpu_offload:
