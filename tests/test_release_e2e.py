@@ -41,7 +41,7 @@ def test_release_recipe_trains_on_two_ranks(tmp_path, example_data):  # noqa: F8
     ), nproc=2)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert records[-1]["data/packs"] == 2 * 4  # rank 0's loader: 2 microbatches x 4 steps
+    assert records[-1]["data/packs"] == 2 * 2 * 4  # summed over the ranks: 2 ranks x 2 microbatches x 4 steps
     exported = next(p for p in (tmp_path / "run" / "exports" / "final").glob("*.safetensors") if p.name != "ae.safetensors")
     weights = load_file(str(exported))
     hf = qwen.state_dict()
