@@ -13,8 +13,10 @@ used:
 so the two measurements alternate (A B A B ...) and share the machine's noise. A trainer step is
 the time from the hook's return to its next call (data, forward, loss, backward, clip, step,
 metrics, checkpoint bookkeeping, hook dispatch). Reported: median step times and the overhead
-median(trainer) / median(plain) - 1, for the trainer with FSDP2 on one rank (its default) and
-with `[parallelism] fsdp = false` (the loop alone). Target: under 5%.
+median(trainer) / median(plain) - 1, in fp32 and in bf16 (the trainer: fp32 master weights, forward
+and loss under bf16 autocast, as `[training] dtype = "bfloat16"` runs on one rank; the plain step:
+the same autocast), each on synthetic packs and on the example data through the real packed
+loader. On one rank the trainer never wraps with FSDP2 (it would shard nothing). Target: under 5%.
 
     python benchmarks/bench_overhead.py [--steps 40] [--packing-length 512]
 """
@@ -43,17 +45,20 @@ TARGET = 0.05
 class PlainStep:
     """forward / backward / clip / AdamW step of a bare model, the plainest possible."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, max_norm: float):
+    def __init__(self, model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, max_norm: float,
+                 dtype: str = "float32"):
         self.model = model
+        self.dtype = dtype
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, eps=eps, foreach=True)
         self.max_norm = max_norm
 
     def __call__(self, batch: Any, seed: int) -> None:
-        out = self.model(batch, torch.Generator().manual_seed(seed))
-        loss = F.cross_entropy(out.ce_logits.float(), batch.packed_label_ids)
-        if out.pred_velocity is not None and out.pred_velocity.numel():
-            loss = loss + F.mse_loss(out.pred_velocity.float(), out.target_velocity.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+            out = self.model(batch, torch.Generator().manual_seed(seed))
+            loss = F.cross_entropy(out.ce_logits.float(), batch.packed_label_ids)
+            if out.pred_velocity is not None and out.pred_velocity.numel():
+                loss = loss + F.mse_loss(out.pred_velocity.float(), out.target_velocity.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
         self.optimizer.step()
@@ -131,7 +136,8 @@ def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> dict[str, 
         model.init_weights()
         model.train()
         opt = job_config.optimizer
-        plain = PlainStep(model, opt.lr, (opt.betas[0], opt.betas[1]), opt.eps, job_config.training.max_norm)
+        plain = PlainStep(model, opt.lr, (opt.betas[0], opt.betas[1]), opt.eps, job_config.training.max_norm,
+                          job_config.training.dtype)
         interleaver = Interleaver(plain, recorded_batch_of if real_data else synthetic_pack_of, setting.warmup)
         plugins.pm.register(interleaver, name="bench-overhead-interleaver")
         try:
@@ -148,11 +154,12 @@ def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> dict[str, 
 
 
 ROWS = (
-    ("FSDP2 on 1 rank (default), synthetic packs", True, False),
-    ("fsdp = false, synthetic packs", False, False),
-    ("fsdp = false, example data through the packed loader (1 worker)", False, True),
+    ("fp32, synthetic packs", "float32", False),
+    ("fp32, example data through the packed loader (1 worker)", "float32", True),
+    ("bf16 autocast, synthetic packs", "bfloat16", False),
+    ("bf16 autocast, example data through the packed loader (1 worker)", "bfloat16", True),
 )
-"""(label, [parallelism] fsdp, real data) of every row."""
+"""(label, [training] dtype, real data) of every row; one rank, so never FSDP2-wrapped."""
 
 
 def main() -> None:
@@ -173,8 +180,8 @@ def main() -> None:
     base = TrainSetting(backend=args.backend, packing_length=args.packing_length, steps=args.steps,
                         warmup=args.warmup, device="cpu", dtype="float32")
     rows = []
-    for label, fsdp, real_data in ROWS:
-        r = measure(dataclasses.replace(base, fsdp=fsdp), args.log_freq, real_data)
+    for label, dtype, real_data in ROWS:
+        r = measure(dataclasses.replace(base, dtype=dtype), args.log_freq, real_data)
         verdict = "yes" if r["overhead"] < TARGET else "NO"
         rows.append((label, r["pairs"], f"{r['trainer_ms']:.1f}", f"{r['plain_ms']:.1f}", f"{r['overhead']:+.1%}",
                      f"{r['paired']:+.1%}", verdict))
@@ -183,7 +190,7 @@ def main() -> None:
         ("trainer", "pairs", "trainer step ms (median)", "plain step ms (median)", "overhead", "median paired overhead",
          f"under {TARGET:.0%}"), rows)
     notes = [
-        f"model: bagel flavor debug, fp32, attention {args.backend}; packs of {args.packing_length} tokens: synthetic "
+        f"model: bagel flavor debug, fp32 master weights, attention {args.backend}; packs of {args.packing_length} tokens: synthetic "
         f"(full, 4 distinct, cycled) or the example data (best_fit_decreasing); the plain step runs the same batch "
         f"right after each trainer step",
         f"trainer: metrics every {args.log_freq} steps (console, jsonl, TensorBoard), checkpointing on (no save "
