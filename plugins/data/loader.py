@@ -17,7 +17,6 @@ import weakref
 from collections import Counter
 from typing import Any, Iterator, Sequence
 
-import torch.multiprocessing
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from bagel_titan.config.fields import ConfigError
@@ -116,10 +115,6 @@ class PackedDataloader:
         if num_workers > 0:
             kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False,
                       "worker_init_fn": _ignore_stop_signals}
-            # The default "file_descriptor" strategy fetches every tensor's fd from the worker's
-            # resource-sharer thread, which waits for the GIL of a worker busy packing: 8.8 ms
-            # per 15-tensor batch against 2.7 ms by shared-memory file name (bench_overhead).
-            torch.multiprocessing.set_sharing_strategy("file_system")
         self.loader = StatefulDataLoader(dataset, batch_size=None, num_workers=num_workers,
                                          collate_fn=_identity, **kwargs)
         self.stats: Counter[str] = Counter()
