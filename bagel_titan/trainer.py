@@ -29,7 +29,7 @@ from bagel_titan.config.fields import tomllib
 from bagel_titan.config.job_config import JobConfig
 from bagel_titan.config.manager import check_run_environment, to_toml
 from bagel_titan.distributed.parallel_dims import ParallelDims
-from bagel_titan.distributed.parallelize import parallelize
+from bagel_titan.distributed.parallelize import compute_autocast, parallelize
 from bagel_titan.distributed.utils import (
     all_reduce_sum,
     init_distributed,
@@ -154,6 +154,8 @@ class Trainer:
         ]
         self.loss_weights = [cfg.loss.weights.get(name, 1.0) for name in cfg.loss.components]
         self.loss_fn = self._compute_loss
+        # bf16 on one unwrapped rank: autocast around forward and loss (backward follows its casts).
+        self._compute_context = lambda: compute_autocast(cfg, self.world_size, self.device.type)
         if cfg.compile.enable and "loss" in cfg.compile.components:
             self.loss_fn = torch.compile(self._compute_loss)
 
@@ -348,8 +350,9 @@ class Trainer:
 
         sums = torch.zeros(len(self.loss_components), dtype=torch.float64, device=self.device)
         for index, batch in enumerate(batches):
-            outputs = self.model_spec.forward(self.model, batch, self._noise_generator(step, index))
-            loss, term_sums = self.loss_fn(outputs, batch, normalisers[index])
+            with self._compute_context():
+                outputs = self.model_spec.forward(self.model, batch, self._noise_generator(step, index))
+                loss, term_sums = self.loss_fn(outputs, batch, normalisers[index])
             # FSDP averages gradients over the data-parallel ranks; the loss is already a global
             # mean, so undo that average.
             (loss * self.dp_world_size).backward()

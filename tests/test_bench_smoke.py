@@ -41,7 +41,7 @@ SCRIPTS = [
      "| sdpa |"),
     ("bench_train_step.py", ["--smoke", "--backends", "sdpa", "--ac", "none,full"], "## bench_train_step",
      "| sdpa | full | off | 256 |"),
-    ("bench_overhead.py", ["--smoke"], "## bench_overhead", "| fsdp = false, example data through the packed loader (1 worker) | 4 |"),
+    ("bench_overhead.py", ["--smoke"], "## bench_overhead", "| bf16 autocast, example data through the packed loader (1 worker) | 4 |"),
     ("bench_vae_fit.py", ["--steps", "4", "--num-samples", "16", "--threads", "1"], "## bench_vae_fit", "| fitted, 4 steps |"),
 ]
 

@@ -70,7 +70,9 @@ class Training:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device type; "auto" picks cuda when available."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Parameter/compute dtype under FSDP mixed precision; master weights stay fp32."""
+    """Compute dtype; master weights and optimizer state stay fp32. With FSDP2 (several ranks
+    or CPU offload) its mixed precision gathers bf16 parameters; a single rank runs the forward
+    and loss under `torch.autocast` instead (no per-step parameter copies)."""
     max_consecutive_nonfinite: int = 10
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
 
@@ -134,8 +136,9 @@ class Parallelism:
     transformer_layer_cls_to_wrap: list[str] = field(default_factory=list)
     """Class names to shard as units; empty: the model spec's sharding units."""
     fsdp: bool = True
-    """Wrap the model with FSDP2. A single fp32 rank without CPU offload runs unwrapped: there
-    FSDP would shard nothing and only add per-layer hooks."""
+    """Wrap the model with FSDP2. A single rank without CPU offload runs unwrapped either way:
+    there FSDP would shard nothing and only add per-layer hooks and parameter copies (bf16
+    computes under autocast there, see [training] dtype)."""
 
     def __post_init__(self) -> None:
         _require(self.dp_shard == -1 or self.dp_shard >= 1, "dp_shard", ">= 1 or -1 (auto)", self.dp_shard)

@@ -6,6 +6,7 @@ boundaries), then compile, then FSDP (its hooks run outside the compiled graphs)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -20,6 +21,26 @@ from bagel_titan.distributed.fsdp import apply_fsdp
 from bagel_titan.distributed.units import resolve_units
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def wraps_with_fsdp(job_config: JobConfig, world_size: int) -> bool:
+    """Whether `parallelize` wraps the model with FSDP2: with data parallelism or CPU offload.
+
+    A single rank without offload runs unwrapped, whatever its dtype: FSDP2 would shard nothing
+    and still pay per-layer hooks and, in bf16, a cast copy of every parameter each step; the
+    trainer computes in bf16 there under `torch.autocast` instead (see `compute_autocast`).
+    """
+    par = job_config.parallelism
+    return par.fsdp and (world_size > 1 or par.cpu_offload)
+
+
+def compute_autocast(job_config: JobConfig, world_size: int, device_type: str):
+    """The context the forward and loss run in: bf16 autocast on an unwrapped rank that trains
+    in bf16 (fp32 master weights, bf16 matmuls), else nothing (fp32, or FSDP2's mixed precision
+    casts the parameters itself)."""
+    if job_config.training.dtype == "float32" or wraps_with_fsdp(job_config, world_size):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=_DTYPES[job_config.training.dtype])
 
 
 def parallelize(
@@ -48,8 +69,7 @@ def parallelize(
     apply_activation_checkpointing(model, units, ac, ac.selective_granularity)
     if job_config.compile.enable and "model" in job_config.compile.components:
         apply_compile(units, backend=compile_backend)
-    needs_fsdp = mesh.size() > 1 or job_config.training.dtype != "float32" or par.cpu_offload
-    if par.fsdp and needs_fsdp:
+    if wraps_with_fsdp(job_config, mesh.size()):
         apply_fsdp(
             model,
             units,
