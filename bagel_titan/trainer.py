@@ -46,7 +46,7 @@ from bagel_titan.metrics.throughput import ThroughputMeter
 from bagel_titan.optim.ema import EMA
 from bagel_titan.optim.lr_scheduler import build_lr_scheduler
 from bagel_titan.optim.optimizer import build_optimizer
-from bagel_titan.protocols import Batch, LossComponent
+from bagel_titan.protocols import Batch, LossComponent, loss_counts
 from bagel_titan.train_state import TrainState
 from bagel_titan.validation import Validator
 
@@ -286,8 +286,9 @@ class Trainer:
         """Σ weight * term.sum / global count, plus the detached sums for logging."""
         total = None
         sums = []
-        for component, weight, count in zip(self.loss_components, self.loss_weights, global_counts):
-            term = component(outputs, batch)
+        local_counts = loss_counts(self.model_spec, self.loss_components, batch)
+        for component, weight, count, local in zip(self.loss_components, self.loss_weights, global_counts, local_counts):
+            term = component(outputs, local)
             sums.append(term.sum.detach().float())
             if count == 0:
                 contribution = term.sum * 0.0  # keeps the graph (and FSDP's hooks) connected
@@ -328,7 +329,7 @@ class Trainer:
         count and whether any rank received a stop signal (all from one all-reduce).
         """
         n = len(self.loss_components)
-        micro_counts = [float(c.count(b)) for b in batches for c in self.loss_components]
+        micro_counts = [c for b in batches for c in loss_counts(self.model_spec, self.loss_components, b)]
         local_tokens = float(sum(b.num_tokens for b in batches))
         signalled = self._signal_received is not None
         reduced = self._all_reduce_sum(

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from bagel_titan.protocols import loss_counts
+
 if TYPE_CHECKING:
     from bagel_titan.trainer import Trainer
 
@@ -66,8 +68,9 @@ class Validator:
             outputs = t.model_spec.forward(t.model, batch, generator)
             if index >= len(batches):
                 continue
-            for i, component in enumerate(t.loss_components):
-                term = component(outputs, batch)
+            local_counts = loss_counts(t.model_spec, t.loss_components, batch)
+            for i, (component, count) in enumerate(zip(t.loss_components, local_counts)):
+                term = component(outputs, count)
                 sums[i] += float(term.sum)
                 counts[i] += float(term.count)
         t.model.train(was_training)

@@ -9,13 +9,13 @@ from torch import nn
 
 from bagel_titan.errors import UserError
 from bagel_titan.lora import LoRAExport, LoRAGroups
-from bagel_titan.protocols import AttentionLayerSpec, GeneratedSamples, ModelOutputs
+from bagel_titan.protocols import AttentionLayerSpec, GeneratedSamples, LossComponent, LossTerm, ModelOutputs
 
 from . import weights
 from .batch import BagelPackedBatch
 from .config import FLAVORS, BagelArchitecture, BagelConfig, architecture_for
 from .flops import training_flops
-from .modeling import Bagel
+from .modeling import Bagel, BagelForwardResult
 
 if TYPE_CHECKING:
     from .sampling import BagelSampler
@@ -218,6 +218,9 @@ class BagelSpec:
 
     # -- data / compute --------------------------------------------------------------------------
 
+    def loss_counts(self, batch: BagelPackedBatch) -> Mapping[str, float]:
+        return bagel_loss_counts(batch)
+
     def flops(self, batch: BagelPackedBatch) -> float:
         if self._built is None:
             raise RuntimeError("BagelSpec.flops needs the architecture: call build() first")
@@ -264,10 +267,49 @@ class BagelSpec:
 
     def forward(self, model: Bagel, batch: BagelPackedBatch, generator: torch.Generator | None) -> ModelOutputs:
         result = model(batch, generator)
-        return ModelOutputs(
-            logits=result.ce_logits,
-            labels=batch.packed_label_ids,
-            label_weights=batch.ce_loss_weights,
-            pred_velocity=result.pred_velocity,
-            target_velocity=result.target_velocity,
-        )
+        return bagel_outputs(result, batch)
+
+
+def bagel_outputs(result: BagelForwardResult, batch: BagelPackedBatch) -> ModelOutputs:
+    """The loss components' view of one forward: CE logits and labels, and by name the label
+    weights (`ce` with reweight) and, with visual generation, the velocities (`flow_mse`)."""
+    extras = {"label_weights": batch.ce_loss_weights}
+    if result.pred_velocity is not None:
+        extras["pred_velocity"] = result.pred_velocity
+    if result.target_velocity is not None:
+        extras["target_velocity"] = result.target_velocity
+    return ModelOutputs(logits=result.ce_logits, labels=batch.packed_label_ids, extras=extras)
+
+
+class _LossCounts(Mapping[str, float]):
+    """The batch's loss counts, each computed when a loss component asks for it (the weight sum
+    reads a device value back to the host; a run without `[loss.ce] reweight` never pays that)."""
+
+    def __init__(self, batch: BagelPackedBatch):
+        self._compute: dict[str, Callable[[], float]] = {
+            "labels": lambda: int(batch.packed_label_ids.shape[0]),
+            "label_weight_sum": lambda: float(batch.ce_loss_weights.sum()),
+            "noised_tokens": lambda: int(batch.mse_loss_indexes.shape[0]),
+        }
+
+    def __getitem__(self, name: str) -> float:
+        return self._compute[name]()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._compute
+
+    def __iter__(self):
+        return iter(self._compute)
+
+    def __len__(self) -> int:
+        return len(self._compute)
+
+
+def bagel_loss_counts(batch: BagelPackedBatch) -> Mapping[str, float]:
+    """"labels" and "label_weight_sum" (for `ce`), "noised_tokens" (for `flow_mse`)."""
+    return _LossCounts(batch)
+
+
+def bagel_loss_term(component: LossComponent, outputs: ModelOutputs, batch: BagelPackedBatch) -> LossTerm:
+    """One component's term of one batch, outside the trainer (parity checks, tests)."""
+    return component(outputs, bagel_loss_counts(batch)[component.count_name])
