@@ -127,7 +127,8 @@ class AttentionLayerSpec:
     hidden_size: int
     layer_index: int
     role: str
-    """"llm" or "vit": lets a backend (NSA) treat the two differently."""
+    """"decoder" (a language model's causal, mixed-mask attention) or "encoder" (full attention
+    inside each document, e.g. a model's image encoder): a backend may serve only one of them."""
 
 
 @runtime_checkable
@@ -365,6 +366,12 @@ class ModelSpec(Protocol):
 
     def frozen_modules(self, model: nn.Module, job_config: "JobConfig") -> list[nn.Module]:
         """Modules whose parameters are frozen by the freeze policy of the config."""
+        ...
+
+    def attention_backends(self, job_config: "JobConfig") -> dict[str, str]:
+        """Optional. Attention backends the model uses beyond `[attention] backend`, by the config
+        key that names them (e.g. a model's encoder backend), so that the config check refuses
+        one that cannot train where the run does."""
         ...
 
     def lora_groups(self, model: nn.Module) -> "LoRAGroups":

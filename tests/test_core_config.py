@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -119,3 +120,14 @@ def test_cli_help_and_print_config(capsys):
     assert "--data.packing_length" in capsys.readouterr().out
     assert cli_main(["--training.steps", "3", "--job.print_config"]) == 0
     assert tomllib.loads(capsys.readouterr().out)["training"]["steps"] == 3
+
+
+@pytest.mark.parametrize("argv, key", [(["--attention.backend", "flex"], "[attention] backend"),
+                                       (["--bagel.vit_backend", "flex"], "[bagel] vit_backend")])
+def test_a_backend_without_cpu_backward_is_refused_at_config_time(argv, key):
+    """The core checks its own backend and the ones the model spec names (BAGEL's ViT backend)."""
+    from bagel_titan.config.manager import check_run_environment, load_job_config
+
+    cfg, plugins = load_job_config(["--training.device", "cpu", *argv])
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} = 'flex' cannot train on the CPU"):
+        check_run_environment(cfg, plugins)

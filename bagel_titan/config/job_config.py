@@ -298,8 +298,6 @@ class Validation:
 class Attention:
     backend: str = "sdpa"
     """Attention backend (eager, sdpa, flex, nsa, or from a plugin); options in [attention.<backend>]."""
-    vit_backend: str = ""
-    """Backend for the ViT's per-image attention; empty: same as `backend` (nsa uses sdpa)."""
 
 
 @dataclass

@@ -194,10 +194,12 @@ def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
             f"[model] flavor {cfg.model.flavor!r} is not a flavor of model {cfg.model.name!r}; "
             f"choose one of: {', '.join(sorted(flavors))}"
         )
-    for key, name in (("backend", cfg.attention.backend), ("vit_backend", getattr(cfg.attention, "vit_backend", ""))):
+    backends = {"[attention] backend": cfg.attention.backend}
+    backends.update(getattr(model_spec, "attention_backends", lambda _: {})(cfg))
+    for key, name in backends.items():
         if name and on_cpu and not getattr(plugins.attention_backends.get(name), "trains_on_cpu", True):
             raise ConfigError(
-                f"[attention] {key} = {name!r} cannot train on the CPU (no backward there); use "
+                f"{key} = {name!r} cannot train on the CPU (no backward there); use "
                 f"'sdpa' or 'eager' for a CPU run, or run on a GPU"
             )
     for key in ("pretrained_path", "tokenizer_path"):

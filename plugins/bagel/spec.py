@@ -44,11 +44,11 @@ GEN_MODULES = ("vae2llm", "llm2vae", "time_embedder")
 
 
 def attention_factories(job_config, plugins) -> tuple[Callable[[AttentionLayerSpec], nn.Module], Callable[[AttentionLayerSpec], nn.Module]]:
-    """(LLM, ViT) attention-module factories from `[attention]`; the ViT uses `vit_backend`, else
+    """(LLM, ViT) attention-module factories from `[attention]`; the ViT uses `[bagel] vit_backend`, else
     the LLM backend's `vit_fallback` (nsa), else the LLM backend."""
     llm_name = job_config.attention.backend
     llm_backend = plugins.attention_backends.get(llm_name)
-    vit_name = job_config.attention.vit_backend or getattr(llm_backend, "vit_fallback", None) or llm_name
+    vit_name = BagelSpec.bagel_config(job_config).vit_backend or getattr(llm_backend, "vit_fallback", None) or llm_name
     vit_backend = plugins.attention_backends.get(vit_name)
     llm_options, vit_options = job_config.options(f"attention.{llm_name}"), job_config.options(f"attention.{vit_name}")
     return (lambda spec: llm_backend.build(spec, llm_options)), (lambda spec: vit_backend.build(spec, vit_options))
@@ -89,7 +89,12 @@ class BagelSpec:
 
     @staticmethod
     def bagel_config(job_config) -> BagelConfig:
+        """`[bagel]`, or its defaults when the config has none."""
         return job_config.section("bagel") if job_config.has_section("bagel") else BagelConfig()
+
+    def attention_backends(self, job_config) -> dict[str, str]:
+        """The ViT's own backend, for the config-time check that it trains where the run does."""
+        return {"[bagel] vit_backend": self.bagel_config(job_config).vit_backend}
 
     def architecture(self, job_config) -> BagelArchitecture:
         """The shapes to build: the `[model] flavor`'s, with the LLM and ViT of `[bagel] llm_path`
@@ -139,7 +144,7 @@ class BagelSpec:
         from .memory import activation_memory
 
         attention = job_config.attention
-        vit_backend = attention.vit_backend or ("sdpa" if attention.backend == "nsa" else attention.backend)
+        vit_backend = self.bagel_config(job_config).vit_backend or ("sdpa" if attention.backend == "nsa" else attention.backend)
         return activation_memory(model.arch, model.options, tokens, compute_bytes, activation_checkpointing,
                                  llm_backend=attention.backend, vit_backend=vit_backend)
 

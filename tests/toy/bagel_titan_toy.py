@@ -72,7 +72,7 @@ class ToyBlock(nn.Module):
         self.q = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim)
         self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.num_kv_heads * self.head_dim)
         self.o = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size)
-        spec = AttentionLayerSpec(cfg.num_heads, cfg.num_kv_heads, self.head_dim, cfg.hidden_size, index, "llm")
+        spec = AttentionLayerSpec(cfg.num_heads, cfg.num_kv_heads, self.head_dim, cfg.hidden_size, index, "decoder")
         self.attn_core = backend.build(spec, options)
         self.norm2 = nn.RMSNorm(cfg.hidden_size)
         self.mlp = nn.Sequential(nn.Linear(cfg.hidden_size, 4 * cfg.hidden_size), nn.GELU(), nn.Linear(4 * cfg.hidden_size, cfg.hidden_size))
