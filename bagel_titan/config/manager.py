@@ -187,6 +187,12 @@ def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
     if cfg.training.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("[training] device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     on_cpu = cfg.training.device == "cpu" or not torch.cuda.is_available()
+    if not cfg.model.name:
+        raise ConfigError(f"[model] name is not set; name the model spec to train, one of: "
+                          f"{', '.join(sorted(plugins.model_specs.names()))}")
+    if not cfg.loss.components:
+        raise ConfigError(f"[loss] components is empty; list the loss components to train with, from: "
+                          f"{', '.join(sorted(plugins.loss_components.names()))}")
     model_spec = plugins.model_specs.get(cfg.model.name)
     flavors = getattr(model_spec, "flavors", None)
     if flavors is not None and cfg.model.flavor not in flavors:
