@@ -1,7 +1,7 @@
 """Hook specifications: every way a plugin extends bagel-titan, documented where it is declared.
 
 A plugin is a module (or object) with functions named like the specs below, decorated with
-`bagel_titan.hookimpl`. It is found either through the entry-point group ``bagel_titan`` of an
+`bagel_titan.hookspec.hookimpl`. It is found either through the entry-point group ``bagel_titan`` of an
 installed distribution::
 
     [project.entry-points.bagel_titan]

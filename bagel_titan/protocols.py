@@ -42,21 +42,24 @@ class Batch(Protocol):
 class ModelOutputs:
     """What a model's forward returns to the loss components.
 
-    Fields a model cannot produce stay None; a loss component that needs a missing field raises
-    a clear error naming it. `extras` carries anything model specific.
+    `logits`/`labels` serve a plain next-token loss; anything else a model's losses need travels
+    by name in `extras` (the model spec and its loss components agree on the names). A field or
+    name a model cannot produce is absent; a loss component that needs it raises a clear error.
     """
 
     logits: torch.Tensor | None = None
-    """[N, V] next-token logits at the positions that carry a CE label."""
+    """[N, V] next-token logits at the positions that carry a label."""
     labels: torch.Tensor | None = None
-    """[N] int64 CE targets, aligned with `logits`."""
-    label_weights: torch.Tensor | None = None
-    """[N] float per-label weights (1/sqrt(text length) re-weighting); None means all 1."""
-    pred_velocity: torch.Tensor | None = None
-    """[M, P] predicted flow-matching velocity of the noised latent tokens."""
-    target_velocity: torch.Tensor | None = None
-    """[M, P] target velocity (noise - x0) of the same tokens."""
+    """[N] int64 targets, aligned with `logits`."""
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Model specific tensors by name, e.g. a model's per-label weights or regression outputs."""
+
+    def extra(self, name: str, component: str) -> torch.Tensor:
+        """`extras[name]`, or a clear error naming the loss component that needs it."""
+        if name not in self.extras:
+            raise ValueError(f"loss component {component!r} needs the model output {name!r}; the model produced "
+                             f"only {sorted(self.extras) or 'none'} (use a loss component this model supports)")
+        return self.extras[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,16 +84,24 @@ class LossComponent(Protocol):
     """A named loss term. Registered through `bagel_titan_loss_components`."""
 
     name: str
+    count_name: str
+    """Which of the model spec's `loss_counts` this term sums over (and is normalised by)."""
 
-    def count(self, batch: Batch) -> float:
-        """How many elements this term sums over in `batch`, known before the forward (the
-        trainer all-reduces these counts before any backward so every microbatch can be scaled
-        by the global count)."""
+    def __call__(self, outputs: ModelOutputs, count: float) -> LossTerm:
+        """The term's (sum, count) for one microbatch; `count` is this microbatch's
+        `loss_counts(batch)[count_name]`, known before the forward (the trainer all-reduces the
+        counts before any backward so that every microbatch is scaled by the global count)."""
         ...
 
-    def __call__(self, outputs: ModelOutputs, batch: Batch) -> LossTerm:
-        """The term's (sum, count) for one microbatch; `count` equals `self.count(batch)`."""
-        ...
+
+def loss_counts(spec: "ModelSpec", components: Sequence[LossComponent], batch: Batch) -> list[float]:
+    """Each component's count in `batch`, from the model spec's `loss_counts`."""
+    counts = spec.loss_counts(batch)
+    missing = [c.name for c in components if c.count_name not in counts]
+    if missing:
+        raise ValueError(f"loss components {missing} need counts the model spec does not give "
+                         f"(it gives {sorted(counts)}); choose [loss] components this model supports")
+    return [float(counts[c.count_name]) for c in components]
 
 
 class LossComponentFactory(Protocol):
@@ -116,7 +127,8 @@ class AttentionLayerSpec:
     hidden_size: int
     layer_index: int
     role: str
-    """"llm" or "vit": lets a backend (NSA) treat the two differently."""
+    """"decoder" (a language model's causal, mixed-mask attention) or "encoder" (full attention
+    inside each document, e.g. a model's image encoder): a backend may serve only one of them."""
 
 
 @runtime_checkable
@@ -356,10 +368,22 @@ class ModelSpec(Protocol):
         """Modules whose parameters are frozen by the freeze policy of the config."""
         ...
 
+    def attention_backends(self, job_config: "JobConfig") -> dict[str, str]:
+        """Optional. Attention backends the model uses beyond `[attention] backend`, by the config
+        key that names them (e.g. a model's encoder backend), so that the config check refuses
+        one that cannot train where the run does."""
+        ...
+
     def lora_groups(self, model: nn.Module) -> "LoRAGroups":
         """Optional (needed for `[lora] enable`): the module groups `[lora] targets` and
         `train_also` name, with the linears / modules behind each (`bagel_titan.lora.LoRAGroups`).
         Called on the meta-device model, before parallelisation."""
+        ...
+
+    def loss_counts(self, batch: Batch) -> Mapping[str, float]:
+        """What the loss terms of `batch` sum over, by count name (e.g. a model's label count),
+        known before the forward; a loss component picks one by its `count_name` (a lazy
+        Mapping lets a count that costs a host sync be computed only when asked)."""
         ...
 
     def flops(self, batch: Batch) -> float:

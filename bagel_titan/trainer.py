@@ -31,6 +31,7 @@ from bagel_titan.config.manager import check_run_environment, to_toml
 from bagel_titan.distributed.parallel_dims import ParallelDims
 from bagel_titan.distributed.parallelize import compute_autocast, parallelize
 from bagel_titan.distributed.utils import (
+    Reducer,
     all_reduce_sum,
     init_distributed,
     select_device,
@@ -46,7 +47,8 @@ from bagel_titan.metrics.throughput import ThroughputMeter
 from bagel_titan.optim.ema import EMA
 from bagel_titan.optim.lr_scheduler import build_lr_scheduler
 from bagel_titan.optim.optimizer import build_optimizer
-from bagel_titan.protocols import Batch, LossComponent
+from bagel_titan.losses import loss_means
+from bagel_titan.protocols import Batch, LossComponent, loss_counts
 from bagel_titan.train_state import TrainState
 from bagel_titan.validation import Validator
 
@@ -196,7 +198,11 @@ class Trainer:
         self.metrics_logger = MetricsLogger(self.run_folder, cfg.metrics.enable_tensorboard, self.rank == 0,
                                             resumed_step=restored_step)
         self.throughput = ThroughputMeter(self.peak_flops)
-        self.validator = Validator(self) if cfg.validation.enable else None
+        self.validator = Validator(
+            cfg, plugins, self.model, self.model_spec, self.loss_components, self.loss_weights,
+            Reducer(self._collective_device()), self.metrics_logger, device=self.device, rank=self.rank,
+            dp_rank=self.dp_rank, dp_world_size=self.dp_world_size, run_folder=self.run_folder,
+        ) if cfg.validation.enable else None
         self.consecutive_nonfinite = 0
         self._signal_received: int | None = None
         self.stop_signal: int | None = None
@@ -288,8 +294,9 @@ class Trainer:
         """Σ weight * term.sum / global count, plus the detached sums for logging."""
         total = None
         sums = []
-        for component, weight, count in zip(self.loss_components, self.loss_weights, global_counts):
-            term = component(outputs, batch)
+        local_counts = loss_counts(self.model_spec, self.loss_components, batch)
+        for component, weight, count, local in zip(self.loss_components, self.loss_weights, global_counts, local_counts):
+            term = component(outputs, local)
             sums.append(term.sum.detach().float())
             if count == 0:
                 contribution = term.sum * 0.0  # keeps the graph (and FSDP's hooks) connected
@@ -314,12 +321,6 @@ class Trainer:
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
         return all_reduce_sum(values, self._collective_device())
 
-    def _all_reduce_max(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
-        if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor.tolist()
-
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
@@ -330,7 +331,7 @@ class Trainer:
         count and whether any rank received a stop signal (all from one all-reduce).
         """
         n = len(self.loss_components)
-        micro_counts = [float(c.count(b)) for b in batches for c in self.loss_components]
+        micro_counts = [c for b in batches for c in loss_counts(self.model_spec, self.loss_components, b)]
         local_tokens = float(sum(b.num_tokens for b in batches))
         signalled = self._signal_received is not None
         reduced = self._all_reduce_sum(
@@ -406,13 +407,7 @@ class Trainer:
     def _step_metrics(self) -> dict[str, float]:
         sums, global_counts, grad_norm = self._pending
         reduced = self._all_reduce_sum(sums.tolist())
-        metrics: dict[str, float] = {}
-        total = 0.0
-        for component, weight, count, value in zip(self.loss_components, self.loss_weights, global_counts, reduced):
-            mean = value / count if count else 0.0
-            metrics[f"loss/{component.name}"] = mean
-            total += weight * mean
-        metrics["loss"] = total
+        metrics = loss_means([c.name for c in self.loss_components], self.loss_weights, reduced, global_counts)
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = self._step_lr
         metrics.update(self.throughput.read())

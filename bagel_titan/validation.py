@@ -7,15 +7,22 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 
+from bagel_titan.distributed.utils import Reducer
+from bagel_titan.losses import loss_means
+from bagel_titan.protocols import LossComponent, ModelSpec, loss_counts
+
 if TYPE_CHECKING:
-    from bagel_titan.trainer import Trainer
+    from torch import nn
+
+    from bagel_titan.config.job_config import JobConfig
+    from bagel_titan.metrics.logger import MetricsLogger
 
 logger = logging.getLogger("bagel_titan")
 
@@ -24,17 +31,26 @@ VALIDATION_SEED = 20_240_601
 
 
 class Validator:
-    def __init__(self, trainer: "Trainer"):
-        self.trainer = trainer
-        self.cfg = trainer.job_config.validation
+    """Runs `[validation]` with the collaborators it is given (the trainer hands them over)."""
+
+    def __init__(self, job_config: "JobConfig", plugins: Any, model: "nn.Module", model_spec: ModelSpec,
+                 loss_components: Sequence[LossComponent], loss_weights: Sequence[float], reducer: Reducer,
+                 metrics_logger: "MetricsLogger", *, device: torch.device, rank: int, dp_rank: int,
+                 dp_world_size: int, run_folder: str):
+        self.job_config, self.plugins = job_config, plugins
+        self.cfg = job_config.validation
+        self.model, self.model_spec = model, model_spec
+        self.loss_components, self.loss_weights = list(loss_components), list(loss_weights)
+        self.reducer, self.metrics_logger = reducer, metrics_logger
+        self.device, self.rank, self.dp_rank, self.dp_world_size = device, rank, dp_rank, dp_world_size
+        self.run_folder = run_folder
         self._loader = None
 
     def _held_out_loader(self):
         if self._loader is None:
-            t = self.trainer
-            self._loader = t.plugins.dataloaders.get(t.job_config.data.loader).build(
-                t.job_config, t.plugins, t.model_spec, dp_rank=t.dp_rank, dp_world_size=t.dp_world_size,
-                datasets=self.cfg.datasets, infinite=False,
+            self._loader = self.plugins.dataloaders.get(self.job_config.data.loader).build(
+                self.job_config, self.plugins, self.model_spec, dp_rank=self.dp_rank,
+                dp_world_size=self.dp_world_size, datasets=self.cfg.datasets, infinite=False,
             )
         return self._loader
 
@@ -42,7 +58,6 @@ class Validator:
     def held_out_loss(self) -> dict[str, float]:
         """Mean of each loss component over `validation.steps` packs per rank (the first packs
         of the held-out data, the same every time)."""
-        t = self.trainer
         batches = []
         for batch in self._held_out_loader():
             batches.append(batch)
@@ -51,70 +66,63 @@ class Validator:
         if not batches:
             raise ValueError(
                 f"[validation] datasets {[d.path for d in self.cfg.datasets]} gave no packs on data-parallel "
-                f"rank {t.dp_rank}; add held-out data or set [validation] datasets = []"
+                f"rank {self.dp_rank}; add held-out data or set [validation] datasets = []"
             )
         # Ranks may hold different numbers of packs: all run the largest count (FSDP forwards
         # are collective), repeating their own packs, and only the real ones are counted.
-        most = int(t._all_reduce_max([float(len(batches))])[0])
-        sums = [0.0] * len(t.loss_components)
-        counts = [0.0] * len(t.loss_components)
-        was_training = t.model.training
-        t.model.eval()
+        most = int(self.reducer.max([float(len(batches))])[0])
+        sums = [0.0] * len(self.loss_components)
+        counts = [0.0] * len(self.loss_components)
+        was_training = self.model.training
+        self.model.eval()
         for index in range(most):
-            batch = batches[index % len(batches)].to(t.device)
-            generator = torch.Generator(device=t.device).manual_seed(VALIDATION_SEED + index * 7919 + t.dp_rank)
-            outputs = t.model_spec.forward(t.model, batch, generator)
+            batch = batches[index % len(batches)].to(self.device)
+            generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + index * 7919 + self.dp_rank)
+            outputs = self.model_spec.forward(self.model, batch, generator)
             if index >= len(batches):
                 continue
-            for i, component in enumerate(t.loss_components):
-                term = component(outputs, batch)
+            local_counts = loss_counts(self.model_spec, self.loss_components, batch)
+            for i, (component, count) in enumerate(zip(self.loss_components, local_counts)):
+                term = component(outputs, count)
                 sums[i] += float(term.sum)
                 counts[i] += float(term.count)
-        t.model.train(was_training)
-        reduced = t._all_reduce_sum(sums + counts)
+        self.model.train(was_training)
+        reduced = self.reducer.sum(sums + counts)
         n = len(sums)
-        metrics = {}
-        total = 0.0
-        for component, weight, value, count in zip(t.loss_components, t.loss_weights, reduced[:n], reduced[n:]):
-            mean = value / count if count else 0.0
-            metrics[f"val/loss/{component.name}"] = mean
-            total += weight * mean
-        metrics["val/loss"] = total
-        return metrics
+        return loss_means([c.name for c in self.loss_components], self.loss_weights, reduced[:n], reduced[n:],
+                          prefix="val/loss")
 
     @torch.no_grad()
     def samples(self, step: int) -> None:
         """Ask the model spec for samples; write PNGs and texts, and log them to TensorBoard."""
-        t = self.trainer
-        generate = getattr(t.model_spec, "generate_samples", None)
+        generate = getattr(self.model_spec, "generate_samples", None)
         if generate is None:
             return
-        was_training = t.model.training
-        t.model.eval()
-        generated = generate(t.model, t.job_config, step)
-        t.model.train(was_training)
-        if t.rank != 0:
+        was_training = self.model.training
+        self.model.eval()
+        generated = generate(self.model, self.job_config, step)
+        self.model.train(was_training)
+        if self.rank != 0:
             return
-        folder = os.path.join(t.run_folder, "samples", f"step-{step}")
+        folder = os.path.join(self.run_folder, "samples", f"step-{step}")
         os.makedirs(folder, exist_ok=True)
         for name, image in generated.images.items():
             array = np.asarray(image, dtype=np.uint8)
             Image.fromarray(array).save(os.path.join(folder, f"{name}.png"))
-            t.metrics_logger.log_image(f"samples/{name}", array, step)
+            self.metrics_logger.log_image(f"samples/{name}", array, step)
         if generated.texts:
             with open(os.path.join(folder, "texts.md"), "w") as f:
                 for name, text in generated.texts.items():
                     f.write(f"## {name}\n\n{text}\n\n")
-                    t.metrics_logger.log_text(f"samples/{name}", text, step)
+                    self.metrics_logger.log_text(f"samples/{name}", text, step)
         logger.info(
             f"step {step}: wrote {len(generated.images)} sample image(s) and {len(generated.texts)} text(s) to {folder}"
         )
 
     def run(self, step: int) -> None:
-        t = self.trainer
         if self.cfg.datasets:
             metrics = self.held_out_loss()
-            t.metrics_logger.log(step, metrics)
+            self.metrics_logger.log(step, metrics)
         self.samples(step)
         if dist.is_initialized():
             dist.barrier()

@@ -89,7 +89,7 @@ def job_argv(s: TrainSetting, dump_folder: str) -> list[str]:
 
     return [
         "--job.plugins", "synthetic_plugin", "--job.dump_folder", dump_folder, "--job.run_name", "bench",
-        "--model.name", "bagel-bench", "--model.flavor", s.flavor,
+        "--model.name", "bagel-bench", "--model.flavor", s.flavor, "--loss.components", "ce,flow_mse",
         "--bench.llm_layers", str(s.llm_layers), "--bench.vit_layers", str(s.vit_layers),
         "--bench.vit_side", ints(s.vit_side), "--bench.vae_side", ints(s.vae_side),
         "--bench.text_ids", ints(s.text_ids), "--bench.distinct_packs", str(s.distinct_packs),

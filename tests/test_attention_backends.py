@@ -39,7 +39,7 @@ def _build(plugins, name: str, spec: AttentionLayerSpec):
 
 @pytest.mark.parametrize("name", BACKEND_PARAMS)
 def test_llm_pack_agrees_with_eager(plugins, name):
-    spec = AttentionLayerSpec(4, 2, 16, 32, 0, "llm")
+    spec = AttentionLayerSpec(4, 2, 16, 32, 0, "decoder")
     rng = random.Random(42)
     docs = random_pack(rng, num_tokens=190, num_docs=4)
     inputs = random_inputs(docs, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=32, pad=9, seed=4)
@@ -57,7 +57,7 @@ def test_vit_backend_resolution_and_per_image_attention(plugins, name):
     backend = plugins.attention_backends.get(name)
     vit_name = getattr(backend, "vit_fallback", name)
     assert vit_name in plugins.attention_backends
-    spec = AttentionLayerSpec(4, 4, 16, 64, 0, "vit")
+    spec = AttentionLayerSpec(4, 4, 16, 64, 0, "encoder")
     lengths = [49, 16, 100]
     meta = AttentionMeta.full_documents(lengths)
     inputs = random_inputs([[(n, "full")] for n in lengths], num_heads=4, num_kv_heads=4, head_dim=16, seed=8)

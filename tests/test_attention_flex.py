@@ -18,7 +18,7 @@ def _compare(kv_heads: int, seed: int, options: dict) -> None:
     # 180-200 real tokens + padding stay inside one 256 bucket: one compiled shape per kv_heads.
     docs = random_pack(rng, num_tokens=rng.randint(180, 200), num_docs=rng.randint(3, 5))
     inputs = random_inputs(docs, num_heads=4, num_kv_heads=kv_heads, head_dim=16, pad=9, seed=seed)
-    spec = AttentionLayerSpec(4, kv_heads, 16, 32, 0, "llm")
+    spec = AttentionLayerSpec(4, kv_heads, 16, 32, 0, "decoder")
     expected = EagerBackend().build(spec, {})(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
     with torch.no_grad():
         actual = FlexBackend().build(spec, options)(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
@@ -40,7 +40,7 @@ def test_uncompiled_flex_matches_eager():
 def test_block_mask_is_built_once_per_batch():
     rng = random.Random(0)
     inputs = random_inputs(random_pack(rng, 100, 3), num_heads=4, num_kv_heads=4, head_dim=16)
-    module = FlexBackend().build(AttentionLayerSpec(4, 4, 16, 32, 0, "llm"), {"compile": False})
+    module = FlexBackend().build(AttentionLayerSpec(4, 4, 16, 32, 0, "decoder"), {"compile": False})
     with torch.no_grad():
         module(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
         first = inputs.meta._cache["flex_block_mask:128:128"]
@@ -50,7 +50,7 @@ def test_block_mask_is_built_once_per_batch():
 
 def test_cpu_backward_is_a_clear_error():
     inputs = random_inputs([[(10, "causal")]], num_heads=2, num_kv_heads=2, head_dim=8, requires_grad=True)
-    module = FlexBackend().build(AttentionLayerSpec(2, 2, 8, 32, 0, "llm"), {})
+    module = FlexBackend().build(AttentionLayerSpec(2, 2, 8, 32, 0, "decoder"), {})
     with pytest.raises(NotImplementedError, match="sdpa"):
         module(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
 
@@ -74,7 +74,7 @@ def test_bad_options():
     with pytest.raises(ValueError, match="block_size"):
         FlexConfig(block_size=100)
     with pytest.raises(ValueError, match=r"\[attention.flex\]"):
-        FlexBackend().build(AttentionLayerSpec(2, 2, 8, 32, 0, "llm"), {"blocksize": 64})
+        FlexBackend().build(AttentionLayerSpec(2, 2, 8, 32, 0, "decoder"), {"blocksize": 64})
 
 
 @pytest.mark.slow  # compiles create_block_mask

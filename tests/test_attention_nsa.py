@@ -19,7 +19,7 @@ from bagel_titan_plugins.attention.state_keys import optional_attention_state_ke
 from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 8, 24
-SPEC = AttentionLayerSpec(HEADS, KV_HEADS, HEAD_DIM, HIDDEN, 0, "llm")
+SPEC = AttentionLayerSpec(HEADS, KV_HEADS, HEAD_DIM, HIDDEN, 0, "decoder")
 SMALL = dict(block_size=16, kernel_size=8, kernel_stride=4, topk=3, init_blocks=1, local_blocks=1, window_size=10)
 
 
@@ -283,7 +283,7 @@ def test_backend_registration_and_options():
     assert backend.vit_fallback == "sdpa"
     assert plugins.config_sections.get("attention.nsa") is NSAConfig
     with pytest.raises(ValueError, match="vit_backend"):
-        backend.build(AttentionLayerSpec(4, 4, 8, 32, 0, "vit"), {})
+        backend.build(AttentionLayerSpec(4, 4, 8, 32, 0, "encoder"), {})
     with pytest.raises(ValueError, match=r"\[attention.nsa\].*window_size"):
         backend.build(SPEC, {"windowsize": 4})
     for bad, match in [

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA device and native-sparse-attention-triton",
 )
 
-SPEC = AttentionLayerSpec(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256, layer_index=0, role="llm")
+SPEC = AttentionLayerSpec(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256, layer_index=0, role="decoder")
 BASE = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=2, window_size=96)
 
 

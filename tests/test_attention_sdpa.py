@@ -13,7 +13,7 @@ from bagel_titan_plugins.attention.meta import AttentionMeta
 from bagel_titan_plugins.attention.sdpa import SDPABackend, SDPAConfig, document_calls
 from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
 
-SPEC = AttentionLayerSpec(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=32, layer_index=0, role="llm")
+SPEC = AttentionLayerSpec(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=32, layer_index=0, role="decoder")
 
 
 def _grads(module, inputs):
@@ -30,7 +30,7 @@ def test_sdpa_matches_eager_forward_and_grad(strategy, seed, kv_heads):
     rng = random.Random(seed)
     docs = random_pack(rng, num_tokens=96, num_docs=rng.randint(3, 5))
     inputs = random_inputs(docs, num_heads=4, num_kv_heads=kv_heads, head_dim=16, pad=7, seed=seed, requires_grad=True)
-    spec = AttentionLayerSpec(4, kv_heads, 16, 32, 0, "llm")
+    spec = AttentionLayerSpec(4, kv_heads, 16, 32, 0, "decoder")
     eager = EagerBackend().build(spec, {})
     sdpa = SDPABackend().build(spec, {"strategy": strategy, "document_call_tokens": 64})
 

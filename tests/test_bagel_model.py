@@ -12,7 +12,7 @@ from conftest import REFERENCE_SEED0
 from bagel_titan.config.job_config import JobConfig
 from bagel_titan.plugins import PluginManager
 from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
-from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel_for_tests
+from bagel_titan_plugins.bagel.spec import BagelSpec, bagel_loss_term, bagel_outputs, build_bagel_for_tests
 from bagel_titan_plugins.bagel.synthetic import Text, VaeImage, VitImage, synthetic_batch
 from bagel_titan_plugins.losses.ce import CELoss
 from bagel_titan_plugins.losses.flow_mse import FlowMSELoss
@@ -37,12 +37,9 @@ def _randomise_zero_init(model):
 
 
 def _loss(model, batch, generator=None):
-    from bagel_titan.protocols import ModelOutputs
-
     r = model(batch, generator)
-    out = ModelOutputs(logits=r.ce_logits, labels=batch.packed_label_ids, label_weights=batch.ce_loss_weights,
-                       pred_velocity=r.pred_velocity, target_velocity=r.target_velocity)
-    ce, mse = CELoss(CEOptions())(out, batch), FlowMSELoss(FlowMSEOptions())(out, batch)
+    out = bagel_outputs(r, batch)
+    ce, mse = bagel_loss_term(CELoss(CEOptions()), out, batch), bagel_loss_term(FlowMSELoss(FlowMSEOptions()), out, batch)
     return ce.sum / max(ce.count, 1) + mse.sum / max(mse.count, 1), r
 
 
@@ -186,7 +183,7 @@ def test_spec_builds_on_meta_and_trains_through_the_plugin_manager():
     batch = synthetic_batch(ARCH, OPTS, [UNDERSTANDING, EDITING])
     outputs = spec.forward(model, batch, torch.Generator().manual_seed(0))
     ce_factory, mse_factory = plugins.loss_components.get("ce"), plugins.loss_components.get("flow_mse")
-    ce, mse = ce_factory({})(outputs, batch), mse_factory({})(outputs, batch)
+    ce, mse = bagel_loss_term(ce_factory({}), outputs, batch), bagel_loss_term(mse_factory({}), outputs, batch)
     assert ce.count == batch.num_ce_tokens and mse.count == batch.num_mse_tokens == 6
     (ce.sum / ce.count + mse.sum / mse.count).backward()
     # llm2vae starts at zero, so only the CE path carries gradient into the LLM at step 0.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -45,6 +46,7 @@ def test_equals_form_lists_booleans_and_nested_sections():
             "--checkpoint.enable", "false",
             "--attention.fancy.topk", "8",
             "--model.freeze", "[\"vit\", \"llm\"]",
+            "--loss.components", "ce",
             "--loss.weights", "{ce = 0.5}",
         ],
     )
@@ -88,7 +90,7 @@ def test_errors_name_the_key_and_the_fix(toml_text, argv, message):
 def test_resolved_toml_round_trips():
     cfg = load(
         "[[data.datasets]]\npath = 'a.parquet'\n[attention.fancy]\ntopk = 4\n",
-        ["--optimizer.betas", "0.5,0.6", "--loss.weights", "{ce = 2.0, flow_mse = 0.5}", "--job.description", 'a "quoted" text'],
+        ["--optimizer.betas", "0.5,0.6", "--loss.components", "ce,flow_mse", "--loss.weights", "{ce = 2.0, flow_mse = 0.5}", "--job.description", 'a "quoted" text'],
     )
     again = load(to_toml(cfg))
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
@@ -119,3 +121,26 @@ def test_cli_help_and_print_config(capsys):
     assert "--data.packing_length" in capsys.readouterr().out
     assert cli_main(["--training.steps", "3", "--job.print_config"]) == 0
     assert tomllib.loads(capsys.readouterr().out)["training"]["steps"] == 3
+
+
+@pytest.mark.parametrize("argv, key", [(["--attention.backend", "flex"], "[attention] backend"),
+                                       (["--bagel.vit_backend", "flex"], "[bagel] vit_backend")])
+def test_a_backend_without_cpu_backward_is_refused_at_config_time(argv, key):
+    """The core checks its own backend and the ones the model spec names (BAGEL's ViT backend)."""
+    from bagel_titan.config.manager import check_run_environment, load_job_config
+
+    cfg, plugins = load_job_config(["--model.name", "bagel", "--loss.components", "ce", "--training.device", "cpu", *argv])
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} = 'flex' cannot train on the CPU"):
+        check_run_environment(cfg, plugins)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], r"\[model\] name is not set; name the model spec to train, one of: .*bagel"),
+    (["--model.name", "bagel"], r"\[loss\] components is empty; .*ce, .*flow_mse"),
+])
+def test_the_core_names_no_model_and_no_loss(argv, message):
+    from bagel_titan.config.manager import check_run_environment, load_job_config
+
+    cfg, plugins = load_job_config(["--training.device", "cpu", *argv])
+    with pytest.raises(ConfigError, match=message):
+        check_run_environment(cfg, plugins)

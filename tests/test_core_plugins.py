@@ -53,13 +53,12 @@ class ZLoss:
     def __init__(self, options):
         self.options = options
 
-    def count(self, batch):
-        return int((batch.labels >= 0).sum())
+    count_name = "labels"
 
-    def __call__(self, outputs, batch):
+    def __call__(self, outputs, count):
         open(os.environ["THIRD_PARTY_MARKER"], "a").write("z_loss\\n")
         z = torch.logsumexp(outputs.logits.float(), dim=-1)
-        return LossTerm(sum=(z * z).sum(), count=int(z.numel()))
+        return LossTerm(sum=(z * z).sum(), count=count)
 
 
 class ZLossFactory:

@@ -17,7 +17,7 @@ from bagel_titan.errors import UserError
 from bagel_titan.lora import LoRAExport, LoRALinear, apply_lora, init_adapters, lora_modules, merge_lora_weight
 from bagel_titan_plugins.bagel.config import architecture_from_release, bagel_config_from_release
 from bagel_titan_plugins.bagel.parity import load_fixture_batch, load_fixture_model
-from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel
+from bagel_titan_plugins.bagel.spec import BagelSpec, bagel_loss_term, bagel_outputs, build_bagel
 from bagel_titan_plugins.bagel.weights import detect, load_from_source, load_weights, read_architecture
 from bagel_titan_plugins.losses.ce import CELoss
 from bagel_titan_plugins.losses.flow_mse import FlowMSELoss
@@ -52,12 +52,9 @@ def lora_fixture_model(config: LoRA, randomise_b: bool = True):
 
 
 def loss_and_hidden(model, batch):
-    from bagel_titan.protocols import ModelOutputs
-
     r = model(batch, keep_intermediates=True)
-    out = ModelOutputs(logits=r.ce_logits, labels=batch.packed_label_ids, label_weights=batch.ce_loss_weights,
-                       pred_velocity=r.pred_velocity, target_velocity=r.target_velocity)
-    ce, mse = CELoss(CEOptions())(out, batch), FlowMSELoss(FlowMSEOptions())(out, batch)
+    out = bagel_outputs(r, batch)
+    ce, mse = bagel_loss_term(CELoss(CEOptions()), out, batch), bagel_loss_term(FlowMSELoss(FlowMSEOptions()), out, batch)
     return ce.sum / ce.count + mse.sum / mse.count, r.intermediates["last_hidden_state"]
 
 

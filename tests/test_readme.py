@@ -11,6 +11,7 @@ import torch
 
 from bagel_titan.config.manager import help_text
 from bagel_titan.plugins import PluginManager
+from bagel_titan.protocols import ModelOutputs
 from bagel_titan_plugins.attention.eager import eager_attention
 from bagel_titan_plugins.attention.meta import AttentionMeta
 from conftest import REPO
@@ -37,10 +38,9 @@ def test_plugin_example_backend_matches_eager_and_loss_runs():
     torch.testing.assert_close(attention(q, k, v, meta), eager_attention(q, k, v, meta.dense_mask()), atol=1e-5, rtol=1e-5)
 
     loss = module.bagel_titan_loss_components()[0]({})
-    batch = types.SimpleNamespace(packed_label_ids=torch.tensor([1, 2, 3]))
-    outputs = types.SimpleNamespace(logits=torch.randn(3, 10, generator=generator))
-    term = loss(outputs, batch)
-    assert term.count == loss.count(batch) == 3 and term.sum > 0
+    outputs = ModelOutputs(logits=torch.randn(3, 10, generator=generator))
+    term = loss(outputs, 3)
+    assert loss.count_name == "labels" and term.count == 3 and term.sum > 0
 
 
 @pytest.mark.parametrize("page", ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))])

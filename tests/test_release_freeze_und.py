@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REFERENCE_SEED0
-from bagel_titan.protocols import ModelOutputs
 from bagel_titan_plugins.bagel.parity import load_fixture_batch, load_fixture_model
+from bagel_titan_plugins.bagel.spec import bagel_loss_term, bagel_outputs
 from bagel_titan_plugins.losses.ce import CELoss
 from bagel_titan_plugins.losses.flow_mse import FlowMSELoss
 from bagel_titan_plugins.losses.options import CEOptions, FlowMSEOptions
@@ -28,10 +28,9 @@ def _grads(freeze_und: bool) -> dict[str, torch.Tensor | None]:
                 module.freeze_und = True
     batch, _, _ = load_fixture_batch(str(REFERENCE_SEED0))
     result = model(batch)
-    outputs = ModelOutputs(logits=result.ce_logits, labels=batch.packed_label_ids, label_weights=batch.ce_loss_weights,
-                           pred_velocity=result.pred_velocity, target_velocity=result.target_velocity)
-    ce = CELoss(CEOptions())(outputs, batch)
-    mse = FlowMSELoss(FlowMSEOptions())(outputs, batch)
+    outputs = bagel_outputs(result, batch)
+    ce = bagel_loss_term(CELoss(CEOptions()), outputs, batch)
+    mse = bagel_loss_term(FlowMSELoss(FlowMSEOptions()), outputs, batch)
     (ce.sum / ce.count + mse.sum / mse.count).backward()
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 

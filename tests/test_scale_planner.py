@@ -45,7 +45,7 @@ def test_plan_is_within_15_percent_of_a_measured_cpu_step(arch):
         for step in (1, 2):  # the second step runs with the optimizer state allocated
             out = spec.forward(model, batch, torch.Generator().manual_seed(step))
             ce = torch.nn.functional.cross_entropy(out.logits.float(), out.labels)
-            mse = (out.pred_velocity.float() - out.target_velocity.float()).square().mean()
+            mse = (out.extras["pred_velocity"].float() - out.extras["target_velocity"].float()).square().mean()
             (ce + mse).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

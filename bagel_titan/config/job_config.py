@@ -38,8 +38,8 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = "bagel"
-    """Model spec to train (registered by a plugin)."""
+    name: str = ""
+    """Model spec to train (registered by a plugin; `--help` and the error list them); required."""
     flavor: str = "debug"
     """Named size of the model spec (e.g. "debug", "7b-mot")."""
     pretrained_path: str = ""
@@ -190,7 +190,8 @@ class Checkpoint:
     initial_load_model_only: bool = True
     """With `initial_load_path`: load only the model weights (fine-tuning from a checkpoint)."""
     export_interval: int = 0
-    """Export inference weights every N steps; 0: only at the end of the run."""
+    """Export inference weights every N steps (to exports/step-N/); 0: none during the run
+    (`export_at_end` decides the final export)."""
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Dtype of exported weights."""
     export_at_end: bool = True
@@ -231,9 +232,8 @@ class DatasetEntry:
     name: str = ""
     """Name used in logs and metrics; empty: the path."""
     processor: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the model's processor options for this dataset only (BAGEL: keys of
-    [bagel.processor], e.g. `processor = { vae_max_size = 512, vit_max_pixels = 2007040 }`), as
-    the release's per-dataset image_transform_args / vit_image_transform_args."""
+    """Overrides of the model's processor options for this dataset only, as an inline table of
+    keys of the model's processor section (its docs list them)."""
     is_mandatory: bool = False
     """With `[data] packing_strategy = "release"`: every pack starts with one sample of this
     dataset (the release's `is_mandatory`)."""
@@ -250,7 +250,7 @@ class Data:
     """Pack several samples into one sequence."""
     packing_strategy: str = "first_fit"
     """Packing strategy (first_fit, best_fit, best_fit_decreasing, none, release, or from a
-    plugin); "release" is the BAGEL release's packing, options in [data.release_packing]."""
+    plugin); "release" is a model release's packing, options in [data.release_packing]."""
     packing_length: int = 4096
     """Tokens per pack (its hard cap; with release packing, the release's max_num_tokens)."""
     packing_window: int = 256
@@ -301,14 +301,13 @@ class Validation:
 class Attention:
     backend: str = "sdpa"
     """Attention backend (eager, sdpa, flex, nsa, or from a plugin); options in [attention.<backend>]."""
-    vit_backend: str = ""
-    """Backend for the ViT's per-image attention; empty: same as `backend` (nsa uses sdpa)."""
 
 
 @dataclass
 class Loss:
-    components: list[str] = field(default_factory=lambda: ["ce", "flow_mse"])
-    """Loss components to sum (registered by plugins); options in [loss.<name>]."""
+    components: list[str] = field(default_factory=list)
+    """Loss components to sum (registered by plugins, e.g. ["ce"]); options in [loss.<name>];
+    required for training."""
     weights: dict[str, float] = field(default_factory=dict)
     """Weight per component name; a component not listed weighs 1.0."""
 
@@ -349,11 +348,11 @@ class LoRA:
     so a resumed run is no longer bitwise identical to a straight one)."""
     targets: list[str] = field(default_factory=lambda: ["und", "gen"])
     """Linear layers to adapt: a module group of the model spec (every projection of it) or
-    "group.projection", e.g. "und.q_proj"; an unknown name lists the valid ones (BAGEL: und, gen
-    with q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; vit; connector; vae2llm; llm2vae)."""
+    "group.projection", e.g. "und.q_proj"; an unknown name lists the valid ones (the model's
+    docs name its groups)."""
     train_also: list[str] = field(default_factory=list)
-    """Module groups trained in full beside the adapters (BAGEL: connector, vit, vae2llm, llm2vae,
-    time_embedder, und, gen, llm); exported inside `adapter/` as peft's `modules_to_save`."""
+    """Module groups trained in full beside the adapters (groups of the model spec); exported
+    inside `adapter/` as peft's `modules_to_save`."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the trainable parameters (adapters, `train_also`) and so of their optimizer state."""
     base_dtype: Literal["float32", "bfloat16"] = "float32"

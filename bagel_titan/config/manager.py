@@ -187,6 +187,12 @@ def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
     if cfg.training.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("[training] device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     on_cpu = cfg.training.device == "cpu" or not torch.cuda.is_available()
+    if not cfg.model.name:
+        raise ConfigError(f"[model] name is not set; name the model spec to train, one of: "
+                          f"{', '.join(sorted(plugins.model_specs.names()))}")
+    if not cfg.loss.components:
+        raise ConfigError(f"[loss] components is empty; list the loss components to train with, from: "
+                          f"{', '.join(sorted(plugins.loss_components.names()))}")
     model_spec = plugins.model_specs.get(cfg.model.name)
     flavors = getattr(model_spec, "flavors", None)
     if flavors is not None and cfg.model.flavor not in flavors:
@@ -194,10 +200,12 @@ def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
             f"[model] flavor {cfg.model.flavor!r} is not a flavor of model {cfg.model.name!r}; "
             f"choose one of: {', '.join(sorted(flavors))}"
         )
-    for key, name in (("backend", cfg.attention.backend), ("vit_backend", getattr(cfg.attention, "vit_backend", ""))):
+    backends = {"[attention] backend": cfg.attention.backend}
+    backends.update(getattr(model_spec, "attention_backends", lambda _: {})(cfg))
+    for key, name in backends.items():
         if name and on_cpu and not getattr(plugins.attention_backends.get(name), "trains_on_cpu", True):
             raise ConfigError(
-                f"[attention] {key} = {name!r} cannot train on the CPU (no backward there); use "
+                f"{key} = {name!r} cannot train on the CPU (no backward there); use "
                 f"'sdpa' or 'eager' for a CPU run, or run on a GPU"
             )
     for key in ("pretrained_path", "tokenizer_path"):

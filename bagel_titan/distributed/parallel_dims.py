@@ -77,13 +77,6 @@ class ParallelDims:
         return self._mesh
 
     @property
-    def dp_mesh(self) -> DeviceMesh:
-        """The mesh FSDP shards over (all data-parallel dimensions)."""
-        if self._mesh is None:
-            raise RuntimeError("ParallelDims.build_mesh() must be called before using the mesh")
-        return self._mesh
-
-    @property
     def dp_world_size(self) -> int:
         return self.dp_replicate * self.dp_shard
 

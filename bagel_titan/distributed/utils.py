@@ -94,6 +94,28 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """`values` maximised element-wise over all ranks (float64)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+class Reducer:
+    """Element-wise sums and maxima of float lists over all ranks, through tensors on `device`
+    (the process group's device: CUDA for NCCL, the CPU for gloo)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sum(self, values: list[float]) -> list[float]:
+        return all_reduce_sum(values, self.device)
+
+    def max(self, values: list[float]) -> list[float]:
+        return all_reduce_max(values, self.device)
+
+
 def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """`values` summed key by key over all ranks; the ranks may hold different keys (a key a
     rank lacks counts as 0 there)."""

@@ -1,7 +1,7 @@
 """The LoRA linear: a frozen `nn.Linear` plus a trainable low-rank update `scaling * B A`.
 
 Our own module rather than peft's wrapper: peft moves the base weight to `<name>.base_layer.weight`,
-which would rename every adapted tensor away from the official BAGEL key that pretrained loading,
+which would rename every adapted tensor away from the model's official key that pretrained loading,
 DCP checkpoints and the export rely on. `LoRALinear` keeps `weight`/`bias` where `nn.Linear` has
 them and adds `lora_A` [rank, in] and `lora_B` [out, rank] (the shapes of peft's `lora_A.weight` and
 `lora_B.weight`), plain parameters that FSDP2 shards beside the frozen base.

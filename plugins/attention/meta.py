@@ -75,10 +75,6 @@ class AttentionMeta:
         return self.num_tokens > sum(self.doc_lengths)
 
     @property
-    def max_seqlen(self) -> int:
-        return max(self.doc_lengths) if self.doc_lengths else 0
-
-    @property
     def device(self) -> torch.device:
         return self.doc_ids.device
 

@@ -130,6 +130,9 @@ class BagelConfig:
     """Activation of the ViT-to-LLM MLP connector."""
     interpolate_pos: bool = False
     """ViT position ids interpolated to the full grid instead of extrapolated (processor side)."""
+    vit_backend: str = ""
+    """Attention backend of the ViT's per-image attention (options in [attention.<name>]); empty:
+    the same as [attention] backend, or that backend's ViT fallback (nsa: sdpa)."""
     vae_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Dtype of the frozen VAE: "auto" is bfloat16 on GPU and float32 on CPU."""
     vae_path: str = ""

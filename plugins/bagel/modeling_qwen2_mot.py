@@ -132,7 +132,7 @@ class PackedAttentionMoT(nn.Module):
             setattr(self, f"k_norm{suffix}", norm())
         self.attn_core = attention_factory(
             AttentionLayerSpec(num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-                               hidden_size=d, layer_index=layer_index, role="llm")
+                               hidden_size=d, layer_index=layer_index, role="decoder")
         )
 
     def _qkv(self, x_ND: torch.Tensor, suffix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

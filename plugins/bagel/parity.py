@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from bagel_titan.protocols import ModelOutputs
 from bagel_titan_plugins.losses.ce import CELoss
 from bagel_titan_plugins.losses.flow_mse import FlowMSELoss
 from bagel_titan_plugins.losses.options import CEOptions, FlowMSEOptions
@@ -26,7 +25,7 @@ from bagel_titan_plugins.losses.options import CEOptions, FlowMSEOptions
 from .batch import BagelPackedBatch
 from .config import architecture_from_release, bagel_config_from_release
 from .modeling import Bagel
-from .spec import build_bagel
+from .spec import bagel_loss_term, bagel_outputs, build_bagel
 from .weights import detect, load_from_source
 
 ABS_TOL = 1e-4
@@ -102,11 +101,10 @@ def compare_fixture(folder: str, backend=None) -> list[Diff]:
     grads = load_file(os.path.join(folder, "grads.safetensors"))
 
     result = model(batch, keep_intermediates=True)
-    outputs = ModelOutputs(logits=result.ce_logits, labels=batch.packed_label_ids, label_weights=batch.ce_loss_weights,
-                           pred_velocity=result.pred_velocity, target_velocity=result.target_velocity)
-    ce_term = CELoss(CEOptions())(outputs, batch)
-    ce_rw_term = CELoss(CEOptions(reweight=True))(outputs, batch)
-    mse_term = FlowMSELoss(FlowMSEOptions())(outputs, batch)
+    outputs = bagel_outputs(result, batch)
+    ce_term = bagel_loss_term(CELoss(CEOptions()), outputs, batch)
+    ce_rw_term = bagel_loss_term(CELoss(CEOptions(reweight=True)), outputs, batch)
+    mse_term = bagel_loss_term(FlowMSELoss(FlowMSEOptions()), outputs, batch)
     ce_loss = ce_term.sum / max(ce_term.count, 1)
     mse_loss = mse_term.sum / max(mse_term.count, 1)
     total = ce_loss * info.get("ce_weight", 1.0) + mse_loss * info.get("mse_weight", 1.0)

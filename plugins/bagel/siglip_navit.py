@@ -39,7 +39,7 @@ class SiglipAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
         self.attn_core = attention_factory(
             AttentionLayerSpec(num_heads=args.num_heads, num_kv_heads=args.num_heads, head_dim=args.head_dim,
-                               hidden_size=d, layer_index=layer_index, role="vit")
+                               hidden_size=d, layer_index=layer_index, role="encoder")
         )
 
     def forward(self, x_ND: torch.Tensor, meta) -> torch.Tensor:

@@ -9,13 +9,13 @@ from torch import nn
 
 from bagel_titan.errors import UserError
 from bagel_titan.lora import LoRAExport, LoRAGroups
-from bagel_titan.protocols import AttentionLayerSpec, GeneratedSamples, ModelOutputs
+from bagel_titan.protocols import AttentionLayerSpec, GeneratedSamples, LossComponent, LossTerm, ModelOutputs
 
 from . import weights
 from .batch import BagelPackedBatch
 from .config import FLAVORS, BagelArchitecture, BagelConfig, architecture_for
 from .flops import training_flops
-from .modeling import Bagel
+from .modeling import Bagel, BagelForwardResult
 
 if TYPE_CHECKING:
     from .sampling import BagelSampler
@@ -44,11 +44,11 @@ GEN_MODULES = ("vae2llm", "llm2vae", "time_embedder")
 
 
 def attention_factories(job_config, plugins) -> tuple[Callable[[AttentionLayerSpec], nn.Module], Callable[[AttentionLayerSpec], nn.Module]]:
-    """(LLM, ViT) attention-module factories from `[attention]`; the ViT uses `vit_backend`, else
+    """(LLM, ViT) attention-module factories from `[attention]`; the ViT uses `[bagel] vit_backend`, else
     the LLM backend's `vit_fallback` (nsa), else the LLM backend."""
     llm_name = job_config.attention.backend
     llm_backend = plugins.attention_backends.get(llm_name)
-    vit_name = job_config.attention.vit_backend or getattr(llm_backend, "vit_fallback", None) or llm_name
+    vit_name = BagelSpec.bagel_config(job_config).vit_backend or getattr(llm_backend, "vit_fallback", None) or llm_name
     vit_backend = plugins.attention_backends.get(vit_name)
     llm_options, vit_options = job_config.options(f"attention.{llm_name}"), job_config.options(f"attention.{vit_name}")
     return (lambda spec: llm_backend.build(spec, llm_options)), (lambda spec: vit_backend.build(spec, vit_options))
@@ -89,7 +89,12 @@ class BagelSpec:
 
     @staticmethod
     def bagel_config(job_config) -> BagelConfig:
+        """`[bagel]`, or its defaults when the config has none."""
         return job_config.section("bagel") if job_config.has_section("bagel") else BagelConfig()
+
+    def attention_backends(self, job_config) -> dict[str, str]:
+        """The ViT's own backend, for the config-time check that it trains where the run does."""
+        return {"[bagel] vit_backend": self.bagel_config(job_config).vit_backend}
 
     def architecture(self, job_config) -> BagelArchitecture:
         """The shapes to build: the `[model] flavor`'s, with the LLM and ViT of `[bagel] llm_path`
@@ -139,7 +144,7 @@ class BagelSpec:
         from .memory import activation_memory
 
         attention = job_config.attention
-        vit_backend = attention.vit_backend or ("sdpa" if attention.backend == "nsa" else attention.backend)
+        vit_backend = self.bagel_config(job_config).vit_backend or ("sdpa" if attention.backend == "nsa" else attention.backend)
         return activation_memory(model.arch, model.options, tokens, compute_bytes, activation_checkpointing,
                                  llm_backend=attention.backend, vit_backend=vit_backend)
 
@@ -218,6 +223,9 @@ class BagelSpec:
 
     # -- data / compute --------------------------------------------------------------------------
 
+    def loss_counts(self, batch: BagelPackedBatch) -> Mapping[str, float]:
+        return bagel_loss_counts(batch)
+
     def flops(self, batch: BagelPackedBatch) -> float:
         if self._built is None:
             raise RuntimeError("BagelSpec.flops needs the architecture: call build() first")
@@ -264,10 +272,49 @@ class BagelSpec:
 
     def forward(self, model: Bagel, batch: BagelPackedBatch, generator: torch.Generator | None) -> ModelOutputs:
         result = model(batch, generator)
-        return ModelOutputs(
-            logits=result.ce_logits,
-            labels=batch.packed_label_ids,
-            label_weights=batch.ce_loss_weights,
-            pred_velocity=result.pred_velocity,
-            target_velocity=result.target_velocity,
-        )
+        return bagel_outputs(result, batch)
+
+
+def bagel_outputs(result: BagelForwardResult, batch: BagelPackedBatch) -> ModelOutputs:
+    """The loss components' view of one forward: CE logits and labels, and by name the label
+    weights (`ce` with reweight) and, with visual generation, the velocities (`flow_mse`)."""
+    extras = {"label_weights": batch.ce_loss_weights}
+    if result.pred_velocity is not None:
+        extras["pred_velocity"] = result.pred_velocity
+    if result.target_velocity is not None:
+        extras["target_velocity"] = result.target_velocity
+    return ModelOutputs(logits=result.ce_logits, labels=batch.packed_label_ids, extras=extras)
+
+
+class _LossCounts(Mapping[str, float]):
+    """The batch's loss counts, each computed when a loss component asks for it (the weight sum
+    reads a device value back to the host; a run without `[loss.ce] reweight` never pays that)."""
+
+    def __init__(self, batch: BagelPackedBatch):
+        self._compute: dict[str, Callable[[], float]] = {
+            "labels": lambda: int(batch.packed_label_ids.shape[0]),
+            "label_weight_sum": lambda: float(batch.ce_loss_weights.sum()),
+            "noised_tokens": lambda: int(batch.mse_loss_indexes.shape[0]),
+        }
+
+    def __getitem__(self, name: str) -> float:
+        return self._compute[name]()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._compute
+
+    def __iter__(self):
+        return iter(self._compute)
+
+    def __len__(self) -> int:
+        return len(self._compute)
+
+
+def bagel_loss_counts(batch: BagelPackedBatch) -> Mapping[str, float]:
+    """"labels" and "label_weight_sum" (for `ce`), "noised_tokens" (for `flow_mse`)."""
+    return _LossCounts(batch)
+
+
+def bagel_loss_term(component: LossComponent, outputs: ModelOutputs, batch: BagelPackedBatch) -> LossTerm:
+    """One component's term of one batch, outside the trainer (parity checks, tests)."""
+    return component(outputs, bagel_loss_counts(batch)[component.count_name])

@@ -18,22 +18,7 @@ logger = logging.getLogger(__name__)
 
 BAD_RECORD_KEY = "__bad_record__"
 
-# The reasons the first-party readers and the BAGEL processor use (plugins may add more).
-REASONS = (
-    "bad_json",          # a JSON line / file entry that does not parse or is not an object
-    "empty_messages",    # no messages, or no content at all
-    "unknown_content",   # a content item type the processor does not know, or a malformed record
-    "image_missing",     # an image path that does not exist
-    "image_corrupt",     # bytes that do not decode as an image (or a bad data: URL)
-    "image_too_small",   # shorter side below [bagel.processor] min_image_side
-    "image_too_large",   # more pixels than [bagel.processor] max_image_pixels
-    "no_target",         # nothing to learn: no assistant text and no image to generate
-    "oversize",          # longer than [data] packing_length (oversize_policy = "skip")
-    "unreadable_record", # a row group / record batch (or a whole parquet file) that does not decode
-    "bad_utf8",          # a jsonl line that is not valid UTF-8
-    "image_unsupported_mode",  # pixels PIL cannot turn into 8-bit RGB faithfully (float images)
-    "processor_error",   # any other exception from the processor (logged with its traceback)
-)
+# The skip reasons (bad_json, image_missing, oversize, ...) are listed in docs/data.md.
 
 
 class DataError(UserError, ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from bagel_titan.protocols import Batch, LossTerm, ModelOutputs
+from bagel_titan.protocols import LossTerm, ModelOutputs
 
 from bagel_titan.config.fields import section_from_options
 
@@ -14,23 +14,21 @@ from .options import FlowMSEOptions
 class FlowMSELoss:
     """Sum over noised tokens of the channel-mean squared velocity error; count = noised tokens.
 
-    The model has already applied the timestep shift and built the target (noise - x0)."""
+    Reads the model outputs `pred_velocity` and `target_velocity` ([M, P], the model has already
+    applied the timestep shift and built the target noise - x0); counts "noised_tokens"."""
 
     name = "flow_mse"
 
     def __init__(self, options: FlowMSEOptions):
         self.options = options
+        self.count_name = "noised_tokens"
 
-    def count(self, batch: Batch) -> int:
-        return int(batch.mse_loss_indexes.shape[0])
-
-    def __call__(self, outputs: ModelOutputs, batch: Batch) -> LossTerm:
-        count = self.count(batch)
-        if outputs.pred_velocity is None or outputs.target_velocity is None:
-            if count:
-                raise ValueError("loss component 'flow_mse' needs ModelOutputs.pred_velocity and .target_velocity")
+    def __call__(self, outputs: ModelOutputs, count: float) -> LossTerm:
+        if not count and not {"pred_velocity", "target_velocity"} <= outputs.extras.keys():
             return LossTerm(sum=_zero_like_outputs(outputs), count=0)
-        sq_NP = (outputs.pred_velocity.float() - outputs.target_velocity.float()) ** 2
+        pred_NP = outputs.extra("pred_velocity", "flow_mse")
+        target_NP = outputs.extra("target_velocity", "flow_mse")
+        sq_NP = (pred_NP.float() - target_NP.float()) ** 2
         per_token = sq_NP.mean(-1) if self.options.channel_reduction == "mean" else sq_NP.sum(-1)
         return LossTerm(sum=per_token.sum(), count=count)
 

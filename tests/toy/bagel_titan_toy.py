@@ -56,7 +56,7 @@ class ToyBatch:
 
     @property
     def packed_label_ids(self) -> torch.Tensor:
-        """The CE targets (the name the first-party `ce` loss counts)."""
+        """The CE targets (what `loss_counts` calls "labels")."""
         return self.labels[self.labels >= 0]
 
     def to(self, device):
@@ -72,7 +72,7 @@ class ToyBlock(nn.Module):
         self.q = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim)
         self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.num_kv_heads * self.head_dim)
         self.o = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size)
-        spec = AttentionLayerSpec(cfg.num_heads, cfg.num_kv_heads, self.head_dim, cfg.hidden_size, index, "llm")
+        spec = AttentionLayerSpec(cfg.num_heads, cfg.num_kv_heads, self.head_dim, cfg.hidden_size, index, "decoder")
         self.attn_core = backend.build(spec, options)
         self.norm2 = nn.RMSNorm(cfg.hidden_size)
         self.mlp = nn.Sequential(nn.Linear(cfg.hidden_size, 4 * cfg.hidden_size), nn.GELU(), nn.Linear(4 * cfg.hidden_size, cfg.hidden_size))
@@ -150,6 +150,9 @@ class ToySpec:
     def frozen_modules(self, model, job_config):
         groups = {"embed": [model.embed, model.pos], "head": [model.head]}
         return [m for g in job_config.model.freeze for m in groups[g]]
+
+    def loss_counts(self, batch: ToyBatch) -> dict[str, float]:
+        return {"labels": int(batch.packed_label_ids.shape[0])}
 
     def flops(self, batch: ToyBatch) -> float:
         return 0.0

@@ -171,9 +171,9 @@ class NSABackend:
     vit_fallback = "sdpa"
 
     def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
-        if spec.role != "llm":
+        if spec.role != "decoder":
             raise ValueError(
-                f"the nsa backend serves causal LLM attention, not role {spec.role!r}; set [attention] "
-                f"vit_backend to \"{self.vit_fallback}\", \"flex\" or \"eager\" (empty uses {self.vit_fallback!r})"
+                f"the nsa backend serves causal decoder attention, not role {spec.role!r}; set the encoder's "
+                f"backend (BAGEL: [bagel] vit_backend) to \"{self.vit_fallback}\", \"flex\" or \"eager\" (empty uses {self.vit_fallback!r})"
             )
         return NSAAttention(spec, section_from_options(NSAConfig, options, self.config_section))

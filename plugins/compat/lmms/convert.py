@@ -16,6 +16,7 @@ def convert(document: Any) -> Conversion:
     conv = Conversion()
     config = split_config(document, conv)
     conv.set("model", "name", "bagel", "(BAGEL config)")
+    conv.set("loss", "components", ["ce", "flow_mse"], "(BAGEL trains text CE and flow-matching MSE)")
     convert_top(conv, config.top)
     convert_dataset(conv, config.dataset)
     convert_model(conv, config.model)
