@@ -209,6 +209,10 @@ class _ShardRun:
             "ready": [[list(k) for k in pack] for pack in self.ready],
             "pending_stats": dict(self.pending_stats),
             "finished": self.finished,
+            # Whether each source's current pass gave a usable sample yet: it decides when a shard
+            # switches to reading the whole dataset, so a resumed run must switch at the same draw.
+            "progress": [[source, epoch, self.epoch_good.get(source, False)]
+                         for source, epoch in sorted(self.epoch_seen.items())],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -217,6 +221,8 @@ class _ShardRun:
         self.ready = [[_as_key(k) for k in pack] for pack in state["ready"]]
         self.pending_stats = Counter(state["pending_stats"])
         self.finished = bool(state["finished"])
+        self.epoch_seen = {int(source): int(epoch) for source, epoch, _ in state["progress"]}
+        self.epoch_good = {int(source): bool(good) for source, _, good in state["progress"]}
         keys = [_as_key(k) for k in state["buffered"]]
         raw = self.mixture.fetch(keys)
         self.samples = {}
