@@ -27,7 +27,7 @@ import tempfile
 from typing import Any
 
 import common
-from bench_train_step import StepClock, TrainSetting, failure_reason, job_argv
+from bench_train_step import TrainSetting, failure_reason, job_argv, train_timed
 
 SCRIPT = os.path.abspath(__file__)
 
@@ -54,25 +54,13 @@ def run_setting(s: TrainSetting, rank: int) -> dict[str, Any]:
     """Train one row in this process; returns its figures."""
     import torch
 
-    from bagel_titan.config.manager import load_job_config
     from bagel_titan.distributed.utils import destroy_distributed
-    from bagel_titan.trainer import Trainer
 
     register_mid_flavor()
     if s.device == "cpu" and s.threads > 0:
         torch.set_num_threads(s.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        job_config, plugins = load_job_config(job_argv(s, tmp) + lora_argv(rank))
-        clock = StepClock(torch.device(s.device).type)
-        plugins.pm.register(clock, name="bench-step-clock")
-        try:
-            trainer = Trainer(job_config, plugins)
-            try:
-                trainer.train()
-            finally:
-                trainer.close()
-        finally:
-            plugins.pm.unregister(clock)
+        trainer, clock = train_timed(job_argv(s, tmp) + lora_argv(rank), torch.device(s.device).type)
         seconds = clock.times[s.warmup + s.steps] - clock.times[s.warmup]
         params = list(trainer.model.parameters())
         result = {

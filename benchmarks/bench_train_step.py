@@ -137,31 +137,41 @@ class StepClock:
         self._stamp()
 
 
+def train_timed(argv: list[str], device_type: str) -> tuple[Any, StepClock]:
+    """Run `bagel-titan argv` in this process with a `StepClock`; returns the closed trainer and
+    its clock (the state of the run stays readable on the trainer)."""
+    from bagel_titan.config.manager import load_job_config
+    from bagel_titan.trainer import Trainer
+
+    job_config, plugins = load_job_config(argv)
+    clock = StepClock(device_type)
+    plugins.pm.register(clock, name="bench-step-clock")
+    try:
+        trainer = Trainer(job_config, plugins)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:
+        plugins.pm.unregister(clock)
+    return trainer, clock
+
+
 def run_setting(s: TrainSetting) -> dict[str, Any]:
     """Train one row in this process; returns its figures."""
     import torch
 
-    from bagel_titan.config.manager import load_job_config
     from bagel_titan.distributed.utils import destroy_distributed
     from bagel_titan.metrics.device_flops import peak_flops_per_second
-    from bagel_titan.trainer import DTYPES, Trainer
+    from bagel_titan.trainer import DTYPES
 
     if s.steps < 1 or s.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {s.steps} and {s.warmup}")
     if s.device == "cpu" and s.threads > 0:
         torch.set_num_threads(s.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        job_config, plugins = load_job_config(job_argv(s, tmp))
-        clock = StepClock(torch.device(s.device).type)
-        plugins.pm.register(clock, name="bench-step-clock")
-        try:
-            trainer = Trainer(job_config, plugins)
-            try:
-                trainer.train()
-            finally:
-                trainer.close()
-        finally:
-            plugins.pm.unregister(clock)
+        trainer, clock = train_timed(job_argv(s, tmp), torch.device(s.device).type)
+        job_config = trainer.job_config
         device = trainer.device
         packs = trainer.dataloader.packs
         accum = job_config.training.grad_accum_steps
