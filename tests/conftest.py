@@ -195,3 +195,24 @@ def small_bagel_options(**overrides):
     from bagel_titan_plugins.bagel.config import BagelConfig
 
     return BagelConfig(**{"max_latent_size": 16, "vit_max_num_patch_per_side": 16, **overrides})
+
+
+def fsdp_bagel_from_folder(folder: str, world: int):
+    """The BAGEL of `folder`'s configs built on the meta device, FSDP2-sharded per ViT and LLM
+    layer and at the root over a `world`-rank CPU mesh, then materialised (uninitialised)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from bagel_titan_plugins.bagel.spec import build_bagel
+    from bagel_titan_plugins.bagel.weights import read_architecture
+
+    arch, options = read_architecture(str(folder))
+    with torch.device("meta"):
+        model = build_bagel(arch, options)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in list(model.vit_model.vision_model.encoder.layers) + list(model.language_model.model.layers):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    return model

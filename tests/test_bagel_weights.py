@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import REFERENCE_SEED0
+from conftest import REFERENCE_SEED0, fsdp_bagel_from_folder
 from bagel_titan.distributed.utils import destroy_distributed
 from bagel_titan_plugins.bagel.config import VAEArgs
 from bagel_titan_plugins.bagel.parity import load_fixture_model
@@ -159,22 +159,13 @@ def test_unknown_folder_says_what_it_looked_for(tmp_path):
 
 def _sharded_load(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        arch, options = read_architecture(str(FIXTURE))
-        with torch.device("meta"):
-            model = build_bagel(arch, options)
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in list(model.vit_model.vision_model.encoder.layers) + list(model.language_model.model.layers):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        model.to_empty(device="cpu")
+        model = fsdp_bagel_from_folder(FIXTURE, world)
         load_weights(model, str(FIXTURE))
         sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
         full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}

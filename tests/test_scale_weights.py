@@ -15,6 +15,7 @@ from bagel_titan.distributed.utils import destroy_distributed
 from bagel_titan_plugins.bagel import weights
 from bagel_titan_plugins.bagel.config import FLAVORS, BagelConfig
 from bagel_titan_plugins.bagel.spec import build_bagel
+from conftest import fsdp_bagel_from_folder
 
 
 def slice_7b(llm_layers: int = 1, vit_layers: int = 1, vocab: int = 1024, vae=None):
@@ -71,8 +72,6 @@ _REAL_SAFE_OPEN = weights.safe_open
 def _load_and_export(rank: int, world: int, port: int, folder: str, out: str) -> None:
     import torch.distributed as dist
     from safetensors import safe_open
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     from bagel_titan.distributed.tensor_io import gather_full
@@ -81,14 +80,7 @@ def _load_and_export(rank: int, world: int, port: int, folder: str, out: str) ->
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        arch, options = weights.read_architecture(folder)
-        with torch.device("meta"):
-            model = build_bagel(arch, options)
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in list(model.vit_model.vision_model.encoder.layers) + list(model.language_model.model.layers):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        model.to_empty(device="cpu")
+        model = fsdp_bagel_from_folder(folder, world)
         weights.safe_open = _ReadSpy
         try:
             weights.load_weights(model, folder)
