@@ -202,6 +202,7 @@ class Trainer:
             cfg, plugins, self.model, self.model_spec, self.loss_components, self.loss_weights,
             Reducer(self._collective_device()), self.metrics_logger, device=self.device, rank=self.rank,
             dp_rank=self.dp_rank, dp_world_size=self.dp_world_size, run_folder=self.run_folder,
+            compute_context=self._compute_context,
         ) if cfg.validation.enable else None
         self.consecutive_nonfinite = 0
         self._signal_received: int | None = None

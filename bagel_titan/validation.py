@@ -5,9 +5,10 @@ Every rank takes part (the model may be sharded, so forwards are collective); ra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +37,8 @@ class Validator:
     def __init__(self, job_config: "JobConfig", plugins: Any, model: "nn.Module", model_spec: ModelSpec,
                  loss_components: Sequence[LossComponent], loss_weights: Sequence[float], reducer: Reducer,
                  metrics_logger: "MetricsLogger", *, device: torch.device, rank: int, dp_rank: int,
-                 dp_world_size: int, run_folder: str):
+                 dp_world_size: int, run_folder: str,
+                 compute_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext):
         self.job_config, self.plugins = job_config, plugins
         self.cfg = job_config.validation
         self.model, self.model_spec = model, model_spec
@@ -44,6 +46,9 @@ class Validator:
         self.reducer, self.metrics_logger = reducer, metrics_logger
         self.device, self.rank, self.dp_rank, self.dp_world_size = device, rank, dp_rank, dp_world_size
         self.run_folder = run_folder
+        self.compute_context = compute_context
+        """The context the training forward runs in (bf16 autocast on one bf16 rank): the held-out
+        loss is computed in the same precision."""
         self._loader = None
 
     def _held_out_loader(self):
@@ -78,12 +83,13 @@ class Validator:
         for index in range(most):
             batch = batches[index % len(batches)].to(self.device)
             generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + index * 7919 + self.dp_rank)
-            outputs = self.model_spec.forward(self.model, batch, generator)
-            if index >= len(batches):
-                continue
-            local_counts = loss_counts(self.model_spec, self.loss_components, batch)
-            for i, (component, count) in enumerate(zip(self.loss_components, local_counts)):
-                term = component(outputs, count)
+            with self.compute_context():
+                outputs = self.model_spec.forward(self.model, batch, generator)
+                if index >= len(batches):
+                    continue
+                local_counts = loss_counts(self.model_spec, self.loss_components, batch)
+                terms = [component(outputs, count) for component, count in zip(self.loss_components, local_counts)]
+            for i, term in enumerate(terms):
                 sums[i] += float(term.sum)
                 counts[i] += float(term.count)
         self.model.train(was_training)
