@@ -2,7 +2,7 @@
 #   make train   # creates .venv, installs, trains the tiny debug BAGEL on the bundled data (CPU)
 #   make test    # creates .venv, installs, runs the whole test suite (what CI runs)
 #   make test-fast  # the suite without multi-process and long tests (-m "not slow and not dist")
-#   make lint    # ruff check (lint rules in pyproject.toml)
+#   make lint    # ruff check (lint rules in pyproject.toml) and ruff format --check
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a GPU machine use e.g. `make TORCH_SPEC="torch==2.11.0" train`.
@@ -44,6 +44,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs data/example .pytest_cache

@@ -86,8 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, SystemExit):
             raise
         if _peers_running() and _peer_lost(exc):
-            print(f"bagel-titan: error: {where}another rank stopped (its error is printed above); ending this "
-                  f"rank too", file=sys.stderr)
+            print(
+                f"bagel-titan: error: {where}another rank stopped (its error is printed above); ending this "
+                f"rank too",
+                file=sys.stderr,
+            )
             return _fail(1)
         traceback.print_exc()  # a bug: the traceback is for the report
         print(f"bagel-titan: internal error: {where}the traceback above is a bug report", file=sys.stderr)

@@ -46,9 +46,18 @@ def plan_for(job_config: JobConfig, plugins, world_size: int) -> MemoryPlan:
         hidden = max((p.shape[-1] for p in model.parameters() if p.dim() == 2), default=0)
         activations = generic_activations(units, tokens, hidden, _COMPUTE_BYTES[dtype], ac)
     separate = spec.separate_shards(model) if hasattr(spec, "separate_shards") else []
-    return plan_memory(model, units, separate=separate, world_size=world_size, dp_shard=dims.dp_shard if par.fsdp else 1,
-                       dtype=dtype, cpu_offload=par.cpu_offload, ema=job_config.ema.enable,
-                       ema_on_host=job_config.ema.device == "cpu", activations=activations)
+    return plan_memory(
+        model,
+        units,
+        separate=separate,
+        world_size=world_size,
+        dp_shard=dims.dp_shard if par.fsdp else 1,
+        dtype=dtype,
+        cpu_offload=par.cpu_offload,
+        ema=job_config.ema.enable,
+        ema_on_host=job_config.ema.device == "cpu",
+        activations=activations,
+    )
 
 
 def _world_size(argv: list[str]) -> tuple[int, list[str]]:
@@ -58,7 +67,9 @@ def _world_size(argv: list[str]) -> tuple[int, list[str]]:
         if arg == "--world-size" or arg.startswith("--world-size="):
             value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
             if not value.isdigit() or int(value) < 1:
-                raise UserError(f"--world-size must be a positive integer (the number of GPUs), got {value!r}")
+                raise UserError(
+                    f"--world-size must be a positive integer (the number of GPUs), got {value!r}"
+                )
             world = int(value)
         else:
             rest.append(arg)
@@ -86,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{cfg.model.name}/{cfg.model.flavor} on {world} rank(s): {cfg.training.dtype}, AC {cfg.activation_checkpoint.mode}, "
         f"cpu_offload {str(cfg.parallelism.cpu_offload).lower()}, EMA "
         f"{('on ' + cfg.ema.device) if cfg.ema.enable else 'off'}, packing_length {cfg.data.packing_length}\n"
-        + plan.table() + "\n"
+        + plan.table()
+        + "\n"
     )
     return 0
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Sequence
 
 
-def loss_means(names: Sequence[str], weights: Sequence[float], sums: Sequence[float], counts: Sequence[float],
-               prefix: str = "loss") -> dict[str, float]:
+def loss_means(
+    names: Sequence[str],
+    weights: Sequence[float],
+    sums: Sequence[float],
+    counts: Sequence[float],
+    prefix: str = "loss",
+) -> dict[str, float]:
     """`{prefix}/<name>`: each component's global mean (sum / count, 0 without elements), and
     `{prefix}`: their weighted total, which is what the optimiser minimises."""
     metrics: dict[str, float] = {}

@@ -25,8 +25,10 @@ steps, so lighter than TensorBoard's per-step 0.9)."""
 def read_metrics(path: str) -> list[dict]:
     """The records of a `metrics.jsonl` (a torn last line from a crash is ignored)."""
     if not os.path.isfile(path):
-        raise UserError(f"{path!r} does not exist: pass a run folder (<job.dump_folder>/<job.run_name>) "
-                        f"that has logged at least one step")
+        raise UserError(
+            f"{path!r} does not exist: pass a run folder (<job.dump_folder>/<job.run_name>) "
+            f"that has logged at least one step"
+        )
     records = []
     with open(path) as f:
         for line in f:
@@ -49,14 +51,19 @@ def loss_series(records: list[dict]) -> dict[str, dict[str, list[tuple[int, floa
             continue
         for key, value in record.items():
             split, name = ("val", key[4:]) if key.startswith("val/") else ("train", key)
-            if not (name == "loss" or name.startswith("loss/")) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
+            if (
+                not (name == "loss" or name.startswith("loss/"))
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 continue
             if name != "loss" and value == 0.0:  # a step whose batch had no token of this component
                 continue
             series.setdefault(name, {"train": {}, "val": {}})[split][step] = float(value)
     ordered = sorted(series, key=lambda name: (name != "loss", name))
-    return {name: {split: sorted(points.items()) for split, points in series[name].items()} for name in ordered}
+    return {
+        name: {split: sorted(points.items()) for split, points in series[name].items()} for name in ordered
+    }
 
 
 def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
@@ -77,8 +84,9 @@ def plot_run(run_folder: str, out: str | None = None) -> str:
     try:
         import matplotlib
     except ImportError:
-        raise UserError("matplotlib is not installed: pip install 'bagel-titan[plot]' (or pip install "
-                        "matplotlib)") from None
+        raise UserError(
+            "matplotlib is not installed: pip install 'bagel-titan[plot]' (or pip install matplotlib)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -107,7 +115,9 @@ def plot_run(run_folder: str, out: str | None = None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagel-titan-plot", description=__doc__.splitlines()[0])
-    parser.add_argument("run_folder", help="a run folder (<job.dump_folder>/<job.run_name>) with metrics.jsonl")
+    parser.add_argument(
+        "run_folder", help="a run folder (<job.dump_folder>/<job.run_name>) with metrics.jsonl"
+    )
     parser.add_argument("--out", help="image path (default: RUN_FOLDER/loss.png)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -139,7 +139,10 @@ class PluginManager:
             reader = self.dataset_readers.get(name)
             if any(path.endswith(ext) for ext in getattr(reader, "extensions", ())):
                 return reader
-        known = {n: list(getattr(self.dataset_readers.get(n), "extensions", ())) for n in self.dataset_readers.names()}
+        known = {
+            n: list(getattr(self.dataset_readers.get(n), "extensions", ()))
+            for n in self.dataset_readers.names()
+        }
         raise UnknownNameError(
             f"cannot infer the format of dataset path {path!r} from its extension; set `format` "
             f"in its [[data.datasets]] entry to one of {self.dataset_readers.names()} "

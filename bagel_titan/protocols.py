@@ -57,8 +57,10 @@ class ModelOutputs:
     def extra(self, name: str, component: str) -> torch.Tensor:
         """`extras[name]`, or a clear error naming the loss component that needs it."""
         if name not in self.extras:
-            raise ValueError(f"loss component {component!r} needs the model output {name!r}; the model produced "
-                             f"only {sorted(self.extras) or 'none'} (use a loss component this model supports)")
+            raise ValueError(
+                f"loss component {component!r} needs the model output {name!r}; the model produced "
+                f"only {sorted(self.extras) or 'none'} (use a loss component this model supports)"
+            )
         return self.extras[name]
 
 
@@ -99,8 +101,10 @@ def loss_counts(spec: "ModelSpec", components: Sequence[LossComponent], batch: B
     counts = spec.loss_counts(batch)
     missing = [c.name for c in components if c.count_name not in counts]
     if missing:
-        raise ValueError(f"loss components {missing} need counts the model spec does not give "
-                         f"(it gives {sorted(counts)}); choose [loss] components this model supports")
+        raise ValueError(
+            f"loss components {missing} need counts the model spec does not give "
+            f"(it gives {sorted(counts)}); choose [loss] components this model supports"
+        )
     return [float(counts[c.count_name]) for c in components]
 
 
@@ -321,7 +325,6 @@ class GeneratedSamples:
     """{name: text} e.g. the prompt/question and the model's answer."""
 
 
-
 class ModelSpec(Protocol):
     """Everything model specific the trainer needs. Registered through `bagel_titan_model_specs`."""
 
@@ -343,8 +346,16 @@ class ModelSpec(Protocol):
         """Load a pretrained folder (format detected) into a materialised, maybe sharded model."""
         ...
 
-    def export(self, model: nn.Module, path: str, dtype: torch.dtype, state_dict: Mapping[str, torch.Tensor] | None = None,
-               *, ema: bool = False, **options: Any) -> None:
+    def export(
+        self,
+        model: nn.Module,
+        path: str,
+        dtype: torch.dtype,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        *,
+        ema: bool = False,
+        **options: Any,
+    ) -> None:
         """Write an inference-ready folder into the existing folder `path`. Collective: every
         rank calls it with the model as it is (maybe sharded), and rank 0 writes. `state_dict`
         overrides the model's own tensors by name, sharded like them (the EMA shadow); `ema`

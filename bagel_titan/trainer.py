@@ -138,18 +138,23 @@ class Trainer:
             try:
                 self.model_spec.load_weights(self.model, cfg.model.pretrained_path)
             except SafetensorError as exc:  # a truncated or damaged weights file
-                raise UserError(f"[model] pretrained_path {cfg.model.pretrained_path!r}: a safetensors file does "
-                                f"not read ({exc}); download it again") from None
+                raise UserError(
+                    f"[model] pretrained_path {cfg.model.pretrained_path!r}: a safetensors file does "
+                    f"not read ({exc}); download it again"
+                ) from None
         if cfg.lora.enable:
             init_adapters(self.model, cfg.training.seed)
         self.model.train()
 
         # -- optimisation --
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps, cfg.optimizer.lr)
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, cfg.lr_scheduler, cfg.training.steps, cfg.optimizer.lr
+        )
         self.ema = (
             EMA(self.model, cfg.ema.decay, cfg.ema.start_step, cfg.ema.update_interval, cfg.ema.device)
-            if cfg.ema.enable else None
+            if cfg.ema.enable
+            else None
         )
         self.loss_components: list[LossComponent] = [
             plugins.loss_components.get(name)(cfg.options(f"loss.{name}")) for name in cfg.loss.components
@@ -195,15 +200,30 @@ class Trainer:
             self.ema.copy_from_model()
         self.param_dtype = DTYPES[cfg.training.dtype]
         self.peak_flops = peak_flops_per_second(self.device, self.param_dtype, cfg.metrics.peak_tflops)
-        self.metrics_logger = MetricsLogger(self.run_folder, cfg.metrics.enable_tensorboard, self.rank == 0,
-                                            resumed_step=restored_step)
+        self.metrics_logger = MetricsLogger(
+            self.run_folder, cfg.metrics.enable_tensorboard, self.rank == 0, resumed_step=restored_step
+        )
         self.throughput = ThroughputMeter(self.peak_flops)
-        self.validator = Validator(
-            cfg, plugins, self.model, self.model_spec, self.loss_components, self.loss_weights,
-            Reducer(self._collective_device()), self.metrics_logger, device=self.device, rank=self.rank,
-            dp_rank=self.dp_rank, dp_world_size=self.dp_world_size, run_folder=self.run_folder,
-            compute_context=self._compute_context,
-        ) if cfg.validation.enable else None
+        self.validator = (
+            Validator(
+                cfg,
+                plugins,
+                self.model,
+                self.model_spec,
+                self.loss_components,
+                self.loss_weights,
+                Reducer(self._collective_device()),
+                self.metrics_logger,
+                device=self.device,
+                rank=self.rank,
+                dp_rank=self.dp_rank,
+                dp_world_size=self.dp_world_size,
+                run_folder=self.run_folder,
+                compute_context=self._compute_context,
+            )
+            if cfg.validation.enable
+            else None
+        )
         self.consecutive_nonfinite = 0
         self._signal_received: int | None = None
         self.stop_signal: int | None = None
@@ -236,8 +256,11 @@ class Trainer:
                     except tomllib.TOMLDecodeError:  # edited by hand: nothing to compare with
                         before = _flat_config(text)
                 after = _flat_config(text)
-                changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-                           if before.get(k) != after.get(k) and k != "job.config_file"]
+                changed = [
+                    f"{k}: {before.get(k)!r} -> {after.get(k)!r}"
+                    for k in sorted(set(before) | set(after))
+                    if before.get(k) != after.get(k) and k != "job.config_file"
+                ]
                 if changed:
                     logger.info(f"config changed since this run folder's last start: {'; '.join(changed)}")
             with open(path, "w") as f:
@@ -270,12 +293,15 @@ class Trainer:
             group["lr"] = opt.lr * scheduler.lr_lambdas[index](scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if changed and self.rank == 0:
-            logger.info(f"resumed with the config's hyper-parameters, not the checkpoint's: {'; '.join(sorted(set(changed)))}")
+            logger.info(
+                f"resumed with the config's hyper-parameters, not the checkpoint's: {'; '.join(sorted(set(changed)))}"
+            )
 
     def _build_dataloader(self, cfg: JobConfig) -> Any:
         builder = self.plugins.dataloaders.get(cfg.data.loader)
-        return builder.build(cfg, self.plugins, self.model_spec, dp_rank=self.dp_rank,
-                             dp_world_size=self.dp_world_size)
+        return builder.build(
+            cfg, self.plugins, self.model_spec, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size
+        )
 
     def _restart_data(self, step: int) -> None:
         """The checkpoint's data positions do not map onto this run's data-parallel layout, so
@@ -288,15 +314,19 @@ class Trainer:
         self.dataloader = self._build_dataloader(cfg)
         self.checkpointer.dataloader = self.dataloader
         if self.rank == 0:
-            logger.info(f"data restarts at step {step} with [data] seed {restart_seed} (derived from seed "
-                        f"{seed} and the step) so that it does not replay the run's first samples")
+            logger.info(
+                f"data restarts at step {step} with [data] seed {restart_seed} (derived from seed "
+                f"{seed} and the step) so that it does not replay the run's first samples"
+            )
 
     def _compute_loss(self, outputs, batch: Batch, global_counts: list[float]):
         """Σ weight * term.sum / global count, plus the detached sums for logging."""
         total = None
         sums = []
         local_counts = loss_counts(self.model_spec, self.loss_components, batch)
-        for component, weight, count, local in zip(self.loss_components, self.loss_weights, global_counts, local_counts):
+        for component, weight, count, local in zip(
+            self.loss_components, self.loss_weights, global_counts, local_counts
+        ):
             term = component(outputs, local)
             sums.append(term.sum.detach().float())
             if count == 0:
@@ -325,7 +355,9 @@ class Trainer:
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def forward_backward(self, batches: list[Batch], step: int) -> tuple[torch.Tensor, list[float], int, bool]:
+    def forward_backward(
+        self, batches: list[Batch], step: int
+    ) -> tuple[torch.Tensor, list[float], int, bool]:
         """Accumulate the gradients of one step's microbatches.
 
         Returns the per-component loss sums of this rank, the global counts, the global token
@@ -338,7 +370,7 @@ class Trainer:
         reduced = self._all_reduce_sum(
             micro_counts + [local_tokens, float(signalled), float(self._signal_received or 0)]
         )
-        per_micro = [reduced[i * n:(i + 1) * n] for i in range(len(batches))]
+        per_micro = [reduced[i * n : (i + 1) * n] for i in range(len(batches))]
         global_counts = [sum(col) for col in zip(*per_micro)]
         global_tokens = int(reduced[len(micro_counts)])
         stop_requested = reduced[-2] > 0
@@ -384,7 +416,9 @@ class Trainer:
         self.train_state.tokens_seen += global_tokens
         if finite and self.ema is not None:
             self.ema.update(step)
-        self.throughput.add(sum(b.num_tokens for b in batches), sum(self.model_spec.flops(b) for b in batches))
+        self.throughput.add(
+            sum(b.num_tokens for b in batches), sum(self.model_spec.flops(b) for b in batches)
+        )
         if self.consecutive_nonfinite >= self.job_config.training.max_consecutive_nonfinite:
             healthy = self.checkpointer.latest_complete() if self.job_config.checkpoint.enable else None
             where = f"the last healthy checkpoint is {healthy}" if healthy else "no checkpoint was saved"
@@ -408,7 +442,9 @@ class Trainer:
     def _step_metrics(self) -> dict[str, float]:
         sums, global_counts, grad_norm = self._pending
         reduced = self._all_reduce_sum(sums.tolist())
-        metrics = loss_means([c.name for c in self.loss_components], self.loss_weights, reduced, global_counts)
+        metrics = loss_means(
+            [c.name for c in self.loss_components], self.loss_weights, reduced, global_counts
+        )
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = self._step_lr
         metrics.update(self.throughput.read())
@@ -435,8 +471,10 @@ class Trainer:
         resume into the divergence."""
         if self.consecutive_nonfinite:
             if force or step % self.job_config.checkpoint.interval == 0:
-                logger.warning(f"step {step} was non-finite: not saving a checkpoint (the last healthy one "
-                               f"is {self.checkpointer.latest_complete() or 'none'})")
+                logger.warning(
+                    f"step {step} was non-finite: not saving a checkpoint (the last healthy one "
+                    f"is {self.checkpointer.latest_complete() or 'none'})"
+                )
             return
         self.checkpointer.maybe_save(step, force=force)
 
@@ -445,7 +483,9 @@ class Trainer:
     def _install_signal_handlers(self):
         def handler(signum, frame):
             if self._signal_received is None:
-                logger.warning(f"received signal {signum}: saving a checkpoint and stopping after the next step")
+                logger.warning(
+                    f"received signal {signum}: saving a checkpoint and stopping after the next step"
+                )
             self._signal_received = signum
 
         previous = {}
@@ -495,8 +535,15 @@ class Trainer:
     def export(self, path: str) -> None:
         """Inference weights in the model spec's layout (the EMA's, when kept)."""
         dtype = DTYPES[self.job_config.checkpoint.export_dtype]
-        export_weights(self.model_spec, self.model, path, dtype, ema=self.ema, lora=self.job_config.lora,
-                       base_model_name_or_path=self.job_config.model.pretrained_path or None)
+        export_weights(
+            self.model_spec,
+            self.model,
+            path,
+            dtype,
+            ema=self.ema,
+            lora=self.job_config.lora,
+            base_model_name_or_path=self.job_config.model.pretrained_path or None,
+        )
         if self.rank == 0:
             logger.info(f"exported weights to {path}")
 

@@ -34,11 +34,24 @@ VALIDATION_SEED = 20_240_601
 class Validator:
     """Runs `[validation]` with the collaborators it is given (the trainer hands them over)."""
 
-    def __init__(self, job_config: "JobConfig", plugins: Any, model: "nn.Module", model_spec: ModelSpec,
-                 loss_components: Sequence[LossComponent], loss_weights: Sequence[float], reducer: Reducer,
-                 metrics_logger: "MetricsLogger", *, device: torch.device, rank: int, dp_rank: int,
-                 dp_world_size: int, run_folder: str,
-                 compute_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext):
+    def __init__(
+        self,
+        job_config: "JobConfig",
+        plugins: Any,
+        model: "nn.Module",
+        model_spec: ModelSpec,
+        loss_components: Sequence[LossComponent],
+        loss_weights: Sequence[float],
+        reducer: Reducer,
+        metrics_logger: "MetricsLogger",
+        *,
+        device: torch.device,
+        rank: int,
+        dp_rank: int,
+        dp_world_size: int,
+        run_folder: str,
+        compute_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+    ):
         self.job_config, self.plugins = job_config, plugins
         self.cfg = job_config.validation
         self.model, self.model_spec = model, model_spec
@@ -54,8 +67,13 @@ class Validator:
     def _held_out_loader(self):
         if self._loader is None:
             self._loader = self.plugins.dataloaders.get(self.job_config.data.loader).build(
-                self.job_config, self.plugins, self.model_spec, dp_rank=self.dp_rank,
-                dp_world_size=self.dp_world_size, datasets=self.cfg.datasets, infinite=False,
+                self.job_config,
+                self.plugins,
+                self.model_spec,
+                dp_rank=self.dp_rank,
+                dp_world_size=self.dp_world_size,
+                datasets=self.cfg.datasets,
+                infinite=False,
             )
         return self._loader
 
@@ -82,21 +100,30 @@ class Validator:
         self.model.eval()
         for index in range(most):
             batch = batches[index % len(batches)].to(self.device)
-            generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + index * 7919 + self.dp_rank)
+            generator = torch.Generator(device=self.device).manual_seed(
+                VALIDATION_SEED + index * 7919 + self.dp_rank
+            )
             with self.compute_context():
                 outputs = self.model_spec.forward(self.model, batch, generator)
                 if index >= len(batches):
                     continue
                 local_counts = loss_counts(self.model_spec, self.loss_components, batch)
-                terms = [component(outputs, count) for component, count in zip(self.loss_components, local_counts)]
+                terms = [
+                    component(outputs, count) for component, count in zip(self.loss_components, local_counts)
+                ]
             for i, term in enumerate(terms):
                 sums[i] += float(term.sum)
                 counts[i] += float(term.count)
         self.model.train(was_training)
         reduced = self.reducer.sum(sums + counts)
         n = len(sums)
-        return loss_means([c.name for c in self.loss_components], self.loss_weights, reduced[:n], reduced[n:],
-                          prefix="val/loss")
+        return loss_means(
+            [c.name for c in self.loss_components],
+            self.loss_weights,
+            reduced[:n],
+            reduced[n:],
+            prefix="val/loss",
+        )
 
     @torch.no_grad()
     def samples(self, step: int) -> None:

@@ -57,7 +57,11 @@ def load_config(path: str = CONFIG_PATH) -> dict[str, Any]:
 
 def _byte_ids() -> dict[int, int]:
     """Byte value -> token id: the position in GPT-2's `bytes_to_unicode` order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     order = printable + [b for b in range(256) if b not in printable]
     return {b: i for i, b in enumerate(order)}
 
@@ -71,7 +75,7 @@ def text_to_ids(text: str) -> list[int]:
 
 
 def parse_mix(mix: str) -> dict[str, float]:
-    """"t2i=3,text=1" -> {"t2i": 0.75, "text": 0.25} (order kept)."""
+    """ "t2i=3,text=1" -> {"t2i": 0.75, "text": 0.25} (order kept)."""
     weights: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in mix.split(","))):
         kind, _, value = part.partition("=")
@@ -102,14 +106,25 @@ def make_rows(cfg: dict[str, Any], mix: str) -> list[dict[str, Any]]:
         seed = int(rng.integers(0, 2**31 - 1))
         if kind == "t2i":
             sides = d["t2i_image_sides"]
-            row = dict(kind=kind, caption=phrase(*d["caption_words"]), height=int(rng.choice(sides)),
-                       width=int(rng.choice(sides)), image_seed=seed)
+            row = dict(
+                kind=kind,
+                caption=phrase(*d["caption_words"]),
+                height=int(rng.choice(sides)),
+                width=int(rng.choice(sides)),
+                image_seed=seed,
+            )
         elif kind == "text":
             row = dict(kind=kind, prompt=phrase(*d["prompt_words"]), answer=phrase(*d["answer_words"]))
         else:
             sides = d["und_image_sides"]
-            row = dict(kind=kind, question=phrase(*d["prompt_words"]), answer=phrase(*d["answer_words"]),
-                       height=int(rng.choice(sides)), width=int(rng.choice(sides)), image_seed=seed)
+            row = dict(
+                kind=kind,
+                question=phrase(*d["prompt_words"]),
+                answer=phrase(*d["answer_words"]),
+                height=int(rng.choice(sides)),
+                width=int(rng.choice(sides)),
+                image_seed=seed,
+            )
         row["index"] = index
         rows.append(row)
     return rows
@@ -120,14 +135,27 @@ def num_tokens(row: dict[str, Any], cfg: dict[str, Any]) -> int:
     vae_stride = cfg["vae"]["tiny"]["downsample"] * cfg["bagel"]["latent_patch_size"]
     patch = cfg["vit"]["patch_size"]
     if row["kind"] == "t2i":
-        return len(row["caption"].encode()) + 2 + (row["height"] // vae_stride) * (row["width"] // vae_stride) + 2
+        return (
+            len(row["caption"].encode())
+            + 2
+            + (row["height"] // vae_stride) * (row["width"] // vae_stride)
+            + 2
+        )
     if row["kind"] == "text":
         return len(row["prompt"].encode()) + 2 + len(row["answer"].encode()) + 2
-    return ((row["height"] // patch) * (row["width"] // patch) + 2
-            + len(row["question"].encode()) + 2 + len(row["answer"].encode()) + 2)
+    return (
+        (row["height"] // patch) * (row["width"] // patch)
+        + 2
+        + len(row["question"].encode())
+        + 2
+        + len(row["answer"].encode())
+        + 2
+    )
 
 
-def first_fit_packs(rows: list[dict[str, Any]], cfg: dict[str, Any], pack_len: int, n_packs: int) -> list[list[dict]]:
+def first_fit_packs(
+    rows: list[dict[str, Any]], cfg: dict[str, Any], pack_len: int, n_packs: int
+) -> list[list[dict]]:
     """LMMS Engine's first-fit packing (one open bin, emitted when the next row does not fit;
     over-long rows dropped; the bin flushed at the end of every pass over the stream)."""
     packs: list[list[dict]] = []
@@ -155,7 +183,9 @@ def image_pixels(row: dict[str, Any]):
     """[3, H, W] float32 in [-1, 1]: the row's uint8 noise image."""
     import torch
 
-    pixels = np.random.default_rng(row["image_seed"]).integers(0, 256, (row["height"], row["width"], 3), dtype=np.uint8)
+    pixels = np.random.default_rng(row["image_seed"]).integers(
+        0, 256, (row["height"], row["width"], 3), dtype=np.uint8
+    )
     return torch.from_numpy(pixels).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
@@ -183,19 +213,40 @@ def anchor_architecture(cfg: dict[str, Any], vae: str = "tiny"):
 
     llm, vit, ae = cfg["llm"], cfg["vit"], cfg["vae"][vae]
     return BagelArchitecture(
-        llm=LLMArgs(vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"],
-                    intermediate_size=llm["intermediate_size"], num_layers=llm["num_hidden_layers"],
-                    num_heads=llm["num_attention_heads"], num_kv_heads=llm["num_key_value_heads"],
-                    rms_norm_eps=llm["rms_norm_eps"], rope_theta=llm["rope_theta"], qk_norm=llm["qk_norm"],
-                    tie_word_embeddings=llm["tie_word_embeddings"],
-                    max_position_embeddings=llm["max_position_embeddings"]),
-        vit=ViTArgs(hidden_size=vit["hidden_size"], intermediate_size=vit["intermediate_size"],
-                    num_layers=vit["num_hidden_layers"], num_heads=vit["num_attention_heads"],
-                    image_size=vit["image_size"], patch_size=vit["patch_size"], num_channels=vit["num_channels"],
-                    layer_norm_eps=vit["layer_norm_eps"]),
-        vae=VAEArgs(ch=ae["ch"], ch_mult=tuple(ae["ch_mult"]), num_res_blocks=ae["num_res_blocks"],
-                    z_channels=ae["z_channels"], in_channels=ae["in_channels"], out_ch=ae["out_ch"],
-                    resolution=ae["resolution"], scale_factor=ae["scale_factor"], shift_factor=ae["shift_factor"]),
+        llm=LLMArgs(
+            vocab_size=llm["vocab_size"],
+            hidden_size=llm["hidden_size"],
+            intermediate_size=llm["intermediate_size"],
+            num_layers=llm["num_hidden_layers"],
+            num_heads=llm["num_attention_heads"],
+            num_kv_heads=llm["num_key_value_heads"],
+            rms_norm_eps=llm["rms_norm_eps"],
+            rope_theta=llm["rope_theta"],
+            qk_norm=llm["qk_norm"],
+            tie_word_embeddings=llm["tie_word_embeddings"],
+            max_position_embeddings=llm["max_position_embeddings"],
+        ),
+        vit=ViTArgs(
+            hidden_size=vit["hidden_size"],
+            intermediate_size=vit["intermediate_size"],
+            num_layers=vit["num_hidden_layers"],
+            num_heads=vit["num_attention_heads"],
+            image_size=vit["image_size"],
+            patch_size=vit["patch_size"],
+            num_channels=vit["num_channels"],
+            layer_norm_eps=vit["layer_norm_eps"],
+        ),
+        vae=VAEArgs(
+            ch=ae["ch"],
+            ch_mult=tuple(ae["ch_mult"]),
+            num_res_blocks=ae["num_res_blocks"],
+            z_channels=ae["z_channels"],
+            in_channels=ae["in_channels"],
+            out_ch=ae["out_ch"],
+            resolution=ae["resolution"],
+            scale_factor=ae["scale_factor"],
+            shift_factor=ae["shift_factor"],
+        ),
     )
 
 
@@ -203,8 +254,12 @@ def special_tokens(cfg: dict[str, Any]):
     from bagel_titan_plugins.bagel.processor import SpecialTokens
 
     s = cfg["special_tokens"]
-    return SpecialTokens(bos=s["bos_token_id"], eos=s["eos_token_id"], vision_start=s["start_of_image"],
-                         vision_end=s["end_of_image"])
+    return SpecialTokens(
+        bos=s["bos_token_id"],
+        eos=s["eos_token_id"],
+        vision_start=s["start_of_image"],
+        vision_end=s["end_of_image"],
+    )
 
 
 def bagel_sample(row: dict[str, Any], cfg: dict[str, Any]):
@@ -216,23 +271,44 @@ def bagel_sample(row: dict[str, Any], cfg: dict[str, Any]):
     key = ("anchor", row["index"])
     if row["kind"] == "t2i":
         stride = cfg["vae"]["tiny"]["downsample"] * cfg["bagel"]["latent_patch_size"]
-        return BagelSample([TextSegment(text_to_ids(row["caption"]), loss=False),
-                            VaeSegment(image_pixels(row), stride, noised=True)], key)
+        return BagelSample(
+            [
+                TextSegment(text_to_ids(row["caption"]), loss=False),
+                VaeSegment(image_pixels(row), stride, noised=True),
+            ],
+            key,
+        )
     if row["kind"] == "text":
-        return BagelSample([TextSegment(text_to_ids(row["prompt"]), loss=False),
-                            TextSegment(text_to_ids(row["answer"]), loss=True)], key)
-    return BagelSample([VitSegment(image_pixels(row), cfg["vit"]["patch_size"]),
-                        TextSegment(text_to_ids(row["question"]), loss=False),
-                        TextSegment(text_to_ids(row["answer"]), loss=True)], key)
+        return BagelSample(
+            [
+                TextSegment(text_to_ids(row["prompt"]), loss=False),
+                TextSegment(text_to_ids(row["answer"]), loss=True),
+            ],
+            key,
+        )
+    return BagelSample(
+        [
+            VitSegment(image_pixels(row), cfg["vit"]["patch_size"]),
+            TextSegment(text_to_ids(row["question"]), loss=False),
+            TextSegment(text_to_ids(row["answer"]), loss=True),
+        ],
+        key,
+    )
 
 
 def anchor_bagel_config(cfg: dict[str, Any], mix: str):
     from bagel_titan_plugins.bagel.config import BagelConfig
 
     b = cfg["bagel"]
-    return BagelConfig(visual_und="und" in parse_mix(mix), visual_gen=True, timestep_shift=b["timestep_shift"],
-                       latent_patch_size=b["latent_patch_size"], max_latent_size=b["max_latent_size"],
-                       vit_max_num_patch_per_side=b["vit_max_num_patch_per_side"], interpolate_pos=b["interpolate_pos"])
+    return BagelConfig(
+        visual_und="und" in parse_mix(mix),
+        visual_gen=True,
+        timestep_shift=b["timestep_shift"],
+        latent_patch_size=b["latent_patch_size"],
+        max_latent_size=b["max_latent_size"],
+        vit_max_num_patch_per_side=b["vit_max_num_patch_per_side"],
+        interpolate_pos=b["interpolate_pos"],
+    )
 
 
 class AnchorPacks:
@@ -277,8 +353,13 @@ def _spec_class():
             from bagel_titan_plugins.bagel.collator import BagelCollator
 
             arch = self.architecture(job_config)
-            return BagelCollator(job_config, self.bagel_config(job_config), special_tokens=special_tokens(load_config()),
-                                 vit_patch_size=arch.vit.patch_size, vae_downsample=arch.vae.downsample)
+            return BagelCollator(
+                job_config,
+                self.bagel_config(job_config),
+                special_tokens=special_tokens(load_config()),
+                vit_patch_size=arch.vit.patch_size,
+                vae_downsample=arch.vae.downsample,
+            )
 
     return AnchorSpec
 
@@ -336,16 +417,54 @@ class Row:
 
 def job_argv(row: Row, folder: str) -> list[str]:
     argv = [
-        "--job.plugins", "bench_anchor_step", "--job.dump_folder", folder, "--job.run_name", "anchor",
-        "--model.name", "bagel-anchor", "--data.loader", "anchor", "--data.packing_length", str(row.pack_len),
-        "--anchor.mix", row.mix, "--anchor.vae", row.vae, "--anchor.packs", str(row.warmup + row.steps),
-        "--training.device", "cpu", "--training.dtype", DTYPES[row.dtype], "--training.max_norm", "1.0",
-        "--training.steps", str(row.warmup + row.steps),
-        "--optimizer.lr", "1e-4", "--optimizer.weight_decay", "0", "--optimizer.betas", "0.9,0.999",
-        "--optimizer.eps", "1e-8", "--loss.components", "ce,flow_mse",
-        "--activation_checkpoint.mode", row.ac, "--compile.enable", str(row.compile).lower(),
-        "--metrics.enable_tensorboard", "false", "--checkpoint.enable", "false",
-        "--checkpoint.export_at_end", "false", "--ema.enable", "false",
+        "--job.plugins",
+        "bench_anchor_step",
+        "--job.dump_folder",
+        folder,
+        "--job.run_name",
+        "anchor",
+        "--model.name",
+        "bagel-anchor",
+        "--data.loader",
+        "anchor",
+        "--data.packing_length",
+        str(row.pack_len),
+        "--anchor.mix",
+        row.mix,
+        "--anchor.vae",
+        row.vae,
+        "--anchor.packs",
+        str(row.warmup + row.steps),
+        "--training.device",
+        "cpu",
+        "--training.dtype",
+        DTYPES[row.dtype],
+        "--training.max_norm",
+        "1.0",
+        "--training.steps",
+        str(row.warmup + row.steps),
+        "--optimizer.lr",
+        "1e-4",
+        "--optimizer.weight_decay",
+        "0",
+        "--optimizer.betas",
+        "0.9,0.999",
+        "--optimizer.eps",
+        "1e-8",
+        "--loss.components",
+        "ce,flow_mse",
+        "--activation_checkpoint.mode",
+        row.ac,
+        "--compile.enable",
+        str(row.compile).lower(),
+        "--metrics.enable_tensorboard",
+        "false",
+        "--checkpoint.enable",
+        "false",
+        "--checkpoint.export_at_end",
+        "false",
+        "--ema.enable",
+        "false",
     ]
     if row.backend:
         argv += ["--attention.backend", row.backend]
@@ -387,21 +506,29 @@ def run_row(row: Row) -> dict[str, Any]:
                     cpu_times.append(cpu_seconds)
                     tokens.append(batch.num_tokens)
                     new_graphs.append(compiled)
-                print(f"STEP {step + 1} tokens={batch.num_tokens} ms={seconds * 1e3:.1f} cpu_ms={cpu_seconds * 1e3:.1f} "
-                      f"tok_s={batch.num_tokens / seconds:.0f} new_graphs={compiled}"
-                      f"{' (warm-up)' if step < row.warmup else ''}", flush=True)
+                print(
+                    f"STEP {step + 1} tokens={batch.num_tokens} ms={seconds * 1e3:.1f} cpu_ms={cpu_seconds * 1e3:.1f} "
+                    f"tok_s={batch.num_tokens / seconds:.0f} new_graphs={compiled}"
+                    f"{' (warm-up)' if step < row.warmup else ''}",
+                    flush=True,
+                )
             backend = job_config.attention.backend
         finally:
             trainer.close()
             destroy_distributed()
     tok_s = [n / t for n, t in zip(tokens, times)]
     cpu_tok_s = [n / t for n, t in zip(tokens, cpu_times)]
-    return {"backend": backend, "median_tok_s": statistics.median(tok_s), "median_ms": statistics.median(times) * 1e3,
-            "median_cpu_tok_s": statistics.median(cpu_tok_s),
-            "tokens": tokens, "recompiles": sum(new_graphs),
-            "last_recompile": max((i + 1 for i, n in enumerate(new_graphs) if n), default=0),
-            "threads": torch.get_num_threads(),
-            "device": common.device_description("cpu")}
+    return {
+        "backend": backend,
+        "median_tok_s": statistics.median(tok_s),
+        "median_ms": statistics.median(times) * 1e3,
+        "median_cpu_tok_s": statistics.median(cpu_tok_s),
+        "tokens": tokens,
+        "recompiles": sum(new_graphs),
+        "last_recompile": max((i + 1 for i, n in enumerate(new_graphs) if n), default=0),
+        "threads": torch.get_num_threads(),
+        "device": common.device_description("cpu"),
+    }
 
 
 def worker_env(tree: str) -> dict[str, str]:
@@ -421,7 +548,9 @@ def worker_env(tree: str) -> dict[str, str]:
 def run_isolated(row: Row, timeout_s: float) -> dict[str, Any]:
     cmd = [sys.executable, SCRIPT, "--single", json.dumps(asdict(row))]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=worker_env(row.tree))
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, env=worker_env(row.tree)
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     for line in proc.stdout.splitlines():
@@ -436,14 +565,20 @@ def run_isolated(row: Row, timeout_s: float) -> dict[str, Any]:
 
 
 def label(row: Row) -> str:
-    return (f"{row.tree and 'baseline' or 'this tree'} {row.dtype} backend={row.backend or 'default'} "
-            f"compile={'on' if row.compile else 'off'} ac={row.ac}")
+    return (
+        f"{row.tree and 'baseline' or 'this tree'} {row.dtype} backend={row.backend or 'default'} "
+        f"compile={'on' if row.compile else 'off'} ac={row.ac}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp32,bf16 (bf16: mixed precision, fp32 master weights)")
-    parser.add_argument("--backend", default="", help="attention backend(s), comma separated; empty: the default")
+    parser.add_argument(
+        "--dtype", default="fp32", help="fp32, bf16 or fp32,bf16 (bf16: mixed precision, fp32 master weights)"
+    )
+    parser.add_argument(
+        "--backend", default="", help="attention backend(s), comma separated; empty: the default"
+    )
     parser.add_argument("--compile", default="off", help="off, on or off,on")
     parser.add_argument("--ac", default="none", help="activation checkpointing mode(s): none,full,selective")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per row")
@@ -452,10 +587,14 @@ def main() -> None:
     parser.add_argument("--mix", default="t2i=3,text=1")
     parser.add_argument("--vae", default="tiny", choices=["tiny", "full"])
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--baseline", default="", help="root of another bagel-titan checkout to interleave with")
+    parser.add_argument(
+        "--baseline", default="", help="root of another bagel-titan checkout to interleave with"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="rounds of (this tree, baseline) per row")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
-    parser.add_argument("--list-packs", action="store_true", help="print the first packs' token counts and exit")
+    parser.add_argument(
+        "--list-packs", action="store_true", help="print the first packs' token counts and exit"
+    )
     parser.add_argument("--single", default="", help=argparse.SUPPRESS)
     common.add_results_option(parser)
     args = parser.parse_args()
@@ -473,10 +612,24 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown --dtype or --compile value(s): {sorted(unknown)}")
     trees = [""] + ([os.path.abspath(args.baseline)] if args.baseline else [])
-    grid = [Row(backend=b, compile=c == "on", dtype=d, ac=ac, steps=args.steps, warmup=args.warmup,
-                pack_len=args.pack_len, mix=args.mix, vae=args.vae, threads=args.threads)
-            for d in args.dtype.split(",") for b in args.backend.split(",") for c in args.compile.split(",")
-            for ac in args.ac.split(",")]
+    grid = [
+        Row(
+            backend=b,
+            compile=c == "on",
+            dtype=d,
+            ac=ac,
+            steps=args.steps,
+            warmup=args.warmup,
+            pack_len=args.pack_len,
+            mix=args.mix,
+            vae=args.vae,
+            threads=args.threads,
+        )
+        for d in args.dtype.split(",")
+        for b in args.backend.split(",")
+        for c in args.compile.split(",")
+        for ac in args.ac.split(",")
+    ]
     results: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for _ in range(args.rounds):
         for i, base in enumerate(grid):
@@ -488,8 +641,11 @@ def main() -> None:
                 if "error" in r:
                     print(f"TOTAL {label(row)} error={r['error']}", flush=True)
                 else:
-                    print(f"TOTAL {label(row)} median_ms={r['median_ms']:.1f} median_tok_s={r['median_tok_s']:.0f} "
-                          f"median_cpu_tok_s={r['median_cpu_tok_s']:.0f} recompiles={r['recompiles']}", flush=True)
+                    print(
+                        f"TOTAL {label(row)} median_ms={r['median_ms']:.1f} median_tok_s={r['median_tok_s']:.0f} "
+                        f"median_cpu_tok_s={r['median_cpu_tok_s']:.0f} recompiles={r['recompiles']}",
+                        flush=True,
+                    )
 
     def summary(rs: list[dict[str, Any]], key: str) -> float | None:
         ok = [r for r in rs if "error" not in r]
@@ -505,8 +661,18 @@ def main() -> None:
     def ratio(value: float | None, ref: float | None) -> str:
         return f"{value / ref:.2f}x" if value and ref else ""
 
-    header = ["tree", "dtype", "backend", "compile", "AC", "median tokens/s", "CPU-time tokens/s",
-              "recompiles (timed)", "vs baseline (wall, CPU time)", "note"]
+    header = [
+        "tree",
+        "dtype",
+        "backend",
+        "compile",
+        "AC",
+        "median tokens/s",
+        "CPU-time tokens/s",
+        "recompiles (timed)",
+        "vs baseline (wall, CPU time)",
+        "note",
+    ]
     table_rows = []
     for i, base in enumerate(grid):
         ref_rs = results[(i, trees[-1])] if args.baseline else []
@@ -518,23 +684,36 @@ def main() -> None:
             if ref_rs and tree != trees[-1]:
                 versus = f"{ratio(wall, summary(ref_rs, 'median_tok_s'))}, {ratio(cpu, summary(ref_rs, 'median_cpu_tok_s'))}"
             backend = ok[0]["backend"] if ok else (base.backend or "default")
-            table_rows.append(("baseline" if tree else "this tree", base.dtype, backend, "on" if base.compile else "off",
-                               base.ac, f"{wall:,.0f}" if wall else "", f"{cpu:,.0f}" if cpu else "",
-                               recompile_note(ok), versus,
-                               "" if ok else f"failed: {rs[0]['error']}"))
+            table_rows.append(
+                (
+                    "baseline" if tree else "this tree",
+                    base.dtype,
+                    backend,
+                    "on" if base.compile else "off",
+                    base.ac,
+                    f"{wall:,.0f}" if wall else "",
+                    f"{cpu:,.0f}" if cpu else "",
+                    recompile_note(ok),
+                    versus,
+                    "" if ok else f"failed: {rs[0]['error']}",
+                )
+            )
     table = common.markdown_table(header, table_rows, "lllllrrrrl")
     ok_any = [r for rs in results.values() for r in rs if "error" not in r]
     notes = [
         f"anchor configuration (tiny_bagel.json, VAE {args.vae}), mix {args.mix}, first-fit packs of {args.pack_len}: "
         f"{', '.join(map(str, pack_tokens))} tokens; {args.warmup} warm-up + {args.steps} timed steps per row, "
         f"one process per row; timed: `Trainer.train_step` (VAE encode, forward, loss, backward, clip, AdamW)",
-        f"{args.rounds} round(s)" + (f", rows of this tree and of the baseline `{args.baseline}` interleaved" if args.baseline else ""),
+        f"{args.rounds} round(s)"
+        + (f", rows of this tree and of the baseline `{args.baseline}` interleaved" if args.baseline else ""),
         f"torch intra-op threads: {ok_any[0]['threads'] if ok_any else '?'}; the machine was shared with other jobs "
         f"(compare ratios within this run, not absolute figures across runs); CPU-time tokens/s divide by the "
         f"process's CPU time (with 1 thread: the work, less sensitive to the other jobs)",
     ]
     print(table)
-    common.append_section(args.results, "bench_anchor_step", ok_any[0]["device"] if ok_any else "cpu", notes, table)
+    common.append_section(
+        args.results, "bench_anchor_step", ok_any[0]["device"] if ok_any else "cpu", notes, table
+    )
 
 
 if __name__ == "__main__":

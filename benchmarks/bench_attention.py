@@ -70,8 +70,17 @@ def run_one(args: argparse.Namespace, name: str, seq_len: int) -> dict:
     rng = random.Random(0)
     pad = seq_len // 100
     docs = random_pack(rng, seq_len - pad, max(1, round((seq_len - pad) / args.doc_tokens)))
-    inputs = random_inputs(docs, num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
-                           hidden_size=args.hidden, pad=pad, dtype=dtype, device=device, requires_grad=args.backward)
+    inputs = random_inputs(
+        docs,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        hidden_size=args.hidden,
+        pad=pad,
+        dtype=dtype,
+        device=device,
+        requires_grad=args.backward,
+    )
     note = ""
     if name == "nsa":
         reason = triton_unusable_reason(NSAConfig(), device, dtype)
@@ -105,9 +114,15 @@ def run_one(args: argparse.Namespace, name: str, seq_len: int) -> dict:
             layer_times.append(again)
             setup_times.append(max(0.0, first - again))
     peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else (_peak_rss_bytes() - base)
-    return {"backend": name, "seq_len": seq_len, "docs": len(docs), "ms": statistics.median(layer_times) * 1e3,
-            "setup_ms": statistics.median(setup_times) * 1e3,
-            "peak_mib": peak / 2**20, "note": note}
+    return {
+        "backend": name,
+        "seq_len": seq_len,
+        "docs": len(docs),
+        "ms": statistics.median(layer_times) * 1e3,
+        "setup_ms": statistics.median(setup_times) * 1e3,
+        "peak_mib": peak / 2**20,
+        "note": note,
+    }
 
 
 def run_isolated(args: argparse.Namespace, name: str, seq_len: int) -> dict:
@@ -136,14 +151,17 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per (backend, length)")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
-                        help="markdown file the run's section is appended to")
+    parser.add_argument(
+        "--results",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+        help="markdown file the run's section is appended to",
+    )
     parser.add_argument("--single", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.passthrough = [a for a in sys.argv[1:] if a != "--single"]
     if "--results" in args.passthrough:  # where to record is not a measurement option
         at = args.passthrough.index("--results")
-        del args.passthrough[at:at + 2]
+        del args.passthrough[at : at + 2]
 
     if args.single:
         name, seq_len = args.single.split(":")
@@ -154,8 +172,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown backend(s) {sorted(unknown)}; known: {sorted(BACKENDS)}")
     rows = []
-    header = ("| backend | tokens | docs | ms / layer call | per-batch setup ms | peak MiB | note |\n"
-              "|---|---:|---:|---:|---:|---:|---|")
+    header = (
+        "| backend | tokens | docs | ms / layer call | per-batch setup ms | peak MiB | note |\n"
+        "|---|---:|---:|---:|---:|---:|---|"
+    )
     print(header, flush=True)
     for seq_len in (int(s) for s in args.seq_lens.split(",")):
         for name in args.backends.split(","):
@@ -163,8 +183,10 @@ def main() -> None:
             if "error" in row:
                 line = f"| {name} | {seq_len} | | | | | failed: {row['error']} |"
             else:
-                line = (f"| {name} | {seq_len} | {row['docs']} | {row['ms']:.1f} | {row['setup_ms']:.1f} | {row['peak_mib']:.0f} | "
-                        f"{row['note']} |")
+                line = (
+                    f"| {name} | {seq_len} | {row['docs']} | {row['ms']:.1f} | {row['setup_ms']:.1f} | {row['peak_mib']:.0f} | "
+                    f"{row['note']} |"
+                )
             rows.append(line)
             print(line, flush=True)
 
@@ -172,7 +194,11 @@ def main() -> None:
         return
     import torch
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    )
     what = "forward + backward" if args.backward else "forward"
     section = [
         "",

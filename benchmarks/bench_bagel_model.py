@@ -50,8 +50,10 @@ def time_step(model, batch, repeats: int) -> float:
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         r = model(batch, torch.Generator().manual_seed(0))
-        loss = torch.nn.functional.cross_entropy(r.ce_logits, batch.packed_label_ids) + (
-            (r.pred_velocity - r.target_velocity) ** 2).mean()
+        loss = (
+            torch.nn.functional.cross_entropy(r.ce_logits, batch.packed_label_ids)
+            + ((r.pred_velocity - r.target_velocity) ** 2).mean()
+        )
         loss.backward()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])  # the first run warms up
@@ -75,8 +77,16 @@ def main() -> None:
         model.init_weights()
         seconds = time_step(model, batch, args.repeats)
         flops = training_flops(batch, arch, options)
-        rows.append((name, batch.sequence_length, len(batch.sample_lens), seconds * 1e3,
-                     batch.sequence_length / seconds, flops / seconds / 1e9))
+        rows.append(
+            (
+                name,
+                batch.sequence_length,
+                len(batch.sample_lens),
+                seconds * 1e3,
+                batch.sequence_length / seconds,
+                flops / seconds / 1e9,
+            )
+        )
 
     big = architecture_for("7b-mot")
     release_pack = synthetic_batch(big, options, mixed_pack(16384, 32, 32))

@@ -46,8 +46,12 @@ def main() -> None:
     dims = ParallelDims(1, -1, world)
     mesh = dims.build_mesh(device.type)
 
-    model = nn.Sequential(*[nn.Sequential(nn.Linear(args.dim, 4 * args.dim), nn.Linear(4 * args.dim, args.dim))
-                            for _ in range(args.depth)]).to(device)
+    model = nn.Sequential(
+        *[
+            nn.Sequential(nn.Linear(args.dim, 4 * args.dim), nn.Linear(4 * args.dim, args.dim))
+            for _ in range(args.depth)
+        ]
+    ).to(device)
     parallelize(model, list(model), JobConfig(), mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model(torch.randn(2, args.dim, device=device)).sum().backward()
@@ -62,9 +66,11 @@ def main() -> None:
         for mode in ("disabled", "async"):
             cfg = Checkpoint(enable=True, interval=1, keep_latest_k=1, async_mode=mode)
             manager = CheckpointManager(
-                cfg, os.path.join(tmp_list[0], mode),
+                cfg,
+                os.path.join(tmp_list[0], mode),
                 {"model": ModelState(model), "optimizer": OptimizerState(model, opt)},
-                dims.dp_rank, dims.dp_world_size,
+                dims.dp_rank,
+                dims.dp_world_size,
             )
             blocked, complete = [], []
             for step in range(1, args.repeats + 1):
@@ -83,11 +89,15 @@ def main() -> None:
         table = header + body
         print(table)
         dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-        cmd = f"torchrun --standalone --nproc_per_node {world} benchmarks/bench_checkpoint.py " + shlex.join(sys.argv[1:])
+        cmd = f"torchrun --standalone --nproc_per_node {world} benchmarks/bench_checkpoint.py " + shlex.join(
+            sys.argv[1:]
+        )
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(args.results, "a") as f:
-            f.write(f"\n## bench_checkpoint: DCP save blocking time, sync vs async\n\n{stamp}; device: {dev}, "
-                    f"{world} ranks, gloo; {n_params / 1e6:.1f}M params\n\n`{cmd}`\n\n{table}")
+            f.write(
+                f"\n## bench_checkpoint: DCP save blocking time, sync vs async\n\n{stamp}; device: {dev}, "
+                f"{world} ranks, gloo; {n_params / 1e6:.1f}M params\n\n`{cmd}`\n\n{table}"
+            )
     destroy_distributed()
 
 

@@ -43,8 +43,6 @@ from bagel_titan_plugins.data.example_data import random_scene, render, write_ex
 GPU_TOKENS_PER_S = 989e12 * 0.40 / (6 * 7e9)
 
 
-
-
 @dataclass
 class Setting:
     name: str
@@ -63,11 +61,23 @@ class Spec:
 
     def build_processor(self, job_config):
         s = self.setting
-        return BagelProcessor(job_config, s.section, self.tokenizer, vit_patch_size=s.vit_patch_size, vae_downsample=s.vae_downsample)
+        return BagelProcessor(
+            job_config,
+            s.section,
+            self.tokenizer,
+            vit_patch_size=s.vit_patch_size,
+            vae_downsample=s.vae_downsample,
+        )
 
     def build_collator(self, job_config):
         s = self.setting
-        return BagelCollator(job_config, s.section, vit_patch_size=s.vit_patch_size, vae_downsample=s.vae_downsample, tokenizer_path=self.tokenizer)
+        return BagelCollator(
+            job_config,
+            s.section,
+            vit_patch_size=s.vit_patch_size,
+            vae_downsample=s.vae_downsample,
+            tokenizer_path=self.tokenizer,
+        )
 
 
 def write_large_images(path: str, n: int, seed: int) -> None:
@@ -79,8 +89,22 @@ def write_large_images(path: str, n: int, seed: int) -> None:
     for i in range(n):
         u = rng.random()
         if u < 0.1:
-            rows.append({"messages": [{"role": "user", "content": [{"type": "text", "text": "what colour is red ?", "image": None}]},
-                                      {"role": "assistant", "content": [{"type": "text", "text": "red . " * rng.randint(20, 300), "image": None}]}]})
+            rows.append(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "text", "text": "what colour is red ?", "image": None}],
+                        },
+                        {
+                            "role": "assistant",
+                            "content": [
+                                {"type": "text", "text": "red . " * rng.randint(20, 300), "image": None}
+                            ],
+                        },
+                    ]
+                }
+            )
             continue
         scene = random_scene(rng)
         w, h = rng.randint(512, 1024), rng.randint(512, 1024)
@@ -91,10 +115,18 @@ def write_large_images(path: str, n: int, seed: int) -> None:
         image = {"type": "image", "text": None, "image": {"bytes": out.getvalue(), "path": f"{i}.jpg"}}
         text = {"type": "text", "text": scene.caption(), "image": None}
         if u < 0.7:
-            rows.append({"messages": [{"role": "user", "content": [image, {**text, "text": "describe the image ."}]},
-                                      {"role": "assistant", "content": [text]}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": [image, {**text, "text": "describe the image ."}]},
+                        {"role": "assistant", "content": [text]},
+                    ]
+                }
+            )
         else:
-            rows.append({"messages": [{"role": "user", "content": [text]}, {"role": "assistant", "content": [image]}]})
+            rows.append(
+                {"messages": [{"role": "user", "content": [text]}, {"role": "assistant", "content": [image]}]}
+            )
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=8)
 
 
@@ -107,16 +139,21 @@ def run(setting: Setting, data: str, tokenizer: str, plugins, shuffle: bool = Tr
     cfg.data.packing_window = 64
     cfg.data.packing_length = setting.packing_length
     cfg.plugin_sections["bagel.processor"] = setting.processor
-    loader = plugins.dataloaders.get("packed").build(cfg, plugins, Spec(setting, tokenizer), dp_rank=0,
-                                                     dp_world_size=1, infinite=False)
+    loader = plugins.dataloaders.get("packed").build(
+        cfg, plugins, Spec(setting, tokenizer), dp_rank=0, dp_world_size=1, infinite=False
+    )
     start = time.perf_counter()
     for _ in loader:
         pass
     seconds = time.perf_counter() - start
     stats = loader.data_stats()
-    return {"samples": stats["data/samples"], "tokens": stats["data/tokens"], "seconds": seconds,
-            "fill": stats.get("data/fill_rate", 0.0),
-            "skipped": sum(v for k, v in stats.items() if k.startswith("data/skipped/"))}
+    return {
+        "samples": stats["data/samples"],
+        "tokens": stats["data/tokens"],
+        "seconds": seconds,
+        "fill": stats.get("data/fill_rate", 0.0),
+        "skipped": sum(v for k, v in stats.items() if k.startswith("data/skipped/")),
+    }
 
 
 def main() -> None:
@@ -131,33 +168,64 @@ def main() -> None:
         example = write_example_data(os.path.join(tmp, "example"), num_samples=args.samples)
         large = os.path.join(tmp, "large.parquet")
         write_large_images(large, args.large_samples, seed=1)
-        debug = Setting("example data, debug sizes", BagelConfig(latent_patch_size=2, max_latent_size=16, vit_max_num_patch_per_side=16), 4, 2,
-                        ProcessorConfig(vit_min_size=32, vit_max_size=64, vae_min_size=32, vae_max_size=64), 1024)
-        release = Setting("512-1024 px, release sizes", BagelConfig(latent_patch_size=2, max_latent_size=64, vit_max_num_patch_per_side=70), 14, 8, ProcessorConfig(), 32768)
+        debug = Setting(
+            "example data, debug sizes",
+            BagelConfig(latent_patch_size=2, max_latent_size=16, vit_max_num_patch_per_side=16),
+            4,
+            2,
+            ProcessorConfig(vit_min_size=32, vit_max_size=64, vae_min_size=32, vae_max_size=64),
+            1024,
+        )
+        release = Setting(
+            "512-1024 px, release sizes",
+            BagelConfig(latent_patch_size=2, max_latent_size=64, vit_max_num_patch_per_side=70),
+            14,
+            8,
+            ProcessorConfig(),
+            32768,
+        )
         run(debug, example["data"], example["tokenizer"], plugins)  # warm-up: first-use costs off the table
-        rows = [(debug, False, run(debug, example["data"], example["tokenizer"], plugins, shuffle=False)),
-                (debug, True, run(debug, example["data"], example["tokenizer"], plugins)),
-                (release, False, run(release, large, example["tokenizer"], plugins, shuffle=False)),
-                (release, True, run(release, large, example["tokenizer"], plugins))]
-    lines = ["| data | shuffle | packing_length | samples | samples/s/worker | tokens/s/worker | fill | skipped | workers for one 7B GPU |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = [
+            (debug, False, run(debug, example["data"], example["tokenizer"], plugins, shuffle=False)),
+            (debug, True, run(debug, example["data"], example["tokenizer"], plugins)),
+            (release, False, run(release, large, example["tokenizer"], plugins, shuffle=False)),
+            (release, True, run(release, large, example["tokenizer"], plugins)),
+        ]
+    lines = [
+        "| data | shuffle | packing_length | samples | samples/s/worker | tokens/s/worker | fill | skipped | workers for one 7B GPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for setting, shuffle, r in rows:
         tps = r["tokens"] / r["seconds"]
-        lines.append(f"| {setting.name} | {'on' if shuffle else 'off'} | {setting.packing_length} | {int(r['samples'])} | "
-                     f"{r['samples'] / r['seconds']:.1f} | {tps:,.0f} | {r['fill']:.1%} | {int(r['skipped'])} | "
-                     f"{GPU_TOKENS_PER_S / tps:.2f} |")
-    ratios = [rows[i + 1][2]["samples"] / rows[i + 1][2]["seconds"] / (rows[i][2]["samples"] / rows[i][2]["seconds"])
-              for i in (0, 2)]
-    table = "\n".join(lines) + (f"\n\nshuffled / file-order samples/s: {ratios[0]:.2f} (example data), "
-                                f"{ratios[1]:.2f} (release sizes)")
+        lines.append(
+            f"| {setting.name} | {'on' if shuffle else 'off'} | {setting.packing_length} | {int(r['samples'])} | "
+            f"{r['samples'] / r['seconds']:.1f} | {tps:,.0f} | {r['fill']:.1%} | {int(r['skipped'])} | "
+            f"{GPU_TOKENS_PER_S / tps:.2f} |"
+        )
+    ratios = [
+        rows[i + 1][2]["samples"]
+        / rows[i + 1][2]["seconds"]
+        / (rows[i][2]["samples"] / rows[i][2]["seconds"])
+        for i in (0, 2)
+    ]
+    table = "\n".join(lines) + (
+        f"\n\nshuffled / file-order samples/s: {ratios[0]:.2f} (example data), "
+        f"{ratios[1]:.2f} (release sizes)"
+    )
     print(table)
     print(f"one GPU in a 7B step consumes about {GPU_TOKENS_PER_S:,.0f} tokens/s (see the docstring)")
-    common.append_section(args.results, "bench_dataloader", common.device_description(), [
-        "one process, torch 1 thread (= one loader worker); shared machine, so numbers are a lower bound",
-        f"7B consumption assumption: 6 x 7e9 FLOPs/token, H100 989 TFLOP/s bf16 at 40% MFU = {GPU_TOKENS_PER_S:,.0f} tokens/s per GPU",
-        "tokens = text + ViT + VAE tokens of the packs; fill includes the end-of-pass flush of a short one-pass run",
-        "shuffle on = [data] shuffle (row groups permuted per epoch, then windows of 1024 samples), off = file order",
-    ], table)
+    common.append_section(
+        args.results,
+        "bench_dataloader",
+        common.device_description(),
+        [
+            "one process, torch 1 thread (= one loader worker); shared machine, so numbers are a lower bound",
+            f"7B consumption assumption: 6 x 7e9 FLOPs/token, H100 989 TFLOP/s bf16 at 40% MFU = {GPU_TOKENS_PER_S:,.0f} tokens/s per GPU",
+            "tokens = text + ViT + VAE tokens of the packs; fill includes the end-of-pass flush of a short one-pass run",
+            "shuffle on = [data] shuffle (row groups permuted per epoch, then windows of 1024 samples), off = file order",
+        ],
+        table,
+    )
 
 
 if __name__ == "__main__":

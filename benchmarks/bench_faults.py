@@ -49,8 +49,13 @@ MODES = ("sigkill_mid_step", "sigkill_mid_save", "sigterm_group")
 
 
 def job_args(run: Path, dataset: Path, steps: int) -> list[str]:
-    return [*faults_args(run, dataset, steps=steps, workers=1),
-            "--checkpoint.export_at_end", "true", "--checkpoint.export_dtype", "float32"]
+    return [
+        *faults_args(run, dataset, steps=steps, workers=1),
+        "--checkpoint.export_at_end",
+        "true",
+        "--checkpoint.export_dtype",
+        "float32",
+    ]
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -154,12 +159,19 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
             if complete_steps(run)[-1:] != logged_steps(run)[-1:]:
                 stop_checkpoints_missing += 1
         outcomes[mode] += 1
-    same = all(torch.equal(a, b) for a, b in zip(final_weights(run).values(), final_weights(reference).values()))
+    same = all(
+        torch.equal(a, b) for a, b in zip(final_weights(run).values(), final_weights(reference).values())
+    )
     same = same and final_weights(run).keys() == final_weights(reference).keys()
     steps = logged_steps(run)
-    return {"outcomes": outcomes, "attempts": attempts, "lost_steps": lost_steps,
-            "stop_checkpoints_missing": stop_checkpoints_missing, "bitwise_equal": same,
-            "every_step_logged_once": steps == list(range(1, args.steps + 1))}
+    return {
+        "outcomes": outcomes,
+        "attempts": attempts,
+        "lost_steps": lost_steps,
+        "stop_checkpoints_missing": stop_checkpoints_missing,
+        "bitwise_equal": same,
+        "every_step_logged_once": steps == list(range(1, args.steps + 1)),
+    }
 
 
 def main() -> None:
@@ -176,17 +188,26 @@ def main() -> None:
     result = soak(args, work)  # on a failure the folder stays, with every attempt's log
     minutes = (time.time() - start) / 60
     rows = [[mode, count] for mode, count in result["outcomes"].items()]
-    rows += [["interruptions (total)", sum(result["outcomes"].values())],
-             ["restarts", result["attempts"] - 1],
-             ["restarts that lost a completed step", result["lost_steps"]],
-             ["SIGTERM stops without their stop checkpoint", result["stop_checkpoints_missing"]],
-             ["metrics.jsonl lists every step once", result["every_step_logged_once"]],
-             ["final weights bitwise equal to the uninterrupted run", result["bitwise_equal"]]]
+    rows += [
+        ["interruptions (total)", sum(result["outcomes"].values())],
+        ["restarts", result["attempts"] - 1],
+        ["restarts that lost a completed step", result["lost_steps"]],
+        ["SIGTERM stops without their stop checkpoint", result["stop_checkpoints_missing"]],
+        ["metrics.jsonl lists every step once", result["every_step_logged_once"]],
+        ["final weights bitwise equal to the uninterrupted run", result["bitwise_equal"]],
+    ]
     body = markdown_table(["soak (2 gloo ranks, faults_lm, 1 loader worker per rank)", "value"], rows)
     print(body)
-    append_section(args.results, "Fault soak: random kills and restarts", device_description(),
-                   [f"{args.steps} steps, checkpoint every 2, {args.sleep_per_step} s sleep per step, "
-                    f"kill schedule seed {args.seed}; {minutes:.1f} min wall"], body)
+    append_section(
+        args.results,
+        "Fault soak: random kills and restarts",
+        device_description(),
+        [
+            f"{args.steps} steps, checkpoint every 2, {args.sleep_per_step} s sleep per step, "
+            f"kill schedule seed {args.seed}; {minutes:.1f} min wall"
+        ],
+        body,
+    )
     print(json.dumps(result))
     if result["lost_steps"] or result["stop_checkpoints_missing"] or not result["bitwise_equal"]:
         sys.exit(f"soak failed; logs in {work}")

@@ -37,8 +37,9 @@ def register_mid_flavor() -> None:
     from bagel_titan_plugins.bagel.config import FLAVORS
 
     debug = FLAVORS["debug"]
-    llm = dataclasses.replace(debug.llm, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
-                              num_kv_heads=2)
+    llm = dataclasses.replace(
+        debug.llm, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=2
+    )
     vit = dataclasses.replace(debug.vit, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4)
     FLAVORS.setdefault("mid", dataclasses.replace(debug, llm=llm, vit=vit))
 
@@ -86,13 +87,22 @@ def run_isolated(s: TrainSetting, rank: int, timeout_s: float) -> dict[str, Any]
     return json.loads(lines[-1])
 
 
-HEADER = ("model", "parameters", "training", "trainable", "step ms", "peak GiB", "step time vs full",
-          "peak vs full", "note")
+HEADER = (
+    "model",
+    "parameters",
+    "training",
+    "trainable",
+    "step ms",
+    "peak GiB",
+    "step time vs full",
+    "peak vs full",
+    "note",
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="debug,mid", help="flavors, comma separated (\"mid\": see above)")
+    parser.add_argument("--models", default="debug,mid", help='flavors, comma separated ("mid": see above)')
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--llm-layers", type=int, default=0, help="LLM layers to build (0: the flavor's)")
     parser.add_argument("--vit-layers", type=int, default=0, help="ViT layers to build (0: the flavor's)")
@@ -101,7 +111,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads on CPU (0: torch's default)"
+    )
     parser.add_argument("--ac", default="none", help="activation checkpointing mode of every row")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
     parser.add_argument("--single", default="", help=argparse.SUPPRESS)
@@ -114,10 +126,22 @@ def main() -> None:
         return
     rows, device = [], args.device
     for flavor in args.models.split(","):
-        s = TrainSetting(backend="sdpa", ac=args.ac, flavor=flavor, llm_layers=args.llm_layers,
-                         vit_layers=args.vit_layers, packing_length=args.packing_length, dtype=args.dtype,
-                         device=args.device, steps=args.steps, warmup=args.warmup, threads=args.threads,
-                         vit_side=[4, 8], vae_side=[2, 4], text_ids=[16, 128])
+        s = TrainSetting(
+            backend="sdpa",
+            ac=args.ac,
+            flavor=flavor,
+            llm_layers=args.llm_layers,
+            vit_layers=args.vit_layers,
+            packing_length=args.packing_length,
+            dtype=args.dtype,
+            device=args.device,
+            steps=args.steps,
+            warmup=args.warmup,
+            threads=args.threads,
+            vit_side=[4, 8],
+            vae_side=[2, 4],
+            text_ids=[16, 128],
+        )
         full = run_isolated(s, 0, args.timeout)
         lora = run_isolated(s, args.rank, args.timeout)
         for name, r in (("full fine-tune", full), (f"LoRA r={args.rank} (und+gen)", lora)):
@@ -126,8 +150,19 @@ def main() -> None:
                 continue
             device = r["device"]
             ratio = lambda key: f"{r[key] / full[key]:.2f}x" if "error" not in full else ""  # noqa: E731
-            rows.append((flavor, f"{r['params_m']:,.1f}M", name, f"{r['trainable_m']:,.2f}M", f"{r['step_ms']:,.1f}",
-                         f"{r['peak_gib']:.2f}", ratio("step_ms"), ratio("peak_gib"), ""))
+            rows.append(
+                (
+                    flavor,
+                    f"{r['params_m']:,.1f}M",
+                    name,
+                    f"{r['trainable_m']:,.2f}M",
+                    f"{r['step_ms']:,.1f}",
+                    f"{r['peak_gib']:.2f}",
+                    ratio("step_ms"),
+                    ratio("peak_gib"),
+                    "",
+                )
+            )
             print(common.markdown_table(HEADER, [rows[-1]]).splitlines()[-1], flush=True)
     table = common.markdown_table(HEADER, rows, "lrlrrrrrl")
     notes = [

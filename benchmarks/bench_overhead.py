@@ -45,8 +45,15 @@ TARGET = 0.05
 class PlainStep:
     """forward / backward / clip / AdamW step of a bare model, the plainest possible."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, max_norm: float,
-                 dtype: str = "float32"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        max_norm: float,
+        dtype: str = "float32",
+    ):
         self.model = model
         self.dtype = dtype
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -107,10 +114,24 @@ def example_data_argv(folder: str) -> list[str]:
     example = write_example_data(os.path.join(folder, "example"), num_samples=256)
     toml = os.path.join(folder, "example_data.toml")
     with open(toml, "w") as f:
-        f.write(f'[[data.datasets]]\npath = "{example["data"]}"\n\n'
-                "[bagel.processor]\nvit_min_size = 56\nvit_max_size = 112\nvae_min_size = 32\nvae_max_size = 64\n")
-    return ["--job.config_file", toml, "--data.loader", "packed-recorded", "--model.tokenizer_path", example["tokenizer"],
-            "--data.num_workers", "1", "--data.packing_strategy", "best_fit_decreasing", "--data.packing_window", "64"]
+        f.write(
+            f'[[data.datasets]]\npath = "{example["data"]}"\n\n'
+            "[bagel.processor]\nvit_min_size = 56\nvit_max_size = 112\nvae_min_size = 32\nvae_max_size = 64\n"
+        )
+    return [
+        "--job.config_file",
+        toml,
+        "--data.loader",
+        "packed-recorded",
+        "--model.tokenizer_path",
+        example["tokenizer"],
+        "--data.num_workers",
+        "1",
+        "--data.packing_strategy",
+        "best_fit_decreasing",
+        "--data.packing_window",
+        "64",
+    ]
 
 
 def _time_data_wait(trainer: Any) -> list[float]:
@@ -139,8 +160,14 @@ def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> dict[str, 
 
     with tempfile.TemporaryDirectory() as tmp:
         argv = job_argv(setting, tmp) + [
-            "--metrics.log_freq", str(log_freq), "--metrics.enable_tensorboard", "true",
-            "--checkpoint.enable", "true", "--checkpoint.interval", "1000000",
+            "--metrics.log_freq",
+            str(log_freq),
+            "--metrics.enable_tensorboard",
+            "true",
+            "--checkpoint.enable",
+            "true",
+            "--checkpoint.interval",
+            "1000000",
         ]
         if real_data:
             argv += example_data_argv(tmp)
@@ -148,14 +175,25 @@ def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> dict[str, 
         trainer = Trainer(job_config, plugins)
         data_wait_s = _time_data_wait(trainer)
         torch.manual_seed(job_config.training.seed)
-        model = build_bagel(architecture_of(job_config), trainer.model_spec.bagel_config(job_config),
-                            backend=plugins.attention_backends.get(setting.backend))
+        model = build_bagel(
+            architecture_of(job_config),
+            trainer.model_spec.bagel_config(job_config),
+            backend=plugins.attention_backends.get(setting.backend),
+        )
         model.init_weights()
         model.train()
         opt = job_config.optimizer
-        plain = PlainStep(model, opt.lr, (opt.betas[0], opt.betas[1]), opt.eps, job_config.training.max_norm,
-                          job_config.training.dtype)
-        interleaver = Interleaver(plain, recorded_batch_of if real_data else synthetic_pack_of, setting.warmup)
+        plain = PlainStep(
+            model,
+            opt.lr,
+            (opt.betas[0], opt.betas[1]),
+            opt.eps,
+            job_config.training.max_norm,
+            job_config.training.dtype,
+        )
+        interleaver = Interleaver(
+            plain, recorded_batch_of if real_data else synthetic_pack_of, setting.warmup
+        )
         plugins.pm.register(interleaver, name="bench-overhead-interleaver")
         try:
             trainer.train()
@@ -166,9 +204,15 @@ def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> dict[str, 
     trainer_ms = statistics.median(interleaver.trainer_s) * 1e3
     plain_ms = statistics.median(interleaver.plain_s) * 1e3
     paired = statistics.median(t / p - 1 for t, p in zip(interleaver.trainer_s, interleaver.plain_s))
-    data_wait_ms = statistics.median(data_wait_s[setting.warmup + 1:]) * 1e3
-    return {"data_wait_ms": data_wait_ms, "trainer_ms": trainer_ms, "plain_ms": plain_ms, "overhead": trainer_ms / plain_ms - 1,
-            "paired": paired, "pairs": len(interleaver.trainer_s)}
+    data_wait_ms = statistics.median(data_wait_s[setting.warmup + 1 :]) * 1e3
+    return {
+        "data_wait_ms": data_wait_ms,
+        "trainer_ms": trainer_ms,
+        "plain_ms": plain_ms,
+        "overhead": trainer_ms / plain_ms - 1,
+        "paired": paired,
+        "pairs": len(interleaver.trainer_s),
+    }
 
 
 ROWS = (
@@ -187,7 +231,9 @@ def main() -> None:
     parser.add_argument("--packing-length", type=int, default=512)
     parser.add_argument("--backend", default="sdpa")
     parser.add_argument("--log-freq", type=int, default=10, help="trainer metrics logging interval")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared CPU)"
+    )
     parser.add_argument("--smoke", action="store_true", help="CI size: 4 pairs of 256-token packs")
     common.add_results_option(parser)
     args = parser.parse_args()
@@ -195,18 +241,44 @@ def main() -> None:
         args.steps, args.warmup, args.packing_length = 4, 1, 256
     torch.set_num_threads(args.threads)
     setup_logging()  # the trainer's console metrics are printed, as in a real run
-    base = TrainSetting(backend=args.backend, packing_length=args.packing_length, steps=args.steps,
-                        warmup=args.warmup, device="cpu", dtype="float32")
+    base = TrainSetting(
+        backend=args.backend,
+        packing_length=args.packing_length,
+        steps=args.steps,
+        warmup=args.warmup,
+        device="cpu",
+        dtype="float32",
+    )
     rows = []
     for label, dtype, real_data in ROWS:
         r = measure(dataclasses.replace(base, dtype=dtype), args.log_freq, real_data)
         verdict = "yes" if r["overhead"] < TARGET else "NO"
-        rows.append((label, r["pairs"], f"{r['trainer_ms']:.1f}", f"{r['plain_ms']:.1f}", f"{r['overhead']:+.1%}",
-                     f"{r['paired']:+.1%}", f"{r['data_wait_ms']:.1f}", verdict))
+        rows.append(
+            (
+                label,
+                r["pairs"],
+                f"{r['trainer_ms']:.1f}",
+                f"{r['plain_ms']:.1f}",
+                f"{r['overhead']:+.1%}",
+                f"{r['paired']:+.1%}",
+                f"{r['data_wait_ms']:.1f}",
+                verdict,
+            )
+        )
         print(rows[-1], flush=True)
     table = common.markdown_table(
-        ("trainer", "pairs", "trainer step ms (median)", "plain step ms (median)", "overhead", "median paired overhead",
-         "of which data wait ms (median)", f"under {TARGET:.0%}"), rows)
+        (
+            "trainer",
+            "pairs",
+            "trainer step ms (median)",
+            "plain step ms (median)",
+            "overhead",
+            "median paired overhead",
+            "of which data wait ms (median)",
+            f"under {TARGET:.0%}",
+        ),
+        rows,
+    )
     notes = [
         f"model: bagel flavor debug, fp32 master weights, attention {args.backend}; packs of {args.packing_length} tokens: synthetic "
         f"(full, 4 distinct, cycled) or the example data (best_fit_decreasing); the plain step runs the same batch "

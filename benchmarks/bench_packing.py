@@ -34,7 +34,13 @@ def realistic_lengths(n: int, seed: int) -> list[int]:
     out = []
     for _ in range(n):
         u = rng.random()
-        out.append(rng.randint(300, 3000) if u < 0.6 else rng.randint(256, 1100) if u < 0.9 else rng.randint(50, 1500))
+        out.append(
+            rng.randint(300, 3000)
+            if u < 0.6
+            else rng.randint(256, 1100)
+            if u < 0.9
+            else rng.randint(50, 1500)
+        )
     return out
 
 
@@ -86,40 +92,74 @@ def run_mode(name: str, capacity: int, options: dict, samples: int, seed: int) -
     sizes = [sum(lengths[k] for k in p) for p in packs]
     mean = sum(sizes) / len(sizes)
     carried = getattr(packer, "carried_count", 0)
-    return {"fill": sum(sizes) / (len(sizes) * capacity), "mean": mean,
-            "std": (sum((x - mean) ** 2 for x in sizes) / len(sizes)) ** 0.5, "min": min(sizes),
-            "packs": len(packs), "carried": carried, "us_per_item": seconds / samples * 1e6}
+    return {
+        "fill": sum(sizes) / (len(sizes) * capacity),
+        "mean": mean,
+        "std": (sum((x - mean) ** 2 for x in sizes) / len(sizes)) ** 0.5,
+        "min": min(sizes),
+        "packs": len(packs),
+        "carried": carried,
+        "us_per_item": seconds / samples * 1e6,
+    }
 
 
 def modes(args) -> None:
-    finetune = ReleasePackingConfig(expected_num_tokens=10240, max_num_tokens_per_sample=10240,
-                                    prefer_buffer_before=16384, max_buffer_size=50)
-    pretrain = ReleasePackingConfig(expected_num_tokens=32768, max_num_tokens_per_sample=16384,
-                                    prefer_buffer_before=16384, max_buffer_size=50)
+    finetune = ReleasePackingConfig(
+        expected_num_tokens=10240,
+        max_num_tokens_per_sample=10240,
+        prefer_buffer_before=16384,
+        max_buffer_size=50,
+    )
+    pretrain = ReleasePackingConfig(
+        expected_num_tokens=32768,
+        max_num_tokens_per_sample=16384,
+        prefer_buffer_before=16384,
+        max_buffer_size=50,
+    )
     runs = [
         ("best_fit_decreasing, window 256", "best_fit_decreasing", 11520, {"window": 256}),
         ("best_fit_decreasing, window 256", "best_fit_decreasing", 16384, {"window": 256}),
         ("best_fit_decreasing, window 256", "best_fit_decreasing", 36864, {"window": 256}),
         ("release, fine-tune sizes (expected 10240)", "release", 11520, {"release": finetune}),
-        ("release, fine-tune sizes, und + t2i mandatory", "release", 11520, {"release": finetune, "mandatory": [0, 1]}),
+        (
+            "release, fine-tune sizes, und + t2i mandatory",
+            "release",
+            11520,
+            {"release": finetune, "mandatory": [0, 1]},
+        ),
         ("release, pre-training sizes (expected 32768)", "release", 36864, {"release": pretrain}),
-        ("release, pre-training sizes, und + t2i mandatory", "release", 36864, {"release": pretrain, "mandatory": [0, 1]}),
+        (
+            "release, pre-training sizes, und + t2i mandatory",
+            "release",
+            36864,
+            {"release": pretrain, "mandatory": [0, 1]},
+        ),
     ]
-    lines = ["| mode | hard cap (packing_length) | fill | tokens/pack mean | std | min | packs | "
-             "samples the release drops (carried) | us/item |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| mode | hard cap (packing_length) | fill | tokens/pack mean | std | min | packs | "
+        "samples the release drops (carried) | us/item |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, name, capacity, options in runs:
         r = run_mode(name, capacity, options, args.samples, args.seed)
-        lines.append(f"| {label} | {capacity} | {r['fill']:.2%} | {r['mean']:.0f} | {r['std']:.0f} | {r['min']} | "
-                     f"{r['packs']} | {r['carried']} | {r['us_per_item']:.1f} |")
+        lines.append(
+            f"| {label} | {capacity} | {r['fill']:.2%} | {r['mean']:.0f} | {r['std']:.0f} | {r['min']} | "
+            f"{r['packs']} | {r['carried']} | {r['us_per_item']:.1f} |"
+        )
     table = "\n".join(lines)
     print(table)
-    common.append_section(args.results, "bench_packing --modes", "CPU, pure Python (one core)", [
-        f"mix: {args.samples} samples in three groups: und 60% (300-3000 tokens), t2i 30% (256-1100), "
-        f"text 10% (50-1500), seed {args.seed}; final flush excluded",
-        "tokens/pack is tokens per optimizer step and rank with one pack per step; fill = tokens / "
-        "(packs x hard cap)",
-    ], table)
+    common.append_section(
+        args.results,
+        "bench_packing --modes",
+        "CPU, pure Python (one core)",
+        [
+            f"mix: {args.samples} samples in three groups: und 60% (300-3000 tokens), t2i 30% (256-1100), "
+            f"text 10% (50-1500), seed {args.seed}; final flush excluded",
+            "tokens/pack is tokens per optimizer step and rank with one pack per step; fill = tokens / "
+            "(packs x hard cap)",
+        ],
+        table,
+    )
 
 
 def main() -> None:
@@ -134,22 +174,38 @@ def main() -> None:
         modes(args)
         return
     lengths = realistic_lengths(args.samples, args.seed)
-    runs = [("none", 1), ("first_fit", 1), ("first_fit", 16), ("first_fit", 256), ("best_fit", 16),
-            ("best_fit", 256), ("best_fit_decreasing", 64), ("best_fit_decreasing", 256)]
+    runs = [
+        ("none", 1),
+        ("first_fit", 1),
+        ("first_fit", 16),
+        ("first_fit", 256),
+        ("best_fit", 16),
+        ("best_fit", 256),
+        ("best_fit_decreasing", 64),
+        ("best_fit_decreasing", 256),
+    ]
     by_name = {s.name: s for s in STRATEGIES}
     header = "| strategy | window | fill rate | dropped tokens | us/item | mean delay (items) | max delay (items) | packs |"
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, window in runs:
         r = measure(by_name[name], args.packing_length, window, lengths)
         label = f"{name} (= next fit)" if name == "first_fit" and window == 1 else name
-        lines.append(f"| {label} | {window} | {r['fill']:.2%} | {r['dropped']:.1%} | {r['us_per_item']:.1f} | "
-                     f"{r['mean_delay']:.1f} | {r['max_delay']} | {r['packs']} |")
+        lines.append(
+            f"| {label} | {window} | {r['fill']:.2%} | {r['dropped']:.1%} | {r['us_per_item']:.1f} | "
+            f"{r['mean_delay']:.1f} | {r['max_delay']} | {r['packs']} |"
+        )
     table = "\n".join(lines)
     print(table)
-    common.append_section(args.results, "bench_packing", "CPU, pure Python (one core)", [
-        f"mix: {args.samples} samples, 60% 300-3000 / 30% 256-1100 / 10% 50-1500 tokens, "
-        f"packing_length {args.packing_length}, seed {args.seed}",
-    ], table)
+    common.append_section(
+        args.results,
+        "bench_packing",
+        "CPU, pure Python (one core)",
+        [
+            f"mix: {args.samples} samples, 60% 300-3000 / 30% 256-1100 / 10% 50-1500 tokens, "
+            f"packing_length {args.packing_length}, seed {args.seed}",
+        ],
+        table,
+    )
 
 
 if __name__ == "__main__":

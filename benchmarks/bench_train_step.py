@@ -49,7 +49,7 @@ SCRIPT = os.path.abspath(__file__)
 
 ANCHORS = (
     "published anchors: torchtitan Llama 3 8B on H100, bf16: 33-39% MFU; LMMS Engine BAGEL on 32 H100s: "
-    "\"25-30%\" (ViT excluded, attention over whole packs: compare with the anchor-style column)"
+    '"25-30%" (ViT excluded, attention over whole packs: compare with the anchor-style column)'
 )
 
 
@@ -84,22 +84,65 @@ class TrainSetting:
 
 def job_argv(s: TrainSetting, dump_folder: str) -> list[str]:
     """The `bagel-titan` command-line overrides of one row."""
+
     def ints(values: list[int]) -> str:
         return ",".join(str(v) for v in values)
 
     return [
-        "--job.plugins", "synthetic_plugin", "--job.dump_folder", dump_folder, "--job.run_name", "bench",
-        "--model.name", "bagel-bench", "--model.flavor", s.flavor, "--loss.components", "ce,flow_mse",
-        "--bench.llm_layers", str(s.llm_layers), "--bench.vit_layers", str(s.vit_layers),
-        "--bench.vit_side", ints(s.vit_side), "--bench.vae_side", ints(s.vae_side),
-        "--bench.text_ids", ints(s.text_ids), "--bench.distinct_packs", str(s.distinct_packs),
-        "--data.loader", "synthetic", "--data.packing_length", str(s.packing_length),
-        "--attention.backend", s.backend, "--activation_checkpoint.mode", s.ac,
-        "--compile.enable", str(s.compile).lower(), "--parallelism.fsdp", str(s.fsdp).lower(),
-        "--training.device", s.device, "--training.dtype", s.dtype,
-        "--training.steps", str(s.warmup + s.steps), "--metrics.log_freq", str(s.warmup + s.steps),
-        "--metrics.enable_tensorboard", "false", "--metrics.peak_tflops", str(s.peak_tflops),
-        "--checkpoint.enable", "false", "--checkpoint.export_at_end", "false", "--ema.enable", "false",
+        "--job.plugins",
+        "synthetic_plugin",
+        "--job.dump_folder",
+        dump_folder,
+        "--job.run_name",
+        "bench",
+        "--model.name",
+        "bagel-bench",
+        "--model.flavor",
+        s.flavor,
+        "--loss.components",
+        "ce,flow_mse",
+        "--bench.llm_layers",
+        str(s.llm_layers),
+        "--bench.vit_layers",
+        str(s.vit_layers),
+        "--bench.vit_side",
+        ints(s.vit_side),
+        "--bench.vae_side",
+        ints(s.vae_side),
+        "--bench.text_ids",
+        ints(s.text_ids),
+        "--bench.distinct_packs",
+        str(s.distinct_packs),
+        "--data.loader",
+        "synthetic",
+        "--data.packing_length",
+        str(s.packing_length),
+        "--attention.backend",
+        s.backend,
+        "--activation_checkpoint.mode",
+        s.ac,
+        "--compile.enable",
+        str(s.compile).lower(),
+        "--parallelism.fsdp",
+        str(s.fsdp).lower(),
+        "--training.device",
+        s.device,
+        "--training.dtype",
+        s.dtype,
+        "--training.steps",
+        str(s.warmup + s.steps),
+        "--metrics.log_freq",
+        str(s.warmup + s.steps),
+        "--metrics.enable_tensorboard",
+        "false",
+        "--metrics.peak_tflops",
+        str(s.peak_tflops),
+        "--checkpoint.enable",
+        "false",
+        "--checkpoint.export_at_end",
+        "false",
+        "--ema.enable",
+        "false",
     ]
 
 
@@ -110,7 +153,7 @@ def anchor_style_flops(num_tokens: int, llm: Any) -> float:
     d, hd = llm.hidden_size, llm.head_dim
     attn_linear = d * (llm.num_heads * hd + 2 * llm.num_kv_heads * hd + llm.num_heads * hd)
     dense = (attn_linear + 3 * d * llm.intermediate_size) * llm.num_layers + 2 * llm.vocab_size * d
-    return 6.0 * dense * num_tokens + 12.0 * num_tokens ** 2 * hd * llm.num_heads * llm.num_layers
+    return 6.0 * dense * num_tokens + 12.0 * num_tokens**2 * hd * llm.num_heads * llm.num_layers
 
 
 class StepClock:
@@ -249,8 +292,19 @@ def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}%"
 
 
-TABLE_HEADER = ("backend", "AC", "compile", "tokens/step", "step ms", "tokens/s", "TFLOP/s", "MFU",
-                "anchor-style MFU", "peak GiB", "note")
+TABLE_HEADER = (
+    "backend",
+    "AC",
+    "compile",
+    "tokens/step",
+    "step ms",
+    "tokens/s",
+    "TFLOP/s",
+    "MFU",
+    "anchor-style MFU",
+    "peak GiB",
+    "note",
+)
 
 
 def table_row(s: TrainSetting, r: dict[str, Any], extra: tuple = ()) -> tuple:
@@ -258,8 +312,17 @@ def table_row(s: TrainSetting, r: dict[str, Any], extra: tuple = ()) -> tuple:
     head = (*extra, s.backend, s.ac, "on" if s.compile else "off")
     if "error" in r:
         return (*head, "", "", "", "", "", "", "", f"skipped: {r['error']}")
-    return (*head, f"{r['tokens_per_step']:,.0f}", f"{r['step_ms']:,.1f}", f"{r['tokens_per_s']:,.0f}",
-            f"{r['tflops']:.3f}", pct(r["mfu"]), pct(r["anchor_mfu"]), f"{r['peak_gib']:.2f}", "")
+    return (
+        *head,
+        f"{r['tokens_per_step']:,.0f}",
+        f"{r['step_ms']:,.1f}",
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['tflops']:.3f}",
+        pct(r["mfu"]),
+        pct(r["anchor_mfu"]),
+        f"{r['peak_gib']:.2f}",
+        "",
+    )
 
 
 def full_depth_ratio(s: TrainSetting) -> float:
@@ -270,7 +333,9 @@ def full_depth_ratio(s: TrainSetting) -> float:
     from synthetic_plugin import BenchSection, build_packs
 
     arch, options = architecture_for(s.flavor), BagelConfig()
-    mix = BenchSection(vit_side=s.vit_side, vae_side=s.vae_side, text_ids=s.text_ids, distinct_packs=s.distinct_packs)
+    mix = BenchSection(
+        vit_side=s.vit_side, vae_side=s.vae_side, text_ids=s.text_ids, distinct_packs=s.distinct_packs
+    )
     packs = build_packs(arch, options, s.packing_length, mix)
     ours = sum(training_flops(p, arch, options) for p in packs)
     return sum(anchor_style_flops(p.num_tokens, arch.llm) for p in packs) / ours
@@ -281,22 +346,40 @@ def flops_note(results: list[dict[str, Any]]) -> str:
     if not ok:
         return "FLOPs per token: no row ran"
     r = ok[0]
-    return (f"FLOPs per token (training): ours {r['gflop_per_token']:.4f} GFLOP (ViT included, attention per "
-            f"document and segment), anchor-style {r['anchor_gflop_per_token']:.4f} GFLOP "
-            f"({r['anchor_gflop_per_token'] / r['gflop_per_token']:.2f}x ours)")
+    return (
+        f"FLOPs per token (training): ours {r['gflop_per_token']:.4f} GFLOP (ViT included, attention per "
+        f"document and segment), anchor-style {r['anchor_gflop_per_token']:.4f} GFLOP "
+        f"({r['anchor_gflop_per_token'] / r['gflop_per_token']:.2f}x ours)"
+    )
 
 
 def parse_grid(args: argparse.Namespace) -> list[TrainSetting]:
-    base = dict(flavor=args.flavor, llm_layers=args.llm_layers, vit_layers=args.vit_layers,
-                packing_length=args.packing_length, dtype=args.dtype, device=args.device, steps=args.steps,
-                warmup=args.warmup, peak_tflops=args.peak_tflops, fsdp=not args.no_fsdp, threads=args.threads,
-                vit_side=args.vit_side, vae_side=args.vae_side, text_ids=args.text_ids)
+    base = dict(
+        flavor=args.flavor,
+        llm_layers=args.llm_layers,
+        vit_layers=args.vit_layers,
+        packing_length=args.packing_length,
+        dtype=args.dtype,
+        device=args.device,
+        steps=args.steps,
+        warmup=args.warmup,
+        peak_tflops=args.peak_tflops,
+        fsdp=not args.no_fsdp,
+        threads=args.threads,
+        vit_side=args.vit_side,
+        vae_side=args.vae_side,
+        text_ids=args.text_ids,
+    )
     compile_values = {"off": False, "on": True}
     unknown = set(args.compile.split(",")) - set(compile_values)
     if unknown:
         raise SystemExit(f"--compile takes off and/or on, got {sorted(unknown)}")
-    return [TrainSetting(backend=b, ac=ac, compile=compile_values[c], **base)
-            for b in args.backends.split(",") for ac in args.ac.split(",") for c in args.compile.split(",")]
+    return [
+        TrainSetting(backend=b, ac=ac, compile=compile_values[c], **base)
+        for b in args.backends.split(",")
+        for ac in args.ac.split(",")
+        for c in args.compile.split(",")
+    ]
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -308,26 +391,51 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile happens here)")
-    parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak TFLOP/s of one device (0: table)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="peak TFLOP/s of one device (0: table)"
+    )
     parser.add_argument("--no-fsdp", action="store_true", help="train without FSDP2 (single rank only)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (0: torch's default)")
-    parser.add_argument("--vit-side", type=int, nargs=2, default=[4, 8], metavar=("MIN", "MAX"),
-                        help="ViT patches per image side (7b-mot realistic: 27 70)")
-    parser.add_argument("--vae-side", type=int, nargs=2, default=[2, 4], metavar=("MIN", "MAX"),
-                        help="latent patches per generated image side (7b-mot realistic: 32 64)")
-    parser.add_argument("--text-ids", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"),
-                        help="ids per answer (prompts are a quarter)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads on CPU (0: torch's default)"
+    )
+    parser.add_argument(
+        "--vit-side",
+        type=int,
+        nargs=2,
+        default=[4, 8],
+        metavar=("MIN", "MAX"),
+        help="ViT patches per image side (7b-mot realistic: 27 70)",
+    )
+    parser.add_argument(
+        "--vae-side",
+        type=int,
+        nargs=2,
+        default=[2, 4],
+        metavar=("MIN", "MAX"),
+        help="latent patches per generated image side (7b-mot realistic: 32 64)",
+    )
+    parser.add_argument(
+        "--text-ids",
+        type=int,
+        nargs=2,
+        default=[16, 128],
+        metavar=("MIN", "MAX"),
+        help="ids per answer (prompts are a quarter)",
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_options(parser)
     parser.add_argument("--backends", default="eager,sdpa")
-    parser.add_argument("--ac", default="none,full", help="activation checkpointing modes: none,full,selective")
+    parser.add_argument(
+        "--ac", default="none,full", help="activation checkpointing modes: none,full,selective"
+    )
     parser.add_argument("--compile", default="off", help="off, on or off,on")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
-    parser.add_argument("--smoke", action="store_true",
-                        help="CI size: 256-token packs, one timed step, rows in this process")
+    parser.add_argument(
+        "--smoke", action="store_true", help="CI size: 256-token packs, one timed step, rows in this process"
+    )
     parser.add_argument("--single", default="", help=argparse.SUPPRESS)
     common.add_results_option(parser)
     args = parser.parse_args()
@@ -351,17 +459,26 @@ def main() -> None:
     device = ok[0]["device"] if ok else args.device
     s0 = settings[0]
     notes = [
-        f"model: bagel flavor {s0.flavor}" + (f", LLM {s0.llm_layers} layers" if s0.llm_layers else "")
+        f"model: bagel flavor {s0.flavor}"
+        + (f", LLM {s0.llm_layers} layers" if s0.llm_layers else "")
         + (f", ViT {s0.vit_layers} layers" if s0.vit_layers else "")
-        + (f" ({ok[0]['params_m']:,.1f}M parameters)" if ok else "") + f", {s0.dtype}, FSDP2 {'on' if s0.fsdp else 'off'}",
+        + (f" ({ok[0]['params_m']:,.1f}M parameters)" if ok else "")
+        + f", {s0.dtype}, FSDP2 {'on' if s0.fsdp else 'off'}",
         f"data: synthetic full packs of {s0.packing_length} tokens (60% understanding ViT {s0.vit_side[0]}-{s0.vit_side[1]} "
         f"patches/side, 30% generation VAE {s0.vae_side[0]}-{s0.vae_side[1]} latent patches/side, 10% text); "
         f"{s0.warmup} warm-up + {s0.steps} timed steps through `Trainer.train()`",
         flops_note(results),
-        *([f"at full depth on the same packs, anchor-style counts {full_depth_ratio(s0):.2f}x ours (with few "
-           f"layers the embedding and lm_head it counts on every token dominate)"] if s0.llm_layers else []),
-        "MFU: n/a without a peak for the device (pass --peak-tflops)" if ok and ok[0]["mfu"] is None else
-        "MFU = FLOPs / time / peak dense FLOP/s of one device",
+        *(
+            [
+                f"at full depth on the same packs, anchor-style counts {full_depth_ratio(s0):.2f}x ours (with few "
+                f"layers the embedding and lm_head it counts on every token dominate)"
+            ]
+            if s0.llm_layers
+            else []
+        ),
+        "MFU: n/a without a peak for the device (pass --peak-tflops)"
+        if ok and ok[0]["mfu"] is None
+        else "MFU = FLOPs / time / peak dense FLOP/s of one device",
         ANCHORS,
         "peak memory: CUDA max allocated, or the process RSS high-water mark on CPU"
         + (" (smoke: rows share one process)" if args.smoke else ", one process per row"),

@@ -54,22 +54,57 @@ def main() -> None:
     torch.manual_seed(0)
     random_ae = AutoEncoder(arch).eval()
     with torch.no_grad():
-        latents = torch.cat([ae.encode(torch.stack([x for x in test if x.shape[1] == 48]),
-                                       generator=torch.Generator().manual_seed(0)).flatten()])
-    rows = [[
-        f"fitted, {args.steps} steps", f"{wall:.1f}", f"{cpu:.1f}", f"{reconstruction_psnr(ae, test):.2f}",
-        f"{reconstruction_psnr(ae, test, sample=False):.2f}", f"{reconstruction_psnr(ae, images[:64]):.2f}",
-        f"{latents.mean().item():+.3f}", f"{latents.std().item():.3f}",
-    ], ["random init (before)", "-", "-", f"{reconstruction_psnr(random_ae, test):.2f}",
-        f"{reconstruction_psnr(random_ae, test, sample=False):.2f}", f"{reconstruction_psnr(random_ae, images[:64]):.2f}",
-        "-", "-"]]
+        latents = torch.cat(
+            [
+                ae.encode(
+                    torch.stack([x for x in test if x.shape[1] == 48]),
+                    generator=torch.Generator().manual_seed(0),
+                ).flatten()
+            ]
+        )
+    rows = [
+        [
+            f"fitted, {args.steps} steps",
+            f"{wall:.1f}",
+            f"{cpu:.1f}",
+            f"{reconstruction_psnr(ae, test):.2f}",
+            f"{reconstruction_psnr(ae, test, sample=False):.2f}",
+            f"{reconstruction_psnr(ae, images[:64]):.2f}",
+            f"{latents.mean().item():+.3f}",
+            f"{latents.std().item():.3f}",
+        ],
+        [
+            "random init (before)",
+            "-",
+            "-",
+            f"{reconstruction_psnr(random_ae, test):.2f}",
+            f"{reconstruction_psnr(random_ae, test, sample=False):.2f}",
+            f"{reconstruction_psnr(random_ae, images[:64]):.2f}",
+            "-",
+            "-",
+        ],
+    ]
     table = common.markdown_table(
-        ["VAE", "wall s", "CPU s", "held-out PSNR dB (sampled)", "held-out PSNR dB (mean)", "train PSNR dB",
-         "latent mean", "latent std"], rows)
+        [
+            "VAE",
+            "wall s",
+            "CPU s",
+            "held-out PSNR dB (sampled)",
+            "held-out PSNR dB (mean)",
+            "train PSNR dB",
+            "latent mean",
+            "latent std",
+        ],
+        rows,
+    )
     print(table)
-    notes = [f"debug flavor VAE {arch}", f"fit {config}", f"{len(images)} training images from {args.num_samples} "
-             f"example records (seed 0); 64 held-out scenes (seed 12345), both orientations; PSNR on [0, 1] pixels",
-             "latent = scale * (z - shift) as BAGEL trains on it, posterior sampled; the CPU is shared with other jobs"]
+    notes = [
+        f"debug flavor VAE {arch}",
+        f"fit {config}",
+        f"{len(images)} training images from {args.num_samples} "
+        f"example records (seed 0); 64 held-out scenes (seed 12345), both orientations; PSNR on [0, 1] pixels",
+        "latent = scale * (z - shift) as BAGEL trains on it, posterior sampled; the CPU is shared with other jobs",
+    ]
     common.append_section(args.results, "bench_vae_fit", common.device_description(), notes, table)
 
 

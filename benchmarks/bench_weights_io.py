@@ -37,23 +37,59 @@ def register_flavor(llm_layers: int, vit_layers: int) -> None:
     from bagel_titan_plugins.bagel.config import FLAVORS
 
     arch = FLAVORS["7b-mot"]
-    FLAVORS[FLAVOR] = dataclasses.replace(arch, llm=dataclasses.replace(arch.llm, num_layers=llm_layers),
-                                          vit=dataclasses.replace(arch.vit, num_layers=vit_layers))
+    FLAVORS[FLAVOR] = dataclasses.replace(
+        arch,
+        llm=dataclasses.replace(arch.llm, num_layers=llm_layers),
+        vit=dataclasses.replace(arch.vit, num_layers=vit_layers),
+    )
 
 
 def job_args(args, folder: str, data: dict[str, str], run: str) -> list[str]:
     return [
-        "--job.config_file", os.path.join(REPO, "train_configs", "debug_model.toml"),
-        "--job.dump_folder", run, "--job.run_name", "bench",
-        "--model.flavor", FLAVOR, "--model.pretrained_path", folder,
-        "--model.tokenizer_path", data["tokenizer"], "--model.freeze", '["llm"]',
-        "--data.datasets", f'[{{path = "{data["data"]}"}}]', "--data.num_workers", "0",
-        "--data.packing_length", str(args.packing_length),
-        "--training.steps", "1", "--training.device", "cpu", "--training.dtype", "bfloat16",
-        "--activation_checkpoint.mode", "full", "--attention.backend", "sdpa",
-        "--parallelism.reshard_after_forward", "always",
-        "--ema.enable", "true", "--checkpoint.enable", "false", "--checkpoint.export_at_end", "false",
-        "--validation.enable", "false", "--bagel.vae_path", "", "--metrics.enable_tensorboard", "false",
+        "--job.config_file",
+        os.path.join(REPO, "train_configs", "debug_model.toml"),
+        "--job.dump_folder",
+        run,
+        "--job.run_name",
+        "bench",
+        "--model.flavor",
+        FLAVOR,
+        "--model.pretrained_path",
+        folder,
+        "--model.tokenizer_path",
+        data["tokenizer"],
+        "--model.freeze",
+        '["llm"]',
+        "--data.datasets",
+        f'[{{path = "{data["data"]}"}}]',
+        "--data.num_workers",
+        "0",
+        "--data.packing_length",
+        str(args.packing_length),
+        "--training.steps",
+        "1",
+        "--training.device",
+        "cpu",
+        "--training.dtype",
+        "bfloat16",
+        "--activation_checkpoint.mode",
+        "full",
+        "--attention.backend",
+        "sdpa",
+        "--parallelism.reshard_after_forward",
+        "always",
+        "--ema.enable",
+        "true",
+        "--checkpoint.enable",
+        "false",
+        "--checkpoint.export_at_end",
+        "false",
+        "--validation.enable",
+        "false",
+        "--bagel.vae_path",
+        "",
+        "--metrics.enable_tensorboard",
+        "false",
     ]
 
 
@@ -105,8 +141,15 @@ def worker(args) -> None:
             if rank == 0 and not torch.equal(f.get_tensor(key), full):
                 mismatched.append(key)
     with open(os.path.join(args.work_dir, f"rank{rank}.json"), "w") as out:
-        json.dump({"peaks": peaks, "mismatched": mismatched, "exported": sorted(os.listdir(export)),
-                   "trainable": sum(p.numel() for p in trainer.trainable_params)}, out)
+        json.dump(
+            {
+                "peaks": peaks,
+                "mismatched": mismatched,
+                "exported": sorted(os.listdir(export)),
+                "trainable": sum(p.numel() for p in trainer.trainable_params),
+            },
+            out,
+        )
     destroy_distributed()
 
 
@@ -141,10 +184,28 @@ def main() -> None:
         model_gib = 4 * (n_model + n_vae) / GIB
         weights.write_random_weights(model, folder, torch.bfloat16)
         del model
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.abspath(__file__), "--worker", "--folder", folder, "--work-dir", run, "--data", json.dumps(data),
-               "--llm-layers", str(args.llm_layers), "--vit-layers", str(args.vit_layers),
-               "--packing-length", str(args.packing_length)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.abspath(__file__),
+            "--worker",
+            "--folder",
+            folder,
+            "--work-dir",
+            run,
+            "--data",
+            json.dumps(data),
+            "--llm-layers",
+            str(args.llm_layers),
+            "--vit-layers",
+            str(args.vit_layers),
+            "--packing-length",
+            str(args.packing_length),
+        ]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         ranks = []
         for r in range(2):
@@ -153,11 +214,15 @@ def main() -> None:
     if ranks[0]["mismatched"]:
         raise SystemExit(f"the export does not reload to the trained weights: {ranks[0]['mismatched'][:5]}")
     target = 0.75 * model_gib + 2
-    rows = [[f"rank {r}", f"{d['peaks']['load']:.2f}", f"{d['peaks']['step']:.2f}", f"{d['peaks']['export']:.2f}"]
-            for r, d in enumerate(ranks)]
+    rows = [
+        [f"rank {r}", f"{d['peaks']['load']:.2f}", f"{d['peaks']['step']:.2f}", f"{d['peaks']['export']:.2f}"]
+        for r, d in enumerate(ranks)
+    ]
     load = max(d["peaks"]["load"] for d in ranks)
     export = max(d["peaks"]["export"] for d in ranks)
-    body = common.markdown_table(["rank", "load peak RSS GiB", "step peak RSS GiB", "export peak RSS GiB"], rows)
+    body = common.markdown_table(
+        ["rank", "load peak RSS GiB", "step peak RSS GiB", "export peak RSS GiB"], rows
+    )
     notes = [
         f"7B width (hidden 3584, MLP 18944, vocab 152064, SigLIP 1152, full FLUX VAE), {args.llm_layers} LLM "
         f"layer(s), {args.vit_layers} ViT layer(s): M = {model_gib:.2f} GiB of fp32 parameters "
@@ -171,10 +236,15 @@ def main() -> None:
         "resident when the export starts (after the step): "
         + ", ".join(f"rank {r} {d['peaks']['before_export']:.2f} GiB" for r, d in enumerate(ranks)),
     ]
-    print(common.append_section(args.results, "Weight I/O at 7B width, 2 gloo ranks", common.device_description(),
-                                notes, body))
-    print(f"weights_io: ranks=2 model_gib={model_gib:.2f} load_peak_rss_gib={load:.2f} "
-          f"export_peak_rss_gib={export:.2f}")
+    print(
+        common.append_section(
+            args.results, "Weight I/O at 7B width, 2 gloo ranks", common.device_description(), notes, body
+        )
+    )
+    print(
+        f"weights_io: ranks=2 model_gib={model_gib:.2f} load_peak_rss_gib={load:.2f} "
+        f"export_peak_rss_gib={export:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def add_results_option(parser: argparse.ArgumentParser) -> None:
 
 
 def device_description(device: torch.device | str = "cpu") -> str:
-    """"NVIDIA H100 80GB HBM3, CUDA 12.x, torch 2.x" or "x86_64 CPU, 2 cores, torch 2.x, 2 threads"."""
+    """ "NVIDIA H100 80GB HBM3, CUDA 12.x, torch 2.x" or "x86_64 CPU, 2 cores, torch 2.x, 2 threads"."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, torch {torch.__version__}"
@@ -39,7 +39,9 @@ def device_description(device: torch.device | str = "cpu") -> str:
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that reproduces this run, relative to the repository root."""
     argv = list(sys.argv if argv is None else argv)
-    script = os.path.relpath(os.path.abspath(argv[0]), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.relpath(
+        os.path.abspath(argv[0]), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
     return shlex.join(["python", script, *argv[1:]])
 
 
@@ -62,12 +64,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], alig
     return "\n".join(lines)
 
 
-def append_section(path: str, title: str, device: str, notes: Sequence[str], body: str,
-                   command: str | None = None) -> str:
+def append_section(
+    path: str, title: str, device: str, notes: Sequence[str], body: str, command: str | None = None
+) -> str:
     """Append "## title (date UTC)", the device, the exact command, notes and `body` to `path`;
     returns the section's text."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    lines = [f"## {title} ({stamp} UTC)", "", f"- device: {device}", f"- command: `{command or command_line()}`"]
+    lines = [
+        f"## {title} ({stamp} UTC)",
+        "",
+        f"- device: {device}",
+        f"- command: `{command or command_line()}`",
+    ]
     lines += [f"- {note}" for note in notes]
     text = "\n".join(lines) + "\n\n" + body.rstrip("\n") + "\n"
     with open(path, "a") as f:

@@ -65,18 +65,25 @@ def evaluate(sampler, scenes, seed: int) -> tuple[dict[str, float], list[np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("exports", nargs="+", help="exported model folders (a run's exports/final)")
-    parser.add_argument("--config", default="train_configs/debug_model.toml",
-                        help="config when an export has no run config.toml next to it")
+    parser.add_argument(
+        "--config",
+        default="train_configs/debug_model.toml",
+        help="config when an export has no run config.toml next to it",
+    )
     parser.add_argument("--prompts", type=int, default=60)
     parser.add_argument("--seed", type=int, default=321, help="seed of the fresh scenes and of the noise")
-    parser.add_argument("--cfg", type=float, nargs="+", default=[None], help="guidance scales (default: the config's)")
+    parser.add_argument(
+        "--cfg", type=float, nargs="+", default=[None], help="guidance scales (default: the config's)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's)")
-    parser.add_argument("--grid", help="write the first --grid-count images of the first row as a captioned PNG")
+    parser.add_argument(
+        "--grid", help="write the first --grid-count images of the first row as a captioned PNG"
+    )
     parser.add_argument("--grid-count", type=int, default=12)
     common.add_results_option(parser)
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
-    args, overrides = parser.parse_args(argv[:split]), argv[split + 1:]
+    args, overrides = parser.parse_args(argv[:split]), argv[split + 1 :]
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rng = random.Random(args.seed)
     scenes = [random_scene(rng) for _ in range(args.prompts)]
@@ -85,22 +92,33 @@ def main() -> None:
         config = run_config_of(export) or args.config
         for cfg in args.cfg:
             sampler = load_sampler(export, config, overrides, "cpu", cfg_scale=cfg, num_steps=args.steps)
-            settings.append(f"{export}: config {config}, cfg {sampler.config.cfg_scale}, "
-                            f"{sampler.config.num_steps} steps, shift {sampler.config.timestep_shift}, "
-                            f"{sampler.config.image_size[0]}x{sampler.config.image_size[1]} px")
+            settings.append(
+                f"{export}: config {config}, cfg {sampler.config.cfg_scale}, "
+                f"{sampler.config.num_steps} steps, shift {sampler.config.timestep_shift}, "
+                f"{sampler.config.image_size[0]}x{sampler.config.image_size[1]} px"
+            )
             scores, images = evaluate(sampler, scenes, args.seed)
             rows.append([export, f"{sampler.config.cfg_scale:g}", *(f"{scores[k]:.0%}" for k in ATTRIBUTES)])
             if args.grid and len(rows) == 1:
                 count = min(args.grid_count, len(images))
-                grid(images[:count], [s.caption() for s in scenes[:count]], columns=6, scale=3).save(args.grid)
+                grid(images[:count], [s.caption() for s in scenes[:count]], columns=6, scale=3).save(
+                    args.grid
+                )
     rows.append(["(chance)", "", *(f"{chance:.0%}" for chance in ATTRIBUTES.values())])
     table = common.markdown_table(["export", "cfg", *ATTRIBUTES], rows)
     print(table)
-    common.append_section(args.results, "eval_example_gen", common.device_description(), [
-        f"{args.prompts} fresh prompts (seed {args.seed}), one image each, read by the non-learned checker "
-        f"(bagel_titan_plugins.data.example_check)" + (f"; overrides {' '.join(overrides)}" if overrides else ""),
-        *settings,
-    ], table)
+    common.append_section(
+        args.results,
+        "eval_example_gen",
+        common.device_description(),
+        [
+            f"{args.prompts} fresh prompts (seed {args.seed}), one image each, read by the non-learned checker "
+            f"(bagel_titan_plugins.data.example_check)"
+            + (f"; overrides {' '.join(overrides)}" if overrides else ""),
+            *settings,
+        ],
+        table,
+    )
 
 
 if __name__ == "__main__":

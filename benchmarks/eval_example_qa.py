@@ -26,13 +26,23 @@ from PIL import Image
 import common
 from bagel_titan_plugins.bagel.generate import load_sampler, run_config_of
 from bagel_titan_plugins.bagel.sampling import BagelSampler
-from bagel_titan_plugins.data.example_data import COLOURS, DEFAULT_IMAGE_SIZE, SHAPES, Scene, random_scene, render
+from bagel_titan_plugins.data.example_data import (
+    COLOURS,
+    DEFAULT_IMAGE_SIZE,
+    SHAPES,
+    Scene,
+    random_scene,
+    render,
+)
 
 QUESTIONS = {
     "shape colour": ("what colour is the shape ?", lambda s: f"the shape is {s.colour} .", 1 / len(COLOURS)),
     "shape": ("what shape is in the image ?", lambda s: f"it is a {s.shape} .", 1 / len(SHAPES)),
-    "background": ("what colour is the background ?", lambda s: f"the background is {s.background} .",
-                   1 / len(COLOURS)),
+    "background": (
+        "what colour is the background ?",
+        lambda s: f"the background is {s.background} .",
+        1 / len(COLOURS),
+    ),
 }
 
 
@@ -45,7 +55,9 @@ def sampler_for(export: str, config_file: str, overrides: list[str]) -> BagelSam
 def write_scenes(count: int, seed: int) -> list[tuple[Image.Image, Scene]]:
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(count)]
-    return [(Image.open(io.BytesIO(render(scene, *DEFAULT_IMAGE_SIZE))).convert("RGB"), scene) for scene in scenes]
+    return [
+        (Image.open(io.BytesIO(render(scene, *DEFAULT_IMAGE_SIZE))).convert("RGB"), scene) for scene in scenes
+    ]
 
 
 @torch.no_grad()
@@ -60,13 +72,15 @@ def accuracy(sampler: BagelSampler, scenes: list[tuple[Image.Image, Scene]]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("exports", nargs="+", help="exported model folders (a run's exports/final)")
-    parser.add_argument("--config", default="train_configs/debug_model.toml", help="the config the runs trained with")
+    parser.add_argument(
+        "--config", default="train_configs/debug_model.toml", help="the config the runs trained with"
+    )
     parser.add_argument("--scenes", type=int, default=60)
     parser.add_argument("--seed", type=int, default=123, help="seed of the fresh scenes")
     common.add_results_option(parser)
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
-    args, overrides = parser.parse_args(argv[:split]), argv[split + 1:]
+    args, overrides = parser.parse_args(argv[:split]), argv[split + 1 :]
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = []
     scenes = write_scenes(args.scenes, args.seed)
@@ -76,10 +90,16 @@ def main() -> None:
     rows.append(["(chance)", *(f"{chance:.0%}" for _, _, chance in QUESTIONS.values())])
     table = common.markdown_table(["export", *QUESTIONS], rows)
     print(table)
-    common.append_section(args.results, "eval_example_qa", common.device_description(), [
-        f"{args.scenes} fresh scenes (seed {args.seed}), greedy answers, exact match; config {args.config}"
-        + (f" with {' '.join(overrides)}" if overrides else ""),
-    ], table)
+    common.append_section(
+        args.results,
+        "eval_example_qa",
+        common.device_description(),
+        [
+            f"{args.scenes} fresh scenes (seed {args.seed}), greedy answers, exact match; config {args.config}"
+            + (f" with {' '.join(overrides)}" if overrides else ""),
+        ],
+        table,
+    )
 
 
 if __name__ == "__main__":

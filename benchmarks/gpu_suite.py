@@ -31,7 +31,15 @@ from typing import Callable
 import torch
 
 import common
-from bench_train_step import ANCHORS, TABLE_HEADER, TrainSetting, flops_note, full_depth_ratio, run_row, table_row
+from bench_train_step import (
+    ANCHORS,
+    TABLE_HEADER,
+    TrainSetting,
+    flops_note,
+    full_depth_ratio,
+    run_row,
+    table_row,
+)
 
 
 @dataclass
@@ -58,9 +66,17 @@ def _inputs(shape: CheckShape, seed: int):
     from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
 
     docs = random_pack(random.Random(seed), shape.tokens, shape.docs)
-    return random_inputs(docs, num_heads=shape.heads, num_kv_heads=shape.kv_heads, head_dim=shape.head_dim,
-                         hidden_size=shape.hidden, dtype=shape.dtype, device=shape.device, seed=seed,
-                         requires_grad=shape.backward)
+    return random_inputs(
+        docs,
+        num_heads=shape.heads,
+        num_kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        hidden_size=shape.hidden,
+        dtype=shape.dtype,
+        device=shape.device,
+        seed=seed,
+        requires_grad=shape.backward,
+    )
 
 
 def _run(module: torch.nn.Module, inputs, backward: bool) -> list[torch.Tensor]:
@@ -76,7 +92,9 @@ def _run(module: torch.nn.Module, inputs, backward: bool) -> list[torch.Tensor]:
     return [out.detach().float()] + [t.grad.float() for t in (inputs.q_THD, inputs.k_THD, inputs.v_THD)]
 
 
-def _compare(names: list[str], actual: list[torch.Tensor], expected: list[torch.Tensor], tol: float) -> tuple[bool, str]:
+def _compare(
+    names: list[str], actual: list[torch.Tensor], expected: list[torch.Tensor], tol: float
+) -> tuple[bool, str]:
     """Largest error relative to each tensor's scale; passes when all are within `tol`."""
     parts, ok = [], True
     for name, a, e in zip(names, actual, expected):
@@ -93,7 +111,9 @@ def check_flex(shape: CheckShape) -> tuple[str, str]:
 
     spec = AttentionLayerSpec(shape.heads, shape.kv_heads, shape.head_dim, shape.hidden, 0, "llm")
     inputs = _inputs(shape, seed=0)
-    options = {} if shape.device == "cuda" else {"compile": False}  # compiled flex needs a C++ toolchain on CPU
+    options = (
+        {} if shape.device == "cuda" else {"compile": False}
+    )  # compiled flex needs a C++ toolchain on CPU
     expected = _run(EagerBackend().build(spec, {}), inputs, shape.backward)
     actual = _run(FlexBackend().build(spec, options), inputs, shape.backward)
     ok, detail = _compare(["out", "dq", "dk", "dv"], actual, expected, TOLERANCE[shape.dtype])
@@ -113,8 +133,12 @@ def check_nsa_triton(shape: CheckShape) -> tuple[str, str]:
         return "skipped", f"the Triton path cannot run here: {reason}"
     spec = AttentionLayerSpec(shape.heads, shape.kv_heads, shape.head_dim, shape.hidden, 0, "llm")
     all_blocks = -(-shape.tokens // base.block_size)
-    modules = {impl: NSABackend().build(spec, {"topk": all_blocks, "implementation": impl}).to(shape.device, shape.dtype)
-               for impl in ("triton", "torch")}
+    modules = {
+        impl: NSABackend()
+        .build(spec, {"topk": all_blocks, "implementation": impl})
+        .to(shape.device, shape.dtype)
+        for impl in ("triton", "torch")
+    }
     with torch.no_grad():  # leave the near-dense start so that every branch and gate matters
         generator = torch.Generator().manual_seed(2)
         for p in modules["torch"].parameters():
@@ -149,14 +173,40 @@ def grid(args: argparse.Namespace) -> list[TrainSetting]:
     """Rows in order of importance: every length and backend without compile first (fast),
     then with compile (slow to build: first in line for the time budget)."""
     if args.smoke:
-        base = TrainSetting(flavor="debug", packing_length=256, dtype="float32", device="cpu", steps=1, warmup=1,
-                            vit_side=[2, 4], vae_side=[2, 2], text_ids=[8, 32], distinct_packs=2)
+        base = TrainSetting(
+            flavor="debug",
+            packing_length=256,
+            dtype="float32",
+            device="cpu",
+            steps=1,
+            warmup=1,
+            vit_side=[2, 4],
+            vae_side=[2, 2],
+            text_ids=[8, 32],
+            distinct_packs=2,
+        )
         return [dataclasses.replace(base, backend=b) for b in ("sdpa", "flex")]
-    base = TrainSetting(flavor="7b-mot", llm_layers=args.llm_layers, vit_layers=args.vit_layers, dtype="bfloat16",
-                        device="cuda", steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
-                        vit_side=[27, 70], vae_side=[32, 64], text_ids=[16, 256], distinct_packs=2)
-    return [dataclasses.replace(base, packing_length=n, backend=b, ac=ac, compile=c)
-            for c in (False, True) for n in (8192, 16384) for b in ("sdpa", "flex") for ac in ("none", "full")]
+    base = TrainSetting(
+        flavor="7b-mot",
+        llm_layers=args.llm_layers,
+        vit_layers=args.vit_layers,
+        dtype="bfloat16",
+        device="cuda",
+        steps=args.steps,
+        warmup=args.warmup,
+        peak_tflops=args.peak_tflops,
+        vit_side=[27, 70],
+        vae_side=[32, 64],
+        text_ids=[16, 256],
+        distinct_packs=2,
+    )
+    return [
+        dataclasses.replace(base, packing_length=n, backend=b, ac=ac, compile=c)
+        for c in (False, True)
+        for n in (8192, 16384)
+        for b in ("sdpa", "flex")
+        for ac in ("none", "full")
+    ]
 
 
 def main() -> None:
@@ -164,7 +214,9 @@ def main() -> None:
     parser.add_argument("--llm-layers", type=int, default=2)
     parser.add_argument("--vit-layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row (compiles, both pack shapes)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps per row (compiles, both pack shapes)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak TFLOP/s of the GPU (0: table)")
     parser.add_argument("--budget-s", type=float, default=570.0, help="wall-clock budget of the whole suite")
     parser.add_argument("--row-timeout-s", type=float, default=240.0, help="seconds one row may take")
@@ -193,7 +245,9 @@ def main() -> None:
             r = run_row(s, min(args.row_timeout_s, left), isolated=not args.smoke)
         results.append(r)
         rows.append(table_row(s, r, extra=(s.packing_length,)))
-        print(common.markdown_table(("packing_length", *TABLE_HEADER), [rows[-1]]).splitlines()[-1], flush=True)
+        print(
+            common.markdown_table(("packing_length", *TABLE_HEADER), [rows[-1]]).splitlines()[-1], flush=True
+        )
 
     ok = [r for r in results if "error" not in r]
     device = ok[0]["device"] if ok else common.device_description("cuda" if gpu else "cpu")
@@ -204,16 +258,19 @@ def main() -> None:
     notes = [
         f"checks: {shape.heads}/{shape.kv_heads} heads of {shape.head_dim}, {shape.tokens}-token pack of {shape.docs} "
         f"documents, {str(shape.dtype).replace('torch.', '')}",
-        f"model: bagel {s0.flavor}" + (f" at full width with LLM {s0.llm_layers} + ViT {s0.vit_layers} layers"
-                                        if s0.llm_layers else "")
-        + (f" ({ok[0]['params_m']:,.0f}M parameters)" if ok else "") + f", {s0.dtype}, FSDP2 on one rank",
+        f"model: bagel {s0.flavor}"
+        + (f" at full width with LLM {s0.llm_layers} + ViT {s0.vit_layers} layers" if s0.llm_layers else "")
+        + (f" ({ok[0]['params_m']:,.0f}M parameters)" if ok else "")
+        + f", {s0.dtype}, FSDP2 on one rank",
         f"data: synthetic full packs (60% understanding ViT {s0.vit_side[0]}-{s0.vit_side[1]} patches/side, "
         f"30% generation VAE {s0.vae_side[0]}-{s0.vae_side[1]} latent patches/side, 10% text), {s0.distinct_packs} "
         f"distinct packs; {s0.warmup} warm-up + {s0.steps} timed steps per row",
         flops_note(results),
         "at full depth on the same packs, anchor-style counts "
-        + ", ".join(f"{full_depth_ratio(dataclasses.replace(s0, packing_length=n)):.2f}x ours at {n}"
-                    for n in sorted({s.packing_length for s in settings})),
+        + ", ".join(
+            f"{full_depth_ratio(dataclasses.replace(s0, packing_length=n)):.2f}x ours at {n}"
+            for n in sorted({s.packing_length for s in settings})
+        ),
         ANCHORS,
         f"suite wall time {time.perf_counter() - start:.0f} s",
     ]

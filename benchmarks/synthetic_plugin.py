@@ -133,23 +133,31 @@ def full_pack_samples(rng: random.Random, packing_length: int, mix: BenchSection
     if left >= 2:
         samples.append([Text(left - 2)])
     if not samples:
-        raise ValueError(f"[data] packing_length = {packing_length} is too short for any sample of the [bench] mix; "
-                         f"raise it or lower [bench] vit_side / vae_side / text_ids")
+        raise ValueError(
+            f"[data] packing_length = {packing_length} is too short for any sample of the [bench] mix; "
+            f"raise it or lower [bench] vit_side / vae_side / text_ids"
+        )
     return samples
 
 
-def build_packs(arch: BagelArchitecture, options: BagelConfig, packing_length: int, mix: BenchSection) -> list[BagelPackedBatch]:
+def build_packs(
+    arch: BagelArchitecture, options: BagelConfig, packing_length: int, mix: BenchSection
+) -> list[BagelPackedBatch]:
     """`mix.distinct_packs` full packs (deterministic in `mix.seed`)."""
     rng = random.Random(mix.seed)
     generator = torch.Generator().manual_seed(mix.seed)
-    return [synthetic_batch(arch, options, full_pack_samples(rng, packing_length, mix), generator)
-            for _ in range(mix.distinct_packs)]
+    return [
+        synthetic_batch(arch, options, full_pack_samples(rng, packing_length, mix), generator)
+        for _ in range(mix.distinct_packs)
+    ]
 
 
 def packs_for(job_config) -> list[BagelPackedBatch]:
     """The packs the "synthetic" loader of `job_config` cycles through."""
     options = BagelSpec.bagel_config(job_config)
-    return build_packs(architecture_of(job_config), options, job_config.data.packing_length, bench_section(job_config))
+    return build_packs(
+        architecture_of(job_config), options, job_config.data.packing_length, bench_section(job_config)
+    )
 
 
 class SyntheticPacks:
@@ -174,14 +182,23 @@ class SyntheticPacks:
             yield pack
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "served": self.served, "tokens": self.tokens, "samples": self.samples}
+        return {
+            "position": self.position,
+            "served": self.served,
+            "tokens": self.tokens,
+            "samples": self.samples,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position, self.served = int(state["position"]), int(state["served"])
         self.tokens, self.samples = int(state["tokens"]), int(state["samples"])
 
     def data_stats(self) -> dict[str, float]:
-        stats = {"data/packs": float(self.served), "data/tokens": float(self.tokens), "data/samples": float(self.samples)}
+        stats = {
+            "data/packs": float(self.served),
+            "data/tokens": float(self.tokens),
+            "data/samples": float(self.samples),
+        }
         if self.served:
             stats["data/fill_rate"] = self.tokens / (self.served * self.packing_length)
         return stats
@@ -192,8 +209,17 @@ class SyntheticLoaderBuilder:
 
     name = "synthetic"
 
-    def build(self, job_config, plugins, model_spec, *, dp_rank: int, dp_world_size: int,
-              datasets: Sequence[Any] | None = None, infinite: bool = True) -> SyntheticPacks:
+    def build(
+        self,
+        job_config,
+        plugins,
+        model_spec,
+        *,
+        dp_rank: int,
+        dp_world_size: int,
+        datasets: Sequence[Any] | None = None,
+        infinite: bool = True,
+    ) -> SyntheticPacks:
         if not infinite:
             raise ValueError("the synthetic loader is endless; it cannot serve one-pass (validation) data")
         return SyntheticPacks(packs_for(job_config), job_config.data.packing_length, dp_rank)
@@ -228,7 +254,9 @@ class RecordingPackedLoaderBuilder:
     name = "packed-recorded"
 
     def build(self, job_config, plugins, model_spec, **kwargs: Any) -> RecordingLoader:
-        return RecordingLoader(plugins.dataloaders.get("packed").build(job_config, plugins, model_spec, **kwargs))
+        return RecordingLoader(
+            plugins.dataloaders.get("packed").build(job_config, plugins, model_spec, **kwargs)
+        )
 
 
 @hookimpl

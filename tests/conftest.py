@@ -77,16 +77,27 @@ def _require_dist_marker() -> None:
     """`make test-fast` (-m "not slow and not dist") must not launch processes: a test that does
     and is not marked fails here with the fix, instead of silently slowing the fast subset."""
     if _current_test is not None and _current_test.get_closest_marker("dist") is None:
-        raise AssertionError(f"{_current_test.nodeid} launches processes: mark it @pytest.mark.dist "
-                             "(and @pytest.mark.slow if it takes over ~20 s)")
+        raise AssertionError(
+            f"{_current_test.nodeid} launches processes: mark it @pytest.mark.dist "
+            "(and @pytest.mark.slow if it takes over ~20 s)"
+        )
 
 
 def torchrun_cmd(nproc: int, *target: str) -> list[str]:
     """The one torchrun command line of the suite: `target` (a script and its arguments, or
     "-m", a module and its arguments) on `nproc` local ranks. `--standalone` picks a free
     rendezvous port itself; no restarts, so a dead rank fails the job."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "--max-restarts", "0", *target]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "--max-restarts",
+        "0",
+        *target,
+    ]
 
 
 def bagel_titan_cmd(args: list[str], nproc: int = 1) -> list[str]:
@@ -96,22 +107,32 @@ def bagel_titan_cmd(args: list[str], nproc: int = 1) -> list[str]:
     return [sys.executable, "-m", "bagel_titan.cli", *args]
 
 
-def run_command(cmd: list[str], timeout: float = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+def run_command(
+    cmd: list[str], timeout: float = 600, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
     """Run `cmd` in the repository with the test environment; with `check`, a non-zero exit
     fails the test with the end of its output."""
     _require_dist_marker()
-    proc = subprocess.run(cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
-def run_torchrun(nproc: int, *target: str, timeout: float = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+def run_torchrun(
+    nproc: int, *target: str, timeout: float = 600, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
     """Run a script or module under torchrun (see `torchrun_cmd`) and return the finished process."""
     return run_command(torchrun_cmd(nproc, *target), timeout=timeout, check=check, **env)
 
 
-def run_bagel_titan(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True, **env) -> subprocess.CompletedProcess:
+def run_bagel_titan(
+    args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True, **env
+) -> subprocess.CompletedProcess:
     """Run `bagel-titan` (under torchrun when nproc > 1) and return the finished process."""
     return run_command(bagel_titan_cmd(args, nproc), timeout=timeout, check=check, **env)
 
@@ -121,8 +142,14 @@ def start_bagel_titan(args: list[str], log: Path, nproc: int = 1, **env: str) ->
     torchrun and every rank), output to `log`."""
     _require_dist_marker()
     with open(log, "w") as out:
-        return subprocess.Popen(bagel_titan_cmd(args, nproc), env=subprocess_env(**env), stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        return subprocess.Popen(
+            bagel_titan_cmd(args, nproc),
+            env=subprocess_env(**env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
 
 
 def kill_session(proc: subprocess.Popen) -> None:
@@ -134,12 +161,16 @@ def kill_session(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_for(
+    predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     """Poll `predicate` until it holds; fail when `proc` exits first or after `timeout` s."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"job exited ({proc.returncode}) before {what}:\n" + (log.read_text()[-4000:] if log else ""))
+            raise AssertionError(
+                f"job exited ({proc.returncode}) before {what}:\n" + (log.read_text()[-4000:] if log else "")
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.1)
@@ -155,19 +186,32 @@ def toy_cli_args(dump_folder: Path, run_name: str = "toy") -> list[str]:
     """Command-line arguments of a small toy-model run in `dump_folder/run_name`: the real
     Trainer with the toy model spec of tests/toy/bagel_titan_toy.py as a plugin."""
     return [
-        "--job.plugins", "bagel_titan_toy",
-        "--job.dump_folder", str(dump_folder),
-        "--job.run_name", run_name,
-        "--model.name", "toy_lm",
-        "--model.flavor", "tiny",
-        "--data.loader", "toy_synthetic",
-        "--data.packing_length", "64",
-        "--loss.components", "ce",
-        "--attention.backend", "eager",
-        "--training.steps", "6",
-        "--training.device", "cpu",
-        "--metrics.log_freq", "1",
-        "--optimizer.lr", "3e-3",
+        "--job.plugins",
+        "bagel_titan_toy",
+        "--job.dump_folder",
+        str(dump_folder),
+        "--job.run_name",
+        run_name,
+        "--model.name",
+        "toy_lm",
+        "--model.flavor",
+        "tiny",
+        "--data.loader",
+        "toy_synthetic",
+        "--data.packing_length",
+        "64",
+        "--loss.components",
+        "ce",
+        "--attention.backend",
+        "eager",
+        "--training.steps",
+        "6",
+        "--training.device",
+        "cpu",
+        "--metrics.log_freq",
+        "1",
+        "--optimizer.lr",
+        "3e-3",
     ]
 
 
@@ -186,8 +230,13 @@ def toy_step_values(record: dict) -> dict:
     """A `toy_trace` step record without its timings: the metrics in TOY_STEP_KEYS, weights and EMA checksums, data positions."""
     metrics = record["metrics"]
     assert all(key in metrics for key in TOY_STEP_KEYS), metrics
-    return {"step": record["step"], **{k: metrics[k] for k in TOY_STEP_KEYS}, "model": record["model"],
-            "ema": record["ema"], "positions": record["positions"]}
+    return {
+        "step": record["step"],
+        **{k: metrics[k] for k in TOY_STEP_KEYS},
+        "model": record["model"],
+        "ema": record["ema"],
+        "positions": record["positions"],
+    }
 
 
 def small_bagel_options(**overrides):

@@ -57,8 +57,17 @@ def test_cpu_backward_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "tokens, per_octave, expected",
-    [(1, 4, 128), (128, 4, 128), (129, 4, 256), (1000, 4, 1024), (1100, 4, 1280), (5000, 4, 5120),
-     (9000, 1, 16384), (9000, 0, 9088), (33000, 2, 49152)],
+    [
+        (1, 4, 128),
+        (128, 4, 128),
+        (129, 4, 256),
+        (1000, 4, 1024),
+        (1100, 4, 1280),
+        (5000, 4, 5120),
+        (9000, 1, 16384),
+        (9000, 0, 9088),
+        (33000, 2, 49152),
+    ],
 )
 def test_bucketed_length(tokens, per_octave, expected):
     assert bucketed_length(tokens, 128, per_octave) == expected
@@ -85,8 +94,12 @@ def test_compiled_block_mask_equals_the_eager_one():
     for seed, length in ((0, 1000), (1, 2500)):
         masks = []
         for compiled in (True, False):
-            inputs = random_inputs(random_pack(random.Random(seed), length, 4), num_heads=2, num_kv_heads=1, head_dim=8)
+            inputs = random_inputs(
+                random_pack(random.Random(seed), length, 4), num_heads=2, num_kv_heads=1, head_dim=8
+            )
             masks.append(flex_block_mask(inputs.meta, bucketed_length(length, 128, 4), 128, compiled))
         for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
             assert torch.equal(getattr(masks[0], name), getattr(masks[1], name)), name
-        assert masks[0].kv_num_blocks.sum() < masks[0].kv_num_blocks.numel() * masks[0].kv_num_blocks.shape[-1]
+        assert (
+            masks[0].kv_num_blocks.sum() < masks[0].kv_num_blocks.numel() * masks[0].kv_num_blocks.shape[-1]
+        )

@@ -20,7 +20,9 @@ from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 8, 24
 SPEC = AttentionLayerSpec(HEADS, KV_HEADS, HEAD_DIM, HIDDEN, 0, "decoder")
-SMALL = dict(block_size=16, kernel_size=8, kernel_stride=4, topk=3, init_blocks=1, local_blocks=1, window_size=10)
+SMALL = dict(
+    block_size=16, kernel_size=8, kernel_stride=4, topk=3, init_blocks=1, local_blocks=1, window_size=10
+)
 
 
 def _module(options: dict, spec: AttentionLayerSpec = SPEC) -> NSAAttention:
@@ -63,7 +65,9 @@ def _brute_force_nsa(q, k, v, k_cmp, v_cmp, cfg: NSAConfig):
         for kh in range(K):
             block_score = [0.0] * n_blocks
             for h in range(kh * G, (kh + 1) * G):
-                outs[0][t, h] = attend(q[t, h], [k_cmp[c, kh] for c in visible_cmp], [v_cmp[c, kh] for c in visible_cmp])
+                outs[0][t, h] = attend(
+                    q[t, h], [k_cmp[c, kh] for c in visible_cmp], [v_cmp[c, kh] for c in visible_cmp]
+                )
                 if visible_cmp:
                     p = torch.softmax(torch.stack([q[t, h] @ k_cmp[c, kh] for c in visible_cmp]) * scale, 0)
                     for pc, c in zip(p.tolist(), visible_cmp):
@@ -93,7 +97,9 @@ def test_reference_matches_brute_force(compress_type):
             p.add_(0.3 * torch.randn(p.shape, generator=gen))
     L = 75
     q, k, v = (torch.randn(L, h, HEAD_DIM, generator=gen) for h in (HEADS, KV_HEADS, KV_HEADS))
-    k_cmp = compress(k, module.compress_key, compress_type, cfg.kernel_size, cfg.kernel_stride, module.intra_block_pe)
+    k_cmp = compress(
+        k, module.compress_key, compress_type, cfg.kernel_size, cfg.kernel_stride, module.intra_block_pe
+    )
     v_cmp = compress(v, module.compress_value, compress_type, cfg.kernel_size, cfg.kernel_stride)
     with torch.no_grad():
         ours = nsa_document(q, k, v, k_cmp, v_cmp, cfg)
@@ -114,14 +120,18 @@ def test_initial_compression_is_the_window_mean(compress_type):
     module = _module({**SMALL, "compress_type": compress_type})
     x = torch.randn(40, KV_HEADS, HEAD_DIM)
     mean = compress(x, None, "avgpool", 8, 4)
-    torch.testing.assert_close(compress(x, module.compress_key, compress_type, 8, 4, module.intra_block_pe), mean)
+    torch.testing.assert_close(
+        compress(x, module.compress_key, compress_type, 8, 4, module.intra_block_pe), mean
+    )
     if compress_type != "avgpool":
         assert module.compress_key.shape == weight_shape(compress_type, KV_HEADS, 8, HEAD_DIM)
 
 
 # -- BAGEL's rule on packed batches -------------------------------------------------------------
 
-DENSE_EQUIVALENT = dict(block_size=16, kernel_size=8, kernel_stride=4, topk=64, init_blocks=1, local_blocks=2, window_size=10_000)
+DENSE_EQUIVALENT = dict(
+    block_size=16, kernel_size=8, kernel_stride=4, topk=64, init_blocks=1, local_blocks=2, window_size=10_000
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -132,13 +142,23 @@ def test_dense_equivalent_config_equals_exact_attention(seed, compress_type):
     for every segment mode, in packs of 3+ documents, with GQA, forward and backward."""
     rng = random.Random(seed)
     docs = random_pack(rng, num_tokens=150, num_docs=rng.randint(3, 5))
-    inputs = random_inputs(docs, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN,
-                           pad=6, seed=seed, requires_grad=True)
+    inputs = random_inputs(
+        docs,
+        num_heads=HEADS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        hidden_size=HIDDEN,
+        pad=6,
+        seed=seed,
+        requires_grad=True,
+    )
     module = _module({**DENSE_EQUIVALENT, "compress_type": compress_type, "query_chunk": 37})
     eager = EagerBackend().build(SPEC, {})
     weight = torch.randn(inputs.q_THD.shape, generator=torch.Generator().manual_seed(seed))
     expected = eager(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
-    expected_grads = torch.autograd.grad((expected * weight).sum(), (inputs.q_THD, inputs.k_THD, inputs.v_THD))
+    expected_grads = torch.autograd.grad(
+        (expected * weight).sum(), (inputs.q_THD, inputs.k_THD, inputs.v_THD)
+    )
 
     for gates in [(-1e4, 1e4, -1e4), (-1e4, -1e4, 1e4), (-1e4, 0.0, 0.0)]:
         _fix_gates(module, *gates)
@@ -146,7 +166,9 @@ def test_dense_equivalent_config_equals_exact_attention(seed, compress_type):
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         grads = torch.autograd.grad((out * weight).sum(), (inputs.q_THD, inputs.k_THD, inputs.v_THD))
         for name, g, e in zip("qkv", grads, expected_grads):
-            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name} gates={gates}: {m}")
+            torch.testing.assert_close(
+                g, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name} gates={gates}: {m}"
+            )
         assert torch.equal(out[-6:], torch.zeros_like(out[-6:]))
 
 
@@ -163,7 +185,9 @@ def test_sparse_config_documents_stay_apart_and_non_causal_queries_are_exact():
     with torch.no_grad():
         module.gates["selected"].weight.normal_(0, 0.5)
         module.gates["sliding"].weight.normal_(0, 0.5)  # gates depend on the hidden state
-    packed = random_inputs(docs, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, pad=3, seed=1)
+    packed = random_inputs(
+        docs, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, pad=3, seed=1
+    )
     with torch.no_grad():
         out = _run(module, packed)
         start = 0
@@ -178,8 +202,9 @@ def test_sparse_config_documents_stay_apart_and_non_causal_queries_are_exact():
     non_causal = (~_causal_rows(packed.meta)) & (packed.meta.doc_ids >= 0)
     assert non_causal.any()
     torch.testing.assert_close(out[non_causal], ref[non_causal], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(out[_causal_rows(packed.meta)], ref[_causal_rows(packed.meta)], atol=1e-3), \
+    assert not torch.allclose(out[_causal_rows(packed.meta)], ref[_causal_rows(packed.meta)], atol=1e-3), (
         "the sparse config should differ from dense attention on long enough documents"
+    )
 
 
 def test_noised_latents_stay_hidden_from_later_tokens():
@@ -188,8 +213,12 @@ def test_noised_latents_stay_hidden_from_later_tokens():
     with torch.no_grad():
         module.gates["selected"].weight.normal_(0, 0.5)
         module.gates["sliding"].weight.normal_(0, 0.5)
-    a = random_inputs([doc], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, seed=3)
-    b = random_inputs([doc], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, seed=3)
+    a = random_inputs(
+        [doc], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, seed=3
+    )
+    b = random_inputs(
+        [doc], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, seed=3
+    )
     noise = slice(40, 64)
     b.k_THD[noise] = torch.randn(24, KV_HEADS, HEAD_DIM) * 5
     b.v_THD[noise] = torch.randn(24, KV_HEADS, HEAD_DIM) * 5
@@ -205,8 +234,18 @@ def test_bf16_runs_and_stays_close_to_fp32():
     rng = random.Random(11)
     docs = random_pack(rng, num_tokens=120, num_docs=3)
     module = _module({**SMALL})
-    x32 = random_inputs(docs, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, seed=2)
-    x16 = random_inputs(docs, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, seed=2, dtype=torch.bfloat16)
+    x32 = random_inputs(
+        docs, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, seed=2
+    )
+    x16 = random_inputs(
+        docs,
+        num_heads=HEADS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        hidden_size=HIDDEN,
+        seed=2,
+        dtype=torch.bfloat16,
+    )
     with torch.no_grad():
         out16 = _run(module, x16)
         out32 = _run(module, x32)
@@ -217,7 +256,14 @@ def test_bf16_runs_and_stays_close_to_fp32():
 def test_initialisation_starts_close_to_dense():
     """With the default gate bias and top-k covering the document, the output is within a few
     percent of dense attention (the compressed and sliding gates start at sigmoid(-4))."""
-    inputs = random_inputs([[(200, "causal")]], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, seed=5)
+    inputs = random_inputs(
+        [[(200, "causal")]],
+        num_heads=HEADS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        hidden_size=HIDDEN,
+        seed=5,
+    )
     module = _module({**DENSE_EQUIVALENT, "window_size": 32})
     with torch.no_grad():
         out = _run(module, inputs)
@@ -272,7 +318,9 @@ def test_meta_device_build_then_materialise():
     for (name, a), (_, b) in zip(module.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.all(module.gates["selected"].bias == 4.0)
-    assert torch.all(module.gates["compressed"].bias == -4.0) and torch.all(module.gates["sliding"].bias == -4.0)
+    assert torch.all(module.gates["compressed"].bias == -4.0) and torch.all(
+        module.gates["sliding"].bias == -4.0
+    )
 
 
 def test_backend_registration_and_options():
@@ -296,7 +344,9 @@ def test_backend_registration_and_options():
             NSAConfig(**bad)
     with pytest.raises(RuntimeError, match="triton"):
         module = backend.build(SPEC, {"implementation": "triton"})
-        inputs = random_inputs([[(10, "causal")]], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=32)
+        inputs = random_inputs(
+            [[(10, "causal")]], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=32
+        )
         module(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta, inputs.hidden_TD)
 
 

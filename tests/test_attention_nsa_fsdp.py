@@ -18,7 +18,14 @@ from conftest import free_port
 pytestmark = pytest.mark.dist  # every test here launches processes
 
 SPEC_ARGS = (4, 2, 8, 24, 0, "decoder")
-OPTIONS = {"compress_type": "linear", "block_size": 16, "kernel_size": 8, "kernel_stride": 4, "topk": 4, "window_size": 12}
+OPTIONS = {
+    "compress_type": "linear",
+    "block_size": 16,
+    "kernel_size": 8,
+    "kernel_stride": 4,
+    "topk": 4,
+    "window_size": 12,
+}
 
 
 def _worker(rank: int, world_size: int, port: int) -> None:

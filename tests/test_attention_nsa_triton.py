@@ -18,15 +18,26 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA device and native-sparse-attention-triton",
 )
 
-SPEC = AttentionLayerSpec(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256, layer_index=0, role="decoder")
+SPEC = AttentionLayerSpec(
+    num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256, layer_index=0, role="decoder"
+)
 BASE = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=2, window_size=96)
 
 
 def _branches(options: dict, seed: int):
     rng = random.Random(seed)
     docs = random_pack(rng, num_tokens=1500, num_docs=3)
-    inputs = random_inputs(docs, num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256, pad=20,
-                           dtype=torch.bfloat16, device="cuda", seed=seed)
+    inputs = random_inputs(
+        docs,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        hidden_size=256,
+        pad=20,
+        dtype=torch.bfloat16,
+        device="cuda",
+        seed=seed,
+    )
     outs = {}
     for implementation in ("triton", "torch"):
         module = NSABackend().build(SPEC, {**options, "implementation": implementation}).cuda()

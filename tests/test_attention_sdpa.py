@@ -13,13 +13,17 @@ from bagel_titan_plugins.attention.meta import AttentionMeta
 from bagel_titan_plugins.attention.sdpa import SDPABackend, SDPAConfig, document_calls
 from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
 
-SPEC = AttentionLayerSpec(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=32, layer_index=0, role="decoder")
+SPEC = AttentionLayerSpec(
+    num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=32, layer_index=0, role="decoder"
+)
 
 
 def _grads(module, inputs):
     out = module(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta, inputs.hidden_TD)
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    q_grad, k_grad, v_grad = torch.autograd.grad((out * weight).sum(), (inputs.q_THD, inputs.k_THD, inputs.v_THD))
+    q_grad, k_grad, v_grad = torch.autograd.grad(
+        (out * weight).sum(), (inputs.q_THD, inputs.k_THD, inputs.v_THD)
+    )
     return out, q_grad, k_grad, v_grad
 
 
@@ -29,7 +33,9 @@ def _grads(module, inputs):
 def test_sdpa_matches_eager_forward_and_grad(strategy, seed, kv_heads):
     rng = random.Random(seed)
     docs = random_pack(rng, num_tokens=96, num_docs=rng.randint(3, 5))
-    inputs = random_inputs(docs, num_heads=4, num_kv_heads=kv_heads, head_dim=16, pad=7, seed=seed, requires_grad=True)
+    inputs = random_inputs(
+        docs, num_heads=4, num_kv_heads=kv_heads, head_dim=16, pad=7, seed=seed, requires_grad=True
+    )
     spec = AttentionLayerSpec(4, kv_heads, 16, 32, 0, "decoder")
     eager = EagerBackend().build(spec, {})
     sdpa = SDPABackend().build(spec, {"strategy": strategy, "document_call_tokens": 64})
@@ -45,9 +51,17 @@ def test_sdpa_matches_eager_forward_and_grad(strategy, seed, kv_heads):
 def test_vit_full_documents_use_unmasked_calls():
     meta = AttentionMeta.full_documents([5, 9, 3])
     calls = document_calls(meta)
-    assert [(c.start, c.end, c.is_causal, c.mask_LL) for c in calls] == [(0, 5, False, None), (5, 14, False, None), (14, 17, False, None)]
-    inputs = random_inputs([[(5, "full")], [(9, "full")], [(3, "full")]], num_heads=4, num_kv_heads=2, head_dim=16)
-    out = SDPABackend().build(SPEC, {"strategy": "per_document"})(inputs.q_THD, inputs.k_THD, inputs.v_THD, meta)
+    assert [(c.start, c.end, c.is_causal, c.mask_LL) for c in calls] == [
+        (0, 5, False, None),
+        (5, 14, False, None),
+        (14, 17, False, None),
+    ]
+    inputs = random_inputs(
+        [[(5, "full")], [(9, "full")], [(3, "full")]], num_heads=4, num_kv_heads=2, head_dim=16
+    )
+    out = SDPABackend().build(SPEC, {"strategy": "per_document"})(
+        inputs.q_THD, inputs.k_THD, inputs.v_THD, meta
+    )
     ref = EagerBackend().build(SPEC, {})(inputs.q_THD, inputs.k_THD, inputs.v_THD, meta)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -61,11 +75,17 @@ def test_text_only_documents_use_is_causal():
 
 def test_sdpa_bf16_close_to_eager():
     rng = random.Random(3)
-    inputs = random_inputs(random_pack(rng, 80, 3), num_heads=4, num_kv_heads=2, head_dim=16, pad=5, dtype=torch.bfloat16)
+    inputs = random_inputs(
+        random_pack(rng, 80, 3), num_heads=4, num_kv_heads=2, head_dim=16, pad=5, dtype=torch.bfloat16
+    )
     meta = inputs.meta
-    ref = EagerBackend().build(SPEC, {})(inputs.q_THD.float(), inputs.k_THD.float(), inputs.v_THD.float(), meta)
+    ref = EagerBackend().build(SPEC, {})(
+        inputs.q_THD.float(), inputs.k_THD.float(), inputs.v_THD.float(), meta
+    )
     for strategy in ("dense", "per_document"):
-        out = SDPABackend().build(SPEC, {"strategy": strategy})(inputs.q_THD, inputs.k_THD, inputs.v_THD, meta)
+        out = SDPABackend().build(SPEC, {"strategy": strategy})(
+            inputs.q_THD, inputs.k_THD, inputs.v_THD, meta
+        )
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
@@ -81,7 +101,9 @@ def test_auto_goes_per_document_for_a_pack_of_samples_and_dense_for_many_tiny_do
     from bagel_titan_plugins.attention.sdpa import prefers_dense
 
     config = SDPAConfig()
-    anchor_pack = AttentionMeta.from_segments([[(40, "causal"), (160, "noise")]] * 9 + [[(60, "causal"), (80, "causal")]])
+    anchor_pack = AttentionMeta.from_segments(
+        [[(40, "causal"), (160, "noise")]] * 9 + [[(60, "causal"), (80, "causal")]]
+    )
     assert not prefers_dense(anchor_pack, config.document_call_tokens)  # 2k tokens, 10 samples: ~8x less work
     crumbs = AttentionMeta.from_segments([[(2, "causal")]] * 1000)
     assert prefers_dense(crumbs, config.document_call_tokens)  # 1000 calls cost more than one 2k call

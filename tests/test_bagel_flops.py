@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 
 from conftest import FIXTURES
-from bagel_titan_plugins.bagel.config import BagelArchitecture, BagelConfig, LLMArgs, VAEArgs, ViTArgs, architecture_for
+from bagel_titan_plugins.bagel.config import (
+    BagelArchitecture,
+    BagelConfig,
+    LLMArgs,
+    VAEArgs,
+    ViTArgs,
+    architecture_for,
+)
 from bagel_titan_plugins.bagel.flops import forward_flops, training_flops, visible_pairs
 from bagel_titan_plugins.bagel.spec import build_bagel
 from bagel_titan_plugins.bagel.synthetic import Text, VaeImage, VitImage, synthetic_batch
@@ -22,15 +29,19 @@ def test_visible_pairs_follow_the_mask_rule():
 
 def test_flops_match_a_hand_count():
     arch = BagelArchitecture(
-        llm=LLMArgs(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1),
-        vit=ViTArgs(hidden_size=4, intermediate_size=8, num_layers=1, num_heads=1, image_size=8, patch_size=2),
+        llm=LLMArgs(
+            vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1
+        ),
+        vit=ViTArgs(
+            hidden_size=4, intermediate_size=8, num_layers=1, num_heads=1, image_size=8, patch_size=2
+        ),
         vae=VAEArgs(ch=32, ch_mult=(1,), num_res_blocks=1, z_channels=4),
     )
     options = BagelConfig(latent_patch_size=1, max_latent_size=4, vit_max_num_patch_per_side=4)
     batch = synthetic_batch(arch, options, [[Text(2)], [Text(1, loss=False), VitImage(1, 2), VaeImage(1, 1)]])
     assert batch.sequence_length == 14 and batch.num_ce_tokens == 3
-    dense = 2 * 14 * (64 + 64 + 64 + 384)          # q, k+v, o, SwiGLU per token (one expert)
-    attention = 4 * (10 + 6 + 28 + 30) * 2 * 4     # visible pairs x heads x head_dim, QK^T + PV
+    dense = 2 * 14 * (64 + 64 + 64 + 384)  # q, k+v, o, SwiGLU per token (one expert)
+    attention = 4 * (10 + 6 + 28 + 30) * 2 * 4  # visible pairs x heads x head_dim, QK^T + PV
     lm_head = 2 * 3 * 8 * 32
     vit = 2 * 2 * (12 * 4 + 4 * 4 * 4 + 2 * 4 * 8) + 4 * 2 * 2 * 4 + 2 * 2 * (4 * 8 + 8 * 8)
     latent = 2 * 1 * (4 * 8 + 256 * 8 + 8 * 8) + 2 * 1 * 8 * 4

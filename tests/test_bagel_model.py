@@ -39,7 +39,10 @@ def _randomise_zero_init(model):
 def _loss(model, batch, generator=None):
     r = model(batch, generator)
     out = bagel_outputs(r, batch)
-    ce, mse = bagel_loss_term(CELoss(CEOptions()), out, batch), bagel_loss_term(FlowMSELoss(FlowMSEOptions()), out, batch)
+    ce, mse = (
+        bagel_loss_term(CELoss(CEOptions()), out, batch),
+        bagel_loss_term(FlowMSELoss(FlowMSEOptions()), out, batch),
+    )
     return ce.sum / max(ce.count, 1) + mse.sum / max(mse.count, 1), r
 
 
@@ -66,16 +69,22 @@ def test_samples_in_a_pack_do_not_see_each_other(model):
         n_vae = int(alone.packed_vae_token_indexes.shape[0])
         alone = dataclasses.replace(
             alone,
-            packed_text_ids=packed.packed_text_ids[(packed.packed_text_indexes >= start) & (packed.packed_text_indexes < start + alone.sequence_length)],
-            packed_vit_tokens=packed.packed_vit_tokens[(packed.packed_vit_token_indexes >= start) & (packed.packed_vit_token_indexes < start + alone.sequence_length)],
+            packed_text_ids=packed.packed_text_ids[
+                (packed.packed_text_indexes >= start)
+                & (packed.packed_text_indexes < start + alone.sequence_length)
+            ],
+            packed_vit_tokens=packed.packed_vit_tokens[
+                (packed.packed_vit_token_indexes >= start)
+                & (packed.packed_vit_token_indexes < start + alone.sequence_length)
+            ],
             padded_latent=None if n_vae == 0 else packed.padded_latent,
-            packed_timesteps=packed.packed_timesteps[vae_row:vae_row + n_vae],
-            noise=packed.noise[vae_row:vae_row + n_vae],
+            packed_timesteps=packed.packed_timesteps[vae_row : vae_row + n_vae],
+            noise=packed.noise[vae_row : vae_row + n_vae],
         )
         if n_vae:  # the only VAE sample: the packed latents are its own
             assert packed.padded_latent.shape[0] == len(alone.patchified_vae_latent_shapes)
         got = model(alone).last_hidden_state
-        torch.testing.assert_close(got, out[start:start + alone.sequence_length], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, out[start : start + alone.sequence_length], atol=1e-5, rtol=1e-5)
         start += alone.sequence_length
         vae_row += n_vae
 
@@ -87,15 +96,20 @@ def test_clean_condition_has_t0_and_no_loss(model):
     clean = torch.isinf(batch.packed_timesteps)
     assert clean.sum() == 6 and torch.all(t[clean] == 0) and torch.all(t[~clean] > 0)
     assert r.pred_velocity.shape[0] == batch.num_mse_tokens == 6
-    torch.testing.assert_close(r.intermediates["noisy_latent_tokens"][clean], r.intermediates["packed_latent_clean"][clean])
+    torch.testing.assert_close(
+        r.intermediates["noisy_latent_tokens"][clean], r.intermediates["packed_latent_clean"][clean]
+    )
 
 
-@pytest.mark.parametrize("samples", [
-    pytest.param([TEXT_ONLY], id="no-vit-no-vae"),
-    pytest.param([[Text(4, loss=False), VaeImage(2, 2)]], id="no-ce-no-vit"),
-    pytest.param([[VitImage(2, 2), Text(3, loss=False)]], id="no-ce-no-vae"),
-    pytest.param([UNDERSTANDING], id="no-vae"),
-])
+@pytest.mark.parametrize(
+    "samples",
+    [
+        pytest.param([TEXT_ONLY], id="no-vit-no-vae"),
+        pytest.param([[Text(4, loss=False), VaeImage(2, 2)]], id="no-ce-no-vit"),
+        pytest.param([[VitImage(2, 2), Text(3, loss=False)]], id="no-ce-no-vae"),
+        pytest.param([UNDERSTANDING], id="no-vae"),
+    ],
+)
 def test_missing_modalities_train(samples):
     model = build_bagel_for_tests("debug", seed=1)
     _randomise_zero_init(model)
@@ -158,13 +172,16 @@ def test_freeze_groups_and_sharding_units(model):
     assert "language_model.model.layers.1.self_attn.q_proj_moe_gen.weight" in gen and "llm2vae.weight" in gen
     llm = frozen(["llm"])
     assert all(n.startswith("language_model.") for n in llm) and (und | gen) - llm == {
-        n for n in gen if not n.startswith("language_model.")}
+        n for n in gen if not n.startswith("language_model.")
+    }
     assert frozen(["vit"]) == {n for n in names.values() if n.startswith("vit_model.")}
     with pytest.raises(ValueError, match="known"):
         frozen(["vae"])
     units = spec.sharding_units(model)
     assert len(units) == ARCH.vit.num_layers + ARCH.llm.num_layers
-    assert type(units[0]).__name__ == "SiglipEncoderLayer" and type(units[-1]).__name__ == "Qwen2MoTDecoderLayer"
+    assert (
+        type(units[0]).__name__ == "SiglipEncoderLayer" and type(units[-1]).__name__ == "Qwen2MoTDecoderLayer"
+    )
 
 
 def test_spec_builds_on_meta_and_trains_through_the_plugin_manager():
@@ -183,7 +200,10 @@ def test_spec_builds_on_meta_and_trains_through_the_plugin_manager():
     batch = synthetic_batch(ARCH, OPTS, [UNDERSTANDING, EDITING])
     outputs = spec.forward(model, batch, torch.Generator().manual_seed(0))
     ce_factory, mse_factory = plugins.loss_components.get("ce"), plugins.loss_components.get("flow_mse")
-    ce, mse = bagel_loss_term(ce_factory({}), outputs, batch), bagel_loss_term(mse_factory({}), outputs, batch)
+    ce, mse = (
+        bagel_loss_term(ce_factory({}), outputs, batch),
+        bagel_loss_term(mse_factory({}), outputs, batch),
+    )
     assert ce.count == batch.num_ce_tokens and mse.count == batch.num_mse_tokens == 6
     (ce.sum / ce.count + mse.sum / mse.count).backward()
     # llm2vae starts at zero, so only the CE path carries gradient into the LLM at step 0.

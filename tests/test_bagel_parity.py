@@ -21,7 +21,6 @@ def fixture_dirs() -> list[str]:
     return [str(d) for d in reference_dirs()]
 
 
-
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("folder", fixture_dirs())
 def test_every_tensor_and_gradient_matches(folder, backend):
@@ -38,7 +37,9 @@ def test_batch_adapter_drops_the_flex_padding(folder):
     batch, raw, info = load_fixture_batch(folder)
     assert sum(batch.sample_lens) == sum(batch.split_lens) == batch.sequence_length == info["sequence_length"]
     assert len(batch.sample_lens) == info.get("num_real_samples", len(batch.sample_lens))
-    noised_tokens = sum(h * w for (h, w), n in zip(batch.patchified_vae_latent_shapes, batch.vae_image_noised) if n)
+    noised_tokens = sum(
+        h * w for (h, w), n in zip(batch.patchified_vae_latent_shapes, batch.vae_image_noised) if n
+    )
     assert noised_tokens == batch.num_mse_tokens
 
 

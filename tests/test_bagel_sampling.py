@@ -191,9 +191,12 @@ def test_noised_forward_is_the_training_forward_at_the_same_x_t(tmp_path, exampl
 
 
 def test_generate_samples_end_to_end(tmp_path, example, model):
-    job = _job_config(tmp_path, example["tokenizer"], f"""
+    job = _job_config(
+        tmp_path,
+        example["tokenizer"],
+        f"""
 prompts = ["a large red circle on a white background", "a small blue square on a yellow background"]
-data_folder = "{example['root']}"
+data_folder = "{example["root"]}"
 num_steps = 3
 cfg_scale = 4.0
 cfg_interval = [0.5, 1.0]
@@ -203,9 +206,10 @@ max_new_tokens = 4
 seed = 7
 
 [[bagel.sampling.questions]]
-image = "{example['image']}"
+image = "{example["image"]}"
 question = "what colour is the shape ?"
-""")
+""",
+    )
     sampling = job.section("bagel.sampling")
     assert sampling.questions == [SamplingQuestion(example["image"], "what colour is the shape ?")]
     reread = tmp_path / "resolved.toml"
@@ -242,11 +246,15 @@ def test_user_errors_name_the_setting(tmp_path, example, model):
     job = _job_config(tmp_path, example["tokenizer"], 'prompts = ["a red circle"]\nimage_size = [18, 24]')
     with pytest.raises(ValueError, match=r"image_size = \[18, 24\].*multiples of 4"):
         BagelSpec().generate_samples(model, job, step=0)
-    job = _job_config(tmp_path, example["tokenizer"], f"""data_folder = "{tmp_path}"
+    job = _job_config(
+        tmp_path,
+        example["tokenizer"],
+        f"""data_folder = "{tmp_path}"
 [[bagel.sampling.questions]]
 image = "missing.png"
 question = "what colour is the shape ?"
-""")
+""",
+    )
     with pytest.raises(ValueError, match="missing.png.*data_folder"):
         BagelSpec().generate_samples(model, job, step=0)
 

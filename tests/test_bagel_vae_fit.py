@@ -18,8 +18,13 @@ from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel_for_tests
 from bagel_titan_plugins.bagel.vae import AutoEncoder
 from bagel_titan_plugins.bagel.vae_fit import VAEFitConfig, fit_vae, reconstruction_psnr
 from bagel_titan_plugins.bagel.weights import export
-from bagel_titan_plugins.data.example_data import (DEFAULT_IMAGE_SIZE, QUESTION_SCENES, ensure_example_data,
-                                                   random_scene, render)
+from bagel_titan_plugins.data.example_data import (
+    DEFAULT_IMAGE_SIZE,
+    QUESTION_SCENES,
+    ensure_example_data,
+    random_scene,
+    render,
+)
 
 # A shortened fit (the command's default, 400 steps of 8 images, costs about 100 s of CPU and
 # reaches about 24 dB) keeps this file near its time budget: about 50 s of CPU.
@@ -93,7 +98,9 @@ def test_example_folder_has_question_images_and_is_rewritten_when_outdated(examp
 
 def _job(tmp_path, vae_path: str):
     config = tmp_path / "job.toml"
-    config.write_text(f'[model]\nflavor = "debug"\n[attention]\nbackend = "eager"\n[bagel]\nvae_path = "{vae_path}"\n')
+    config.write_text(
+        f'[model]\nflavor = "debug"\n[attention]\nbackend = "eager"\n[bagel]\nvae_path = "{vae_path}"\n'
+    )
     return load_job_config(["--job.config_file", str(config)])
 
 
@@ -132,7 +139,9 @@ def test_missing_or_mismatched_vae_file_names_the_key(tmp_path):
     spec = BagelSpec()
     job, plugins = _job(tmp_path, str(tmp_path / "nope.safetensors"))
     model = spec.build(job, plugins)
-    with pytest.raises(FileNotFoundError, match=r"\[bagel\] vae_path.*nope\.safetensors.*bagel-titan-example-data"):
+    with pytest.raises(
+        FileNotFoundError, match=r"\[bagel\] vae_path.*nope\.safetensors.*bagel-titan-example-data"
+    ):
         spec.init_weights(model)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"encoder.conv_in.weight": torch.zeros(1)}, str(wrong))

@@ -60,8 +60,15 @@ def test_fp32_round_trip_is_exact_and_byte_stable(reference, tmp_path):
     out1, out2 = tmp_path / "export1", tmp_path / "export2"
     export(reference, str(out1), torch.float32)
     assert detect(str(out1)).layout == "official"
-    for name in ("model.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json", "config.json",
-                 "tokenizer.json", "tokenizer_config.json"):
+    for name in (
+        "model.safetensors",
+        "ae.safetensors",
+        "llm_config.json",
+        "vit_config.json",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (out1 / name).is_file(), name
         assert (out1 / name).stat().st_mode & 0o777 == 0o644, name  # the group can read the export
     assert not (out1 / "ema.safetensors").exists()  # raw weights are never named EMA
@@ -168,7 +175,10 @@ def _sharded_load(rank: int, world: int, port: int, out: str) -> None:
         model = fsdp_bagel_from_folder(FIXTURE, world)
         load_weights(model, str(FIXTURE))
         sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
-        full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+        full = {
+            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in model.named_parameters()
+        }
         if rank == 0:
             torch.save({"sharded": sharded, "full": full}, out)
     finally:

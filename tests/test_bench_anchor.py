@@ -40,11 +40,17 @@ def test_collated_packs_have_the_anchors_lengths():
     cfg = anchor.load_config()
     pack = anchor.first_fit_packs(anchor.make_rows(cfg, "t2i=3,text=1"), cfg, 2048, 1)[0]
     arch = anchor.anchor_architecture(cfg)
-    collate = BagelCollator(JobConfig(), anchor.anchor_bagel_config(cfg, "t2i=3,text=1"),
-                            special_tokens=anchor.special_tokens(cfg), vit_patch_size=arch.vit.patch_size,
-                            vae_downsample=arch.vae.downsample)
+    collate = BagelCollator(
+        JobConfig(),
+        anchor.anchor_bagel_config(cfg, "t2i=3,text=1"),
+        special_tokens=anchor.special_tokens(cfg),
+        vit_patch_size=arch.vit.patch_size,
+        vae_downsample=arch.vae.downsample,
+    )
     batch = collate([anchor.bagel_sample(r, cfg) for r in pack])
-    assert batch.sequence_length == FIRST_PACKS[0] and batch.sample_lens == [anchor.num_tokens(r, cfg) for r in pack]
+    assert batch.sequence_length == FIRST_PACKS[0] and batch.sample_lens == [
+        anchor.num_tokens(r, cfg) for r in pack
+    ]
     images = [r for r in pack if r["kind"] == "t2i"]
     assert batch.num_mse_tokens == sum((r["height"] // 16) * (r["width"] // 16) for r in images)
     assert batch.padded_images.shape[0] == len(images) and float(batch.padded_images.abs().max()) <= 1.0
@@ -57,9 +63,25 @@ def test_collated_packs_have_the_anchors_lengths():
 def test_script_runs_through_the_trainer_and_records_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "bench_anchor_step.py"), "--steps", "1", "--warmup", "1", "--pack-len", "512",
-         "--threads", "1", "--results", str(results)],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(BENCH / "bench_anchor_step.py"),
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--pack-len",
+            "512",
+            "--threads",
+            "1",
+            "--results",
+            str(results),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("STEP ") == 2

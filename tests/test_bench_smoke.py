@@ -34,15 +34,42 @@ PY = sys.executable
 # (script, arguments, section title, text the section must hold)
 SCRIPTS = [
     ("bench_packing.py", ["--samples", "400"], "## bench_packing", "| best_fit_decreasing |"),
-    ("bench_dataloader.py", ["--samples", "8", "--large-samples", "2"], "## bench_dataloader", "| example data"),
-    ("bench_attention.py", ["--seq-lens", "256", "--backends", "sdpa", "--iters", "1", "--warmup", "0"],
-     "## bench_attention", "| sdpa | 256 |"),
-    ("bench_bagel_model.py", ["--tokens", "256", "--repeats", "1", "--backends", "sdpa"], "## bench_bagel_model",
-     "| sdpa |"),
-    ("bench_train_step.py", ["--smoke", "--backends", "sdpa", "--ac", "none,full"], "## bench_train_step",
-     "| sdpa | full | off | 256 |"),
-    ("bench_overhead.py", ["--smoke"], "## bench_overhead", "| bf16 autocast, example data through the packed loader (1 worker) | 4 |"),
-    ("bench_vae_fit.py", ["--steps", "4", "--num-samples", "16", "--threads", "1"], "## bench_vae_fit", "| fitted, 4 steps |"),
+    (
+        "bench_dataloader.py",
+        ["--samples", "8", "--large-samples", "2"],
+        "## bench_dataloader",
+        "| example data",
+    ),
+    (
+        "bench_attention.py",
+        ["--seq-lens", "256", "--backends", "sdpa", "--iters", "1", "--warmup", "0"],
+        "## bench_attention",
+        "| sdpa | 256 |",
+    ),
+    (
+        "bench_bagel_model.py",
+        ["--tokens", "256", "--repeats", "1", "--backends", "sdpa"],
+        "## bench_bagel_model",
+        "| sdpa |",
+    ),
+    (
+        "bench_train_step.py",
+        ["--smoke", "--backends", "sdpa", "--ac", "none,full"],
+        "## bench_train_step",
+        "| sdpa | full | off | 256 |",
+    ),
+    (
+        "bench_overhead.py",
+        ["--smoke"],
+        "## bench_overhead",
+        "| bf16 autocast, example data through the packed loader (1 worker) | 4 |",
+    ),
+    (
+        "bench_vae_fit.py",
+        ["--steps", "4", "--num-samples", "16", "--threads", "1"],
+        "## bench_vae_fit",
+        "| fitted, 4 steps |",
+    ),
 ]
 
 
@@ -81,7 +108,10 @@ def test_example_qa_eval_scores_an_export(tmp_path):
     model = build_bagel_for_tests("debug")
     model.tokenizer_path = example["tokenizer"]
     weights.export(model, str(tmp_path / "export"), torch.float32)
-    text = _run([PY, str(BENCH / "eval_example_qa.py"), str(tmp_path / "export"), "--scenes", "2"], tmp_path / "RESULTS.md")
+    text = _run(
+        [PY, str(BENCH / "eval_example_qa.py"), str(tmp_path / "export"), "--scenes", "2"],
+        tmp_path / "RESULTS.md",
+    )
     assert text.count("## eval_example_qa") == 1
     row = next(line for line in text.splitlines() if line.startswith(f"| {tmp_path / 'export'} |"))
     cells = row.strip("|").split("|")[1:]
@@ -102,8 +132,23 @@ def test_example_gen_eval_scores_an_export(tmp_path):
     model = build_bagel_for_tests("debug")
     model.tokenizer_path = example["tokenizer"]
     weights.export(model, str(tmp_path / "export"), torch.float32)
-    text = _run([PY, str(BENCH / "eval_example_gen.py"), str(tmp_path / "export"), "--prompts", "2", "--steps", "2",
-                 "--cfg", "1.0", "2.0", "--grid", str(tmp_path / "grid.png")], tmp_path / "RESULTS.md")
+    text = _run(
+        [
+            PY,
+            str(BENCH / "eval_example_gen.py"),
+            str(tmp_path / "export"),
+            "--prompts",
+            "2",
+            "--steps",
+            "2",
+            "--cfg",
+            "1.0",
+            "2.0",
+            "--grid",
+            str(tmp_path / "grid.png"),
+        ],
+        tmp_path / "RESULTS.md",
+    )
     assert text.count("## eval_example_gen") == 1
     rows = [line for line in text.splitlines() if line.startswith(f"| {tmp_path / 'export'} |")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]  # one row per --cfg
@@ -163,8 +208,12 @@ def test_short_pack_length_is_a_clear_error():
 
 
 def test_synthetic_loader_resumes_where_it_stopped():
-    packs = build_packs(architecture_for("debug"), BagelConfig(), 128,
-                        BenchSection(vit_side=[2, 2], vae_side=[2, 2], text_ids=[4, 8], distinct_packs=3))
+    packs = build_packs(
+        architecture_for("debug"),
+        BagelConfig(),
+        128,
+        BenchSection(vit_side=[2, 2], vae_side=[2, 2], text_ids=[4, 8], distinct_packs=3),
+    )
     loader = SyntheticPacks(packs, 128)
     it = iter(loader)
     seen = [next(it) for _ in range(4)]
@@ -200,13 +249,17 @@ def test_gpu_suite_rows_are_valid_trainer_configs_of_a_7b_width_model(tmp_path):
     args = argparse.Namespace(smoke=False, llm_layers=2, vit_layers=3, steps=3, warmup=2, peak_tflops=0.0)
     rows = gpu_suite.grid(args)
     assert {(r.packing_length, r.backend, r.ac, r.compile) for r in rows} == set(
-        itertools.product((8192, 16384), ("sdpa", "flex"), ("none", "full"), (False, True)))
+        itertools.product((8192, 16384), ("sdpa", "flex"), ("none", "full"), (False, True))
+    )
     assert [r.compile for r in rows] == sorted(r.compile for r in rows), "rows without compile come first"
     for row in rows:
         cfg, plugins = load_job_config(job_argv(row, str(tmp_path)))
         assert (cfg.training.dtype, cfg.training.device, cfg.model.flavor) == ("bfloat16", "cuda", "7b-mot")
         assert (cfg.data.packing_length, cfg.attention.backend, cfg.compile.enable) == (
-            row.packing_length, row.backend, row.compile)
+            row.packing_length,
+            row.backend,
+            row.compile,
+        )
     with torch.device("meta"):
         model = plugins.model_specs.get("bagel-bench").build(cfg, plugins)
     assert len(model.language_model.model.layers) == 2
@@ -219,12 +272,16 @@ def test_gpu_suite_rows_are_valid_trainer_configs_of_a_7b_width_model(tmp_path):
 def test_failure_reason_is_the_exception_line_of_a_traceback():
     from bench_train_step import failure_reason
 
-    stderr = "\n".join([
-        "/x/y.py:3: UserWarning: something",
-        "[rank0]: Traceback (most recent call last):",
-        '[rank0]:   File "a.py", line 1, in <module>',
-        "[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
-        "[rank0]: If this error occurs under torch.compile, try again",
-    ])
-    assert failure_reason(stderr, 1) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    stderr = "\n".join(
+        [
+            "/x/y.py:3: UserWarning: something",
+            "[rank0]: Traceback (most recent call last):",
+            '[rank0]:   File "a.py", line 1, in <module>',
+            "[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+            "[rank0]: If this error occurs under torch.compile, try again",
+        ]
+    )
+    assert (
+        failure_reason(stderr, 1) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
     assert failure_reason("", 137) == "exit code 137"

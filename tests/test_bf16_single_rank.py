@@ -68,8 +68,19 @@ def test_one_rank_bf16_trains_differently_and_resumes_bitwise(tmp_path: Path) ->
     torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=1e-6)
     assert bf16 != fp32  # bf16 is really used
 
-    resumed = [*toy_cli_args(tmp_path, "resumed"), *STEPS, *BF16, "--toy.trace", "true", "--checkpoint.enable",
-               "true", "--checkpoint.interval", "2", "--checkpoint.export_at_end", "false"]
+    resumed = [
+        *toy_cli_args(tmp_path, "resumed"),
+        *STEPS,
+        *BF16,
+        "--toy.trace",
+        "true",
+        "--checkpoint.enable",
+        "true",
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.export_at_end",
+        "false",
+    ]
     run_bagel_titan([*resumed, "--training.steps", "2"])
     run_bagel_titan(resumed)
     assert [r["step"] for r in toy_trace(tmp_path / "resumed", "start")] == [0, 2]

@@ -10,13 +10,34 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_session, run_bagel_titan, start_bagel_titan, toy_cli_args, toy_step_values, toy_trace, wait_for
+from conftest import (
+    kill_session,
+    run_bagel_titan,
+    start_bagel_titan,
+    toy_cli_args,
+    toy_step_values,
+    toy_trace,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test here launches torchrun
 
-COMMON = ["--training.steps", "8", "--training.grad_accum_steps", "2", "--training.deterministic", "true",
-          "--checkpoint.enable", "true", "--checkpoint.interval", "2", "--checkpoint.export_at_end", "false",
-          "--toy.trace", "true"]
+COMMON = [
+    "--training.steps",
+    "8",
+    "--training.grad_accum_steps",
+    "2",
+    "--training.deterministic",
+    "true",
+    "--checkpoint.enable",
+    "true",
+    "--checkpoint.interval",
+    "2",
+    "--checkpoint.export_at_end",
+    "false",
+    "--toy.trace",
+    "true",
+]
 
 
 def _assert_redone_steps_identical(killed: list[dict], run: Path) -> None:
@@ -28,7 +49,9 @@ def _assert_redone_steps_identical(killed: list[dict], run: Path) -> None:
     redone = [r for r in killed if r["step"] > checkpoint]
     assert redone, "the restarted job should have redone the steps after the last checkpoint"
     for record in killed:
-        assert toy_step_values(record) == final[record["step"]], f"step {record['step']} differs after the restart"
+        assert toy_step_values(record) == final[record["step"]], (
+            f"step {record['step']} differs after the restart"
+        )
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path: Path) -> None:
@@ -37,7 +60,9 @@ def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path: Path) -> No
     job = start_bagel_titan(args, log, nproc=2, BAGEL_TITAN_TEST_SAVE_PAUSE="4:120")
     try:
         # Both ranks wrote their data files for step 4; the metadata and marker are not there yet.
-        wait_for(lambda: len(list((ckpt / "step-4").glob("*.distcp"))) == 2, 120, "the step-4 data files", job, log)
+        wait_for(
+            lambda: len(list((ckpt / "step-4").glob("*.distcp"))) == 2, 120, "the step-4 data files", job, log
+        )
     finally:
         kill_session(job)
     assert (ckpt / "step-2" / "COMPLETE").exists()

@@ -44,8 +44,12 @@ def _job(tmp_path: Path, with_ema: bool = True, **cfg):
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    states = {"model": ModelState(model), "optimizer": OptimizerState(model, opt),
-              "train_state": TrainState(), "dataloader": Counter()}
+    states = {
+        "model": ModelState(model),
+        "optimizer": OptimizerState(model, opt),
+        "train_state": TrainState(),
+        "dataloader": Counter(),
+    }
     if with_ema:
         states["ema"] = EMA(model, decay=0.5)
     config = Checkpoint(enable=True, interval=2, **cfg)

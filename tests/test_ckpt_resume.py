@@ -19,9 +19,28 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test here launches to
 
 # Deterministic fp32, 2 microbatches per step, a checkpoint every 2 steps, an EMA that starts
 # averaging after step 2 (decay 0.9, so the average visibly differs from the weights).
-COMMON = ["--training.steps", "8", "--training.grad_accum_steps", "2", "--training.deterministic", "true",
-          "--checkpoint.enable", "true", "--checkpoint.interval", "2",
-          "--ema.enable", "true", "--ema.decay", "0.9", "--ema.start_step", "2", "--toy.trace", "true"]
+COMMON = [
+    "--training.steps",
+    "8",
+    "--training.grad_accum_steps",
+    "2",
+    "--training.deterministic",
+    "true",
+    "--checkpoint.enable",
+    "true",
+    "--checkpoint.interval",
+    "2",
+    "--ema.enable",
+    "true",
+    "--ema.decay",
+    "0.9",
+    "--ema.start_step",
+    "2",
+    "--toy.trace",
+    "true",
+]
+
+
 def metrics_jsonl(run: Path) -> dict[int, dict]:
     """The last logged record of each step in `metrics.jsonl`."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -40,7 +59,14 @@ def straight(tmp_path_factory) -> Path:
 def split(tmp_path_factory) -> Path:
     """4 steps, stop, resume for 4 more; asynchronous saves, no retention, no export."""
     root = tmp_path_factory.mktemp("split")
-    args = [*toy_cli_args(root), *COMMON, "--checkpoint.async_mode", "async", "--checkpoint.export_at_end", "false"]
+    args = [
+        *toy_cli_args(root),
+        *COMMON,
+        "--checkpoint.async_mode",
+        "async",
+        "--checkpoint.export_at_end",
+        "false",
+    ]
     run_bagel_titan([*args, "--training.steps", "4"], nproc=2)
     run_bagel_titan(args, nproc=2)
     return root / "toy"
@@ -102,8 +128,18 @@ def test_load_step_on_a_different_world_size(straight: Path, split: Path, tmp_pa
     run = tmp_path / "toy"
     for step in (2, 4):  # load_step picks step 2 although step 4 is newer
         shutil.copytree(split / "checkpoint" / f"step-{step}", run / "checkpoint" / f"step-{step}")
-    proc = run_bagel_titan([*toy_cli_args(tmp_path), *COMMON, "--checkpoint.load_step", "2",
-                            "--training.steps", "3", "--checkpoint.export_at_end", "false"])
+    proc = run_bagel_titan(
+        [
+            *toy_cli_args(tmp_path),
+            *COMMON,
+            "--checkpoint.load_step",
+            "2",
+            "--training.steps",
+            "3",
+            "--checkpoint.export_at_end",
+            "false",
+        ]
+    )
     start = toy_trace(run, "start")[0]
     ref2 = toy_trace(straight, "step")[1]
     assert (start["step"], start["world_size"]) == (2, 1)
@@ -121,8 +157,19 @@ def test_initial_load_is_model_only(straight: Path, split: Path, tmp_path: Path)
     """A new run fine-tunes from another run's step-4 weights: step, data, optimizer fresh; the
     EMA starts at the loaded weights."""
     source = split / "checkpoint" / "step-4"
-    run_bagel_titan([*toy_cli_args(tmp_path), *COMMON, "--checkpoint.initial_load_path", str(source),
-                     "--training.steps", "1", "--checkpoint.export_at_end", "false"], nproc=2)
+    run_bagel_titan(
+        [
+            *toy_cli_args(tmp_path),
+            *COMMON,
+            "--checkpoint.initial_load_path",
+            str(source),
+            "--training.steps",
+            "1",
+            "--checkpoint.export_at_end",
+            "false",
+        ],
+        nproc=2,
+    )
     start = toy_trace(tmp_path / "toy", "start")[0]
     ref4 = toy_trace(straight, "step")[3]
     assert start["step"] == 0

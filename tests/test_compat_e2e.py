@@ -24,21 +24,25 @@ COLOURS = ("red", "green", "blue", "yellow")
 
 
 def png(colour: str, shape: str = "circle") -> bytes:
-    return render(Scene(shape, colour, "white", "large", .5, .5), 64, 48)
+    return render(Scene(shape, colour, "white", "large", 0.5, 0.5), 64, 48)
 
 
 def write_layouts(root) -> dict[str, str]:
     t2i = root / "t2i"
     t2i.mkdir()
-    rows = [{"image": png(c), "captions": json.dumps({"short": f"a {c} circle", "long": f"a large {c} circle"})}
-            for c in COLOURS * 3]
+    rows = [
+        {"image": png(c), "captions": json.dumps({"short": f"a {c} circle", "long": f"a large {c} circle"})}
+        for c in COLOURS * 3
+    ]
     rows[0]["captions"] = json.dumps({})
     pq.write_table(pa.Table.from_pylist(rows), t2i / "part-0.parquet", row_group_size=4)
 
     edit = root / "edit"
     edit.mkdir()
-    chains = [{"image_list": [png(a), png(b)], "instruction_list": [[f"make it {b}"]]}
-              for a, b in zip(COLOURS * 2, COLOURS[1:] * 2 + COLOURS[:1] * 2)]
+    chains = [
+        {"image_list": [png(a), png(b)], "instruction_list": [[f"make it {b}"]]}
+        for a, b in zip(COLOURS * 2, COLOURS[1:] * 2 + COLOURS[:1] * 2)
+    ]
     chains[0]["image_list"] = chains[0]["image_list"][:1]
     pq.write_table(pa.Table.from_pylist(chains), edit / "part-0.parquet", row_group_size=3)
 
@@ -46,8 +50,16 @@ def write_layouts(root) -> dict[str, str]:
     images.mkdir()
     for c in COLOURS:
         (images / f"{c}.png").write_bytes(png(c, "square"))
-    records = [{"image": f"{c}.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour is it ?"},
-                                                       {"from": "gpt", "value": f"it is {c} ."}]} for c in COLOURS * 2]
+    records = [
+        {
+            "image": f"{c}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat colour is it ?"},
+                {"from": "gpt", "value": f"it is {c} ."},
+            ],
+        }
+        for c in COLOURS * 2
+    ]
     records[0] = {"video": "clip.mp4", "conversations": records[0]["conversations"]}
     (root / "llava.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
 
@@ -55,16 +67,30 @@ def write_layouts(root) -> dict[str, str]:
     hf.mkdir()
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     table = pa.Table.from_pylist(
-        [{"image": None if i == 0 else {"bytes": png(c), "path": None}, "caption": f"a {c} circle"}
-         for i, c in enumerate(COLOURS * 2)],
-        schema=pa.schema([("image", image), ("caption", pa.string())]))
-    with pa.OSFile(str(hf / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        [
+            {"image": None if i == 0 else {"bytes": png(c), "path": None}, "caption": f"a {c} circle"}
+            for i, c in enumerate(COLOURS * 2)
+        ],
+        schema=pa.schema([("image", image), ("caption", pa.string())]),
+    )
+    with (
+        pa.OSFile(str(hf / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as w,
+    ):
         w.write_table(table, max_chunksize=3)
-    (hf / "dataset_info.json").write_text(json.dumps({"features": {
-        "image": {"_type": "Image"}, "caption": {"dtype": "string", "_type": "Value"}}}))
+    (hf / "dataset_info.json").write_text(
+        json.dumps(
+            {"features": {"image": {"_type": "Image"}, "caption": {"dtype": "string", "_type": "Value"}}}
+        )
+    )
     (hf / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
-    return {"t2i": str(t2i), "edit": str(edit), "llava": str(root / "llava.jsonl"), "images": str(images),
-            "hf": str(hf)}
+    return {
+        "t2i": str(t2i),
+        "edit": str(edit),
+        "llava": str(root / "llava.jsonl"),
+        "images": str(images),
+        "hf": str(hf),
+    }
 
 
 LMMS_YAML = """
@@ -109,8 +135,12 @@ def test_converted_lmms_config_trains_on_every_compat_layout(tmp_path):
     config = tmp_path / "lmms.yaml"
     config.write_text(LMMS_YAML.format(**paths, tokenizer=tokenizer, output=tmp_path / "runs" / "compat"))
     toml = tmp_path / "train.toml"
-    converted = subprocess.run([sys.executable, "-m", "bagel_titan_plugins.compat.lmms.cli", str(config),
-                                "-o", str(toml)], capture_output=True, text=True, timeout=120)
+    converted = subprocess.run(
+        [sys.executable, "-m", "bagel_titan_plugins.compat.lmms.cli", str(config), "-o", str(toml)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert converted.returncode == 0, converted.stderr
     text = toml.read_text()
     for fmt in ("bagel_t2i", "bagel_edit", "llava", "hf_disk"):
@@ -118,10 +148,25 @@ def test_converted_lmms_config_trains_on_every_compat_layout(tmp_path):
 
     # 8 steps, not the YAML's 3: the order and the conditioning dropout are keyed by the dataset
     # names, here the tmp paths, so which packs hold answer text (a CE term) changes between runs.
-    run_bagel_titan(["--job.config_file", str(toml), "--training.device", "cpu", "--data.packing_window", "8",
-                     "--checkpoint.enable", "false", "--training.steps", "8"], timeout=300)
+    run_bagel_titan(
+        [
+            "--job.config_file",
+            str(toml),
+            "--training.device",
+            "cpu",
+            "--data.packing_window",
+            "8",
+            "--checkpoint.enable",
+            "false",
+            "--training.steps",
+            "8",
+        ],
+        timeout=300,
+    )
 
-    lines = [json.loads(line) for line in (tmp_path / "runs" / "compat" / "metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (tmp_path / "runs" / "compat" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, 9))
     losses = [m for m in lines if "loss" in m]
     assert all(m["loss/flow_mse"] > 0 and m["loss/ce"] >= 0 for m in losses)

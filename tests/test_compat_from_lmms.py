@@ -70,8 +70,11 @@ LIST_FORM = """
 """
 
 ISSUE_KEYS = [
-    "trainer_type", "dataset_config.dataset_type", "dataset_config.dataset_format",
-    "dataset_config.processor_config.processor_type", "dataset_config.video_backend",
+    "trainer_type",
+    "dataset_config.dataset_type",
+    "dataset_config.dataset_format",
+    "dataset_config.processor_config.processor_type",
+    "dataset_config.video_backend",
 ]
 
 PLAIN_FORM = """
@@ -151,10 +154,17 @@ def layout(tmp_path):
     t2i = tmp_path / "t2i.parquet"
     pq.write_table(pa.table({"image": [b"png"], "captions": [json.dumps({"a": "x"})]}), t2i)
     llava = tmp_path / "llava.jsonl"
-    llava.write_text(json.dumps({"image": "a.png", "conversations": [{"from": "human", "value": "<image>hi"}]}) + "\n")
-    return {"t2i": str(t2i), "llava": str(llava), "images": str(tmp_path / "images"),
-            "tokenizer": str(tmp_path / "tokenizer"), "checkpoint": str(tmp_path / "BAGEL-7B-MoT"),
-            "output": str(tmp_path / "out" / "run1")}
+    llava.write_text(
+        json.dumps({"image": "a.png", "conversations": [{"from": "human", "value": "<image>hi"}]}) + "\n"
+    )
+    return {
+        "t2i": str(t2i),
+        "llava": str(llava),
+        "images": str(tmp_path / "images"),
+        "tokenizer": str(tmp_path / "tokenizer"),
+        "checkpoint": str(tmp_path / "BAGEL-7B-MoT"),
+        "output": str(tmp_path / "out" / "run1"),
+    }
 
 
 def load(toml_text: str, tmp_path) -> object:
@@ -173,12 +183,22 @@ def test_list_form_maps_every_issue_key_and_loads(layout, tmp_path):
     assert cfg.model.pretrained_path == layout["checkpoint"] and cfg.model.flavor == "7b-mot"
     assert cfg.model.tokenizer_path == layout["tokenizer"]
     assert [(d.path, d.format, d.data_folder) for d in cfg.data.datasets] == [
-        (layout["t2i"], "bagel_t2i", ""), (layout["llava"], "llava", layout["images"])]
+        (layout["t2i"], "bagel_t2i", ""),
+        (layout["llava"], "llava", layout["images"]),
+    ]
     assert (cfg.data.packing, cfg.data.packing_strategy, cfg.data.packing_length) == (True, "first_fit", 1024)
     assert cfg.attention.backend == "nsa"  # the NSA patch wins over attn_implementation
     nsa = cfg.section("attention.nsa")
-    assert (nsa.block_size, nsa.compress_type, nsa.kernel_size, nsa.kernel_stride, nsa.topk, nsa.init_blocks,
-            nsa.local_blocks, nsa.window_size) == (64, "weightedpool", 32, 16, 8, 1, 2, 256)
+    assert (
+        nsa.block_size,
+        nsa.compress_type,
+        nsa.kernel_size,
+        nsa.kernel_stride,
+        nsa.topk,
+        nsa.init_blocks,
+        nsa.local_blocks,
+        nsa.window_size,
+    ) == (64, "weightedpool", 32, 16, 8, 1, 2, 256)
     assert cfg.section("bagel").visual_und is False
     assert cfg.training.grad_accum_steps == 6  # one pack per microbatch: 2 x 3 keeps packs per step
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (1e-5, 0.01)
@@ -205,30 +225,43 @@ def test_list_form_maps_every_issue_key_and_loads(layout, tmp_path):
 
 def test_plain_mapping_with_external_dataset_list(tmp_path):
     (tmp_path / "shards").mkdir()
-    pq.write_table(pa.table({"image_list": [[b"a", b"b"]], "instruction_list": [[["do it"]]]}),
-                   tmp_path / "shards" / "edit.parquet")
+    pq.write_table(
+        pa.table({"image_list": [[b"a", b"b"]], "instruction_list": [[["do it"]]]}),
+        tmp_path / "shards" / "edit.parquet",
+    )
     datasets_yaml = tmp_path / "data.yaml"
-    datasets_yaml.write_text(textwrap.dedent("""
+    datasets_yaml.write_text(
+        textwrap.dedent("""
         datasets:
           - path: shards
             data_type: parquet
           - path: lmms-lab/some-dataset
             data_type: hf
             kwargs: {split: train}
-    """))
+    """)
+    )
     document = yaml.safe_load(PLAIN_FORM.format(datasets_yaml=datasets_yaml))
     conv = convert(document)
     text = to_toml(conv, "plain.yaml")
     cfg = load(text, tmp_path)
 
     assert [(d.path, d.format) for d in cfg.data.datasets] == [
-        (str(tmp_path / "shards"), "bagel_edit"), ("lmms-lab/some-dataset", "parquet")]
+        (str(tmp_path / "shards"), "bagel_edit"),
+        ("lmms-lab/some-dataset", "parquet"),
+    ]
     assert "huggingface-cli download --repo-type dataset lmms-lab/some-dataset" in text
     proc = cfg.section("bagel.processor")
-    assert (proc.vae_max_size, proc.vae_min_size, proc.vit_max_size, proc.vit_min_size) == (768, 384, 980, 378)
+    assert (proc.vae_max_size, proc.vae_min_size, proc.vit_max_size, proc.vit_min_size) == (
+        768,
+        384,
+        980,
+        378,
+    )
     assert cfg.section("bagel").timestep_shift == 3.0
     assert cfg.data.packing_strategy == "best_fit_decreasing" and cfg.data.packing_length == 8192
-    assert cfg.lr_scheduler.decay_type == "constant" and cfg.lr_scheduler.warmup_steps == 0  # HF constant: no warm-up
+    assert (
+        cfg.lr_scheduler.decay_type == "constant" and cfg.lr_scheduler.warmup_steps == 0
+    )  # HF constant: no warm-up
     assert cfg.checkpoint.enable is False
     assert cfg.training.seed == 7 and cfg.training.steps == 400
     assert cfg.optimizer.implementation == "fused"
@@ -250,8 +283,13 @@ def test_plain_mapping_with_external_dataset_list(tmp_path):
 
 
 def test_epochs_without_max_steps_ask_for_a_step_count(tmp_path):
-    conv = convert({"dataset_config": {}, "model_config": {}, "trainer_args": {"num_train_epochs": 2,
-                                                                              "warmup_ratio": 0.1}})
+    conv = convert(
+        {
+            "dataset_config": {},
+            "model_config": {},
+            "trainer_args": {"num_train_epochs": 2, "warmup_ratio": 0.1},
+        }
+    )
     skipped = {k.key: k.reason for k in conv.skipped}
     assert skipped["trainer_args.num_train_epochs"].startswith("CHECK")
     assert skipped["trainer_args.warmup_ratio"].startswith("CHECK")

@@ -14,7 +14,11 @@ from bagel_titan_plugins.bagel.processor_config import ProcessorConfig
 from bagel_titan_plugins.data.bad_samples import as_bad_record
 from bagel_titan_plugins.data.example_data import Scene, build_tokenizer, render
 from bagel_titan_plugins.data.readers.llava import (
-    JsonArrayError, LlavaReader, NotAJsonListError, iter_json_array, llava_record,
+    JsonArrayError,
+    LlavaReader,
+    NotAJsonListError,
+    iter_json_array,
+    llava_record,
 )
 from conftest import small_bagel_options
 
@@ -25,7 +29,9 @@ def reason(sample: RawSample) -> str | None:
 
 
 def read_all(path, shard_index=0, num_shards=1, start=0) -> list[RawSample]:
-    return list(LlavaReader().iter_samples(str(path), shard_index=shard_index, num_shards=num_shards, start=start))
+    return list(
+        LlavaReader().iter_samples(str(path), shard_index=shard_index, num_shards=num_shards, start=start)
+    )
 
 
 def llava_records(n: int) -> list[dict]:
@@ -34,28 +40,73 @@ def llava_records(n: int) -> list[dict]:
     for i in range(n):
         kind = i % 4
         if kind == 0:
-            records.append({"id": str(i), "image": f"imgs/{i % 3}.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat shape is it?"},
-                {"from": "gpt", "value": "A square."},
-                {"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "Red."}]})
+            records.append(
+                {
+                    "id": str(i),
+                    "image": f"imgs/{i % 3}.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat shape is it?"},
+                        {"from": "gpt", "value": "A square."},
+                        {"from": "human", "value": "And its colour?"},
+                        {"from": "gpt", "value": "Red."},
+                    ],
+                }
+            )
         elif kind == 1:
-            records.append({"id": str(i), "image": ["imgs/0.png", "imgs/1.png"], "conversations": [
-                {"from": "human", "value": "Compare <image> with <image> please."},
-                {"from": "gpt", "value": "The first is red."}]})
+            records.append(
+                {
+                    "id": str(i),
+                    "image": ["imgs/0.png", "imgs/1.png"],
+                    "conversations": [
+                        {"from": "human", "value": "Compare <image> with <image> please."},
+                        {"from": "gpt", "value": "The first is red."},
+                    ],
+                }
+            )
         elif kind == 2:
-            records.append({"id": str(i), "conversations": [
-                {"from": "system", "value": "Be brief."},
-                {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]})
+            records.append(
+                {
+                    "id": str(i),
+                    "conversations": [
+                        {"from": "system", "value": "Be brief."},
+                        {"from": "human", "value": "Name a colour."},
+                        {"from": "gpt", "value": "Blue."},
+                    ],
+                }
+            )
         else:
-            records.append({"id": str(i), "image": "imgs/2.png", "conversations": [
-                {"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": "A blue square."}]})
-    records[5] = {"id": "5", "image": "imgs/0.png", "conversations": [
-        {"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "x"}]}    # 2 placeholders, 1 image
-    records[6] = {"id": "6", "conversations": [{"from": "robot", "value": "hi"}]}          # unknown role
-    records[9] = {"id": "9", "video": "clip.mp4", "conversations": [
-        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A dog runs."}]}
-    records[10] = {"id": "10", "image": "imgs/missing.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Nothing."}]}  # processor: image_missing
+            records.append(
+                {
+                    "id": str(i),
+                    "image": "imgs/2.png",
+                    "conversations": [
+                        {"from": "human", "value": "Describe the image."},
+                        {"from": "gpt", "value": "A blue square."},
+                    ],
+                }
+            )
+    records[5] = {
+        "id": "5",
+        "image": "imgs/0.png",
+        "conversations": [{"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "x"}],
+    }  # 2 placeholders, 1 image
+    records[6] = {"id": "6", "conversations": [{"from": "robot", "value": "hi"}]}  # unknown role
+    records[9] = {
+        "id": "9",
+        "video": "clip.mp4",
+        "conversations": [
+            {"from": "human", "value": "<video>\nWhat happens?"},
+            {"from": "gpt", "value": "A dog runs."},
+        ],
+    }
+    records[10] = {
+        "id": "10",
+        "image": "imgs/missing.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "Nothing."},
+        ],
+    }  # processor: image_missing
     return records
 
 
@@ -66,18 +117,27 @@ BAD = {5: "unknown_content", 6: "unknown_content", 9: "unsupported_video"}
 def folder(tmp_path):
     (tmp_path / "imgs").mkdir()
     for i, colour in enumerate(("red", "green", "blue")):
-        (tmp_path / "imgs" / f"{i}.png").write_bytes(render(Scene("square", colour, "white", "large", .5, .5), 24, 16))
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(
+            render(Scene("square", colour, "white", "large", 0.5, 0.5), 24, 16)
+        )
     return tmp_path
 
 
 def test_conversion_places_images_at_their_placeholders():
     data = llava_record(llava_records(12)[1], "r1")
     assert data["messages"] == [
-        {"role": "user", "content": [
-            {"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {"url": "imgs/0.png"}},
-            {"type": "text", "text": "with"}, {"type": "image_url", "image_url": {"url": "imgs/1.png"}},
-            {"type": "text", "text": "please."}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "The first is red."}]}]
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare"},
+                {"type": "image_url", "image_url": {"url": "imgs/0.png"}},
+                {"type": "text", "text": "with"},
+                {"type": "image_url", "image_url": {"url": "imgs/1.png"}},
+                {"type": "text", "text": "please."},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "The first is red."}]},
+    ]
     no_placeholder = llava_record(llava_records(12)[3], "r3")["messages"]
     assert no_placeholder[0]["content"][0] == {"type": "image_url", "image_url": {"url": "imgs/2.png"}}
     text_only = llava_record(llava_records(12)[2], "r2")["messages"]
@@ -122,7 +182,7 @@ def test_json_list_streams_in_small_chunks_and_reports_where_it_breaks(tmp_path)
     assert list(iter_json_array(str(path), chunk_chars=16)) == records
     path.write_text(" [ ] ")
     assert list(iter_json_array(str(path), chunk_chars=2)) == []
-    path.write_text(json.dumps(records[:3])[:-1] + ", {\"i\": oops}]")
+    path.write_text(json.dumps(records[:3])[:-1] + ', {"i": oops}]')
     got = []
     with pytest.raises(JsonArrayError, match="list.json: invalid JSON"):
         for element in iter_json_array(str(path), chunk_chars=8):
@@ -137,14 +197,15 @@ def test_json_list_streams_in_small_chunks_and_reports_where_it_breaks(tmp_path)
         read_all(path)
 
 
-
-
 def test_records_process_into_understanding_samples(folder, tmp_path):
     tokenizer = str(tmp_path / "tok")
-    build_tokenizer(["what shape is it and its colour a square red compare with please the first is"], tokenizer)
+    build_tokenizer(
+        ["what shape is it and its colour a square red compare with please the first is"], tokenizer
+    )
     job = JobConfig()
-    job.plugin_sections["bagel.processor"] = ProcessorConfig(vit_min_size=16, vit_max_size=32, vae_min_size=16,
-                                                             vae_max_size=32, min_image_side=8)
+    job.plugin_sections["bagel.processor"] = ProcessorConfig(
+        vit_min_size=16, vit_max_size=32, vae_min_size=16, vae_max_size=32, min_image_side=8
+    )
     proc = BagelProcessor(job, small_bagel_options(), tokenizer, vit_patch_size=4, vae_downsample=2)
     path = folder / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in llava_records(12)[:4]))

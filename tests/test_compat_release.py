@@ -24,7 +24,9 @@ from conftest import small_bagel_options
 
 
 def png(colour: str, width: int = 24, height: int = 16) -> bytes:
-    return render(Scene("square", colour, "white" if colour != "white" else "black", "large", .5, .5), width, height)
+    return render(
+        Scene("square", colour, "white" if colour != "white" else "black", "large", 0.5, 0.5), width, height
+    )
 
 
 def t2i_rows(n: int, seed: int = 0) -> list[dict]:
@@ -37,9 +39,9 @@ def t2i_rows(n: int, seed: int = 0) -> list[dict]:
         if i % 2:
             captions["tags"] = f"{colour}, square"
         rows.append({"image": png(colour), "captions": json.dumps(captions)})
-    rows[3] = {"image": png("red"), "captions": json.dumps({})}                    # no caption
+    rows[3] = {"image": png("red"), "captions": json.dumps({})}  # no caption
     rows[7] = {"image": png("red"), "captions": json.dumps({"a": "  ", "b": ""})}  # only empty captions
-    rows[11] = {"image": png("red"), "captions": "{not json"}                      # bad JSON
+    rows[11] = {"image": png("red"), "captions": "{not json"}  # bad JSON
     rows[13] = {"image": b"not an image", "captions": json.dumps({"a": "broken"})}  # decoded by the processor
     return rows
 
@@ -49,9 +51,12 @@ def write_t2i(folder, n_files=2, rows_per_file=12, row_group_size=4) -> str:
     rows = t2i_rows(n_files * rows_per_file)
     schema = pa.schema([("image", pa.binary()), ("captions", pa.string())])
     for f in range(n_files):
-        part = rows[f * rows_per_file:(f + 1) * rows_per_file]
-        pq.write_table(pa.Table.from_pylist(part, schema=schema), folder / f"part-{f:05d}.parquet",
-                       row_group_size=row_group_size)
+        part = rows[f * rows_per_file : (f + 1) * rows_per_file]
+        pq.write_table(
+            pa.Table.from_pylist(part, schema=schema),
+            folder / f"part-{f:05d}.parquet",
+            row_group_size=row_group_size,
+        )
     return str(folder)
 
 
@@ -61,19 +66,27 @@ def edit_rows(n: int) -> list[dict]:
     for i in range(n):
         length = 2 + i % 3  # chains of 2, 3 and 4 images
         chain = [colours[(i + k) % len(colours)] for k in range(length)]
-        rows.append({
-            "image_list": [png(c) for c in chain],
-            "instruction_list": [[f"make it {c}", f"turn the square {c}"] for c in chain[1:]],
-        })
-    rows[5] = {"image_list": [png("red")], "instruction_list": []}                          # too short
-    rows[9] = {"image_list": [png("red"), png("blue")], "instruction_list": [["", "  "]]}   # no instruction
+        rows.append(
+            {
+                "image_list": [png(c) for c in chain],
+                "instruction_list": [[f"make it {c}", f"turn the square {c}"] for c in chain[1:]],
+            }
+        )
+    rows[5] = {"image_list": [png("red")], "instruction_list": []}  # too short
+    rows[9] = {"image_list": [png("red"), png("blue")], "instruction_list": [["", "  "]]}  # no instruction
     return rows
 
 
 def write_edit(folder, n=18, row_group_size=3) -> str:
     folder.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("image_list", pa.list_(pa.binary())), ("instruction_list", pa.list_(pa.list_(pa.string())))])
-    pq.write_table(pa.Table.from_pylist(edit_rows(n), schema=schema), folder / "edit.parquet", row_group_size=row_group_size)
+    schema = pa.schema(
+        [("image_list", pa.list_(pa.binary())), ("instruction_list", pa.list_(pa.list_(pa.string())))]
+    )
+    pq.write_table(
+        pa.Table.from_pylist(edit_rows(n), schema=schema),
+        folder / "edit.parquet",
+        row_group_size=row_group_size,
+    )
     return str(folder)
 
 
@@ -94,7 +107,11 @@ def test_t2i_rows_become_caption_and_image(tmp_path):
     samples = read_all(BagelT2IReader(), path)
     assert [s.index for s in samples] == list(range(24))
     rows = t2i_rows(24)
-    assert {s.index: reason(s) for s in samples if reason(s)} == {3: "no_caption", 7: "no_caption", 11: "bad_json"}
+    assert {s.index: reason(s) for s in samples if reason(s)} == {
+        3: "no_caption",
+        7: "no_caption",
+        11: "bad_json",
+    }
     for s in samples:
         if reason(s) is None:
             assert s.data["image"] == rows[s.index]["image"]
@@ -102,8 +119,11 @@ def test_t2i_rows_become_caption_and_image(tmp_path):
     # one caption drawn at random per row, the same on every read (exact resume), not always the first
     again = read_all(BagelT2IReader(), path)
     assert [s.data for s in samples] == [s.data for s in again]
-    keys = Counter(next(k for k, v in json.loads(rows[s.index]["captions"]).items() if v == s.data["caption"])
-                   for s in samples if reason(s) is None)
+    keys = Counter(
+        next(k for k, v in json.loads(rows[s.index]["captions"]).items() if v == s.data["caption"])
+        for s in samples
+        if reason(s) is None
+    )
     assert len(keys) >= 2
 
 
@@ -167,8 +187,12 @@ def test_edit_messages_follow_the_release_draws():
                 assert end - start == 1
                 shapes["single"] += 1
         else:  # two steps: the intermediate image is generated, then conditions the next step
-            assert kinds == [("user", ["image", "text"]), ("assistant", ["image"]),
-                             ("user", ["image", "text"]), ("assistant", ["image"])]
+            assert kinds == [
+                ("user", ["image", "text"]),
+                ("assistant", ["image"]),
+                ("user", ["image", "text"]),
+                ("assistant", ["image"]),
+            ]
             assert messages[2]["content"][0]["image"] == generated[0] == images[start + 1]
             shapes["two_steps"] += 1
     assert set(shapes) == {"joined", "single", "two_steps"}
@@ -183,7 +207,9 @@ def test_edit_reader_converts_and_counts_bad_chains(tmp_path):
     for s in samples:
         if reason(s) is None:
             chain = rows[s.index]["image_list"]
-            images = [item["image"] for m in s.data["messages"] for item in m["content"] if item["type"] == "image"]
+            images = [
+                item["image"] for m in s.data["messages"] for item in m["content"] if item["type"] == "image"
+            ]
             assert images and all(image in chain for image in images), s.index
             checked += 1
     assert checked == 16
@@ -195,8 +221,6 @@ def test_edit_reader_converts_and_counts_bad_chains(tmp_path):
         assert [s.index for s in tail] == [s.index for s in parts[1][2:]]
 
 
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tok") / "tokenizer")
@@ -206,8 +230,16 @@ def tokenizer(tmp_path_factory):
 
 def processor(tokenizer: str, **overrides) -> BagelProcessor:
     job = JobConfig()
-    options = dict(vit_min_size=16, vit_max_size=32, vae_min_size=16, vae_max_size=32, min_image_side=8,
-                   text_dropout_prob=0.0, vit_dropout_prob=0.0, vae_dropout_prob=0.0)
+    options = dict(
+        vit_min_size=16,
+        vit_max_size=32,
+        vae_min_size=16,
+        vae_max_size=32,
+        min_image_side=8,
+        text_dropout_prob=0.0,
+        vit_dropout_prob=0.0,
+        vae_dropout_prob=0.0,
+    )
     job.plugin_sections["bagel.processor"] = ProcessorConfig(**{**options, **overrides})
     return BagelProcessor(job, small_bagel_options(), tokenizer, vit_patch_size=4, vae_downsample=2)
 
@@ -279,27 +311,37 @@ class Spec:
 def release_loader(tmp_path, tokenizer, *, infinite: bool, **processor_options):
     from bagel_titan_plugins.data.loader import PackedDataloaderBuilder
 
-    plugins = PluginManager(load_entry_points=False, extra_modules=[
-        "bagel_titan_plugins.data.plugin", "bagel_titan_plugins.data.compat_plugin"])
+    plugins = PluginManager(
+        load_entry_points=False,
+        extra_modules=["bagel_titan_plugins.data.plugin", "bagel_titan_plugins.data.compat_plugin"],
+    )
     cfg = JobConfig()
     t2i, edit = tmp_path / "t2i", tmp_path / "edit"
-    cfg.data.datasets = [DatasetEntry(path=str(t2i) if t2i.exists() else write_t2i(t2i), format="bagel_t2i"),
-                         DatasetEntry(path=str(edit) if edit.exists() else write_edit(edit), format="bagel_edit")]
+    cfg.data.datasets = [
+        DatasetEntry(path=str(t2i) if t2i.exists() else write_t2i(t2i), format="bagel_t2i"),
+        DatasetEntry(path=str(edit) if edit.exists() else write_edit(edit), format="bagel_edit"),
+    ]
     cfg.data.num_workers = 0
     cfg.data.packing_strategy = "first_fit"
     cfg.data.packing_length = 1024
     cfg.data.packing_window = 4
-    return PackedDataloaderBuilder().build(cfg, plugins, Spec(tokenizer, **processor_options), dp_rank=0,
-                                           dp_world_size=1, infinite=infinite)
+    return PackedDataloaderBuilder().build(
+        cfg, plugins, Spec(tokenizer, **processor_options), dp_rank=0, dp_world_size=1, infinite=infinite
+    )
 
 
 def pack_signature(batch: Pack) -> list:
     """What must match between a resumed and an uninterrupted run: keys, token ids, image sizes."""
     out = []
     for sample in batch.samples:
-        parts = [tuple(seg.ids) if isinstance(seg, TextSegment) else
-                 (type(seg).__name__, tuple(seg.image.shape), float(seg.image.sum())) if hasattr(seg, "image") else
-                 type(seg).__name__ for seg in sample.segments]
+        parts = [
+            tuple(seg.ids)
+            if isinstance(seg, TextSegment)
+            else (type(seg).__name__, tuple(seg.image.shape), float(seg.image.sum()))
+            if hasattr(seg, "image")
+            else type(seg).__name__
+            for seg in sample.segments
+        ]
         out.append((sample.key, tuple(parts)))
     return out
 

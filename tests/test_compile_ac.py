@@ -47,7 +47,10 @@ def _model(backend_name: str):
 def _step(model, index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     batch = synthetic_batch(ARCH, OPTS, PACKS[index], torch.Generator().manual_seed(index))
     result = model(batch, torch.Generator().manual_seed(100 + index))
-    loss = result.ce_logits.float().logsumexp(-1).mean() + (result.pred_velocity - result.target_velocity).pow(2).mean()
+    loss = (
+        result.ce_logits.float().logsumexp(-1).mean()
+        + (result.pred_velocity - result.target_velocity).pow(2).mean()
+    )
     model.zero_grad(set_to_none=True)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]

@@ -31,8 +31,13 @@ def test_7b_config_parses(name):
 @pytest.mark.parametrize("name", ["bagel_7b.toml", "bagel_7b_nsa.toml"])
 def test_7b_plan_on_meta_with_two_ranks(tmp_path, name):
     out = tmp_path / "plan.json"
-    proc = run_torchrun(2, str(REPO / "tests" / "scripts" / "plan_7b.py"), str(out), str(REPO / "train_configs" / name),
-                        timeout=300)
+    proc = run_torchrun(
+        2,
+        str(REPO / "tests" / "scripts" / "plan_7b.py"),
+        str(out),
+        str(REPO / "train_configs" / name),
+        timeout=300,
+    )
     print(proc.stdout)  # parameter counts and the memory estimate per rank for 8 GPUs
     report = json.loads(out.read_text())
     extra = report["params_total"] - 14_607_000_000

@@ -43,11 +43,16 @@ def test_equals_form_lists_booleans_and_nested_sections():
         [
             "--optimizer.betas=0.8,0.9",
             "--job.print_config",
-            "--checkpoint.enable", "false",
-            "--attention.fancy.topk", "8",
-            "--model.freeze", "[\"vit\", \"llm\"]",
-            "--loss.components", "ce",
-            "--loss.weights", "{ce = 0.5}",
+            "--checkpoint.enable",
+            "false",
+            "--attention.fancy.topk",
+            "8",
+            "--model.freeze",
+            '["vit", "llm"]',
+            "--loss.components",
+            "ce",
+            "--loss.weights",
+            "{ce = 0.5}",
         ],
     )
     assert cfg.optimizer.betas == [0.8, 0.9]
@@ -71,14 +76,30 @@ def test_dataset_tables():
         ("[trainig]\nsteps = 3\n", [], "unknown section [trainig]; did you mean 'training'?"),
         ("", ["--training.stesp", "3"], "unknown key 'stesp' in [training]; did you mean 'steps'?"),
         ("", ["--trainnig.steps", "3"], "did you mean 'training'?"),
-        ("", ["--attention.fancy.topp", "3"], "unknown key 'topp' in [attention.fancy]; did you mean 'topk'?"),
+        (
+            "",
+            ["--attention.fancy.topp", "3"],
+            "unknown key 'topp' in [attention.fancy]; did you mean 'topk'?",
+        ),
         ("[training]\nsteps = 'many'\n", [], "training.steps: expected int, got 'many'"),
         ("", ["--training.steps", "ten"], "training.steps: expected int, got 'ten'"),
         ("", ["--checkpoint.enable", "maybe"], "expected a boolean"),
-        ("[lr_scheduler]\ndecay_type = 'cos'\n", [], "expected one of 'constant', 'linear', 'cosine', got 'cos'"),
-        ("[[data.datasets]]\npaht = 'x'\n", [], "unknown key 'paht' in [data.datasets[0]]; did you mean 'path'?"),
+        (
+            "[lr_scheduler]\ndecay_type = 'cos'\n",
+            [],
+            "expected one of 'constant', 'linear', 'cosine', got 'cos'",
+        ),
+        (
+            "[[data.datasets]]\npaht = 'x'\n",
+            [],
+            "unknown key 'paht' in [data.datasets[0]]; did you mean 'path'?",
+        ),
         ("[training]\nsteps = 0\n", [], "training.steps must be > 0"),
-        ("[loss]\nweights = { mse = 2.0 }\n", [], "loss.weights names ['mse'], which are not in loss.components"),
+        (
+            "[loss]\nweights = { mse = 2.0 }\n",
+            [],
+            "loss.weights names ['mse'], which are not in loss.components",
+        ),
     ],
 )
 def test_errors_name_the_key_and_the_fix(toml_text, argv, message):
@@ -90,7 +111,16 @@ def test_errors_name_the_key_and_the_fix(toml_text, argv, message):
 def test_resolved_toml_round_trips():
     cfg = load(
         "[[data.datasets]]\npath = 'a.parquet'\n[attention.fancy]\ntopk = 4\n",
-        ["--optimizer.betas", "0.5,0.6", "--loss.components", "ce,flow_mse", "--loss.weights", "{ce = 2.0, flow_mse = 0.5}", "--job.description", 'a "quoted" text'],
+        [
+            "--optimizer.betas",
+            "0.5,0.6",
+            "--loss.components",
+            "ce,flow_mse",
+            "--loss.weights",
+            "{ce = 2.0, flow_mse = 0.5}",
+            "--job.description",
+            'a "quoted" text',
+        ],
     )
     again = load(to_toml(cfg))
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
@@ -99,8 +129,22 @@ def test_resolved_toml_round_trips():
 def test_help_lists_every_key_with_default_and_doc():
     text = help_text(PLUGIN_SECTIONS)
     cfg = load()
-    for section in ["job", "model", "training", "optimizer", "lr_scheduler", "parallelism", "activation_checkpoint",
-                    "compile", "checkpoint", "metrics", "data", "attention", "loss", "ema"]:
+    for section in [
+        "job",
+        "model",
+        "training",
+        "optimizer",
+        "lr_scheduler",
+        "parallelism",
+        "activation_checkpoint",
+        "compile",
+        "checkpoint",
+        "metrics",
+        "data",
+        "attention",
+        "loss",
+        "ema",
+    ]:
         for f in dataclasses.fields(cfg.section(section)):
             assert f"--{section}.{f.name} (" in text, f"{section}.{f.name} missing from --help"
     assert "--attention.fancy.topk (int, default: 16)\n      Blocks per query." in text
@@ -123,21 +167,31 @@ def test_cli_help_and_print_config(capsys):
     assert tomllib.loads(capsys.readouterr().out)["training"]["steps"] == 3
 
 
-@pytest.mark.parametrize("argv, key", [(["--attention.backend", "flex"], "[attention] backend"),
-                                       (["--bagel.vit_backend", "flex"], "[bagel] vit_backend")])
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["--attention.backend", "flex"], "[attention] backend"),
+        (["--bagel.vit_backend", "flex"], "[bagel] vit_backend"),
+    ],
+)
 def test_a_backend_without_cpu_backward_is_refused_at_config_time(argv, key):
     """The core checks its own backend and the ones the model spec names (BAGEL's ViT backend)."""
     from bagel_titan.config.manager import check_run_environment, load_job_config
 
-    cfg, plugins = load_job_config(["--model.name", "bagel", "--loss.components", "ce", "--training.device", "cpu", *argv])
+    cfg, plugins = load_job_config(
+        ["--model.name", "bagel", "--loss.components", "ce", "--training.device", "cpu", *argv]
+    )
     with pytest.raises(ConfigError, match=rf"{re.escape(key)} = 'flex' cannot train on the CPU"):
         check_run_environment(cfg, plugins)
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], r"\[model\] name is not set; name the model spec to train, one of: .*bagel"),
-    (["--model.name", "bagel"], r"\[loss\] components is empty; .*ce, .*flow_mse"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], r"\[model\] name is not set; name the model spec to train, one of: .*bagel"),
+        (["--model.name", "bagel"], r"\[loss\] components is empty; .*ce, .*flow_mse"),
+    ],
+)
 def test_the_core_names_no_model_and_no_loss(argv, message):
     from bagel_titan.config.manager import check_run_environment, load_job_config
 

@@ -96,20 +96,25 @@ def test_third_party_distribution_selected_from_toml(tmp_path, toy_args):
     make_distribution(site)
     marker = tmp_path / "marker.txt"
     config = tmp_path / "train.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         [attention]
         backend = "counting_eager"
         [loss]
         components = ["ce", "z_loss"]
         weights = { z_loss = 1e-4 }
-    """))
+    """)
+    )
     args = [a for a in toy_args]
     # The TOML chooses the backend and the losses: drop the toy defaults for those keys.
     for key in ("--attention.backend", "--loss.components"):
         i = args.index(key)
         del args[i : i + 2]
-    run_bagel_titan(["--job.config_file", str(config), *args, "--training.steps", "2"],
-                    PYTHONPATH=str(site), THIRD_PARTY_MARKER=str(marker))
+    run_bagel_titan(
+        ["--job.config_file", str(config), *args, "--training.steps", "2"],
+        PYTHONPATH=str(site),
+        THIRD_PARTY_MARKER=str(marker),
+    )
     seen = set(marker.read_text().split())
     assert seen == {"attention", "z_loss"}
     records = [json.loads(line) for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
@@ -137,7 +142,9 @@ def test_two_plugins_registering_one_name_is_an_error_naming_both():
     _module("plugin_two", bagel_titan_attention_backends=lambda: [_Backend("dup")])
     with pytest.raises(PluginError) as info:
         PluginManager(["plugin_one", "plugin_two"], load_entry_points=False)
-    assert "'dup'" in str(info.value) and "'plugin_one'" in str(info.value) and "'plugin_two'" in str(info.value)
+    assert (
+        "'dup'" in str(info.value) and "'plugin_one'" in str(info.value) and "'plugin_two'" in str(info.value)
+    )
 
 
 def test_unknown_name_lists_registered_ones():
@@ -150,7 +157,9 @@ def test_unknown_name_lists_registered_ones():
 
 
 def test_unknown_plugin_module_is_a_clear_error():
-    with pytest.raises(PluginError, match="cannot import plugin module 'no_such_plugin_xyz' named in \\[job\\] plugins"):
+    with pytest.raises(
+        PluginError, match="cannot import plugin module 'no_such_plugin_xyz' named in \\[job\\] plugins"
+    ):
         PluginManager(["no_such_plugin_xyz"], load_entry_points=False)
 
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, kill_session, run_bagel_titan, run_command, run_torchrun, start_bagel_titan, wait_for
+from conftest import (
+    REPO,
+    kill_session,
+    run_bagel_titan,
+    run_command,
+    run_torchrun,
+    start_bagel_titan,
+    wait_for,
+)
 
 pytestmark = pytest.mark.dist  # every test here launches processes
 
@@ -81,8 +89,17 @@ def test_global_loss_normalisation_gives_the_same_gradients(tmp_path, toy_args):
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, toy_args):
     # A huge lr makes the toy model diverge; the guard skips and then stops with a clear message.
     proc = run_bagel_titan(
-        [*toy_args, "--optimizer.lr", "1e30", "--training.max_norm", "0", "--training.steps", "50",
-         "--training.max_consecutive_nonfinite", "3"],
+        [
+            *toy_args,
+            "--optimizer.lr",
+            "1e30",
+            "--training.max_norm",
+            "0",
+            "--training.steps",
+            "50",
+            "--training.max_consecutive_nonfinite",
+            "3",
+        ],
         check=False,
     )
     assert proc.returncode != 0
@@ -99,11 +116,29 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, toy_args):
 
 def test_sigterm_ends_the_run_cleanly_after_a_checkpoint(tmp_path, toy_args):
     log = tmp_path / "job.log"
-    proc = start_bagel_titan([*toy_args, "--training.steps", "100000", "--checkpoint.enable", "true",
-                              "--checkpoint.interval", "100000", "--checkpoint.export_at_end", "false"], log)
+    proc = start_bagel_titan(
+        [
+            *toy_args,
+            "--training.steps",
+            "100000",
+            "--checkpoint.enable",
+            "true",
+            "--checkpoint.interval",
+            "100000",
+            "--checkpoint.export_at_end",
+            "false",
+        ],
+        log,
+    )
     metrics = tmp_path / "toy" / "metrics.jsonl"
     try:
-        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 120, "3 logged steps", proc, log)
+        wait_for(
+            lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+            120,
+            "3 logged steps",
+            proc,
+            log,
+        )
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
@@ -118,7 +153,9 @@ def test_sigterm_ends_the_run_cleanly_after_a_checkpoint(tmp_path, toy_args):
 
 def test_validation_logs_held_out_loss(tmp_path, toy_args):
     config = tmp_path / "val.toml"
-    config.write_text('[validation]\nenable = true\ninterval = 2\nsteps = 2\n[[validation.datasets]]\npath = "held_out"\n')
+    config.write_text(
+        '[validation]\nenable = true\ninterval = 2\nsteps = 2\n[[validation.datasets]]\npath = "held_out"\n'
+    )
     run_bagel_titan(["--job.config_file", str(config), *toy_args, "--training.steps", "4"])
     records = read_jsonl(tmp_path / "toy" / "metrics.jsonl")
     val = [r for r in records if "val/loss" in r]

@@ -14,7 +14,13 @@ from bagel_titan.config.job_config import JobConfig
 from bagel_titan.protocols import RawSample
 from bagel_titan_plugins.bagel.collator import BagelCollator
 from bagel_titan_plugins.bagel.processor import (
-    BagelProcessor, BagelSample, DroppedImage, SpecialTokens, TextSegment, VaeSegment, VitSegment,
+    BagelProcessor,
+    BagelSample,
+    DroppedImage,
+    SpecialTokens,
+    TextSegment,
+    VaeSegment,
+    VitSegment,
 )
 from bagel_titan_plugins.data.bad_samples import BadSampleError
 from bagel_titan_plugins.data.example_data import write_example_data
@@ -53,11 +59,21 @@ def test_collator_reproduces_reference_batch(folder: Path):
     config = json.loads((folder / "config.json").read_text())
     tensors = load_file(str(folder / "batch.safetensors"))
     ids = meta["special_token_ids"]
-    special = SpecialTokens(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
-    section = BagelConfig(latent_patch_size=config["latent_patch_size"], max_latent_size=config["max_latent_size"], vit_max_num_patch_per_side=config["vit_max_num_patch_per_side"])
-    collator = BagelCollator(JobConfig(), section, vit_patch_size=meta["vit_patch_size"],
-                             vae_downsample=meta["vae_image_downsample"] // config["latent_patch_size"],
-                             special_tokens=special)
+    special = SpecialTokens(
+        ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"]
+    )
+    section = BagelConfig(
+        latent_patch_size=config["latent_patch_size"],
+        max_latent_size=config["max_latent_size"],
+        vit_max_num_patch_per_side=config["vit_max_num_patch_per_side"],
+    )
+    collator = BagelCollator(
+        JobConfig(),
+        section,
+        vit_patch_size=meta["vit_patch_size"],
+        vae_downsample=meta["vae_image_downsample"] // config["latent_patch_size"],
+        special_tokens=special,
+    )
     samples = samples_from_fixture(meta, tensors)
     batch = collator(samples)
 
@@ -70,19 +86,31 @@ def test_collator_reproduces_reference_batch(folder: Path):
     assert batch.split_lens == meta["split_lens"][:-1]
     assert batch.attn_modes == meta["attn_modes"][:-1]
     assert [list(s) for s in batch.patchified_vae_latent_shapes] == meta["patchified_vae_latent_shapes"]
-    for name in ("packed_text_ids", "packed_text_indexes", "packed_position_ids", "packed_label_ids",
-                 "ce_loss_indexes", "packed_vit_token_indexes", "packed_vit_position_ids",
-                 "packed_latent_position_ids", "packed_vae_token_indexes", "mse_loss_indexes"):
+    for name in (
+        "packed_text_ids",
+        "packed_text_indexes",
+        "packed_position_ids",
+        "packed_label_ids",
+        "ce_loss_indexes",
+        "packed_vit_token_indexes",
+        "packed_vit_position_ids",
+        "packed_latent_position_ids",
+        "packed_vae_token_indexes",
+        "mse_loss_indexes",
+    ):
         assert torch.equal(getattr(batch, name), tensors[name]), name
     assert torch.equal(batch.vit_token_seqlens.long(), tensors["vit_token_seqlens"])
     torch.testing.assert_close(batch.ce_loss_weights, tensors["ce_loss_weights"])
     torch.testing.assert_close(batch.packed_vit_tokens, tensors["packed_vit_tokens"], rtol=0, atol=0)
     torch.testing.assert_close(batch.padded_images, tensors["padded_images"], rtol=0, atol=0)
     timesteps = tensors["packed_timesteps"]
-    noised_tokens = torch.cat([torch.full((h * w,), noised) for (h, w), noised
-                               in zip(batch.patchified_vae_latent_shapes, batch.vae_image_noised)])
+    noised_tokens = torch.cat(
+        [
+            torch.full((h * w,), noised)
+            for (h, w), noised in zip(batch.patchified_vae_latent_shapes, batch.vae_image_noised)
+        ]
+    )
     assert torch.equal(noised_tokens, torch.isfinite(timesteps))
-
 
 
 @pytest.mark.parametrize("folder", FIXTURE_DIRS, ids=lambda p: p.name)
@@ -98,25 +126,40 @@ def test_batch_carries_its_attention_metadata(folder: Path):
     config = json.loads((folder / "config.json").read_text())
     tensors = load_file(str(folder / "batch.safetensors"))
     ids = meta["special_token_ids"]
-    special = SpecialTokens(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
-    section = BagelConfig(latent_patch_size=config["latent_patch_size"], max_latent_size=config["max_latent_size"],
-                          vit_max_num_patch_per_side=config["vit_max_num_patch_per_side"])
-    collator = BagelCollator(JobConfig(), section, vit_patch_size=meta["vit_patch_size"],
-                             vae_downsample=meta["vae_image_downsample"] // config["latent_patch_size"],
-                             special_tokens=special)
+    special = SpecialTokens(
+        ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"]
+    )
+    section = BagelConfig(
+        latent_patch_size=config["latent_patch_size"],
+        max_latent_size=config["max_latent_size"],
+        vit_max_num_patch_per_side=config["vit_max_num_patch_per_side"],
+    )
+    collator = BagelCollator(
+        JobConfig(),
+        section,
+        vit_patch_size=meta["vit_patch_size"],
+        vae_downsample=meta["vae_image_downsample"] // config["latent_patch_size"],
+        special_tokens=special,
+    )
     batch = pickle.loads(pickle.dumps(collator(samples_from_fixture(meta, tensors)))).to("cpu")
 
     llm = batch.attention
     codes = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
     assert llm.doc_lengths == batch.sample_lens and llm.cu_seqlens.tolist()[-1] == batch.sequence_length
     assert torch.equal(llm.doc_ids, torch.cat([torch.full((n,), d) for d, n in enumerate(batch.sample_lens)]))
-    assert torch.equal(llm.segment_ids, torch.cat([torch.full((n,), s) for s, n in enumerate(batch.split_lens)]))
-    assert torch.equal(llm.token_modes, torch.cat([torch.full((n,), codes[m]) for n, m in zip(batch.split_lens, batch.attn_modes)]))
+    assert torch.equal(
+        llm.segment_ids, torch.cat([torch.full((n,), s) for s, n in enumerate(batch.split_lens)])
+    )
+    assert torch.equal(
+        llm.token_modes,
+        torch.cat([torch.full((n,), codes[m]) for n, m in zip(batch.split_lens, batch.attn_modes)]),
+    )
     assert torch.equal(llm.position_ids, batch.packed_position_ids)
     assert batch.vit_attention.doc_lengths == batch.vit_token_seqlens.tolist()
     noised = torch.isfinite(tensors["packed_timesteps"]).nonzero().flatten()
     assert torch.equal(batch.noised_vae_tokens, noised)
     assert torch.equal(batch.packed_vae_token_indexes[batch.noised_vae_tokens], batch.mse_loss_indexes)
+
 
 # ---------------------------------------------------------------------------------------------
 # The processor on real records
@@ -132,24 +175,42 @@ def make_processor(tokenizer: str, **overrides) -> BagelProcessor:
     from bagel_titan_plugins.bagel.processor_config import ProcessorConfig
 
     job = JobConfig()
-    job.plugin_sections["bagel.processor"] = ProcessorConfig(vit_min_size=16, vit_max_size=32, vae_min_size=16,
-                                                             vae_max_size=32, min_image_side=8, **overrides)
+    job.plugin_sections["bagel.processor"] = ProcessorConfig(
+        vit_min_size=16, vit_max_size=32, vae_min_size=16, vae_max_size=32, min_image_side=8, **overrides
+    )
     return BagelProcessor(job, small_bagel_options(), tokenizer, vit_patch_size=4, vae_downsample=2)
 
 
 def image_item(width=40, height=24):
     from bagel_titan_plugins.data.example_data import Scene, render
 
-    return {"type": "image_url", "image_url": {"url": {"bytes": render(Scene("circle", "red", "blue", "large", .5, .5), width, height), "path": None}}}
+    return {
+        "type": "image_url",
+        "image_url": {
+            "url": {
+                "bytes": render(Scene("circle", "red", "blue", "large", 0.5, 0.5), width, height),
+                "path": None,
+            }
+        },
+    }
 
 
 def test_understanding_sample_segments_and_loss(example):
     processor = make_processor(example["tokenizer"])
-    raw = RawSample("d", 0, {"messages": [
-        {"role": "system", "content": "you describe shapes ."},
-        {"role": "user", "content": [image_item(), {"type": "text", "text": "what shape is in the image ?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "it is a circle ."}]},
-    ]})
+    raw = RawSample(
+        "d",
+        0,
+        {
+            "messages": [
+                {"role": "system", "content": "you describe shapes ."},
+                {
+                    "role": "user",
+                    "content": [image_item(), {"type": "text", "text": "what shape is in the image ?"}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "it is a circle ."}]},
+            ]
+        },
+    )
     sample = processor(raw)
     kinds = [type(s).__name__ for s in sample.segments]
     assert kinds == ["TextSegment", "VitSegment", "TextSegment", "TextSegment"]
@@ -163,24 +224,38 @@ def test_understanding_sample_segments_and_loss(example):
 
 
 def test_generation_and_editing_samples(example):
-    processor = make_processor(example["tokenizer"], text_dropout_prob=0.0, vit_dropout_prob=0.0, vae_dropout_prob=0.0)
+    processor = make_processor(
+        example["tokenizer"], text_dropout_prob=0.0, vit_dropout_prob=0.0, vae_dropout_prob=0.0
+    )
     t2i = processor(RawSample("d", 1, {"caption": "a red circle", "image": image_item()["image_url"]["url"]}))
     assert [type(s).__name__ for s in t2i.segments] == ["TextSegment", "VaeSegment"]
     assert t2i.segments[1].noised and tuple(t2i.segments[1].image.shape) == (3, 20, 32)  # multiples of 2*2
-    edit = processor(RawSample("d", 2, {"messages": [
-        {"role": "user", "content": [image_item(), {"type": "text", "text": "make it green"}]},
-        {"role": "assistant", "content": [image_item()]},
-    ]}))
+    edit = processor(
+        RawSample(
+            "d",
+            2,
+            {
+                "messages": [
+                    {"role": "user", "content": [image_item(), {"type": "text", "text": "make it green"}]},
+                    {"role": "assistant", "content": [image_item()]},
+                ]
+            },
+        )
+    )
     kinds = [(type(s).__name__, getattr(s, "noised", None)) for s in edit.segments]
     assert kinds == [("VaeSegment", False), ("VitSegment", None), ("TextSegment", None), ("VaeSegment", True)]
 
 
 def test_conditioning_dropout_is_deterministic_per_sample(example):
-    processor = make_processor(example["tokenizer"], text_dropout_prob=0.5, vit_dropout_prob=0.5, vae_dropout_prob=0.5)
-    record = {"messages": [
-        {"role": "user", "content": [image_item(), {"type": "text", "text": "make it green"}]},
-        {"role": "assistant", "content": [image_item()]},
-    ]}
+    processor = make_processor(
+        example["tokenizer"], text_dropout_prob=0.5, vit_dropout_prob=0.5, vae_dropout_prob=0.5
+    )
+    record = {
+        "messages": [
+            {"role": "user", "content": [image_item(), {"type": "text", "text": "make it green"}]},
+            {"role": "assistant", "content": [image_item()]},
+        ]
+    }
     layouts = set()
     for index in range(40):
         first = processor(RawSample("d", index, record))
@@ -193,7 +268,9 @@ def test_conditioning_dropout_is_deterministic_per_sample(example):
 
 
 def test_conditioning_dropout_differs_between_epochs(example):
-    processor = make_processor(example["tokenizer"], text_dropout_prob=0.5, vit_dropout_prob=0.5, vae_dropout_prob=0.5)
+    processor = make_processor(
+        example["tokenizer"], text_dropout_prob=0.5, vit_dropout_prob=0.5, vae_dropout_prob=0.5
+    )
     record = {"caption": "a red circle", "image": image_item()["image_url"]["url"]}
 
     def text_kept(index: int, epoch: int) -> bool:
@@ -205,17 +282,27 @@ def test_conditioning_dropout_differs_between_epochs(example):
     assert per_epoch[1] == [text_kept(index, 1) for index in range(40)]  # a repeated read agrees
 
 
-@pytest.mark.parametrize("data, reason", [
-    ({"messages": []}, "empty_messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]}, "unknown_content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "nope.png"}}]},
-                   {"role": "assistant", "content": "x"}]}, "image_missing"),
-    ({"caption": "a", "image": b"not an image"}, "image_corrupt"),
-    ({"caption": "a", "image": "data:image/png;base64,@@@"}, "image_corrupt"),
-    ({"caption": "a", "image": image_item(4, 4)["image_url"]["url"]}, "image_too_small"),
-    ({"messages": [{"role": "user", "content": "hello"}]}, "no_target"),
-    ({"foo": 1}, "unknown_content"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        ({"messages": []}, "empty_messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]}, "unknown_content"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "nope.png"}}]},
+                    {"role": "assistant", "content": "x"},
+                ]
+            },
+            "image_missing",
+        ),
+        ({"caption": "a", "image": b"not an image"}, "image_corrupt"),
+        ({"caption": "a", "image": "data:image/png;base64,@@@"}, "image_corrupt"),
+        ({"caption": "a", "image": image_item(4, 4)["image_url"]["url"]}, "image_too_small"),
+        ({"messages": [{"role": "user", "content": "hello"}]}, "no_target"),
+        ({"foo": 1}, "unknown_content"),
+    ],
+)
 def test_bad_records_raise_with_reason(example, tmp_path, data, reason):
     processor = make_processor(example["tokenizer"])
     with pytest.raises(BadSampleError) as info:
@@ -238,7 +325,9 @@ def test_image_sources_path_and_data_url(example, tmp_path):
     (tmp_path / "img.png").write_bytes(png)
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     for source, folder in (("img.png", str(tmp_path)), (str(tmp_path / "img.png"), ""), (url, "")):
-        sample = processor(RawSample("d", 0, {"caption": "a red circle", "image": source}, data_folder=folder))
+        sample = processor(
+            RawSample("d", 0, {"caption": "a red circle", "image": source}, data_folder=folder)
+        )
         assert isinstance(sample.segments[-1], VaeSegment)
 
 
@@ -247,7 +336,10 @@ def test_text_only_truncation(example):
     sample = processor(RawSample("d", 0, {"text": "a red circle on a blue background " * 10}))
     cut = sample.truncated(20)
     assert cut is not None and cut.num_tokens == 20
-    assert processor(RawSample("d", 1, {"caption": "a", "image": image_item()["image_url"]["url"]})).truncated(5) is None
+    assert (
+        processor(RawSample("d", 1, {"caption": "a", "image": image_item()["image_url"]["url"]})).truncated(5)
+        is None
+    )
     assert DroppedImage().num_tokens == 0
 
 
@@ -264,8 +356,9 @@ def test_fit_size_respects_every_bound():
 
     assert fit_size(640, 480, min_size=512, max_size=1024, stride=16, max_side=1024) == (688, 512)
     assert fit_size(4000, 3000, min_size=512, max_size=1024, stride=16, max_side=1024) == (1024, 768)
-    assert fit_size(4000, 3000, min_size=378, max_size=980, stride=14, max_side=70 * 14,
-                    max_pixels=14 * 14 * 9 * 1024) == (980, 742)  # 735 rounds to 53 patches
+    assert fit_size(
+        4000, 3000, min_size=378, max_size=980, stride=14, max_side=70 * 14, max_pixels=14 * 14 * 9 * 1024
+    ) == (980, 742)  # 735 rounds to 53 patches
     w, h = fit_size(1000, 1000, min_size=512, max_size=1024, stride=16, max_side=1024, max_pixels=500_000)
     assert w * h <= 500_000 and w % 16 == 0 and w == h
     assert fit_size(100, 20, min_size=512, max_size=64, stride=4, max_side=32) == (32, 8)

@@ -16,8 +16,6 @@ from bagel_titan_plugins.data.example_data import Scene, render, write_example_d
 from conftest import small_bagel_options
 
 
-
-
 class ExampleSpec:
     """The two ModelSpec members the loader uses, building the real BAGEL processor and collator."""
 
@@ -25,10 +23,18 @@ class ExampleSpec:
         self.tokenizer = tokenizer
 
     def build_processor(self, job_config):
-        return BagelProcessor(job_config, small_bagel_options(), self.tokenizer, vit_patch_size=4, vae_downsample=2)
+        return BagelProcessor(
+            job_config, small_bagel_options(), self.tokenizer, vit_patch_size=4, vae_downsample=2
+        )
 
     def build_collator(self, job_config):
-        return BagelCollator(job_config, small_bagel_options(), vit_patch_size=4, vae_downsample=2, tokenizer_path=self.tokenizer)
+        return BagelCollator(
+            job_config,
+            small_bagel_options(),
+            vit_patch_size=4,
+            vae_downsample=2,
+            tokenizer_path=self.tokenizer,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,9 @@ def plugins():
     return PluginManager(load_entry_points=False, extra_modules=["bagel_titan_plugins.data.plugin"])
 
 
-def job(datasets, *, workers=0, strategy="best_fit_decreasing", length=512, window=8, shuffle_window=7) -> JobConfig:
+def job(
+    datasets, *, workers=0, strategy="best_fit_decreasing", length=512, window=8, shuffle_window=7
+) -> JobConfig:
     cfg = JobConfig()
     cfg.data.datasets = datasets
     cfg.data.shuffle_window = shuffle_window  # small: resume lands inside windows and units
@@ -56,19 +64,27 @@ def job(datasets, *, workers=0, strategy="best_fit_decreasing", length=512, wind
     cfg.data.packing_length = length
     cfg.data.packing_window = window
     cfg.data.prefetch_factor = 2
-    cfg.plugin_sections["bagel.processor"] = ProcessorConfig(vit_min_size=16, vit_max_size=32, vae_min_size=16,
-                                                             vae_max_size=32, min_image_side=8)
+    cfg.plugin_sections["bagel.processor"] = ProcessorConfig(
+        vit_min_size=16, vit_max_size=32, vae_min_size=16, vae_max_size=32, min_image_side=8
+    )
     return cfg
 
 
 def build(cfg, plugins, example, rank=0, world=1, **kwargs):
     builder = plugins.dataloaders.get("packed")
-    return builder.build(cfg, plugins, ExampleSpec(example["tokenizer"]), dp_rank=rank, dp_world_size=world, **kwargs)
+    return builder.build(
+        cfg, plugins, ExampleSpec(example["tokenizer"]), dp_rank=rank, dp_world_size=world, **kwargs
+    )
 
 
 def fingerprint(batch) -> tuple:
-    return (tuple(map(tuple, batch.sample_keys)), batch.packed_text_ids.tolist(), batch.split_lens,
-            float(batch.packed_vit_tokens.sum()), None if batch.padded_images is None else float(batch.padded_images.sum()))
+    return (
+        tuple(map(tuple, batch.sample_keys)),
+        batch.packed_text_ids.tolist(),
+        batch.split_lens,
+        float(batch.packed_vit_tokens.sum()),
+        None if batch.padded_images is None else float(batch.padded_images.sum()),
+    )
 
 
 def take(iterator, n):
@@ -80,8 +96,10 @@ def take(iterator, n):
 @pytest.mark.parametrize("world", [1, 2])
 def test_resume_gives_exactly_the_uninterrupted_batches(small_example, plugins, workers, world, shuffle):
     example = small_example
-    datasets = [DatasetEntry(path=example["data"], weight=3.0, name="shapes"),
-                DatasetEntry(path=example["data"], weight=1.0, name="shapes_again")]
+    datasets = [
+        DatasetEntry(path=example["data"], weight=3.0, name="shapes"),
+        DatasetEntry(path=example["data"], weight=1.0, name="shapes_again"),
+    ]
     cfg = job(datasets, workers=workers)
     cfg.data.shuffle = shuffle
     total, cut = 24, 9
@@ -121,22 +139,28 @@ def test_one_pass_reads_every_sample_once_across_ranks_and_workers(example, plug
 
 
 def image(w, h):
-    return {"bytes": render(Scene("square", "red", "blue", "large", .5, .5), w, h), "path": None}
+    return {"bytes": render(Scene("square", "red", "blue", "large", 0.5, 0.5), w, h), "path": None}
 
 
 def bad_jsonl(path):
-    good = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what colour is red ?"}]},
-                         {"role": "assistant", "content": "red ."}]}
+    good = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "what colour is red ?"}]},
+            {"role": "assistant", "content": "red ."},
+        ]
+    }
     long_text = {"text": "red " * 600}
     rows = [json.dumps(good)] * 20 + [
-        "{broken", "[1, 2]",                                                   # bad_json x2
-        json.dumps({"messages": []}),                                          # empty_messages
+        "{broken",
+        "[1, 2]",  # bad_json x2
+        json.dumps({"messages": []}),  # empty_messages
         json.dumps({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}),  # unknown_content
-        json.dumps({"caption": "a", "image": "missing/one.png"}),             # image_missing x3
+        json.dumps({"caption": "a", "image": "missing/one.png"}),  # image_missing x3
         json.dumps({"caption": "a", "image": "missing/two.png"}),
         json.dumps({"caption": "a", "image": "/missing/three.png"}),
         json.dumps({"caption": "a", "image": "data:image/png;base64,AAAA"}),  # image_corrupt
-        json.dumps(long_text), json.dumps(long_text),                         # oversize x2
+        json.dumps(long_text),
+        json.dumps(long_text),  # oversize x2
     ]
     path.write_text("\n".join(rows) + "\n")
 
@@ -150,8 +174,14 @@ def test_bad_samples_are_skipped_and_counted_exactly(example, plugins, tmp_path,
     stats = loader.data_stats()
     assert samples == 20 == stats["data/samples"]
     skipped = {k.removeprefix("data/skipped/"): v for k, v in stats.items() if k.startswith("data/skipped/")}
-    assert skipped == {"bad_json": 2, "empty_messages": 1, "unknown_content": 1, "image_missing": 3,
-                       "image_corrupt": 1, "oversize": 2}
+    assert skipped == {
+        "bad_json": 2,
+        "empty_messages": 1,
+        "unknown_content": 1,
+        "image_missing": 3,
+        "image_corrupt": 1,
+        "oversize": 2,
+    }
 
 
 def test_an_all_bad_dataset_fails_instead_of_spinning(example, plugins, tmp_path):
@@ -207,7 +237,9 @@ def test_mixture_follows_weights_and_repeats_epochs(tmp_path, plugins):
     assert b_indexes == [i % 5 for i in range(len(b_indexes))]  # epochs repeat in order
     assert max(d.epoch for d in drawn if d.source == 1) == (len(b_indexes) - 1) // 5
     again = MixtureStream(sources, shard_index=0, num_shards=1, seed=7, infinite=True)
-    again.load_state_dict(MixtureStream(sources, shard_index=0, num_shards=1, seed=7, infinite=True).state_dict())
+    again.load_state_dict(
+        MixtureStream(sources, shard_index=0, num_shards=1, seed=7, infinite=True).state_dict()
+    )
     assert [next(again).key for _ in range(50)] == [d.key for d in drawn[:50]]  # deterministic
     other_seed = MixtureStream(sources, shard_index=0, num_shards=1, seed=8, infinite=True)
     assert [next(other_seed).source for _ in range(50)] != [d.source for d in drawn[:50]]

@@ -12,8 +12,6 @@ from bench_packing import realistic_lengths  # the mix the benchmark reports (be
 BY_NAME = {s.name: s for s in STRATEGIES}
 
 
-
-
 def run(packer, lengths):
     packs = []
     for key, length in enumerate(lengths):

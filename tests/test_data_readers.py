@@ -11,7 +11,11 @@ import pytest
 
 from bagel_titan_plugins.data.bad_samples import as_bad_record
 from bagel_titan_plugins.data.readers import (
-    ArrowReader, JsonListReader, JsonlReader, ParquetReader, YamlMixtureReader,
+    ArrowReader,
+    JsonListReader,
+    JsonlReader,
+    ParquetReader,
+    YamlMixtureReader,
 )
 
 N = 23
@@ -55,8 +59,16 @@ def make(kind: str, tmp_path):
         write_arrow_stream(tmp_path / "data-00000-of-00002.arrow", records(12))
         write_arrow_stream(tmp_path / "data-00001-of-00002.arrow", records(N - 12, offset=12))
         (tmp_path / "dataset_info.json").write_text("{}")
-        (tmp_path / "state.json").write_text(json.dumps({"_data_files": [
-            {"filename": "data-00000-of-00002.arrow"}, {"filename": "data-00001-of-00002.arrow"}]}))
+        (tmp_path / "state.json").write_text(
+            json.dumps(
+                {
+                    "_data_files": [
+                        {"filename": "data-00000-of-00002.arrow"},
+                        {"filename": "data-00001-of-00002.arrow"},
+                    ]
+                }
+            )
+        )
         return ArrowReader(), str(tmp_path)
     if kind == "json":
         (tmp_path / "a.json").write_text(json.dumps(records()))
@@ -94,7 +106,9 @@ def test_start_skips_the_first_rows_of_a_shard(kind, tmp_path):
 def test_bad_json_lines_are_bad_records(tmp_path):
     lines = ['{"text": "ok"}', "{not json", "[1, 2]", '{"text": "fine"}']
     (tmp_path / "a.jsonl").write_text("\n".join(lines))
-    samples = list(JsonlReader().iter_samples(str(tmp_path / "a.jsonl"), shard_index=0, num_shards=1, start=0))
+    samples = list(
+        JsonlReader().iter_samples(str(tmp_path / "a.jsonl"), shard_index=0, num_shards=1, start=0)
+    )
     bad = [as_bad_record(s.data) for s in samples]
     assert [b.reason if b else None for b in bad] == [None, "bad_json", "bad_json", None]
     assert "a.jsonl:2" in bad[1].detail
@@ -119,17 +133,26 @@ def test_yaml_mixture_expands_relative_paths(tmp_path):
     write_parquet(tmp_path / "a.parquet", records(5))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in records(3)))
     (tmp_path / "mix.yaml").write_text(
-        "- path: a.parquet\n  weight: 2\n  data_folder: images\n- path: b.jsonl\n  format: jsonl\n")
+        "- path: a.parquet\n  weight: 2\n  data_folder: images\n- path: b.jsonl\n  format: jsonl\n"
+    )
     entries = YamlMixtureReader().expand(str(tmp_path / "mix.yaml"))
     assert [e.path for e in entries] == [str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl")]
     assert [e.weight for e in entries] == [2.0, 1.0]
     assert entries[0].data_folder == str(tmp_path / "images")
-    streamed = list(YamlMixtureReader().iter_samples(str(tmp_path / "mix.yaml"), shard_index=0, num_shards=1, start=2))
+    streamed = list(
+        YamlMixtureReader().iter_samples(str(tmp_path / "mix.yaml"), shard_index=0, num_shards=1, start=2)
+    )
     assert len(streamed) == 6
 
 
-@pytest.mark.parametrize("text, match", [("{}", "non-empty list"), ("- weight: 1\n", "needs a `path`"),
-                                         ("- path: a\n  wieght: 2\n", "unknown keys")])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{}", "non-empty list"),
+        ("- weight: 1\n", "needs a `path`"),
+        ("- path: a\n  wieght: 2\n", "unknown keys"),
+    ],
+)
 def test_yaml_mixture_errors_name_the_problem(tmp_path, text, match):
     (tmp_path / "mix.yaml").write_text(text)
     with pytest.raises(ValueError, match=match):
@@ -138,6 +161,8 @@ def test_yaml_mixture_errors_name_the_problem(tmp_path, text, match):
 
 def test_missing_or_empty_paths_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        list(ParquetReader().iter_samples(str(tmp_path / "nope.parquet"), shard_index=0, num_shards=1, start=0))
+        list(
+            ParquetReader().iter_samples(str(tmp_path / "nope.parquet"), shard_index=0, num_shards=1, start=0)
+        )
     with pytest.raises(FileNotFoundError, match="holds no .parquet"):
         list(ParquetReader().iter_samples(str(tmp_path), shard_index=0, num_shards=1, start=0))

@@ -33,8 +33,15 @@ def sorted_parquet(tmp_path_factory):
 
 def stream(path, *, shard=0, shards=1, seed=0, shuffle=True, window=8):
     source = Source("sorted", path, ParquetReader(), 1.0)
-    return MixtureStream([source], shard_index=shard, num_shards=shards, seed=seed, infinite=True,
-                         shuffle=shuffle, shuffle_window=window)
+    return MixtureStream(
+        [source],
+        shard_index=shard,
+        num_shards=shards,
+        seed=seed,
+        infinite=True,
+        shuffle=shuffle,
+        shuffle_window=window,
+    )
 
 
 def epochs_of(mixture, count):
@@ -81,8 +88,9 @@ def test_resume_and_refetch_find_every_position_again(sorted_parquet, window):
             next(first)
         resumed = stream(sorted_parquet, shards=2, window=window)
         resumed.load_state_dict(first.state_dict())
-        assert [(d.key, d.sample.index) for d in (next(resumed) for _ in range(130 - cut))] == \
-               [(d.key, d.sample.index) for d in drawn[cut:]]
+        assert [(d.key, d.sample.index) for d in (next(resumed) for _ in range(130 - cut))] == [
+            (d.key, d.sample.index) for d in drawn[cut:]
+        ]
     refetched = stream(sorted_parquet, shards=2, window=window).fetch([d.key for d in drawn[::3]])
     assert {k: s.index for k, s in refetched.items()} == {d.key: d.sample.index for d in drawn[::3]}
 
@@ -101,25 +109,47 @@ def test_reader_permutes_units_identically_on_every_shard(sorted_parquet):
     reader = ParquetReader()
     for epoch in range(2):
         read_pass = ReadPass(epoch=epoch, seed=1, shuffle=True)
-        shards = [[s.index for s in reader.iter_samples(sorted_parquet, shard_index=k, num_shards=4, start=0,
-                                                         read_pass=read_pass)] for k in range(4)]
+        shards = [
+            [
+                s.index
+                for s in reader.iter_samples(
+                    sorted_parquet, shard_index=k, num_shards=4, start=0, read_pass=read_pass
+                )
+            ]
+            for k in range(4)
+        ]
         assert sorted(i for shard in shards for i in shard) == list(range(ROWS))
         # rows of one unit stay together and in order: units are permuted, rows are not
-        assert all(b - a == 1 for shard in shards for a, b in zip(shard, shard[1:]) if a // 7 == b // 7
-                   and (a < 60) == (b < 60))
-        skipped = list(reader.iter_samples(sorted_parquet, shard_index=1, num_shards=4, start=5, read_pass=read_pass))
+        assert all(
+            b - a == 1
+            for shard in shards
+            for a, b in zip(shard, shard[1:])
+            if a // 7 == b // 7 and (a < 60) == (b < 60)
+        )
+        skipped = list(
+            reader.iter_samples(sorted_parquet, shard_index=1, num_shards=4, start=5, read_pass=read_pass)
+        )
         assert [s.index for s in skipped] == shards[1][5:]
 
 
 def test_release_caption_choice_changes_with_the_epoch(tmp_path):
     captions = {f"c{i}": f"caption number {i}" for i in range(6)}
-    pq.write_table(pa.table({"image": [b"not decoded here"], "captions": [json.dumps(captions)]}),
-                   tmp_path / "t2i.parquet")
+    pq.write_table(
+        pa.table({"image": [b"not decoded here"], "captions": [json.dumps(captions)]}),
+        tmp_path / "t2i.parquet",
+    )
     reader = BagelT2IReader()
 
     def caption(epoch):
-        sample = next(reader.iter_samples(str(tmp_path), shard_index=0, num_shards=1, start=0,
-                                          read_pass=ReadPass(epoch=epoch, seed=0, shuffle=True)))
+        sample = next(
+            reader.iter_samples(
+                str(tmp_path),
+                shard_index=0,
+                num_shards=1,
+                start=0,
+                read_pass=ReadPass(epoch=epoch, seed=0, shuffle=True),
+            )
+        )
         return sample.data["caption"]
 
     assert caption(2) == caption(2)

@@ -108,17 +108,24 @@ def test_selective_every_nth() -> None:
 
 @pytest.mark.parametrize(
     ("mode", "granularity", "backend", "indices"),
-    [("full", "layer", "", [0, 1, 2]), ("selective", "layer", "", [1]),
-     ("selective", "op", "", [0, 1, 2]), ("selective", "op", "aot_eager", [0, 1, 2])],
+    [
+        ("full", "layer", "", [0, 1, 2]),
+        ("selective", "layer", "", [1]),
+        ("selective", "op", "", [0, 1, 2]),
+        ("selective", "op", "aot_eager", [0, 1, 2]),
+    ],
 )
 def test_activation_checkpointing_keeps_keys_and_gradients(mode, granularity, backend, indices) -> None:
     torch.manual_seed(0)
     plain = ToyModel()
     checkpointed = copy.deepcopy(plain)
     keys = list(plain.state_dict())
-    assert apply_activation_checkpointing(
-        checkpointed, list(checkpointed.blocks), ActivationCheckpoint(mode), granularity
-    ) == indices
+    assert (
+        apply_activation_checkpointing(
+            checkpointed, list(checkpointed.blocks), ActivationCheckpoint(mode), granularity
+        )
+        == indices
+    )
     if backend:
         apply_compile(list(checkpointed.blocks), backend=backend)
     assert list(checkpointed.state_dict()) == keys
@@ -189,8 +196,17 @@ def eager_losses(tmp_path_factory) -> list[float]:
     ("extra", "rtol"),
     [
         (("--activation_checkpoint.mode", "full", "--parallelism.reshard_after_forward", "always"), 1e-5),
-        (("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_every", "1",
-          "--parallelism.reshard_after_forward", "never"), 1e-5),
+        (
+            (
+                "--activation_checkpoint.mode",
+                "selective",
+                "--activation_checkpoint.selective_every",
+                "1",
+                "--parallelism.reshard_after_forward",
+                "never",
+            ),
+            1e-5,
+        ),
         (("--training.dtype", "bfloat16"), 2e-2),
     ],
     ids=["fsdp-ac-full", "fsdp-ac-selective", "bf16-mixed-precision"],
@@ -210,8 +226,20 @@ def test_toy_training_matches_eager_fsdp(extra, rtol, eager_losses, tmp_path: Pa
 def test_hsdp_trains_and_resumes(eager_losses, tmp_path: Path) -> None:
     """HSDP (2 replicas x 1 shard) with a checkpoint at step 2 and a resumed step 3: the same
     losses as plain FSDP (the gradient reduction differs, so not bitwise)."""
-    args = [*toy_cli_args(tmp_path), *TOY, "--parallelism.dp_replicate", "2", "--checkpoint.enable", "true",
-            "--checkpoint.interval", "2", "--checkpoint.export_at_end", "false", "--toy.trace", "true"]
+    args = [
+        *toy_cli_args(tmp_path),
+        *TOY,
+        "--parallelism.dp_replicate",
+        "2",
+        "--checkpoint.enable",
+        "true",
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.export_at_end",
+        "false",
+        "--toy.trace",
+        "true",
+    ]
     run_bagel_titan([*args, "--training.steps", "2"], nproc=2)
     run_bagel_titan(args, nproc=2)
     assert [r["step"] for r in toy_trace(tmp_path / "toy", "start")] == [0, 2]

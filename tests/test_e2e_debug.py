@@ -25,18 +25,30 @@ def example_data(tmp_path_factory) -> dict[str, str]:
 
 def debug_args(run_folder: Path, data: dict[str, str], steps: int, *extra: str) -> list[str]:
     return [
-        "--job.config_file", DEBUG_CONFIG,
-        "--job.dump_folder", str(run_folder),
-        "--job.run_name", "run",
-        "--model.tokenizer_path", data["tokenizer"],
-        "--data.datasets", f'[{{path = "{data["data"]}"}}]',
-        "--training.steps", str(steps),
-        "--training.device", "cpu",
-        "--metrics.log_freq", "1",
-        "--data.num_workers", "0",
-        "--bagel.vae_path", "",  # a random VAE: fitting one takes a minute (tests/test_bagel_vae_fit.py)
-        "--bagel.sampling.data_folder", data["samples"],
-        "--validation.enable", "false",
+        "--job.config_file",
+        DEBUG_CONFIG,
+        "--job.dump_folder",
+        str(run_folder),
+        "--job.run_name",
+        "run",
+        "--model.tokenizer_path",
+        data["tokenizer"],
+        "--data.datasets",
+        f'[{{path = "{data["data"]}"}}]',
+        "--training.steps",
+        str(steps),
+        "--training.device",
+        "cpu",
+        "--metrics.log_freq",
+        "1",
+        "--data.num_workers",
+        "0",
+        "--bagel.vae_path",
+        "",  # a random VAE: fitting one takes a minute (tests/test_bagel_vae_fit.py)
+        "--bagel.sampling.data_folder",
+        data["samples"],
+        "--validation.enable",
+        "false",
         *extra,
     ]
 
@@ -52,13 +64,25 @@ def losses(run: Path, key: str) -> list[float]:
 
 
 def test_debug_run_learns_and_writes_everything(tmp_path, example_data):
-    run_bagel_titan(debug_args(
-        tmp_path, example_data, 60,
-        "--validation.enable", "true", "--validation.interval", "30",
-        "--bagel.sampling.prompts", '["a large red circle on a white background"]',
-        "--bagel.sampling.num_steps", "4", "--bagel.sampling.image_size", "[48, 64]",
-        "--checkpoint.interval", "30",
-    ))
+    run_bagel_titan(
+        debug_args(
+            tmp_path,
+            example_data,
+            60,
+            "--validation.enable",
+            "true",
+            "--validation.interval",
+            "30",
+            "--bagel.sampling.prompts",
+            '["a large red circle on a white background"]',
+            "--bagel.sampling.num_steps",
+            "4",
+            "--bagel.sampling.image_size",
+            "[48, 64]",
+            "--checkpoint.interval",
+            "30",
+        )
+    )
     run = tmp_path / "run"
     ce, mse = losses(run, "loss/ce"), losses(run, "loss/flow_mse")
     assert len(ce) == 60 and len(mse) == 60
@@ -71,7 +95,14 @@ def test_debug_run_learns_and_writes_everything(tmp_path, example_data):
     # Checkpoints, the export, samples and TensorBoard.
     assert (run / "checkpoint" / "step-60" / "COMPLETE").exists()
     export = run / "exports" / "final"
-    for name in ("ema.safetensors", "ae.safetensors", "config.json", "llm_config.json", "vit_config.json", "tokenizer.json"):
+    for name in (
+        "ema.safetensors",
+        "ae.safetensors",
+        "config.json",
+        "llm_config.json",
+        "vit_config.json",
+        "tokenizer.json",
+    ):
         assert (export / name).exists(), name
     pngs = sorted(p.name for p in (run / "samples" / "step-60").glob("*.png"))
     assert len(pngs) == 1 and pngs[0].startswith("gen_0")
@@ -94,11 +125,27 @@ def test_debug_run_learns_and_writes_everything(tmp_path, example_data):
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "nsa"])
 def test_each_backend_trains_the_debug_model(tmp_path, example_data, backend):
-    extra = ["--attention.backend", backend, "--checkpoint.enable", "false", "--checkpoint.export_at_end", "false"]
+    extra = [
+        "--attention.backend",
+        backend,
+        "--checkpoint.enable",
+        "false",
+        "--checkpoint.export_at_end",
+        "false",
+    ]
     if backend == "nsa":  # small blocks so the tiny packs exercise every NSA branch
-        extra += ["--attention.nsa.block_size", "16", "--attention.nsa.kernel_size", "8",
-                  "--attention.nsa.kernel_stride", "4", "--attention.nsa.topk", "4",
-                  "--attention.nsa.window_size", "32"]
+        extra += [
+            "--attention.nsa.block_size",
+            "16",
+            "--attention.nsa.kernel_size",
+            "8",
+            "--attention.nsa.kernel_stride",
+            "4",
+            "--attention.nsa.topk",
+            "4",
+            "--attention.nsa.window_size",
+            "32",
+        ]
     run_bagel_titan(debug_args(tmp_path, example_data, 3, *extra))
     logged = losses(tmp_path / "run", "loss")
     assert len(logged) == 3 and all(is_finite(v) for v in logged), logged
@@ -106,8 +153,18 @@ def test_each_backend_trains_the_debug_model(tmp_path, example_data, backend):
 
 def test_two_rank_bagel_resume_is_exact(tmp_path, example_data):
     """4 steps straight == 2 steps, stop, resume, 2 more (fp32, deterministic, grad accumulation)."""
-    common = ["--training.deterministic", "true", "--training.grad_accum_steps", "2",
-              "--checkpoint.interval", "2", "--checkpoint.export_at_end", "false", "--data.num_workers", "1"]
+    common = [
+        "--training.deterministic",
+        "true",
+        "--training.grad_accum_steps",
+        "2",
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.export_at_end",
+        "false",
+        "--data.num_workers",
+        "1",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_bagel_titan(debug_args(straight, example_data, 4, *common), nproc=2)
     run_bagel_titan(debug_args(resumed, example_data, 2, *common), nproc=2)

@@ -23,8 +23,11 @@ def test_reads_every_rendered_scene_right():
         scene = random_scene(rng)
         for size in ((32, 32), (64, 48)):
             reading = read_image(pixels(scene, size))
-            assert (reading.background, reading.colour, reading.shape) == (scene.background, scene.colour,
-                                                                            scene.shape), (scene, size, reading)
+            assert (reading.background, reading.colour, reading.shape) == (
+                scene.background,
+                scene.colour,
+                scene.shape,
+            ), (scene, size, reading)
 
 
 def test_fill_ratios_are_the_shapes_areas():
@@ -42,7 +45,11 @@ def test_robust_to_soft_edges_and_pixel_noise():
         blurred = Image.fromarray(pixels(scene)).filter(ImageFilter.GaussianBlur(0.7))
         noisy = np.clip(np.asarray(blurred, dtype=np.float32) + noise.normal(0, 12, (32, 32, 3)), 0, 255)
         reading = read_image(noisy.astype(np.uint8))
-        assert (reading.background, reading.colour, reading.shape) == (scene.background, scene.colour, scene.shape)
+        assert (reading.background, reading.colour, reading.shape) == (
+            scene.background,
+            scene.colour,
+            scene.shape,
+        )
 
 
 def test_a_plain_image_has_no_shape_and_noise_is_not_a_square():

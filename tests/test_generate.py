@@ -26,12 +26,30 @@ def debug_export(tmp_path_factory) -> Path:
     """exports/final of a 3-step run of the debug config (random VAE: fitting one takes a minute)."""
     root = tmp_path_factory.mktemp("generate")
     data = ensure_example_data(str(root / "data"), num_samples=64)
-    run_bagel_titan([
-        "--job.config_file", DEBUG_CONFIG, "--job.dump_folder", str(root), "--job.run_name", "run",
-        "--model.tokenizer_path", data["tokenizer"], "--data.datasets", f'[{{path = "{data["data"]}"}}]',
-        "--training.steps", "3", "--training.device", "cpu", "--data.num_workers", "0",
-        "--bagel.vae_path", "", "--validation.enable", "false",
-    ])
+    run_bagel_titan(
+        [
+            "--job.config_file",
+            DEBUG_CONFIG,
+            "--job.dump_folder",
+            str(root),
+            "--job.run_name",
+            "run",
+            "--model.tokenizer_path",
+            data["tokenizer"],
+            "--data.datasets",
+            f'[{{path = "{data["data"]}"}}]',
+            "--training.steps",
+            "3",
+            "--training.device",
+            "cpu",
+            "--data.num_workers",
+            "0",
+            "--bagel.vae_path",
+            "",
+            "--validation.enable",
+            "false",
+        ]
+    )
     export = root / "run" / "exports" / "final"
     assert (export / "ema.safetensors").is_file()
     return export
@@ -43,16 +61,42 @@ def test_prompt_question_and_edit_from_the_debug_export(debug_export, tmp_path, 
     source = tmp_path / "in.png"
     Image.new("RGB", (32, 32), (220, 40, 40)).save(source)
     out = tmp_path / "out"
-    code = main([str(debug_export), "--prompt", "a large red circle on a white background", "--num-images", "2",
-                 "--image", str(source), "--question", "what colour is the shape ?", "--edit", "a blue one",
-                 "--steps", "2", "--cfg", "2.0", "--size", "16", "24", "--out", str(out), "--device", "cpu"])
+    code = main(
+        [
+            str(debug_export),
+            "--prompt",
+            "a large red circle on a white background",
+            "--num-images",
+            "2",
+            "--image",
+            str(source),
+            "--question",
+            "what colour is the shape ?",
+            "--edit",
+            "a blue one",
+            "--steps",
+            "2",
+            "--cfg",
+            "2.0",
+            "--size",
+            "16",
+            "24",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "config.toml" in printed and "what colour is the shape ? -> " in printed
     images = sorted(p.name for p in out.iterdir())
-    assert images == ["a-large-red-circle-on-a-white-background-seed0.png",
-                      "a-large-red-circle-on-a-white-background-seed1.png", "edit-a-blue-one-seed0.png",
-                      "edit-a-blue-one-seed1.png"]
+    assert images == [
+        "a-large-red-circle-on-a-white-background-seed0.png",
+        "a-large-red-circle-on-a-white-background-seed1.png",
+        "edit-a-blue-one-seed0.png",
+        "edit-a-blue-one-seed1.png",
+    ]
     generated = np.asarray(Image.open(out / images[0]))
     assert generated.shape == (16, 24, 3)
     assert not np.array_equal(generated, np.asarray(Image.open(out / images[1])))  # seeds differ
@@ -61,13 +105,20 @@ def test_prompt_question_and_edit_from_the_debug_export(debug_export, tmp_path, 
 
 @pytest.mark.dist
 def test_same_seed_same_image(debug_export):
-    sampler = load_sampler(str(debug_export), device="cpu", config_file=run_config_of(str(debug_export)),
-                           num_steps=2, image_size=[16, 16])
+    sampler = load_sampler(
+        str(debug_export),
+        device="cpu",
+        config_file=run_config_of(str(debug_export)),
+        num_steps=2,
+        image_size=[16, 16],
+    )
     assert sampler.config.cfg_scale == 4.0  # the debug config's [bagel.sampling]
     first = sampler.generate_image("a small green triangle on a black background", 7)
     assert np.array_equal(first, sampler.generate_image("a small green triangle on a black background", 7))
     red = Image.new("RGB", (32, 32), (220, 40, 40))
-    assert np.array_equal(sampler.edit_image(red, "make it green", 3), sampler.edit_image(red, "make it green", 3))
+    assert np.array_equal(
+        sampler.edit_image(red, "make it green", 3), sampler.edit_image(red, "make it green", 3)
+    )
 
 
 @pytest.mark.dist
@@ -79,8 +130,14 @@ def test_edit_velocity_is_the_training_forward_of_an_editing_sample(debug_export
     image = Image.new("RGB", (32, 32), (40, 80, 220))
     source = processor.vae_segment(image, noised=False)
     target = VaeSegment(torch.zeros(3, 32, 32), processor.vae_stride, noised=True)
-    sample = BagelSample([source, processor.vit_segment(image), TextSegment(processor.encode("make it red"), loss=False),
-                          target])
+    sample = BagelSample(
+        [
+            source,
+            processor.vit_segment(image),
+            TextSegment(processor.encode("make it red"), loss=False),
+            target,
+        ]
+    )
     batch = sampler.collator([sample])
     clean = model.vae.encode(source.image[None], eps=torch.zeros(()))
     batch.padded_latent = torch.cat([clean, clean])  # the target's x0 is irrelevant: x_t is given below
@@ -100,13 +157,25 @@ def test_edit_velocity_is_the_training_forward_of_an_editing_sample(debug_export
 @pytest.mark.dist
 def test_user_errors_are_one_line(debug_export, tmp_path):
     def generate(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bagel_titan_plugins.bagel.generate", *args],
-                              capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, "-m", "bagel_titan_plugins.bagel.generate", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=subprocess_env(),
+            cwd=tmp_path,
+        )
 
     missing = generate(str(tmp_path / "nowhere"), "--prompt", "a red circle")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "export folder" in missing.stderr and "does not exist" in missing.stderr
-    bad_size = generate(str(debug_export), "--prompt", "a red circle", "--size", "18", "24", "--device", "cpu")
-    assert bad_size.returncode == 2 and "Traceback" not in bad_size.stderr and "multiples of 4" in bad_size.stderr
+    bad_size = generate(
+        str(debug_export), "--prompt", "a red circle", "--size", "18", "24", "--device", "cpu"
+    )
+    assert (
+        bad_size.returncode == 2
+        and "Traceback" not in bad_size.stderr
+        and "multiples of 4" in bad_size.stderr
+    )
     no_image = generate(str(debug_export), "--question", "what shape ?")
     assert no_image.returncode == 2 and "--question and --edit need --image" in no_image.stderr

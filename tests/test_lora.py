@@ -14,7 +14,14 @@ from bagel_titan.checkpoint.export import export_weights
 from bagel_titan.config import ConfigError, load_job_config
 from bagel_titan.config.job_config import LoRA
 from bagel_titan.errors import UserError
-from bagel_titan.lora import LoRAExport, LoRALinear, apply_lora, init_adapters, lora_modules, merge_lora_weight
+from bagel_titan.lora import (
+    LoRAExport,
+    LoRALinear,
+    apply_lora,
+    init_adapters,
+    lora_modules,
+    merge_lora_weight,
+)
 from bagel_titan_plugins.bagel.config import architecture_from_release, bagel_config_from_release
 from bagel_titan_plugins.bagel.parity import load_fixture_batch, load_fixture_model
 from bagel_titan_plugins.bagel.spec import BagelSpec, bagel_loss_term, bagel_outputs, build_bagel
@@ -31,8 +38,10 @@ def meta_fixture_model():
     with open(os.path.join(FIXTURE, "config.json")) as f:
         release = json.load(f)
     with torch.device("meta"):
-        return build_bagel(architecture_from_release(release, vit_config_counts_extra_layer=False),
-                           bagel_config_from_release(release))
+        return build_bagel(
+            architecture_from_release(release, vit_config_counts_extra_layer=False),
+            bagel_config_from_release(release),
+        )
 
 
 def lora_fixture_model(config: LoRA, randomise_b: bool = True):
@@ -54,12 +63,20 @@ def lora_fixture_model(config: LoRA, randomise_b: bool = True):
 def loss_and_hidden(model, batch):
     r = model(batch, keep_intermediates=True)
     out = bagel_outputs(r, batch)
-    ce, mse = bagel_loss_term(CELoss(CEOptions()), out, batch), bagel_loss_term(FlowMSELoss(FlowMSEOptions()), out, batch)
+    ce, mse = (
+        bagel_loss_term(CELoss(CEOptions()), out, batch),
+        bagel_loss_term(FlowMSELoss(FlowMSEOptions()), out, batch),
+    )
     return ce.sum / ce.count + mse.sum / mse.count, r.intermediates["last_hidden_state"]
 
 
-CONFIG = LoRA(enable=True, rank=4, alpha=8.0, targets=["und", "gen", "vit.q_proj", "connector", "vae2llm"],
-              train_also=["llm2vae"])
+CONFIG = LoRA(
+    enable=True,
+    rank=4,
+    alpha=8.0,
+    targets=["und", "gen", "vit.q_proj", "connector", "vae2llm"],
+    train_also=["llm2vae"],
+)
 
 
 def test_targets_resolve_to_linears_and_everything_else_is_frozen():
@@ -69,19 +86,25 @@ def test_targets_resolve_to_linears_and_everything_else_is_frozen():
     assert len(adapted) == 14 * layers + len(model.vit_model.vision_model.encoder.layers) + 2 + 1
     assert "language_model.model.layers.0.mlp_moe_gen.down_proj" in adapted
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{m}.{p}" for m in adapted for p in ("lora_A", "lora_B")} | {"llm2vae.weight", "llm2vae.bias"}
+    assert trainable == {f"{m}.{p}" for m in adapted for p in ("lora_A", "lora_B")} | {
+        "llm2vae.weight",
+        "llm2vae.bias",
+    }
     # The official keys are where they were: only the adapters are new.
     base = load_fixture_model(FIXTURE)
     adapters = {f"{m}.{p}" for m in adapted for p in ("lora_A", "lora_B")}
     assert set(model.state_dict()) - set(base.state_dict()) == adapters
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(targets=["und.qproj"]), "'und.qproj' matches no module"),
-    (dict(targets=["decoder"]), "valid targets: und, und.q_proj"),
-    (dict(train_also=["lm_head"]), "valid groups: llm, vit, connector"),
-    (dict(targets=["und"], train_also=["llm"]), "trained in full or through adapters"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(targets=["und.qproj"]), "'und.qproj' matches no module"),
+        (dict(targets=["decoder"]), "valid targets: und, und.q_proj"),
+        (dict(train_also=["lm_head"]), "valid groups: llm, vit, connector"),
+        (dict(targets=["und"], train_also=["llm"]), "trained in full or through adapters"),
+    ],
+)
 def test_a_target_that_matches_nothing_names_the_valid_ones(bad, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
         apply_lora(meta_fixture_model(), BagelSpec(), LoRA(enable=True, **bad))
@@ -91,11 +114,16 @@ def test_config_values_are_checked_once_in_the_config():
     for args, message in [
         (["--lora.rank", "0"], "rank must be >= 1"),
         (["--lora.dropout", "1.0"], "dropout must be in"),
-        (["--lora.enable", "true", "--lora.base_dtype", "bfloat16"], 'needs \\[training\\] dtype = "bfloat16"'),
+        (
+            ["--lora.enable", "true", "--lora.base_dtype", "bfloat16"],
+            'needs \\[training\\] dtype = "bfloat16"',
+        ),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_job_config(args)
-    cfg, _ = load_job_config(["--lora.enable", "true", "--lora.base_dtype", "bfloat16", "--training.dtype", "bfloat16"])
+    cfg, _ = load_job_config(
+        ["--lora.enable", "true", "--lora.base_dtype", "bfloat16", "--training.dtype", "bfloat16"]
+    )
     assert cfg.lora.base_dtype == "bfloat16"
 
 
@@ -131,7 +159,9 @@ def test_merged_tensor_is_base_plus_scaled_b_a():
     # bf16 base: merged in fp32, rounded once.
     bf16 = merge_lora_weight(linear.weight.bfloat16(), lora.lora_A, lora.lora_B, lora.scaling)
     assert bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(bf16, (linear.weight.bfloat16().float() + 2.0 * lora.lora_B @ lora.lora_A).bfloat16())
+    torch.testing.assert_close(
+        bf16, (linear.weight.bfloat16().float() + 2.0 * lora.lora_B @ lora.lora_A).bfloat16()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +172,9 @@ def exported(tmp_path_factory):
     with torch.no_grad():
         loss, hidden = loss_and_hidden(model, batch)
     folder = tmp_path_factory.mktemp("export") / "final"
-    export_weights(BagelSpec(), model, str(folder), torch.float32, lora=CONFIG, base_model_name_or_path=FIXTURE)
+    export_weights(
+        BagelSpec(), model, str(folder), torch.float32, lora=CONFIG, base_model_name_or_path=FIXTURE
+    )
     return model, folder, loss, hidden
 
 
@@ -153,7 +185,9 @@ def test_merged_export_holds_official_keys_and_merged_weights(exported):
     assert set(weights) == set(base.state_dict())  # strictly the official keys, no adapter
     base_sd, lora_sd = base.state_dict(), model.state_dict()
     for name, module in lora_modules(model).items():
-        want = base_sd[f"{name}.weight"] + module.scaling * lora_sd[f"{name}.lora_B"] @ lora_sd[f"{name}.lora_A"]
+        want = (
+            base_sd[f"{name}.weight"] + module.scaling * lora_sd[f"{name}.lora_B"] @ lora_sd[f"{name}.lora_A"]
+        )
         torch.testing.assert_close(weights[f"{name}.weight"], want, rtol=0, atol=1e-6)
     torch.testing.assert_close(weights["llm2vae.weight"], lora_sd["llm2vae.weight"], rtol=0, atol=0)
     assert torch.equal(weights["language_model.lm_head.weight"], base_sd["language_model.lm_head.weight"])
@@ -209,15 +243,20 @@ def test_export_plan_is_per_tensor():
     assert plan.skip(f"{key}.lora_A") and not plan.skip(f"{key}.weight")
     merged = plan.merged(f"{key}.weight", sd[f"{key}.weight"], sd.__getitem__)
     scaling = CONFIG.alpha / CONFIG.rank
-    torch.testing.assert_close(merged, sd[f"{key}.weight"] + scaling * sd[f"{key}.lora_B"] @ sd[f"{key}.lora_A"])
+    torch.testing.assert_close(
+        merged, sd[f"{key}.weight"] + scaling * sd[f"{key}.lora_B"] @ sd[f"{key}.lora_A"]
+    )
     assert plan.merged(f"{key}.bias", sd[f"{key}.bias"], sd.__getitem__) is sd[f"{key}.bias"]
     assert LoRAExport.of(load_fixture_model(FIXTURE), CONFIG) is None
 
 
 def test_base_dtype_keeps_the_frozen_base_in_bf16_and_the_trainable_in_dtype():
     model = meta_fixture_model()
-    apply_lora(model, BagelSpec(), LoRA(enable=True, targets=["gen.q_proj"], train_also=["connector"],
-                                        base_dtype="bfloat16"))
+    apply_lora(
+        model,
+        BagelSpec(),
+        LoRA(enable=True, targets=["gen.q_proj"], train_also=["connector"], base_dtype="bfloat16"),
+    )
     dtypes = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
     assert dtypes["language_model.model.layers.0.self_attn.q_proj_moe_gen.weight"] == (torch.bfloat16, False)
     assert dtypes["language_model.model.layers.0.self_attn.q_proj_moe_gen.lora_A"] == (torch.float32, True)

@@ -18,8 +18,9 @@ from test_e2e_debug import debug_args, losses
 LORA = ["--lora.enable", "true", "--lora.rank", "8"]
 
 
-def assert_export_is_merged(export: Path, step_folder: Path, tmp_path: Path,
-                            gen_trained: bool = True) -> dict[str, torch.Tensor]:
+def assert_export_is_merged(
+    export: Path, step_folder: Path, tmp_path: Path, gen_trained: bool = True
+) -> dict[str, torch.Tensor]:
     """Merged = frozen base (from the checkpoint) + alpha/r * B A of the exported (EMA) adapters,
     exactly in bf16, for the first (und) and last (gen) adapted projections; returns the adapter
     file. The gen adapters train only when a gradient reaches them (see `gen_trained`)."""
@@ -58,13 +59,36 @@ def checkpoint_model_state(step_folder: Path, tmp_path: Path) -> dict[str, torch
 def test_debug_lora_run_trains_from_the_base_loss_and_exports_merged(tmp_path, example_data):
     common = ["--lr_scheduler.warmup_steps", "2", "--ema.decay", "0.5"]
     full, lora = tmp_path / "full", tmp_path / "lora"
-    run_bagel_titan(debug_args(full, example_data, 1, *common, "--checkpoint.enable", "false",
-                               "--checkpoint.export_at_end", "false"))
+    run_bagel_titan(
+        debug_args(
+            full,
+            example_data,
+            1,
+            *common,
+            "--checkpoint.enable",
+            "false",
+            "--checkpoint.export_at_end",
+            "false",
+        )
+    )
     # The random base's llm2vae is zero, which blocks every gradient to the generation experts:
     # trained in full beside the adapters, it opens that path (and covers peft's modules_to_save).
     # Adapters start at B = 0 and learn with a higher lr than a full fine-tune, as LoRA usually does.
-    run_bagel_titan(debug_args(lora, example_data, 30, *common, *LORA, "--checkpoint.interval", "30",
-                               "--lora.train_also", '["llm2vae"]', "--optimizer.lr", "1e-2"))
+    run_bagel_titan(
+        debug_args(
+            lora,
+            example_data,
+            30,
+            *common,
+            *LORA,
+            "--checkpoint.interval",
+            "30",
+            "--lora.train_also",
+            '["llm2vae"]',
+            "--optimizer.lr",
+            "1e-2",
+        )
+    )
     run = lora / "run"
     # Step 1's loss is measured before any update: with B = 0 it is the base model's, bitwise.
     assert losses(run, "loss")[0] == losses(full / "run", "loss")[0]
@@ -83,10 +107,13 @@ def test_debug_lora_run_trains_from_the_base_loss_and_exports_merged(tmp_path, e
     assert set(merged) == set(fresh.state_dict())
     config = json.loads((export / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 32.0
-    assert len(config["target_modules"]) == 14 * len(fresh.language_model.model.layers)  # und + gen, 7 projections
+    assert len(config["target_modules"]) == 14 * len(
+        fresh.language_model.model.layers
+    )  # und + gen, 7 projections
     adapters = assert_export_is_merged(export, run / "checkpoint" / "step-30", tmp_path)
-    torch.testing.assert_close(merged["llm2vae.weight"], adapters["base_model.model.llm2vae.weight"].bfloat16(),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        merged["llm2vae.weight"], adapters["base_model.model.llm2vae.weight"].bfloat16(), rtol=0, atol=0
+    )
     assert adapters["base_model.model.llm2vae.weight"].abs().max() > 0
     assert config["modules_to_save"] == ["llm2vae"]
 
@@ -96,11 +123,27 @@ def test_debug_lora_run_trains_from_the_base_loss_and_exports_merged(tmp_path, e
 def test_two_rank_lora_resume_is_bitwise(tmp_path, example_data):
     """4 steps straight == 2 steps, stop, resume, 2 more: FSDP2 on 2 gloo ranks, full activation
     checkpointing, EMA, gradient accumulation, adapters plus a module trained in full."""
-    common = [*LORA, "--lora.train_also", '["connector"]', "--training.deterministic", "true",
-              "--training.grad_accum_steps", "2", "--activation_checkpoint.mode", "full",
-              "--checkpoint.interval", "2", "--checkpoint.export_at_end", "false", "--data.num_workers", "1"]
+    common = [
+        *LORA,
+        "--lora.train_also",
+        '["connector"]',
+        "--training.deterministic",
+        "true",
+        "--training.grad_accum_steps",
+        "2",
+        "--activation_checkpoint.mode",
+        "full",
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.export_at_end",
+        "false",
+        "--data.num_workers",
+        "1",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_bagel_titan(debug_args(straight, example_data, 4, *common, "--checkpoint.export_at_end", "true"), nproc=2)
+    run_bagel_titan(
+        debug_args(straight, example_data, 4, *common, "--checkpoint.export_at_end", "true"), nproc=2
+    )
     run_bagel_titan(debug_args(resumed, example_data, 2, *common), nproc=2)
     run_bagel_titan(debug_args(resumed, example_data, 4, *common), nproc=2)
     a, b = losses(straight / "run", "loss"), losses(resumed / "run", "loss")
@@ -109,8 +152,12 @@ def test_two_rank_lora_resume_is_bitwise(tmp_path, example_data):
     assert losses(straight / "run", "grad_norm") == losses(resumed / "run", "grad_norm")
     # The streaming export gathers each sharded base weight with its A and B and merges it.
     # (The random debug base's llm2vae is zero and not trained here: no gradient reaches the gen adapters.)
-    assert_export_is_merged(straight / "run" / "exports" / "final", straight / "run" / "checkpoint" / "step-4",
-                            tmp_path, gen_trained=False)
+    assert_export_is_merged(
+        straight / "run" / "exports" / "final",
+        straight / "run" / "checkpoint" / "step-4",
+        tmp_path,
+        gen_trained=False,
+    )
 
 
 @pytest.mark.dist
@@ -126,8 +173,20 @@ def test_7b_lora_recipe_applies_on_meta_with_two_ranks(tmp_path):
 
     config = REPO / "train_configs" / "bagel_7b_lora.toml"
     out = tmp_path / "plan.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(REPO / "tests" / "scripts" / "plan_7b.py"), str(out), str(config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "scripts" / "plan_7b.py"),
+        str(out),
+        str(config),
+    ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads(out.read_text())
@@ -146,8 +205,22 @@ def test_bench_lora_records_both_rows(tmp_path):
     from conftest import REPO, subprocess_env
 
     results = tmp_path / "RESULTS.md"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_lora.py"), "--models", "debug", "--steps", "1",
-           "--warmup", "0", "--packing-length", "256", "--rank", "4", "--results", str(results)]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_lora.py"),
+        "--models",
+        "debug",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--packing-length",
+        "256",
+        "--rank",
+        "4",
+        "--results",
+        str(results),
+    ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = results.read_text()

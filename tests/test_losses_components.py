@@ -36,7 +36,9 @@ def test_flow_mse_means_over_channels_and_counts_tokens():
     outputs = ModelOutputs(extras={"pred_velocity": pred, "target_velocity": target})
     loss = FlowMSEFactory()({})
     term = loss(outputs, 2)
-    assert loss.count_name == "noised_tokens" and term.count == 2 and term.sum.item() == pytest.approx(1.0 + 1.0)
+    assert (
+        loss.count_name == "noised_tokens" and term.count == 2 and term.sum.item() == pytest.approx(1.0 + 1.0)
+    )
     summed = FlowMSEFactory()({"channel_reduction": "sum"})(outputs, 2)
     assert summed.sum.item() == pytest.approx(4.0 + 4.0)
     empty = loss(ModelOutputs(logits=torch.ones(1, 2, requires_grad=True)), 0)
@@ -54,7 +56,9 @@ def test_missing_outputs_are_named():
     with pytest.raises(ValueError, match="logits"):
         CEFactory()({})(ModelOutputs(), 1)
     with pytest.raises(ValueError, match="label_weights"):
-        CEFactory()({"reweight": True})(ModelOutputs(logits=torch.zeros(1, 2), labels=torch.zeros(1, dtype=torch.long)), 1.0)
+        CEFactory()({"reweight": True})(
+            ModelOutputs(logits=torch.zeros(1, 2), labels=torch.zeros(1, dtype=torch.long)), 1.0
+        )
     with pytest.raises(ValueError, match="pred_velocity"):
         FlowMSEFactory()({})(ModelOutputs(logits=torch.zeros(1, 2)), 3)
 
@@ -75,7 +79,10 @@ def test_fixture_total_loss_through_the_components():
     r = model(batch)
     outputs = bagel_outputs(r, batch)
     expected = load_file(FIXTURE / "expected.safetensors")
-    ce, mse = bagel_loss_term(CEFactory()({}), outputs, batch), bagel_loss_term(FlowMSEFactory()({}), outputs, batch)
+    ce, mse = (
+        bagel_loss_term(CEFactory()({}), outputs, batch),
+        bagel_loss_term(FlowMSEFactory()({}), outputs, batch),
+    )
     total = info["ce_weight"] * ce.sum / ce.count + info["mse_weight"] * mse.sum / mse.count
     torch.testing.assert_close(total, expected["total_loss"], atol=1e-5, rtol=0)
     rw = bagel_loss_term(CEFactory()({"reweight": True}), outputs, batch)

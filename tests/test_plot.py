@@ -57,7 +57,14 @@ def test_user_errors(tmp_path):
     # Without matplotlib (a None entry in sys.modules makes its import fail): one line, exit 2.
     write_metrics(tmp_path / "ok", RECORDS)
     code = "import sys; sys.modules['matplotlib'] = None; from bagel_titan.plot import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ok")], capture_output=True, text=True,
-                          timeout=120, env=subprocess_env())
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "ok")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "bagel-titan-plot: error: matplotlib is not installed: pip install 'bagel-titan[plot]'" in proc.stderr
+    assert (
+        "bagel-titan-plot: error: matplotlib is not installed: pip install 'bagel-titan[plot]'" in proc.stderr
+    )

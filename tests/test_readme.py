@@ -31,11 +31,15 @@ def test_plugin_example_backend_matches_eager_and_loss_runs():
     module = plugin_example()
     backend = module.bagel_titan_attention_backends()[0]
     attention = backend.build(None, {})
-    meta = AttentionMeta.from_segments([[(5, "causal"), (4, "full"), (3, "noise")], [(6, "causal")]], pad_to=20)
+    meta = AttentionMeta.from_segments(
+        [[(5, "causal"), (4, "full"), (3, "noise")], [(6, "causal")]], pad_to=20
+    )
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(20, 4, 8, generator=generator)
     k, v = torch.randn(2, 20, 2, 8, generator=generator)
-    torch.testing.assert_close(attention(q, k, v, meta), eager_attention(q, k, v, meta.dense_mask()), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention(q, k, v, meta), eager_attention(q, k, v, meta.dense_mask()), atol=1e-5, rtol=1e-5
+    )
 
     loss = module.bagel_titan_loss_components()[0]({})
     outputs = ModelOutputs(logits=torch.randn(3, 10, generator=generator))
@@ -43,12 +47,18 @@ def test_plugin_example_backend_matches_eager_and_loss_runs():
     assert loss.count_name == "labels" and term.count == 3 and term.sum > 0
 
 
-@pytest.mark.parametrize("page", ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))])
+@pytest.mark.parametrize(
+    "page", ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
+)
 def test_every_option_the_docs_name_exists(page):
     manager = PluginManager()
     sections = {name: manager.config_sections.get(name) for name in manager.config_sections.names()}
     known = set(re.findall(r"--([a-z_.]+) \(", help_text(sections)))
-    named = set(re.findall(r"--((?:job|model|training|optimizer|lr_scheduler|parallelism|activation_checkpoint|compile|"
-                           r"checkpoint|metrics|data|validation|attention|loss|ema|lora|bagel)\.[a-z_.]+)",
-                           (REPO / page).read_text()))
+    named = set(
+        re.findall(
+            r"--((?:job|model|training|optimizer|lr_scheduler|parallelism|activation_checkpoint|compile|"
+            r"checkpoint|metrics|data|validation|attention|loss|ema|lora|bagel)\.[a-z_.]+)",
+            (REPO / page).read_text(),
+        )
+    )
     assert named <= known, f"{page} names unknown options: {sorted(named - known)}"

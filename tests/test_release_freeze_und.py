@@ -51,8 +51,13 @@ def grads():
 def test_understanding_vit_and_connector_get_no_gradient(grads):
     free, frozen = grads
     frozen_side = [n for n in frozen if _is_und(n) or n.startswith(("vit_model.", "connector."))]
-    assert any(n.startswith("vit_model.") for n in frozen_side) and any(n.startswith("connector.") for n in frozen_side)
-    assert any(".mlp.up_proj" in n for n in frozen_side) and "language_model.model.embed_tokens.weight" in frozen_side
+    assert any(n.startswith("vit_model.") for n in frozen_side) and any(
+        n.startswith("connector.") for n in frozen_side
+    )
+    assert (
+        any(".mlp.up_proj" in n for n in frozen_side)
+        and "language_model.model.embed_tokens.weight" in frozen_side
+    )
     # Without the option these gradients exist, so the zeros below are the option's doing.
     assert all(not _is_zero(free[n]) for n in frozen_side)
     assert [n for n in frozen_side if not _is_zero(frozen[n])] == []
@@ -69,13 +74,26 @@ def test_generation_gradients_are_unchanged(grads):
     free, frozen = grads
     release = load_file(str(REFERENCE_SEED0 / "grads.safetensors"))
     last = len({n.split(".")[3] for n in frozen if n.startswith("language_model.model.layers.")}) - 1
-    through_markers = ("layers.0.self_attn.k_", "layers.0.self_attn.v_", "layers.0.input_layernorm_moe_gen",
-                       "time_embedder.", "vae2llm.")
-    gen_side = [n for n in frozen if "_moe_gen" in n or n.startswith(("time_embedder.", "vae2llm.", "llm2vae."))
-                or n == "language_model.lm_head.weight"]
+    through_markers = (
+        "layers.0.self_attn.k_",
+        "layers.0.self_attn.v_",
+        "layers.0.input_layernorm_moe_gen",
+        "time_embedder.",
+        "vae2llm.",
+    )
+    gen_side = [
+        n
+        for n in frozen
+        if "_moe_gen" in n
+        or n.startswith(("time_embedder.", "vae2llm.", "llm2vae."))
+        or n == "language_model.lm_head.weight"
+    ]
     unchanged = [n for n in gen_side if not any(m in n for m in through_markers)]
     assert f"language_model.model.layers.{last}.self_attn.k_proj_moe_gen.weight" in unchanged
-    assert "llm2vae.weight" in unchanged and "language_model.model.layers.0.mlp_moe_gen.up_proj.weight" in unchanged
+    assert (
+        "llm2vae.weight" in unchanged
+        and "language_model.model.layers.0.mlp_moe_gen.up_proj.weight" in unchanged
+    )
     for name in unchanged:
         assert frozen[name] is not None, name
         torch.testing.assert_close(frozen[name], free[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -20,9 +20,17 @@ SIDE = 4  # ViT patches per side: 56 px images of 14 px patches
 
 def write_qwen(folder, tied=False):
     torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
-                         max_position_embeddings=512, rope_theta=10000.0)
+    config = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+    )
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(folder)
     return model
@@ -30,8 +38,14 @@ def write_qwen(folder, tied=False):
 
 def write_siglip(folder):
     torch.manual_seed(2)
-    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                image_size=SIDE * 14, patch_size=14)
+    config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=SIDE * 14,
+        patch_size=14,
+    )
     model = SiglipVisionModel(config)
     model.save_pretrained(folder)
     return model.eval()
@@ -46,8 +60,10 @@ def folders(tmp_path_factory):
 
     (root / "empty_qwen").mkdir()
     (root / "empty_qwen" / "config.json").write_text((root / "qwen" / "config.json").read_text())
-    save_file({"model.embed_tokens.weight": qwen.state_dict()["model.embed_tokens.weight"].contiguous()},
-              str(root / "empty_qwen" / "model.safetensors"))
+    save_file(
+        {"model.embed_tokens.weight": qwen.state_dict()["model.embed_tokens.weight"].contiguous()},
+        str(root / "empty_qwen" / "model.safetensors"),
+    )
     return root, qwen, siglip
 
 
@@ -56,9 +72,15 @@ def build(root, **options):
     spec = plugins.model_specs.get("bagel")
     cfg = JobConfig()
     cfg.attention.backend = "eager"
-    cfg.plugin_sections["bagel"] = BagelConfig(**{"llm_path": str(root / "qwen"), "vit_path": str(root / "siglip"),
-                                                  "vit_max_num_patch_per_side": SIDE, "max_latent_size": 8,
-                                                  **options})
+    cfg.plugin_sections["bagel"] = BagelConfig(
+        **{
+            "llm_path": str(root / "qwen"),
+            "vit_path": str(root / "siglip"),
+            "vit_max_num_patch_per_side": SIDE,
+            "max_latent_size": 8,
+            **options,
+        }
+    )
     model = spec.build(cfg, plugins)
     torch.manual_seed(0)
     spec.init_weights(model)
@@ -70,12 +92,20 @@ def test_llm_weights_and_their_moe_gen_copies(folders):
     model = build(root)
     hf = qwen.state_dict()
     ours = model.state_dict()
-    assert model.arch.llm.hidden_size == 64 and model.arch.llm.num_layers == 2 and model.arch.llm.vocab_size == 256
+    assert (
+        model.arch.llm.hidden_size == 64
+        and model.arch.llm.num_layers == 2
+        and model.arch.llm.vocab_size == 256
+    )
     assert model.arch.llm.rope_theta == 10000.0 and model.arch.llm.num_kv_heads == 2
     for key, value in hf.items():
         torch.testing.assert_close(ours[f"language_model.{key}"], value, rtol=0, atol=0, msg=key)
-        twin = f"language_model.{key}".replace("q_proj", "q_proj_moe_gen").replace("mlp.", "mlp_moe_gen.") \
-            .replace("model.norm", "model.norm_moe_gen").replace("input_layernorm", "input_layernorm_moe_gen")
+        twin = (
+            f"language_model.{key}".replace("q_proj", "q_proj_moe_gen")
+            .replace("mlp.", "mlp_moe_gen.")
+            .replace("model.norm", "model.norm_moe_gen")
+            .replace("input_layernorm", "input_layernorm_moe_gen")
+        )
         if twin in ours and twin != f"language_model.{key}":
             torch.testing.assert_close(ours[twin], value, rtol=0, atol=0, msg=twin)  # copy_init_moe
     # Qwen2 has no qk-norm: BAGEL's starts at ones (fresh), as in the release.
@@ -90,7 +120,9 @@ def test_vit_drops_the_last_layers_and_matches_siglip(folders):
     assert "vit_model.vision_model.encoder.layers.2.mlp.fc1.weight" not in model.state_dict()
     torch.manual_seed(3)
     image = torch.randn(1, 3, SIDE * 14, SIDE * 14)
-    patches = image[0].reshape(3, SIDE, 14, SIDE, 14).permute(1, 3, 2, 4, 0).reshape(SIDE * SIDE, -1)  # (py, px, c)
+    patches = (
+        image[0].reshape(3, SIDE, 14, SIDE, 14).permute(1, 3, 2, 4, 0).reshape(SIDE * SIDE, -1)
+    )  # (py, px, c)
     meta = AttentionMeta.full_documents([SIDE * SIDE])
     meta.prepare_for(model.vit_model.vision_model.encoder.layers[0].self_attn.attn_core)
     with torch.no_grad():
@@ -108,7 +140,9 @@ def test_tied_embeddings_become_the_lm_head_and_copy_init_moe_off(tmp_path, fold
     write_siglip(tmp_path / "siglip")
     model = build(tmp_path, copy_init_moe=False)
     ours = model.state_dict()
-    torch.testing.assert_close(ours["language_model.lm_head.weight"], qwen.state_dict()["model.embed_tokens.weight"])
+    torch.testing.assert_close(
+        ours["language_model.lm_head.weight"], qwen.state_dict()["model.embed_tokens.weight"]
+    )
     up, up_gen = (ours[f"language_model.model.layers.0.mlp{s}.up_proj.weight"] for s in ("", "_moe_gen"))
     assert not torch.equal(up, up_gen)  # the generation experts start fresh
 

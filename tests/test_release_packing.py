@@ -35,8 +35,15 @@ def drive(packer, stream: list[tuple[str, int]], mandatory: dict[int, list[tuple
 
 
 def config(**overrides):
-    return ReleasePackingConfig(**{"expected_num_tokens": 80, "max_num_tokens_per_sample": 60,
-                                   "prefer_buffer_before": 50, "max_buffer_size": 2, **overrides})
+    return ReleasePackingConfig(
+        **{
+            "expected_num_tokens": 80,
+            "max_num_tokens_per_sample": 60,
+            "prefer_buffer_before": 50,
+            "max_buffer_size": 2,
+            **overrides,
+        }
+    )
 
 
 def test_pack_boundaries_are_the_releases():
@@ -47,8 +54,22 @@ def test_pack_boundaries_are_the_releases():
     # h10 i55 -> 65; j40 and k45 overflow into the buffer (now full); l50 overflows with a full
     # buffer: [h i] leaves. The release drops l and packs [j k] next; bagel-titan carries l:
     # [l m] (m30 -> 80), then the buffer at 0 < 50: j40 k45 -> 85: [j k].
-    stream = [("a", 30), ("b", 40), ("c", 50), ("d", 20), ("e", 45), ("f", 35), ("g", 60), ("h", 10),
-              ("i", 55), ("j", 40), ("k", 45), ("l", 50), ("m", 30), ("n", 30)]
+    stream = [
+        ("a", 30),
+        ("b", 40),
+        ("c", 50),
+        ("d", 20),
+        ("e", 45),
+        ("f", 35),
+        ("g", 60),
+        ("h", 10),
+        ("i", 55),
+        ("j", 40),
+        ("k", 45),
+        ("l", 50),
+        ("m", 30),
+        ("n", 30),
+    ]
     packs, packer = drive(RELEASE.new_packer(100, {"release": config()}), stream)
     release = [["a", "b", "d"], ["c", "e"], ["f", "g"], ["h", "i"]]
     assert packs[:4] == release
@@ -60,16 +81,20 @@ def test_mandatory_datasets_start_every_pack():
     # Source 0 is mandatory: each pack opens with its next sample, then the mixture fills it.
     # s0 20 + 30 + 40 = 90 >= 80; s0 25 + 50 + 10 = 85. A mandatory sample never waits in the
     # buffer and is not checked against expected_num_tokens (as in the release).
-    packer = RELEASE.new_packer(100, {"release": config(prefer_buffer_before=0, max_buffer_size=50),
-                                      "mandatory": [0]})
-    packs, _ = drive(packer, [("x1", 30), ("x2", 40), ("x3", 50), ("x4", 10)],
-                     {0: [("m1", 20), ("m2", 25), ("m3", 30)]})
+    packer = RELEASE.new_packer(
+        100, {"release": config(prefer_buffer_before=0, max_buffer_size=50), "mandatory": [0]}
+    )
+    packs, _ = drive(
+        packer, [("x1", 30), ("x2", 40), ("x3", 50), ("x4", 10)], {0: [("m1", 20), ("m2", 25), ("m3", 30)]}
+    )
     assert packs == [["m1", "x1", "x2"], ["m2", "x3", "x4"]]
     assert packer.wanted_source() == 0  # the next pack asks for the mandatory source first
 
 
 def test_state_round_trips_mid_buffer():
-    stream = [(f"s{i}", n) for i, n in enumerate([30, 40, 50, 20, 45, 35, 60, 10, 55, 40, 45, 50, 30, 30, 25, 60])]
+    stream = [
+        (f"s{i}", n) for i, n in enumerate([30, 40, 50, 20, 45, 35, 60, 10, 55, 40, 45, 50, 30, 30, 25, 60])
+    ]
     reference, _ = drive(RELEASE.new_packer(100, {"release": config()}), stream)
     head, packer = drive(RELEASE.new_packer(100, {"release": config()}), stream[:11])
     restored = RELEASE.new_packer(100, {"release": config()})
@@ -81,14 +106,22 @@ def test_state_round_trips_mid_buffer():
 def release_job(datasets, **overrides):
     cfg = job(datasets, strategy="release", length=400)
     cfg.plugin_sections["data.release_packing"] = ReleasePackingConfig(
-        **{"expected_num_tokens": 300, "max_num_tokens_per_sample": 60, "prefer_buffer_before": 150,
-           "max_buffer_size": 4, **overrides})
+        **{
+            "expected_num_tokens": 300,
+            "max_num_tokens_per_sample": 60,
+            "prefer_buffer_before": 150,
+            "max_buffer_size": 4,
+            **overrides,
+        }
+    )
     return cfg
 
 
 def test_the_loader_packs_like_the_release_and_resumes_exactly(small_example, plugins):  # noqa: F811
-    datasets = [DatasetEntry(path=small_example["data"], weight=3.0, name="shapes"),
-                DatasetEntry(path=small_example["data"], weight=1.0, name="anchor", is_mandatory=True)]
+    datasets = [
+        DatasetEntry(path=small_example["data"], weight=3.0, name="shapes"),
+        DatasetEntry(path=small_example["data"], weight=1.0, name="anchor", is_mandatory=True),
+    ]
     cfg = release_job(datasets)
     reference_loader = build(cfg, plugins, small_example)
     reference = take(iter(reference_loader), 12)
@@ -110,8 +143,11 @@ def test_the_loader_packs_like_the_release_and_resumes_exactly(small_example, pl
 
 def test_release_sizes_are_checked_against_packing_length(small_example, plugins):  # noqa: F811
     with pytest.raises(ConfigError, match="max_num_tokens_per_sample = 500 exceeds .*packing_length = 400"):
-        build(release_job([DatasetEntry(path=small_example["data"])], max_num_tokens_per_sample=500),
-              plugins, small_example)
+        build(
+            release_job([DatasetEntry(path=small_example["data"])], max_num_tokens_per_sample=500),
+            plugins,
+            small_example,
+        )
     cfg = job([DatasetEntry(path=small_example["data"], is_mandatory=True)])  # best_fit_decreasing
     with pytest.raises(ConfigError, match="is_mandatory"):
         build(cfg, plugins, small_example)

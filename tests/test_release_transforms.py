@@ -24,16 +24,23 @@ def example(tmp_path_factory):
 
 
 def image(w=64, h=64):
-    return {"bytes": render(Scene("square", "red", "blue", "large", .5, .5), w, h), "path": None}
+    return {"bytes": render(Scene("square", "red", "blue", "large", 0.5, 0.5), w, h), "path": None}
 
 
 def processor(example, datasets):
     cfg = JobConfig()
     cfg.data.datasets = datasets
-    cfg.plugin_sections["bagel.processor"] = ProcessorConfig(vit_min_size=16, vit_max_size=64, vae_min_size=16,
-                                                             vae_max_size=64, vit_max_pixels=64 * 64,
-                                                             text_dropout_prob=0.0)
-    return BagelProcessor(cfg, small_bagel_options(), example["tokenizer"], vit_patch_size=4, vae_downsample=2)
+    cfg.plugin_sections["bagel.processor"] = ProcessorConfig(
+        vit_min_size=16,
+        vit_max_size=64,
+        vae_min_size=16,
+        vae_max_size=64,
+        vit_max_pixels=64 * 64,
+        text_dropout_prob=0.0,
+    )
+    return BagelProcessor(
+        cfg, small_bagel_options(), example["tokenizer"], vit_patch_size=4, vae_downsample=2
+    )
 
 
 def segments(proc, data, options=None, dataset="d"):
@@ -42,8 +49,10 @@ def segments(proc, data, options=None, dataset="d"):
 
 
 def test_dataset_overrides_replace_the_processor_options(example):
-    entries = [DatasetEntry(path=example["data"], name="big"),
-               DatasetEntry(path=example["data"], name="small", processor={"vae_max_size": 32, "vae_min_size": 8})]
+    entries = [
+        DatasetEntry(path=example["data"], name="big"),
+        DatasetEntry(path=example["data"], name="small", processor={"vae_max_size": 32, "vae_min_size": 8}),
+    ]
     proc = processor(example, entries)
     t2i = {"caption": "a red square", "image": image()}
     big = [s for s in segments(proc, t2i) if isinstance(s, VaeSegment)][0]
@@ -60,7 +69,9 @@ def test_understanding_images_share_the_vit_pixel_budget(example):
     proc = processor(example, [])
 
     def chat(n):
-        content = [{"type": "image", "image": image()} for _ in range(n)] + [{"type": "text", "text": "colour ?"}]
+        content = [{"type": "image", "image": image()} for _ in range(n)] + [
+            {"type": "text", "text": "colour ?"}
+        ]
         return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "red ."}]}
 
     one = [s for s in segments(proc, chat(1)) if isinstance(s, VitSegment)]
@@ -74,7 +85,9 @@ def test_an_unknown_override_names_the_dataset(example):
     with pytest.raises(ConfigError, match="unknown key 'vae_max_side'.*did you mean 'vae_max_size'"):
         processor(example, [DatasetEntry(path=example["data"], name="typo", processor={"vae_max_side": 32})])
     with pytest.raises(ConfigError, match="typo"):
-        processor(example, [DatasetEntry(path=example["data"], name="typo", processor={"vae_max_size": "big"})])
+        processor(
+            example, [DatasetEntry(path=example["data"], name="typo", processor={"vae_max_size": "big"})]
+        )
 
 
 def _readers():

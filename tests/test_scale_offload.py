@@ -19,14 +19,31 @@ def example_data(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.slow
 def test_offload_with_host_ema_and_ac_resumes_exactly(tmp_path, example_data):
     """4 steps straight == 2 steps, stop, resume, 2 more: same losses and the same exported EMA."""
-    common = ["--training.deterministic", "true", "--checkpoint.interval", "2", "--data.num_workers", "1",
-              "--parallelism.cpu_offload", "true", "--ema.device", "cpu", "--ema.decay", "0.5",
-              "--activation_checkpoint.mode", "full"]
+    common = [
+        "--training.deterministic",
+        "true",
+        "--checkpoint.interval",
+        "2",
+        "--data.num_workers",
+        "1",
+        "--parallelism.cpu_offload",
+        "true",
+        "--ema.device",
+        "cpu",
+        "--ema.decay",
+        "0.5",
+        "--activation_checkpoint.mode",
+        "full",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_bagel_titan(debug_args(straight, example_data, 4, *common), nproc=2)
-    run_bagel_titan(debug_args(resumed, example_data, 2, *common, "--checkpoint.export_at_end", "false"), nproc=2)
+    run_bagel_titan(
+        debug_args(resumed, example_data, 2, *common, "--checkpoint.export_at_end", "false"), nproc=2
+    )
     run_bagel_titan(debug_args(resumed, example_data, 4, *common), nproc=2)
     a, b = losses(straight / "run", "loss"), losses(resumed / "run", "loss")
     assert len(a) == 4 and a == b  # bitwise: the same floats in the JSON
-    exported = [(run / "run" / "exports" / "final" / "ema.safetensors").read_bytes() for run in (straight, resumed)]
+    exported = [
+        (run / "run" / "exports" / "final" / "ema.safetensors").read_bytes() for run in (straight, resumed)
+    ]
     assert exported[0] == exported[1]

@@ -21,9 +21,18 @@ from conftest import REPO
 
 MID = dataclasses.replace(
     FLAVORS["debug"],
-    llm=dataclasses.replace(FLAVORS["debug"].llm, hidden_size=512, intermediate_size=1408, num_layers=4,
-                            num_heads=8, num_kv_heads=2, vocab_size=8192),
-    vit=dataclasses.replace(FLAVORS["debug"].vit, hidden_size=256, intermediate_size=1024, num_layers=2, num_heads=4),
+    llm=dataclasses.replace(
+        FLAVORS["debug"].llm,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        vocab_size=8192,
+    ),
+    vit=dataclasses.replace(
+        FLAVORS["debug"].vit, hidden_size=256, intermediate_size=1024, num_layers=2, num_heads=4
+    ),
 )
 
 
@@ -33,19 +42,29 @@ def test_plan_is_within_15_percent_of_a_measured_cpu_step(arch):
     options = BagelConfig(max_latent_size=16, vit_max_num_patch_per_side=arch.vit.patches_per_side)
     model = build_bagel(arch, options)
     model.vae.materialize("cpu")
-    samples = [[Text(100), VitImage(16, 16), Text(150)], [Text(120), VaeImage(16, 16, True)],
-               [Text(100), VaeImage(16, 16, True)]]
+    samples = [
+        [Text(100), VitImage(16, 16), Text(150)],
+        [Text(120), VaeImage(16, 16, True)],
+        [Text(100), VaeImage(16, 16, True)],
+    ]
     batch = synthetic_batch(arch, options, samples)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ema = EMA(model, 0.9)
-    alive = list(model.parameters()) + list(model.buffers()) + list(model.vae.module.parameters()) + list(ema.shadow.values())
+    alive = (
+        list(model.parameters())
+        + list(model.buffers())
+        + list(model.vae.module.parameters())
+        + list(ema.shadow.values())
+    )
     before = sum(t.untyped_storage().nbytes() for t in alive)
     spec = BagelSpec()
     with LiveMemory("cpu") as live:
         for step in (1, 2):  # the second step runs with the optimizer state allocated
             out = spec.forward(model, batch, torch.Generator().manual_seed(step))
             ce = torch.nn.functional.cross_entropy(out.logits.float(), out.labels)
-            mse = (out.extras["pred_velocity"].float() - out.extras["target_velocity"].float()).square().mean()
+            mse = (
+                (out.extras["pred_velocity"].float() - out.extras["target_velocity"].float()).square().mean()
+            )
             (ce + mse).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -55,8 +74,17 @@ def test_plan_is_within_15_percent_of_a_measured_cpu_step(arch):
     tokens = batch.num_tokens
     mix = PackMix(generation=2 * 16 * 16 / tokens, vit=16 * 16 / tokens)  # the pack above, by kind
     acts = activation_memory(arch, options, tokens, 4, False, mix, llm_backend="eager", vit_backend="eager")
-    plan = plan_memory(model, [], world_size=1, dp_shard=1, dtype="float32", cpu_offload=False, ema=True,
-                       ema_on_host=False, activations=acts)
+    plan = plan_memory(
+        model,
+        [],
+        world_size=1,
+        dp_shard=1,
+        dtype="float32",
+        cpu_offload=False,
+        ema=True,
+        ema_on_host=False,
+        activations=acts,
+    )
     print(f"plan {plan.total / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert abs(plan.total - measured) < 0.15 * measured, (plan.total / 2**20, measured / 2**20, plan.table())
 
@@ -65,8 +93,13 @@ def _estimate(*args: str) -> str:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "bagel_titan.estimate", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bagel_titan.estimate", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -77,25 +110,52 @@ def _peak_gib(report: str) -> float:
 
 def test_estimate_prints_the_per_rank_breakdown_for_the_7b_recipes():
     eight = _estimate("--job.config_file", str(REPO / "train_configs" / "bagel_7b.toml"), "--world-size", "8")
-    for part in ("parameters (sharded over 8)", "gradients", "optimizer state", "EMA", "activations",
-                 "largest transient", "peak per rank"):
+    for part in (
+        "parameters (sharded over 8)",
+        "gradients",
+        "optimizer state",
+        "EMA",
+        "activations",
+        "largest transient",
+        "peak per rank",
+    ):
         assert part in eight, part
     assert "14.607 B" in eight
-    two = _estimate("--job.config_file", str(REPO / "train_configs" / "bagel_7b_2gpu.toml"), "--world-size", "2")
+    two = _estimate(
+        "--job.config_file", str(REPO / "train_configs" / "bagel_7b_2gpu.toml"), "--world-size", "2"
+    )
     assert _peak_gib(two) < 80  # the few-GPU recipe fits 2 x 80 GB
     # Without offload the same job does not fit: the offload is what makes the recipe fit.
-    resident = _estimate("--job.config_file", str(REPO / "train_configs" / "bagel_7b_2gpu.toml"), "--world-size", "2",
-                         "--parallelism.cpu_offload", "false", "--ema.device", "param")
+    resident = _estimate(
+        "--job.config_file",
+        str(REPO / "train_configs" / "bagel_7b_2gpu.toml"),
+        "--world-size",
+        "2",
+        "--parallelism.cpu_offload",
+        "false",
+        "--ema.device",
+        "param",
+    )
     assert _peak_gib(resident) > 80
 
 
 def test_the_lora_recipe_plans_to_fit_one_80_gb_gpu():
     """Adapters trainable (their states counted), the base frozen in bf16 (2 bytes a parameter)."""
-    one = _estimate("--job.config_file", str(REPO / "train_configs" / "bagel_7b_lora.toml"), "--world-size", "1")
+    one = _estimate(
+        "--job.config_file", str(REPO / "train_configs" / "bagel_7b_lora.toml"), "--world-size", "1"
+    )
     assert "(0.081 B trainable)" in one
     assert _peak_gib(one) < 80
-    full = _estimate("--job.config_file", str(REPO / "train_configs" / "bagel_7b_lora.toml"), "--world-size", "1",
-                     "--lora.enable", "false", "--lora.base_dtype", "float32")
+    full = _estimate(
+        "--job.config_file",
+        str(REPO / "train_configs" / "bagel_7b_lora.toml"),
+        "--world-size",
+        "1",
+        "--lora.enable",
+        "false",
+        "--lora.base_dtype",
+        "float32",
+    )
     assert _peak_gib(full) > 3 * _peak_gib(one)
 
 
@@ -103,6 +163,16 @@ def test_estimate_without_world_size_is_a_user_error():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "bagel_titan.estimate", "--job.config_file",
-                           str(REPO / "train_configs" / "debug_model.toml")], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bagel_titan.estimate",
+            "--job.config_file",
+            str(REPO / "train_configs" / "debug_model.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 2 and "--world-size" in proc.stderr and "Traceback" not in proc.stderr

@@ -110,7 +110,9 @@ def _load_and_export(rank: int, world: int, port: int, folder: str, out: str) ->
                     written = stored.get_tensor(key)
                     if not torch.equal(written, expected):
                         mismatched.append(key)
-                    loaded = key in params and key != norm and not key.endswith("pos_embed")  # tables: recomputed
+                    loaded = (
+                        key in params and key != norm and not key.endswith("pos_embed")
+                    )  # tables: recomputed
                     if loaded and not torch.equal(written, source.get_tensor(key)):
                         mismatched.append(f"{key} (vs the loaded folder)")
         if rank == 0:
@@ -145,16 +147,23 @@ def test_a_mapping_can_share_and_reshape_stored_tensors(tmp_path):
     save_file({"patch.weight": conv, "mlp.weight": shared}, str(tmp_path / "hf.safetensors"))
     path = str(tmp_path / "hf.safetensors")
     targets = {"linear": torch.zeros(4, 12), "und": torch.zeros(5, 6), "gen": torch.zeros(5, 6)}
-    weights.load_tensors(targets, {
-        "linear": weights.StoredTensor(path, "patch.weight", shape=(4, 12)),
-        "und": weights.StoredTensor(path, "mlp.weight"),
-        "gen": weights.StoredTensor(path, "mlp.weight"),
-    }, "hf folder")
+    weights.load_tensors(
+        targets,
+        {
+            "linear": weights.StoredTensor(path, "patch.weight", shape=(4, 12)),
+            "und": weights.StoredTensor(path, "mlp.weight"),
+            "gen": weights.StoredTensor(path, "mlp.weight"),
+        },
+        "hf folder",
+    )
     assert torch.equal(targets["linear"], conv.reshape(4, 12))
     assert torch.equal(targets["und"], shared) and torch.equal(targets["gen"], shared)
     with pytest.raises(ValueError, match="row-keeping reshape"):
-        weights.load_tensors({"linear": torch.zeros(3, 16)},
-                             {"linear": weights.StoredTensor(path, "patch.weight", shape=(3, 16))}, "hf folder")
+        weights.load_tensors(
+            {"linear": torch.zeros(3, 16)},
+            {"linear": weights.StoredTensor(path, "patch.weight", shape=(3, 16))},
+            "hf folder",
+        )
 
 
 def _gather_uneven(rank: int, world: int, port: int) -> None:

@@ -64,7 +64,9 @@ def export_weights(
     model_spec.export(model, tmp, dtype, state_dict=ema_state, ema=ema is not None, **extra)
     if lora_export is not None:
         tensors = {**model.state_dict(), **(ema_state or {})}
-        lora_export.write_adapter(os.path.join(tmp, "adapter"), lambda key: gather_full(tensors[key]), write=rank0)
+        lora_export.write_adapter(
+            os.path.join(tmp, "adapter"), lambda key: gather_full(tensors[key]), write=rank0
+        )
     if rank0:
         if os.path.exists(path):
             shutil.rmtree(old, ignore_errors=True)

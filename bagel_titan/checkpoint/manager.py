@@ -51,7 +51,13 @@ from bagel_titan.checkpoint.layout import (
     write_marker,
 )
 from bagel_titan.checkpoint.rng import rng_state, set_rng_state
-from bagel_titan.checkpoint.safe_io import SafeLoadPlanner, SafeReader, decode_state, encode_state, load_metadata
+from bagel_titan.checkpoint.safe_io import (
+    SafeLoadPlanner,
+    SafeReader,
+    decode_state,
+    encode_state,
+    load_metadata,
+)
 from bagel_titan.checkpoint.writer import CheckpointWriter
 from bagel_titan.config.job_config import Checkpoint
 from bagel_titan.errors import UserError
@@ -111,9 +117,7 @@ class CheckpointManager:
         self._last_saved_step = -1
         # Async saves run collectives from a background thread: give them their own gloo group
         # so they never interleave with the training loop's collectives.
-        self._async_pg = (
-            dist.new_group(backend="gloo") if cfg.enable and cfg.async_mode == "async" else None
-        )
+        self._async_pg = dist.new_group(backend="gloo") if cfg.enable and cfg.async_mode == "async" else None
 
     # ------------------------------------------------------------------------------------------
     # Saving
@@ -266,7 +270,8 @@ class CheckpointManager:
                 logger.warning(
                     "[checkpoint] load_step = %d while newer checkpoints %s exist: a later "
                     "auto-resume (load_step = -1) would pick the newest of those, not this run's",
-                    wanted, newer,
+                    wanted,
+                    newer,
                 )
             return self._load_from(step_dir(self.root, wanted), model_only=False)
         damaged = []
@@ -278,8 +283,13 @@ class CheckpointManager:
             damaged.append(f"{path} ({problem})")
             if self.rank == 0:
                 kept = move_aside(path, "unusable")
-                logger.warning("checkpoint %s cannot be loaded: %s. Moved it to %s (kept for inspection, "
-                               "never deleted); trying the previous complete checkpoint", path, problem, kept)
+                logger.warning(
+                    "checkpoint %s cannot be loaded: %s. Moved it to %s (kept for inspection, "
+                    "never deleted); trying the previous complete checkpoint",
+                    path,
+                    problem,
+                    kept,
+                )
             dist.barrier()
         if damaged:
             raise CheckpointError(
@@ -291,9 +301,7 @@ class CheckpointManager:
         return 0
 
     def _load_initial(self) -> int:
-        restored = self._load_from(
-            self.cfg.initial_load_path, model_only=self.cfg.initial_load_model_only
-        )
+        restored = self._load_from(self.cfg.initial_load_path, model_only=self.cfg.initial_load_model_only)
         return 0 if self.cfg.initial_load_model_only else restored
 
     def _verified(self, path: str) -> str | None:
@@ -302,7 +310,9 @@ class CheckpointManager:
         problem = None
         if self.rank == 0:
             info = read_marker(path)
-            problem = "its COMPLETE marker does not read" if info is None else verify(path, info, load_metadata)
+            problem = (
+                "its COMPLETE marker does not read" if info is None else verify(path, info, load_metadata)
+            )
         if self.world_size > 1:
             box = [problem]
             dist.broadcast_object_list(box, src=0)
@@ -339,7 +349,11 @@ class CheckpointManager:
                 "has %d (world size %d): model, optimizer, EMA, LR schedule and train state are "
                 "resharded, but data positions and RNG states cannot be mapped; every rank "
                 "starts its data shard afresh",
-                path, info.dp_world_size, info.world_size, self.dp_world_size, self.world_size,
+                path,
+                info.dp_world_size,
+                info.world_size,
+                self.dp_world_size,
+                self.world_size,
             )
         dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
         for name in names:
@@ -388,8 +402,13 @@ def _raise_save_error(path: str, exc: BaseException) -> None:
         if current in seen:
             continue
         seen.append(current)
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES,
-                                                              errno.EROFS, errno.EPERM):
+        if isinstance(current, OSError) and current.errno in (
+            errno.ENOSPC,
+            errno.EDQUOT,
+            errno.EACCES,
+            errno.EROFS,
+            errno.EPERM,
+        ):
             raise CheckpointError(
                 f"cannot write checkpoint {path}: {os.strerror(current.errno)}; free space or fix the "
                 f"permissions there (or set [checkpoint] folder / [job] dump_folder elsewhere) and rerun: "

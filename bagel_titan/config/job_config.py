@@ -80,8 +80,13 @@ class Training:
         _require(self.steps > 0, "steps", "> 0", self.steps)
         _require(self.grad_accum_steps > 0, "grad_accum_steps", "> 0", self.grad_accum_steps)
         _require(self.max_norm >= 0, "max_norm", ">= 0 (0 disables clipping)", self.max_norm)
-        _require(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", ">= 1",
-                 self.max_consecutive_nonfinite, "1 stops at the first non-finite step")
+        _require(
+            self.max_consecutive_nonfinite >= 1,
+            "max_consecutive_nonfinite",
+            ">= 1",
+            self.max_consecutive_nonfinite,
+            "1 stops at the first non-finite step",
+        )
 
 
 @dataclass
@@ -101,8 +106,12 @@ class Optimizer:
 
     def __post_init__(self) -> None:
         _require(self.lr >= 0, "lr", ">= 0", self.lr)
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
-                 "two numbers in [0, 1)", self.betas)
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            "two numbers in [0, 1)",
+            self.betas,
+        )
         _require(self.eps >= 0, "eps", ">= 0", self.eps)
         _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
 
@@ -201,7 +210,9 @@ class Checkpoint:
         _require(self.interval >= 1, "interval", ">= 1", self.interval)
         _require(self.keep_latest_k >= 0, "keep_latest_k", ">= 0 (0 keeps all)", self.keep_latest_k)
         _require(self.load_step >= -1, "load_step", ">= 0, or -1 for the latest", self.load_step)
-        _require(self.export_interval >= 0, "export_interval", ">= 0 (0: only at the end)", self.export_interval)
+        _require(
+            self.export_interval >= 0, "export_interval", ">= 0 (0: only at the end)", self.export_interval
+        )
         _require(bool(self.folder), "folder", "a folder name", self.folder)
 
 
@@ -367,7 +378,7 @@ class LoRA:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.enable and not self.targets:
-            raise ValueError("targets is empty: name at least one module group to adapt, e.g. [\"und\"]")
+            raise ValueError('targets is empty: name at least one module group to adapt, e.g. ["und"]')
 
 
 @dataclass

@@ -47,8 +47,7 @@ def split_command_line(argv: Sequence[str]) -> CommandLine:
             continue
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(
-                f"unexpected argument {arg!r}: options look like --section.key value "
-                f"(see bagel-titan --help)"
+                f"unexpected argument {arg!r}: options look like --section.key value (see bagel-titan --help)"
             )
         body = arg[2:]
         if "=" in body:
@@ -88,7 +87,9 @@ def _field_type(section_cls: type, section: str, key: str) -> Any:
     types_ = field_types(section_cls)
     names = [f.name for f in dataclasses.fields(section_cls) if f.init]
     if key not in names:
-        raise ConfigError(f"unknown key {key!r} in [{section}]{closest(key, names)} valid keys: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown key {key!r} in [{section}]{closest(key, names)} valid keys: {', '.join(names)}"
+        )
     return types_[key]
 
 
@@ -188,11 +189,15 @@ def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
         raise ConfigError("[training] device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     on_cpu = cfg.training.device == "cpu" or not torch.cuda.is_available()
     if not cfg.model.name:
-        raise ConfigError(f"[model] name is not set; name the model spec to train, one of: "
-                          f"{', '.join(sorted(plugins.model_specs.names()))}")
+        raise ConfigError(
+            f"[model] name is not set; name the model spec to train, one of: "
+            f"{', '.join(sorted(plugins.model_specs.names()))}"
+        )
     if not cfg.loss.components:
-        raise ConfigError(f"[loss] components is empty; list the loss components to train with, from: "
-                          f"{', '.join(sorted(plugins.loss_components.names()))}")
+        raise ConfigError(
+            f"[loss] components is empty; list the loss components to train with, from: "
+            f"{', '.join(sorted(plugins.loss_components.names()))}"
+        )
     model_spec = plugins.model_specs.get(cfg.model.name)
     flavors = getattr(model_spec, "flavors", None)
     if flavors is not None and cfg.model.flavor not in flavors:
@@ -211,11 +216,15 @@ def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
     for key in ("pretrained_path", "tokenizer_path"):
         path = getattr(cfg.model, key)
         if path and not os.path.exists(path):
-            raise ConfigError(f"[model] {key} {path!r} does not exist; fix the path (relative paths "
-                              f"resolve against {os.getcwd()!r}) or leave it empty")
+            raise ConfigError(
+                f"[model] {key} {path!r} does not exist; fix the path (relative paths "
+                f"resolve against {os.getcwd()!r}) or leave it empty"
+            )
     if cfg.checkpoint.initial_load_path and not os.path.isdir(cfg.checkpoint.initial_load_path):
-        raise ConfigError(f"[checkpoint] initial_load_path {cfg.checkpoint.initial_load_path!r} is not a "
-                          f"folder; point it at a step-<N> checkpoint folder")
+        raise ConfigError(
+            f"[checkpoint] initial_load_path {cfg.checkpoint.initial_load_path!r} is not a "
+            f"folder; point it at a step-<N> checkpoint folder"
+        )
 
 
 def load_job_config(argv: Sequence[str], plugins_factory=None) -> tuple[JobConfig, Any]:
@@ -321,4 +330,3 @@ def main_help(argv: Sequence[str]) -> str:
     plugins = get_plugin_manager(plugin_modules(raw, cli))
     sections = {name: plugins.config_sections.get(name) for name in plugins.config_sections.names()}
     return help_text(sections)
-

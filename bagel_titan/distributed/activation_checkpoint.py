@@ -23,13 +23,18 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from bagel_titan.config.job_config import ActivationCheckpoint
 
 
-
 def _saved_ops() -> frozenset:
     aten = torch.ops.aten
     names = (
-        "mm", "bmm", "addmm", "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-        "_scaled_mm", "_flash_attention_forward", "_efficient_attention_forward",
+        "mm",
+        "bmm",
+        "addmm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_mm",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
     )
     return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
 

@@ -55,8 +55,11 @@ def apply_fsdp(
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     # Pinned host memory makes the copies to an accelerator asynchronous; a CPU job has none.
-    offload: OffloadPolicy = (CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
-                              if parallelism_cfg.cpu_offload else OffloadPolicy())
+    offload: OffloadPolicy = (
+        CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
+        if parallelism_cfg.cpu_offload
+        else OffloadPolicy()
+    )
     policy = parallelism_cfg.reshard_after_forward
     ignored = {p for m in ignored_modules for p in m.parameters()}
     for index, unit in enumerate(units):
@@ -73,8 +76,13 @@ def apply_fsdp(
             offload_policy=offload,
         )
     for index, module in enumerate(separate_modules):
-        fully_shard(module, mesh=mesh, reshard_after_forward=index == 0 and policy != "never",
-                    mp_policy=mp_policy, offload_policy=offload)
+        fully_shard(
+            module,
+            mesh=mesh,
+            reshard_after_forward=index == 0 and policy != "never",
+            mp_policy=mp_policy,
+            offload_policy=offload,
+        )
     fully_shard(
         model,
         mesh=mesh,

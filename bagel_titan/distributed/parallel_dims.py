@@ -36,9 +36,7 @@ class ParallelDims:
         if self.world_size < 1:
             raise ParallelismConfigError(f"world size must be >= 1, got {self.world_size}")
         if self.dp_replicate < 1:
-            raise ParallelismConfigError(
-                f"[parallelism] dp_replicate must be >= 1, got {self.dp_replicate}"
-            )
+            raise ParallelismConfigError(f"[parallelism] dp_replicate must be >= 1, got {self.dp_replicate}")
         if self.dp_shard == -1:
             if self.world_size % self.dp_replicate:
                 raise ParallelismConfigError(
@@ -71,9 +69,7 @@ class ParallelDims:
                 mesh_dim_names=("dp_replicate", "dp_shard"),
             )
         else:
-            self._mesh = init_device_mesh(
-                device_type, (self.dp_shard,), mesh_dim_names=("dp_shard",)
-            )
+            self._mesh = init_device_mesh(device_type, (self.dp_shard,), mesh_dim_names=("dp_shard",))
         return self._mesh
 
     @property
@@ -86,8 +82,7 @@ class ParallelDims:
         if self._mesh is None:
             return dist.get_rank() if dist.is_initialized() else 0
         if self.hsdp:
-            return (
-                self._mesh.get_local_rank("dp_replicate") * self.dp_shard
-                + self._mesh.get_local_rank("dp_shard")
+            return self._mesh.get_local_rank("dp_replicate") * self.dp_shard + self._mesh.get_local_rank(
+                "dp_shard"
             )
         return self._mesh.get_local_rank("dp_shard")

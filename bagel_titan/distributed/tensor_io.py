@@ -73,8 +73,9 @@ def gather_full(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     # The local part is cast (an elementwise cast commutes with the gather) and moved to the
     # mesh's device: an offloaded (CPU) shard of a CUDA mesh is gathered over NCCL.
     local = t.to_local().detach().to(device=mesh.device_type, dtype=dtype)
-    full = DTensor.from_local(local, mesh, t.placements, run_check=False, shape=t.shape,
-                              stride=t.stride()).full_tensor()
+    full = DTensor.from_local(
+        local, mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+    ).full_tensor()
     return full.to("cpu")
 
 
@@ -99,23 +100,32 @@ def _gather_rows(t: DTensor, dtype: torch.dtype) -> torch.Tensor:
         piece = local.new_zeros(n, *t.shape[1:], dtype=dtype, device=mesh.device_type)
         have = max(0, min(n, local.shape[0] - start))
         if have:
-            piece[:have].copy_(local[start:start + have])
+            piece[:have].copy_(local[start : start + have])
         gathered = piece.new_empty(world * n, *t.shape[1:])
         _all_gather_single(gathered, piece, group=mesh.get_group())
         for r in range(world):
             first = r * block + start
             count = max(0, min(n, rows - first))
             if count:
-                full[first:first + count].copy_(gathered[r * n:r * n + count])
+                full[first : first + count].copy_(gathered[r * n : r * n + count])
     return full
 
 
 # -- safetensors, streamed ------------------------------------------------------------------
 
 _SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
 
 
@@ -126,15 +136,22 @@ class SafetensorsStreamWriter:
     `safetensors` library and the release code read it); mode 0644 so the group can read it.
     """
 
-    def __init__(self, path: str, layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: str,
+        layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ):
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         self._expected: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
         offset = 0
         for name, (dtype, shape) in layout.items():
             size = torch.Size(shape).numel() * dtype.itemsize
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             self._expected.append((name, dtype, tuple(shape), size))
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -149,8 +166,10 @@ class SafetensorsStreamWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected, dtype, shape, size = self._expected[self._next]
         if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, expected "
-                             f"{expected} {dtype} {shape} next")
+            raise ValueError(
+                f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, expected "
+                f"{expected} {dtype} {shape} next"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
         self._next += 1
@@ -158,7 +177,7 @@ class SafetensorsStreamWriter:
     def close(self) -> None:
         self._file.close()
         if self._next != len(self._expected):
-            missing = [e[0] for e in self._expected[self._next:]]
+            missing = [e[0] for e in self._expected[self._next :]]
             raise ValueError(f"{self.path}: {len(missing)} tensors never written: {missing[:5]}")
 
     def __enter__(self) -> "SafetensorsStreamWriter":

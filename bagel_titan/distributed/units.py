@@ -35,7 +35,5 @@ def resolve_units(
     members = {id(m) for m in model.modules()}
     for unit in spec_units:
         if id(unit) not in members or unit is model:
-            raise ValueError(
-                f"sharding unit {type(unit).__name__} is not a proper submodule of the model"
-            )
+            raise ValueError(f"sharding unit {type(unit).__name__} is not a proper submodule of the model")
     return list(spec_units)

@@ -42,18 +42,24 @@ class LoRAExport:
         self.adapter_keys = {f"{name}.{p}" for name in modules for p in ("lora_A", "lora_B")}
         # Trained in full (`train_also`): every module outside the adapted ones with trainable
         # parameters of its own.
-        self.full_modules = sorted({
-            name for name, m in model.named_modules()
-            if name not in modules and any(p.requires_grad for p in m.parameters(recurse=False))
-        })
+        self.full_modules = sorted(
+            {
+                name
+                for name, m in model.named_modules()
+                if name not in modules and any(p.requires_grad for p in m.parameters(recurse=False))
+            }
+        )
         self.full_keys = [
-            f"{name}.{p}" for name in self.full_modules
-            for p, param in model.get_submodule(name).named_parameters(recurse=False) if param.requires_grad
+            f"{name}.{p}"
+            for name in self.full_modules
+            for p, param in model.get_submodule(name).named_parameters(recurse=False)
+            if param.requires_grad
         ]
 
     @classmethod
-    def of(cls, model: nn.Module, config: LoRAConfig,
-           base_model_name_or_path: str | None = None) -> "LoRAExport | None":
+    def of(
+        cls, model: nn.Module, config: LoRAConfig, base_model_name_or_path: str | None = None
+    ) -> "LoRAExport | None":
         """The export plan of `model`, or None when it has no adapters."""
         return cls(model, config, base_model_name_or_path) if lora_modules(model) else None
 
@@ -70,7 +76,9 @@ class LoRAExport:
         if key not in self.scaling:
             return base
         module = key.removesuffix(".weight")
-        return merge_lora_weight(base, full_of(f"{module}.lora_A"), full_of(f"{module}.lora_B"), self.scaling[key])
+        return merge_lora_weight(
+            base, full_of(f"{module}.lora_A"), full_of(f"{module}.lora_B"), self.scaling[key]
+        )
 
     def adapter_state(self, full_of: FullOf) -> dict[str, torch.Tensor]:
         """peft's saved keys -> tensors (fp32 adapters, `train_also` parameters as trained)."""

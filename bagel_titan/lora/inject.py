@@ -81,8 +81,10 @@ def apply_lora(model: nn.Module, model_spec: Any, config: LoRAConfig) -> list[st
     other parameter except the `train_also` groups, and cast: frozen parameters to
     `base_dtype`, adapters and `train_also` parameters to `dtype`. Returns the adapted module names."""
     if not hasattr(model_spec, "lora_groups"):
-        raise UserError(f"[lora] enable = true but model spec {model_spec.name!r} does not support LoRA; "
-                        f"set [lora] enable = false")
+        raise UserError(
+            f"[lora] enable = true but model spec {model_spec.name!r} does not support LoRA; "
+            f"set [lora] enable = false"
+        )
     groups: LoRAGroups = model_spec.lora_groups(model)
     targets = resolve_targets(config.targets, groups, model_spec.name)
     full = resolve_train_also(config.train_also, groups, model_spec.name)
@@ -98,7 +100,9 @@ def apply_lora(model: nn.Module, model_spec: Any, config: LoRAConfig) -> list[st
     for name in targets:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LoRA target {name} is a {type(linear).__name__}, not an nn.Linear (model spec bug)")
+            raise TypeError(
+                f"LoRA target {name} is a {type(linear).__name__}, not an nn.Linear (model spec bug)"
+            )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(linear, config.rank, config.alpha, config.dropout, trainable_dtype))

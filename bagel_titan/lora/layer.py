@@ -40,8 +40,9 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + update * self.scaling
 
     @staticmethod
-    def initial_adapters(rank: int, in_features: int, out_features: int,
-                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_adapters(
+        rank: int, in_features: int, out_features: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Full fp32 (A, B): A ~ U(-1/sqrt(in), 1/sqrt(in)) (peft's kaiming_uniform(a=sqrt(5))), B = 0."""
         bound = 1.0 / math.sqrt(in_features)
         a = torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator)
@@ -51,7 +52,9 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
 
 
-def merge_lora_weight(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+def merge_lora_weight(
+    base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """The merged weight `base + scaling * B @ A` of one adapted linear, computed in fp32 and
     returned in the dtype of `base`. Full (gathered) tensors in, one tensor out: an export loop
     calls it per official key."""

@@ -29,7 +29,9 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def peak_flops_per_second(device: torch.device, dtype: torch.dtype, override_tflops: float = 0.0) -> float | None:
+def peak_flops_per_second(
+    device: torch.device, dtype: torch.dtype, override_tflops: float = 0.0
+) -> float | None:
     """Peak FLOP/s of one device, or None when unknown (MFU is then not reported)."""
     if override_tflops > 0:
         return override_tflops * 1e12

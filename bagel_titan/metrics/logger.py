@@ -26,7 +26,9 @@ def format_console(step: int, metrics: dict[str, float]) -> str:
         return f"{key} {value}"
 
     keys = [k for k in CONSOLE_ORDER if k in metrics]
-    keys += sorted(k for k in metrics if k not in CONSOLE_ORDER and k.startswith(("loss/", "val/loss/", "data/skipped")))
+    keys += sorted(
+        k for k in metrics if k not in CONSOLE_ORDER and k.startswith(("loss/", "val/loss/", "data/skipped"))
+    )
     return f"step {step:>6}  " + "  ".join(fmt(k, metrics[k]) for k in keys)
 
 
@@ -51,7 +53,9 @@ def _truncate_after(path: str, step: int) -> None:
         with open(tmp, "w") as f:
             f.writelines(kept)
         os.replace(tmp, path)
-        logger.info(f"metrics.jsonl: dropped {dropped} rows after step {step} (the resumed run logs them again)")
+        logger.info(
+            f"metrics.jsonl: dropped {dropped} rows after step {step} (the resumed run logs them again)"
+        )
 
 
 class MetricsLogger:
@@ -78,7 +82,9 @@ class MetricsLogger:
         if enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_folder, "tb"), purge_step=resumed_step + 1 if resumed_step else None)
+            self.tb = SummaryWriter(
+                os.path.join(run_folder, "tb"), purge_step=resumed_step + 1 if resumed_step else None
+            )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_rank0:

@@ -58,12 +58,22 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.ema + self.activations.total + self.transient
+        return (
+            self.parameters
+            + self.gradients
+            + self.optimizer
+            + self.ema
+            + self.activations.total
+            + self.transient
+        )
 
     def rows(self) -> list[tuple[str, str]]:
         gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
         rows = [
-            ("parameters", f"{self.params_total / 1e9:.3f} B ({self.params_trainable / 1e9:.3f} B trainable)"),
+            (
+                "parameters",
+                f"{self.params_total / 1e9:.3f} B ({self.params_trainable / 1e9:.3f} B trainable)",
+            ),
             (f"parameters (sharded over {self.dp_shard})", gib(self.parameters)),
             ("gradients", gib(self.gradients)),
             ("optimizer state (AdamW)", gib(self.optimizer)),
@@ -86,20 +96,37 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def generic_activations(units: Sequence[nn.Module], tokens: int, hidden_size: int, compute_bytes: int,
-                        activation_checkpointing: bool) -> ActivationEstimate:
+def generic_activations(
+    units: Sequence[nn.Module],
+    tokens: int,
+    hidden_size: int,
+    compute_bytes: int,
+    activation_checkpointing: bool,
+) -> ActivationEstimate:
     """Every unit sees every token: its input (AC) or its linear outputs (no AC) are kept."""
-    linear_outputs = max((sum(m.out_features for m in u.modules() if isinstance(m, nn.Linear)) for u in units),
-                         default=0)
+    linear_outputs = max(
+        (sum(m.out_features for m in u.modules() if isinstance(m, nn.Linear)) for u in units), default=0
+    )
     working = 2 * tokens * linear_outputs * compute_bytes
     per_unit = hidden_size if activation_checkpointing else linear_outputs
-    return ActivationEstimate(tokens * per_unit * compute_bytes * len(units), working, 0,
-                              "every unit sees every token")
+    return ActivationEstimate(
+        tokens * per_unit * compute_bytes * len(units), working, 0, "every unit sees every token"
+    )
 
 
-def plan_memory(model: nn.Module, units: Sequence[nn.Module], *, world_size: int, dp_shard: int,
-                dtype: str, cpu_offload: bool, ema: bool, ema_on_host: bool,
-                activations: ActivationEstimate, separate: Sequence[nn.Module] = ()) -> MemoryPlan:
+def plan_memory(
+    model: nn.Module,
+    units: Sequence[nn.Module],
+    *,
+    world_size: int,
+    dp_shard: int,
+    dtype: str,
+    cpu_offload: bool,
+    ema: bool,
+    ema_on_host: bool,
+    activations: ActivationEstimate,
+    separate: Sequence[nn.Module] = (),
+) -> MemoryPlan:
     """The plan for `model` (on any device, meta included: only shapes are read); `separate`
     are the modules sharded on their own besides the units (see `apply_fsdp`)."""
     params = list(model.parameters())
@@ -126,8 +153,19 @@ def plan_memory(model: nn.Module, units: Sequence[nn.Module], *, world_size: int
         transient = compute * (root + sum(unit_sizes[:2])) + 4 * unit_grads
     else:  # a plain module: the parameters are the fp32 master copy, nothing is gathered
         transient = 0
-    return MemoryPlan(world_size, dp_shard, total, trainable, parameters, gradients, optimizer, ema_bytes,
-                      activations, transient, host)
+    return MemoryPlan(
+        world_size,
+        dp_shard,
+        total,
+        trainable,
+        parameters,
+        gradients,
+        optimizer,
+        ema_bytes,
+        activations,
+        transient,
+        host,
+    )
 
 
 # -- kept for scripts that only want the sharded states -----------------------------------------
@@ -151,7 +189,10 @@ class MemoryEstimate:
 
     def table(self) -> str:
         rows = [
-            ("parameters", f"{self.params_total / 1e9:.3f} B ({self.params_trainable / 1e9:.3f} B trainable)"),
+            (
+                "parameters",
+                f"{self.params_total / 1e9:.3f} B ({self.params_trainable / 1e9:.3f} B trainable)",
+            ),
             (f"sharded states / rank (dp_shard={self.dp_shard})", f"{self.states_gib:.1f} GiB"),
             ("gathered units (bf16, 2 in flight)", f"{self.gathered_units_gib:.1f} GiB"),
             ("activations (estimate)", f"{self.activations_gib:.1f} GiB"),

@@ -30,8 +30,9 @@ def _shadow_of(p: torch.Tensor, device: str) -> torch.Tensor:
     local = _local(p.detach())
     local = local.to(device=local.device if device == "param" else device, dtype=torch.float32, copy=True)
     if isinstance(p, DTensor):
-        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                  stride=p.stride())
+        return DTensor.from_local(
+            local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
     return local
 
 
@@ -43,8 +44,14 @@ class EMA:
     names, so `full_state_dict()` is in the model's own (official) layout.
     """
 
-    def __init__(self, model: nn.Module, decay: float, start_step: int = 0, update_interval: int = 1,
-                 device: str = "param"):
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        start_step: int = 0,
+        update_interval: int = 1,
+        device: str = "param",
+    ):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"[ema] decay must be in [0, 1], got {decay}")
         if update_interval < 1:
@@ -59,7 +66,9 @@ class EMA:
         }
         if not self._params:
             raise ValueError("[ema] enable = true but the model has no trainable parameters")
-        self.shadow: dict[str, torch.Tensor] = {name: _shadow_of(p, device) for name, p in self._params.items()}
+        self.shadow: dict[str, torch.Tensor] = {
+            name: _shadow_of(p, device) for name, p in self._params.items()
+        }
 
     @torch.no_grad()
     def update(self, step: int) -> bool:
@@ -78,8 +87,10 @@ class EMA:
     def _param_locals(self, shadow_local: list[torch.Tensor]) -> list[torch.Tensor]:
         """The parameters' local shards, as fp32 on the shadow's device (a no-op when they are
         already there)."""
-        return [_local(p.detach()).to(device=s.device, dtype=torch.float32)
-                for p, s in zip(self._params.values(), shadow_local)]
+        return [
+            _local(p.detach()).to(device=s.device, dtype=torch.float32)
+            for p, s in zip(self._params.values(), shadow_local)
+        ]
 
     @torch.no_grad()
     def copy_from_model(self) -> None:

@@ -13,7 +13,9 @@ from bagel_titan.protocols import AttentionLayerSpec
 from .meta import AttentionMeta
 
 
-def eager_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, mask_TT: torch.Tensor) -> torch.Tensor:
+def eager_attention(
+    q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, mask_TT: torch.Tensor
+) -> torch.Tensor:
     """Masked softmax attention with grouped-query K/V; rows with no visible key return zeros."""
     num_heads, num_kv_heads = q_THD.shape[1], k_THD.shape[1]
     group = num_heads // num_kv_heads

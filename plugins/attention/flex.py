@@ -46,9 +46,13 @@ class FlexConfig:
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 16:
-            raise ValueError(f"[attention.flex] block_size must be a positive multiple of 16, got {self.block_size}")
+            raise ValueError(
+                f"[attention.flex] block_size must be a positive multiple of 16, got {self.block_size}"
+            )
         if self.buckets_per_octave < 0:
-            raise ValueError(f"[attention.flex] buckets_per_octave must be >= 0, got {self.buckets_per_octave}")
+            raise ValueError(
+                f"[attention.flex] buckets_per_octave must be >= 0, got {self.buckets_per_octave}"
+            )
 
 
 def bucketed_length(num_tokens: int, block_size: int, buckets_per_octave: int) -> int:
@@ -119,8 +123,12 @@ class FlexAttention(nn.Module):
 
     def prepare(self, meta: AttentionMeta) -> None:
         cfg = self.config
-        flex_block_mask(meta, bucketed_length(meta.num_tokens, cfg.block_size, cfg.buckets_per_octave), cfg.block_size,
-                        cfg.compile)
+        flex_block_mask(
+            meta,
+            bucketed_length(meta.num_tokens, cfg.block_size, cfg.buckets_per_octave),
+            cfg.block_size,
+            cfg.compile,
+        )
 
     def forward(
         self,
@@ -130,12 +138,14 @@ class FlexAttention(nn.Module):
         meta: AttentionMeta,
         hidden_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if q_THD.device.type == "cpu" and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q_THD, k_THD, v_THD)
+        if (
+            q_THD.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (q_THD, k_THD, v_THD))
         ):
             raise NotImplementedError(
-                "[attention] backend = \"flex\" has no backward on CPU (FlexAttention limitation); "
-                "train on a GPU, or select backend = \"sdpa\" or \"eager\" for CPU training"
+                '[attention] backend = "flex" has no backward on CPU (FlexAttention limitation); '
+                'train on a GPU, or select backend = "sdpa" or "eager" for CPU training'
             )
         cfg = self.config
         T = q_THD.shape[0]

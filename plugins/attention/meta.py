@@ -25,7 +25,11 @@ CAUSAL, FULL, NOISE = 0, 1, 2
 
 
 def mask_rule(
-    doc_ids: torch.Tensor, segment_ids: torch.Tensor, token_modes: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    doc_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    token_modes: torch.Tensor,
+    q_idx: torch.Tensor,
+    kv_idx: torch.Tensor,
 ) -> torch.Tensor:
     """BAGEL's mask rule on per-token [T] tables for (broadcastable) query and key indices.
 
@@ -184,5 +188,7 @@ class AttentionMeta:
             cu_seqlens=self.cu_seqlens.to(device, non_blocking=True),
             segment_bounds=self.segment_bounds,
             doc_lengths=self.doc_lengths,
-            position_ids=None if self.position_ids is None else self.position_ids.to(device, non_blocking=True),
+            position_ids=None
+            if self.position_ids is None
+            else self.position_ids.to(device, non_blocking=True),
         )

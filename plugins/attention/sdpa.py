@@ -58,13 +58,15 @@ class SDPAConfig:
                 f"[attention.sdpa] strategy = {self.strategy!r} is not one of {list(STRATEGIES)}"
             )
         if self.document_call_tokens < 0:
-            raise ValueError(f"[attention.sdpa] document_call_tokens must be >= 0, got {self.document_call_tokens}")
+            raise ValueError(
+                f"[attention.sdpa] document_call_tokens must be >= 0, got {self.document_call_tokens}"
+            )
 
 
 def prefers_dense(meta: AttentionMeta, document_call_tokens: int) -> bool:
     """Whether one dense call costs no more than the per-document calls (host-side figures only)."""
-    per_document = sum(n * n + document_call_tokens ** 2 for n in meta.doc_lengths)
-    return meta.num_tokens ** 2 <= per_document
+    per_document = sum(n * n + document_call_tokens**2 for n in meta.doc_lengths)
+    return meta.num_tokens**2 <= per_document
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +84,9 @@ def _fused_kernel_accepts(params: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _native_gqa_is_fused(device_type: str, dtype: torch.dtype, head_dim: int, masked: bool, causal: bool, grad: bool) -> bool:
+def _native_gqa_is_fused(
+    device_type: str, dtype: torch.dtype, head_dim: int, masked: bool, causal: bool, grad: bool
+) -> bool:
     """Whether a fused CUDA kernel runs SDPA with ``enable_gqa=True`` for calls of this kind,
     or no fused kernel runs it anyway (then native GQA costs nothing extra)."""
     device = torch.device(device_type)
@@ -106,10 +110,21 @@ def sdpa_gqa(
     """SDPA with Hq a multiple of Hkv, without repeating K/V where a fused kernel allows it."""
     num_heads, num_kv_heads = q_BHTD.shape[1], k_BHTD.shape[1]
     if num_heads == num_kv_heads:
-        return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=attn_mask, is_causal=is_causal)
+        return F.scaled_dot_product_attention(
+            q_BHTD, k_BHTD, v_BHTD, attn_mask=attn_mask, is_causal=is_causal
+        )
     # Under torch.compile the choice is left to the compiler's own SDPA lowering.
-    native = q_BHTD.device.type != "cuda" or torch.compiler.is_compiling() or _native_gqa_is_fused(
-        q_BHTD.device.type, q_BHTD.dtype, q_BHTD.shape[-1], attn_mask is not None, is_causal, torch.is_grad_enabled()
+    native = (
+        q_BHTD.device.type != "cuda"
+        or torch.compiler.is_compiling()
+        or _native_gqa_is_fused(
+            q_BHTD.device.type,
+            q_BHTD.dtype,
+            q_BHTD.shape[-1],
+            attn_mask is not None,
+            is_causal,
+            torch.is_grad_enabled(),
+        )
     )
     if not native:
         group = num_heads // num_kv_heads
@@ -201,7 +216,9 @@ def document_calls(meta: AttentionMeta) -> list[DocumentCall]:
 # ---------------------------------------------------------------------------------------------
 
 
-def sdpa_dense(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+def sdpa_dense(
+    q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, meta: AttentionMeta
+) -> torch.Tensor:
     """One SDPA call over the pack with the cached dense mask; padding rows give zeros."""
     out_THD = _from_BHTD(sdpa_gqa(_to_BHTD(q_THD), _to_BHTD(k_THD), _to_BHTD(v_THD), sdpa_dense_mask(meta)))
     valid_T11 = valid_token_mask(meta)
@@ -209,7 +226,9 @@ def sdpa_dense(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, me
 
 
 @torch.compiler.disable
-def sdpa_per_document(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+def sdpa_per_document(
+    q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, meta: AttentionMeta
+) -> torch.Tensor:
     """One SDPA call per document (documents are contiguous); tokens outside any document give zeros.
 
     Kept out of torch.compile: the document boundaries change every batch (a recompile each
@@ -238,7 +257,9 @@ def sdpa_per_document(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Ten
         if call is None:
             pieces.append(torch.zeros_like(q_LHD))
             continue
-        out_BHLD = sdpa_gqa(_to_BHTD(q_LHD), _to_BHTD(k_LHD), _to_BHTD(v_LHD), call.mask_LL, is_causal=call.is_causal)
+        out_BHLD = sdpa_gqa(
+            _to_BHTD(q_LHD), _to_BHTD(k_LHD), _to_BHTD(v_LHD), call.mask_LL, is_causal=call.is_causal
+        )
         pieces.append(_from_BHTD(out_BHLD))
     return torch.cat(pieces, dim=0)
 

@@ -35,7 +35,9 @@ def random_document(rng: random.Random, length: int, image_fraction: float = 0.5
     return segments
 
 
-def random_pack(rng: random.Random, num_tokens: int, num_docs: int, pad: int = 0) -> list[list[tuple[int, str]]]:
+def random_pack(
+    rng: random.Random, num_tokens: int, num_docs: int, pad: int = 0
+) -> list[list[tuple[int, str]]]:
     """`num_docs` random documents with `num_tokens` real tokens in all (`pad` is not included)."""
     if num_docs > num_tokens:
         raise ValueError(f"cannot split {num_tokens} tokens into {num_docs} documents")

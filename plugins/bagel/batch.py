@@ -87,7 +87,9 @@ class BagelPackedBatch:
         if self.attention is None:
             self.attention = AttentionMeta.from_segments(
                 documents_of(self.sample_lens, self.split_lens, self.attn_modes),
-                device=self.packed_position_ids.device, position_ids=self.packed_position_ids)
+                device=self.packed_position_ids.device,
+                position_ids=self.packed_position_ids,
+            )
         if self.vit_attention is None:
             lengths = self.vit_token_seqlens.cpu().tolist()  # made on the host: no device sync
             self.vit_attention = AttentionMeta.full_documents(lengths, device=self.vit_token_seqlens.device)
@@ -120,7 +122,9 @@ class BagelPackedBatch:
         return BagelPackedBatch(**values)
 
 
-def documents_of(sample_lens: list[int], split_lens: list[int], attn_modes: list[str]) -> list[list[tuple[int, str]]]:
+def documents_of(
+    sample_lens: list[int], split_lens: list[int], attn_modes: list[str]
+) -> list[list[tuple[int, str]]]:
     """Group the pack's segments into its samples; a segment may not straddle two samples."""
     if sum(sample_lens) != sum(split_lens) or len(split_lens) != len(attn_modes):
         raise ValueError(
@@ -136,6 +140,8 @@ def documents_of(sample_lens: list[int], split_lens: list[int], attn_modes: list
             doc.append((n, mode))
             filled += n
         if filled != length:
-            raise ValueError(f"a segment straddles two samples (sample_lens={sample_lens}, split_lens={split_lens})")
+            raise ValueError(
+                f"a segment straddles two samples (sample_lens={sample_lens}, split_lens={split_lens})"
+            )
         docs.append(doc)
     return docs

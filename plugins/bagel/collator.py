@@ -107,8 +107,10 @@ class _Builder:
     def vit(self, seg: VitSegment, rope: int) -> int:
         h, w = seg.grid
         if not self.interpolate_pos and max(h, w) > self.vit_max_num_patch_per_side:
-            raise ValueError(f"ViT image of {h}x{w} patches exceeds vit_max_num_patch_per_side "
-                             f"{self.vit_max_num_patch_per_side}; lower [bagel.processor] vit_max_size")
+            raise ValueError(
+                f"ViT image of {h}x{w} patches exceeds vit_max_num_patch_per_side "
+                f"{self.vit_max_num_patch_per_side}; lower [bagel.processor] vit_max_size"
+            )
         self._token(self.special.vision_start)
         n = h * w
         self.vit_tokens.append(patchify(seg.image, seg.patch_size))
@@ -125,8 +127,10 @@ class _Builder:
     def vae(self, seg: VaeSegment, rope: int) -> int:
         h, w = seg.grid
         if not self.interpolate_pos and max(h, w) > self.max_latent_size:
-            raise ValueError(f"VAE image of {h}x{w} latent patches exceeds max_latent_size "
-                             f"{self.max_latent_size}; lower [bagel.processor] vae_max_size")
+            raise ValueError(
+                f"VAE image of {h}x{w} latent patches exceeds max_latent_size "
+                f"{self.max_latent_size}; lower [bagel.processor] vae_max_size"
+            )
         self._token(self.special.vision_start)
         n = h * w
         self.vae_images.append(seg.image)
@@ -180,8 +184,9 @@ class _Builder:
             packed_label_ids=ints(self.label_ids),
             ce_loss_indexes=ints(self.ce_indexes),
             ce_loss_weights=torch.tensor(self.ce_weights, dtype=torch.float32),
-            packed_vit_tokens=(torch.cat(self.vit_tokens) if self.vit_tokens
-                               else torch.zeros(0, vit_feature_dim)),
+            packed_vit_tokens=(
+                torch.cat(self.vit_tokens) if self.vit_tokens else torch.zeros(0, vit_feature_dim)
+            ),
             packed_vit_token_indexes=ints(self.vit_indexes),
             packed_vit_position_ids=(torch.cat(self.vit_positions) if self.vit_positions else ints([])),
             vit_token_seqlens=torch.tensor(self.vit_seqlens, dtype=torch.int32),
@@ -199,8 +204,16 @@ class _Builder:
 class BagelCollator:
     """Packs processed samples into one `BagelPackedBatch` (no padding; backends pad if they must)."""
 
-    def __init__(self, job_config: Any, bagel_config: Any, *, vit_patch_size: int, vae_downsample: int,
-                 special_tokens: SpecialTokens | None = None, tokenizer_path: str | None = None):
+    def __init__(
+        self,
+        job_config: Any,
+        bagel_config: Any,
+        *,
+        vit_patch_size: int,
+        vae_downsample: int,
+        special_tokens: SpecialTokens | None = None,
+        tokenizer_path: str | None = None,
+    ):
         """`special_tokens` (or `tokenizer_path`, to look them up like the processor) gives the ids of
         <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>; without either they come from
         `[model] tokenizer_path`."""
@@ -221,7 +234,9 @@ class BagelCollator:
     def __call__(self, samples: Sequence[BagelSample]) -> BagelPackedBatch:
         if not samples:
             raise ValueError("cannot collate an empty pack")
-        builder = _Builder(self.special, self.vit_max_num_patch_per_side, self.max_latent_size, self.interpolate_pos)
+        builder = _Builder(
+            self.special, self.vit_max_num_patch_per_side, self.max_latent_size, self.interpolate_pos
+        )
         for sample in samples:
             builder.add(sample)
         return builder.build([s.key for s in samples], self.vit_feature_dim)

@@ -91,18 +91,40 @@ FLAVORS: dict[str, BagelArchitecture] = {
     # Tiny: a few seconds per step on a CPU. The ViT keeps the release's 14 px patches and
     # 70 patches per side so that the `[bagel]` defaults fit both flavors.
     "debug": BagelArchitecture(
-        llm=LLMArgs(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                    num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=4096),
-        vit=ViTArgs(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=980,
-                    patch_size=14),
+        llm=LLMArgs(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            rope_theta=10000.0,
+            max_position_embeddings=4096,
+        ),
+        vit=ViTArgs(
+            hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=980, patch_size=14
+        ),
         vae=VAEArgs(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, resolution=32),
     ),
     # BAGEL-7B-MoT as released (Qwen2.5-7B doubled by MoT, SigLIP-so400m with 26 layers built).
     "7b-mot": BagelArchitecture(
-        llm=LLMArgs(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
-                    num_heads=28, num_kv_heads=4, rope_theta=1_000_000.0),
-        vit=ViTArgs(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16,
-                    image_size=980, patch_size=14),
+        llm=LLMArgs(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_layers=28,
+            num_heads=28,
+            num_kv_heads=4,
+            rope_theta=1_000_000.0,
+        ),
+        vit=ViTArgs(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_layers=26,
+            num_heads=16,
+            image_size=980,
+            patch_size=14,
+        ),
         vae=VAEArgs(),
     ),
 }
@@ -187,7 +209,9 @@ def architecture_for(flavor: str) -> BagelArchitecture:
 # -- release config files ---------------------------------------------------------------------
 
 
-def architecture_from_release(config: Mapping[str, Any], *, vit_config_counts_extra_layer: bool) -> BagelArchitecture:
+def architecture_from_release(
+    config: Mapping[str, Any], *, vit_config_counts_extra_layer: bool
+) -> BagelArchitecture:
     """Read a release-style `config.json` (with `llm_config`, `vit_config`, `vae_config`).
 
     The official `vit_config.json` states one ViT layer more than the weights hold (the release
@@ -204,24 +228,41 @@ def architecture_from_release(config: Mapping[str, Any], *, vit_config_counts_ex
     }
     for key, (value, supported) in unsupported.items():
         if value != supported:
-            raise ValueError(f"{key} = {value!r} is not supported (only {supported!r}, as in the BAGEL release)")
+            raise ValueError(
+                f"{key} = {value!r} is not supported (only {supported!r}, as in the BAGEL release)"
+            )
     vit_layers = int(vit["num_hidden_layers"]) - (1 if vit_config_counts_extra_layer else 0)
     return BagelArchitecture(
         llm=LLMArgs(
-            vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"],
-            intermediate_size=llm["intermediate_size"], num_layers=llm["num_hidden_layers"],
-            num_heads=llm["num_attention_heads"], num_kv_heads=llm["num_key_value_heads"],
-            rms_norm_eps=llm.get("rms_norm_eps", 1e-6), rope_theta=llm.get("rope_theta", 1e6),
-            qk_norm=llm.get("qk_norm", True), tie_word_embeddings=llm.get("tie_word_embeddings", False),
+            vocab_size=llm["vocab_size"],
+            hidden_size=llm["hidden_size"],
+            intermediate_size=llm["intermediate_size"],
+            num_layers=llm["num_hidden_layers"],
+            num_heads=llm["num_attention_heads"],
+            num_kv_heads=llm["num_key_value_heads"],
+            rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
+            rope_theta=llm.get("rope_theta", 1e6),
+            qk_norm=llm.get("qk_norm", True),
+            tie_word_embeddings=llm.get("tie_word_embeddings", False),
             max_position_embeddings=llm.get("max_position_embeddings", 32768),
         ),
         vit=ViTArgs(
-            hidden_size=vit["hidden_size"], intermediate_size=vit["intermediate_size"], num_layers=vit_layers,
-            num_heads=vit["num_attention_heads"], image_size=vit["image_size"], patch_size=vit["patch_size"],
-            num_channels=vit.get("num_channels", 3), layer_norm_eps=vit.get("layer_norm_eps", 1e-6),
+            hidden_size=vit["hidden_size"],
+            intermediate_size=vit["intermediate_size"],
+            num_layers=vit_layers,
+            num_heads=vit["num_attention_heads"],
+            image_size=vit["image_size"],
+            patch_size=vit["patch_size"],
+            num_channels=vit.get("num_channels", 3),
+            layer_norm_eps=vit.get("layer_norm_eps", 1e-6),
         ),
-        vae=VAEArgs(**{f.name: (tuple(vae[f.name]) if f.name == "ch_mult" else vae[f.name])
-                       for f in dataclasses.fields(VAEArgs) if f.name in vae}),
+        vae=VAEArgs(
+            **{
+                f.name: (tuple(vae[f.name]) if f.name == "ch_mult" else vae[f.name])
+                for f in dataclasses.fields(VAEArgs)
+                if f.name in vae
+            }
+        ),
     )
 
 
@@ -235,15 +276,30 @@ def llm_config_dict(arch: BagelArchitecture, torch_dtype: str) -> dict[str, Any]
     """`llm_config.json` as the release ships it (a Qwen2Config plus BAGEL's MoT keys)."""
     llm = arch.llm
     return {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-        "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
-        "vocab_size": llm.vocab_size, "hidden_size": llm.hidden_size,
-        "intermediate_size": llm.intermediate_size, "num_hidden_layers": llm.num_layers,
-        "num_attention_heads": llm.num_heads, "num_key_value_heads": llm.num_kv_heads,
-        "rms_norm_eps": llm.rms_norm_eps, "rope_theta": llm.rope_theta, "rope_scaling": None,
-        "max_position_embeddings": llm.max_position_embeddings, "tie_word_embeddings": llm.tie_word_embeddings,
-        "qk_norm": llm.qk_norm, "layer_module": "Qwen2MoTDecoderLayer", "freeze_und": False,
-        "is_causal": True, "use_cache": True, "use_sliding_window": False, "torch_dtype": torch_dtype,
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "vocab_size": llm.vocab_size,
+        "hidden_size": llm.hidden_size,
+        "intermediate_size": llm.intermediate_size,
+        "num_hidden_layers": llm.num_layers,
+        "num_attention_heads": llm.num_heads,
+        "num_key_value_heads": llm.num_kv_heads,
+        "rms_norm_eps": llm.rms_norm_eps,
+        "rope_theta": llm.rope_theta,
+        "rope_scaling": None,
+        "max_position_embeddings": llm.max_position_embeddings,
+        "tie_word_embeddings": llm.tie_word_embeddings,
+        "qk_norm": llm.qk_norm,
+        "layer_module": "Qwen2MoTDecoderLayer",
+        "freeze_und": False,
+        "is_causal": True,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "torch_dtype": torch_dtype,
     }
 
 
@@ -252,12 +308,20 @@ def vit_config_dict(arch: BagelArchitecture, torch_dtype: str) -> dict[str, Any]
     loader builds `num_hidden_layers - 1`)."""
     vit = arch.vit
     return {
-        "architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
-        "hidden_act": "gelu_pytorch_tanh", "attention_dropout": 0.0,
-        "hidden_size": vit.hidden_size, "intermediate_size": vit.intermediate_size,
-        "num_hidden_layers": vit.num_layers + 1, "num_attention_heads": vit.num_heads,
-        "num_channels": vit.num_channels, "image_size": vit.image_size, "patch_size": vit.patch_size,
-        "layer_norm_eps": vit.layer_norm_eps, "rope": False, "torch_dtype": torch_dtype,
+        "architectures": ["SiglipVisionModel"],
+        "model_type": "siglip_vision_model",
+        "hidden_act": "gelu_pytorch_tanh",
+        "attention_dropout": 0.0,
+        "hidden_size": vit.hidden_size,
+        "intermediate_size": vit.intermediate_size,
+        "num_hidden_layers": vit.num_layers + 1,
+        "num_attention_heads": vit.num_heads,
+        "num_channels": vit.num_channels,
+        "image_size": vit.image_size,
+        "patch_size": vit.patch_size,
+        "layer_norm_eps": vit.layer_norm_eps,
+        "rope": False,
+        "torch_dtype": torch_dtype,
     }
 
 
@@ -269,12 +333,16 @@ def release_config_dict(arch: BagelArchitecture, options: BagelConfig, torch_dty
     vae["ch_mult"] = list(arch.vae.ch_mult)
     vae["downsample"] = arch.vae.downsample
     return {
-        "model_type": "bagel", "visual_gen": options.visual_gen, "visual_und": options.visual_und,
-        "latent_patch_size": options.latent_patch_size, "max_latent_size": options.max_latent_size,
+        "model_type": "bagel",
+        "visual_gen": options.visual_gen,
+        "visual_und": options.visual_und,
+        "latent_patch_size": options.latent_patch_size,
+        "max_latent_size": options.max_latent_size,
         "vit_max_num_patch_per_side": options.vit_max_num_patch_per_side,
-        "connector_act": options.connector_act, "interpolate_pos": options.interpolate_pos,
+        "connector_act": options.connector_act,
+        "interpolate_pos": options.interpolate_pos,
         "timestep_shift": options.timestep_shift,
-        "llm_config": llm_config_dict(arch, torch_dtype), "vit_config": vit_config_dict(arch, torch_dtype),
+        "llm_config": llm_config_dict(arch, torch_dtype),
+        "vit_config": vit_config_dict(arch, torch_dtype),
         "vae_config": vae,
     }
-

@@ -49,7 +49,9 @@ def forward_flops(batch: BagelPackedBatch, arch: BagelArchitecture, options: Bag
     """Matmul FLOPs (2 per multiply-add) of one forward over `batch`."""
     llm, vit, d = arch.llm, arch.vit, arch.llm.hidden_size
     flops = 2 * batch.sequence_length * llm.num_layers * llm_layer_linear_params(arch)
-    pairs = sum(visible_pairs(doc) for doc in documents_of(batch.sample_lens, batch.split_lens, batch.attn_modes))
+    pairs = sum(
+        visible_pairs(doc) for doc in documents_of(batch.sample_lens, batch.split_lens, batch.attn_modes)
+    )
     flops += 4 * pairs * llm.num_heads * llm.head_dim * llm.num_layers
     flops += 2 * batch.num_ce_tokens * d * llm.vocab_size
 
@@ -61,7 +63,7 @@ def forward_flops(batch: BagelPackedBatch, arch: BagelArchitecture, options: Bag
     flops += 2 * num_vit * (vit.hidden_size * d + d * d)
 
     num_vae = int(batch.packed_vae_token_indexes.shape[0])
-    p_dim = options.latent_patch_size ** 2 * arch.vae.z_channels
+    p_dim = options.latent_patch_size**2 * arch.vae.z_channels
     flops += 2 * num_vae * (p_dim * d + 256 * d + d * d)
     flops += 2 * batch.num_mse_tokens * d * p_dim
     return flops

@@ -27,12 +27,20 @@ from bagel_titan.errors import UserError
 def run_config_of(export: str) -> str | None:
     """The resolved `config.toml` of the run that wrote `export` (`<run>/exports/<name>/`)."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(export))), "config.toml")
-    return path if os.path.basename(os.path.dirname(os.path.abspath(export))) == "exports" \
-        and os.path.isfile(path) else None
+    return (
+        path
+        if os.path.basename(os.path.dirname(os.path.abspath(export))) == "exports" and os.path.isfile(path)
+        else None
+    )
 
 
-def load_sampler(export: str, config_file: str | None = None, overrides: Sequence[str] = (),
-                 device: str = "auto", **sampling: object):
+def load_sampler(
+    export: str,
+    config_file: str | None = None,
+    overrides: Sequence[str] = (),
+    device: str = "auto",
+    **sampling: object,
+):
     """A `BagelSampler` over the model in `export` on `device` ("auto": CUDA when available);
     `sampling` replaces fields of the config's `[bagel.sampling]` (e.g. `cfg_scale=4.0`)."""
     import torch
@@ -45,12 +53,15 @@ def load_sampler(export: str, config_file: str | None = None, overrides: Sequenc
     from .weights import load_weights, read_architecture
 
     if not os.path.isdir(export):
-        raise UserError(f"export folder {export!r} does not exist: pass a run's exports/final (or exports/step-N) "
-                        f"or a BAGEL release folder")
+        raise UserError(
+            f"export folder {export!r} does not exist: pass a run's exports/final (or exports/step-N) "
+            f"or a BAGEL release folder"
+        )
     argv = ["--job.config_file", config_file] if config_file else ["--model.name", "bagel"]
     # The export holds the tokenizer and the VAE; the training's paths are not needed.
-    job_config, plugins = load_job_config([*argv, "--model.tokenizer_path", export, "--bagel.vae_path", "",
-                                           *overrides])
+    job_config, plugins = load_job_config(
+        [*argv, "--model.tokenizer_path", export, "--bagel.vae_path", "", *overrides]
+    )
     try:
         arch, options = read_architecture(export)
     except (FileNotFoundError, ValueError, KeyError) as exc:
@@ -60,8 +71,9 @@ def load_sampler(export: str, config_file: str | None = None, overrides: Sequenc
     # only adds run-time choices (the VAE's dtype). The collator reads the same options.
     options = dataclasses.replace(options, vae_dtype=spec.bagel_config(job_config).vae_dtype, vae_path="")
     job_config.plugin_sections["bagel"] = options
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
+    target = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
     with torch.device(target):
         model = Bagel(arch, options, *attention_factories(job_config, plugins))
         model.init_weights()
@@ -69,32 +81,49 @@ def load_sampler(export: str, config_file: str | None = None, overrides: Sequenc
     if target.type == "cuda":
         model = model.to(torch.bfloat16)
     model.eval()
-    base = job_config.section("bagel.sampling") if job_config.has_section("bagel.sampling") else SamplingConfig()
-    config = dataclasses.replace(base, prompts=[], questions=[], data_folder="",
-                                 **{k: v for k, v in sampling.items() if v is not None})
+    base = (
+        job_config.section("bagel.sampling") if job_config.has_section("bagel.sampling") else SamplingConfig()
+    )
+    config = dataclasses.replace(
+        base, prompts=[], questions=[], data_folder="", **{k: v for k, v in sampling.items() if v is not None}
+    )
     return spec.sampler(model, job_config, config)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="bagel-titan-generate", description=__doc__.splitlines()[0],
-                                     epilog="Options after `--` override config keys, e.g. -- --attention.backend flex")
-    parser.add_argument("export", help="exported model folder: a run's exports/final, or a BAGEL release folder")
+    parser = argparse.ArgumentParser(
+        prog="bagel-titan-generate",
+        description=__doc__.splitlines()[0],
+        epilog="Options after `--` override config keys, e.g. -- --attention.backend flex",
+    )
+    parser.add_argument(
+        "export", help="exported model folder: a run's exports/final, or a BAGEL release folder"
+    )
     parser.add_argument("--prompt", action="append", default=[], help="text-to-image prompt (repeatable)")
     parser.add_argument("--image", help="input image for --question or --edit")
     parser.add_argument("--question", action="append", default=[], help="question about --image (repeatable)")
-    parser.add_argument("--edit", action="append", default=[], help="edit instruction for --image (repeatable)")
+    parser.add_argument(
+        "--edit", action="append", default=[], help="edit instruction for --image (repeatable)"
+    )
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the config's)")
     parser.add_argument("--steps", type=int, help="Euler steps (default: the config's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (image i uses seed + i)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the initial noise (image i uses seed + i)"
+    )
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="generated image size in px")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt or instruction")
-    parser.add_argument("--config", help="training config for the processor and sampler settings (default: the "
-                                         "run's config.toml next to exports/, else the release's defaults)")
+    parser.add_argument(
+        "--config",
+        help="training config for the processor and sampler settings (default: the "
+        "run's config.toml next to exports/, else the release's defaults)",
+    )
     parser.add_argument("--out", default="generated", help="folder for the images (default: ./generated)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+    )
     argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    args, overrides = parser.parse_args(argv[:split]), argv[split + 1:]
+    args, overrides = parser.parse_args(argv[:split]), argv[split + 1 :]
     if not (args.prompt or args.question or args.edit):
         parser.error("nothing to do: give --prompt, or --image with --question or --edit")
     if (args.question or args.edit) and not args.image:
@@ -117,18 +146,29 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 
     config_file = args.config or run_config_of(args.export)
     try:
-        sampler = load_sampler(args.export, config_file, overrides, args.device, cfg_scale=args.cfg,
-                               num_steps=args.steps, image_size=list(args.size) if args.size else None)
+        sampler = load_sampler(
+            args.export,
+            config_file,
+            overrides,
+            args.device,
+            cfg_scale=args.cfg,
+            num_steps=args.steps,
+            image_size=list(args.size) if args.size else None,
+        )
     except ValueError as exc:  # a sampling setting out of range (the config's checks)
         raise UserError(f"bagel-titan-generate: {exc}") from None
-    lines = [f"model {args.export} ({'config ' + config_file if config_file else 'release defaults'}) "
-             f"on {sampler.device}"]
+    lines = [
+        f"model {args.export} ({'config ' + config_file if config_file else 'release defaults'}) "
+        f"on {sampler.device}"
+    ]
     print(lines[-1], flush=True)
     image = None
     if args.image:
         try:
             limits = sampler.processor.config
-            image = load_rgb(args.image, "", min_side=limits.min_image_side, max_pixels=limits.max_image_pixels)
+            image = load_rgb(
+                args.image, "", min_side=limits.min_image_side, max_pixels=limits.max_image_pixels
+            )
         except BadSampleError as exc:
             raise UserError(f"--image {args.image!r} cannot be read ({exc})") from None
     os.makedirs(args.out, exist_ok=True)
@@ -149,8 +189,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[str]:
                     save(sampler.generate_image(prompt, args.seed + i), f"{slug(prompt)}-seed{args.seed + i}")
             for instruction in args.edit:
                 for i in range(args.num_images):
-                    save(sampler.edit_image(image, instruction, args.seed + i),
-                         f"edit-{slug(instruction)}-seed{args.seed + i}")
+                    save(
+                        sampler.edit_image(image, instruction, args.seed + i),
+                        f"edit-{slug(instruction)}-seed{args.seed + i}",
+                    )
         except ValueError as exc:  # a size the model cannot generate, a modality it lacks
             raise UserError(str(exc)) from None
     return lines

@@ -33,8 +33,10 @@ VIT_PREFIX = "vit_model."
 def _read_config(folder: str, setting: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise UserError(f"[bagel] {setting} = {folder!r} has no config.json; point it at a Hugging Face "
-                        f"model folder (config.json + model.safetensors or model.safetensors.index.json)")
+        raise UserError(
+            f"[bagel] {setting} = {folder!r} has no config.json; point it at a Hugging Face "
+            f"model folder (config.json + model.safetensors or model.safetensors.index.json)"
+        )
     with open(path) as f:
         return json.load(f)
 
@@ -51,8 +53,10 @@ def _hf_files(folder: str, setting: str) -> dict[str, str]:
     if os.path.isfile(single):
         with safe_open(single, "pt") as f:
             return {k: single for k in f.keys()}
-    raise UserError(f"[bagel] {setting} = {folder!r} holds no model.safetensors or model.safetensors.index.json "
-                    f"(save the model with save_pretrained(..., safe_serialization=True))")
+    raise UserError(
+        f"[bagel] {setting} = {folder!r} holds no model.safetensors or model.safetensors.index.json "
+        f"(save the model with save_pretrained(..., safe_serialization=True))"
+    )
 
 
 def _vision_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -66,31 +70,59 @@ def architecture(base: BagelArchitecture, options: BagelConfig) -> BagelArchitec
     if options.llm_path:
         c = _read_config(options.llm_path, "llm_path")
         if c.get("model_type") not in ("qwen2", None):
-            raise UserError(f"[bagel] llm_path {options.llm_path!r} is a {c.get('model_type')!r} model; BAGEL "
-                            f"starts from a Qwen2 / Qwen2.5 LLM")
+            raise UserError(
+                f"[bagel] llm_path {options.llm_path!r} is a {c.get('model_type')!r} model; BAGEL "
+                f"starts from a Qwen2 / Qwen2.5 LLM"
+            )
         # transformers >= 5 writes the RoPE settings under `rope_parameters`, older ones flat.
-        rope = c.get("rope_parameters") or {"rope_theta": c.get("rope_theta", 1e6), **(c.get("rope_scaling") or {})}
-        if rope.get("rope_type", rope.get("type", "default")) != "default" or c.get("hidden_act", "silu") != "silu":
-            raise UserError(f"[bagel] llm_path {options.llm_path!r}: rope {rope} / hidden_act {c.get('hidden_act')!r} "
-                            f"are not supported (BAGEL uses Qwen2's default RoPE and silu)")
-        llm = LLMArgs(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-                      intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
-                      num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-                      rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope["rope_theta"]),
-                      qk_norm=True, tie_word_embeddings=False,
-                      max_position_embeddings=c.get("max_position_embeddings", 32768))
+        rope = c.get("rope_parameters") or {
+            "rope_theta": c.get("rope_theta", 1e6),
+            **(c.get("rope_scaling") or {}),
+        }
+        if (
+            rope.get("rope_type", rope.get("type", "default")) != "default"
+            or c.get("hidden_act", "silu") != "silu"
+        ):
+            raise UserError(
+                f"[bagel] llm_path {options.llm_path!r}: rope {rope} / hidden_act {c.get('hidden_act')!r} "
+                f"are not supported (BAGEL uses Qwen2's default RoPE and silu)"
+            )
+        llm = LLMArgs(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=c["num_attention_heads"],
+            num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope["rope_theta"]),
+            qk_norm=True,
+            tie_word_embeddings=False,
+            max_position_embeddings=c.get("max_position_embeddings", 32768),
+        )
     if options.vit_path and options.visual_und:
         c = _vision_config(_read_config(options.vit_path, "vit_path"))
         if c.get("model_type") not in ("siglip_vision_model", "siglip", None) or "patch_size" not in c:
-            raise UserError(f"[bagel] vit_path {options.vit_path!r} is a {c.get('model_type')!r} model; BAGEL's "
-                            f"ViT starts from a SigLIP (SiglipVisionModel or SiglipModel) folder")
+            raise UserError(
+                f"[bagel] vit_path {options.vit_path!r} is a {c.get('model_type')!r} model; BAGEL's "
+                f"ViT starts from a SigLIP (SiglipVisionModel or SiglipModel) folder"
+            )
         layers = c["num_hidden_layers"] + 1 + options.vit_select_layer
         if not 1 <= layers <= c["num_hidden_layers"]:
-            raise UserError(f"[bagel] vit_select_layer = {options.vit_select_layer} keeps {layers} of the "
-                            f"{c['num_hidden_layers']} SigLIP layers; use -1 .. -{c['num_hidden_layers']}")
-        vit = ViTArgs(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"], num_layers=layers,
-                      num_heads=c["num_attention_heads"], image_size=c["image_size"], patch_size=c["patch_size"],
-                      num_channels=c.get("num_channels", 3), layer_norm_eps=c.get("layer_norm_eps", 1e-6))
+            raise UserError(
+                f"[bagel] vit_select_layer = {options.vit_select_layer} keeps {layers} of the "
+                f"{c['num_hidden_layers']} SigLIP layers; use -1 .. -{c['num_hidden_layers']}"
+            )
+        vit = ViTArgs(
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=layers,
+            num_heads=c["num_attention_heads"],
+            image_size=c["image_size"],
+            patch_size=c["patch_size"],
+            num_channels=c.get("num_channels", 3),
+            layer_norm_eps=c.get("layer_norm_eps", 1e-6),
+        )
     return dataclasses.replace(base, llm=llm, vit=vit)
 
 
@@ -99,7 +131,7 @@ def _vision_key(stored: str) -> str | None:
     prefix, 5.x without it; a full SiglipModel also holds `text_model.*` (not read)."""
     if stored.startswith(("text_model.", "logit_")):
         return None
-    return stored[stored.index("vision_model."):] if "vision_model." in stored else f"vision_model.{stored}"
+    return stored[stored.index("vision_model.") :] if "vision_model." in stored else f"vision_model.{stored}"
 
 
 def _conv_to_linear(weight: torch.Tensor) -> torch.Tensor:
@@ -129,7 +161,7 @@ def hf_start_source(model_keys: list[str], options: BagelConfig) -> WeightSource
     for key in model_keys:
         hf_key: str | None = None
         if key.startswith(LLM_PREFIX) and llm_files:
-            hf_key = key[len(LLM_PREFIX):]
+            hf_key = key[len(LLM_PREFIX) :]
             if "_moe_gen" in hf_key:
                 hf_key = hf_key.replace("_moe_gen", "") if options.copy_init_moe else None
             if hf_key == "lm_head.weight" and hf_key not in llm_files:
@@ -139,11 +171,12 @@ def hf_start_source(model_keys: list[str], options: BagelConfig) -> WeightSource
             if hf_key is not None:
                 source.model[key] = StoredTensor(llm_files[hf_key], hf_key)
         elif key.startswith(VIT_PREFIX) and vit_files:
-            hf_key = key[len(VIT_PREFIX):]
+            hf_key = key[len(VIT_PREFIX) :]
             if hf_key in vit_files:
                 patch = hf_key.endswith("embeddings.patch_embedding.weight")
-                source.model[key] = StoredTensor(vit_files[hf_key], stored_vit[hf_key],
-                                                 convert=_conv_to_linear if patch else None)
+                source.model[key] = StoredTensor(
+                    vit_files[hf_key], stored_vit[hf_key], convert=_conv_to_linear if patch else None
+                )
             else:
                 hf_key = None
         if hf_key is None:
@@ -155,15 +188,22 @@ def check_hf_start(model_keys: set[str], options: BagelConfig, source: WeightSou
     """Every LLM / ViT weight the release reads must be found (a wrong folder is not a fresh init)."""
     required = []
     if options.llm_path:
-        required += [k for k in model_keys if k.startswith(LLM_PREFIX) and "_moe_gen" not in k
-                     and not k.endswith(("q_norm.weight", "k_norm.weight"))]
+        required += [
+            k
+            for k in model_keys
+            if k.startswith(LLM_PREFIX)
+            and "_moe_gen" not in k
+            and not k.endswith(("q_norm.weight", "k_norm.weight"))
+        ]
     if options.vit_path and options.visual_und:
         required += [k for k in model_keys if k.startswith(VIT_PREFIX)]
     missing = sorted(k for k in required if k in source.fresh)
     if missing:
-        raise UserError(f"the Hugging Face folders lack {len(missing)} weight(s) BAGEL needs, e.g. {missing[:5]}; "
-                        f"check [bagel] llm_path = {options.llm_path!r} (a Qwen2ForCausalLM folder) and vit_path = "
-                        f"{options.vit_path!r} (a SigLIP folder)")
+        raise UserError(
+            f"the Hugging Face folders lack {len(missing)} weight(s) BAGEL needs, e.g. {missing[:5]}; "
+            f"check [bagel] llm_path = {options.llm_path!r} (a Qwen2ForCausalLM folder) and vit_path = "
+            f"{options.vit_path!r} (a SigLIP folder)"
+        )
 
 
 def load_hf_start(model: Any) -> WeightSource:
@@ -175,5 +215,7 @@ def load_hf_start(model: Any) -> WeightSource:
     keys = [k for k in model.state_dict() if k not in optional_attention_state_keys(model)]
     source = hf_start_source(keys, options)
     check_hf_start(set(keys), options, source)
-    load_model_tensors(model, source, f"[bagel] llm_path {options.llm_path!r} / vit_path {options.vit_path!r}")
+    load_model_tensors(
+        model, source, f"[bagel] llm_path {options.llm_path!r} / vit_path {options.vit_path!r}"
+    )
     return source

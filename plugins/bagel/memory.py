@@ -39,9 +39,16 @@ def _scores(heads: int, tokens: int) -> int:
     return heads * tokens * tokens * 4
 
 
-def activation_memory(arch: BagelArchitecture, options: BagelConfig, tokens: int, compute_bytes: int,
-                      activation_checkpointing: bool, mix: PackMix = PackMix(), llm_backend: str = "flex",
-                      vit_backend: str = "flex") -> ActivationEstimate:
+def activation_memory(
+    arch: BagelArchitecture,
+    options: BagelConfig,
+    tokens: int,
+    compute_bytes: int,
+    activation_checkpointing: bool,
+    mix: PackMix = PackMix(),
+    llm_backend: str = "flex",
+    vit_backend: str = "flex",
+) -> ActivationEstimate:
     llm, vit = arch.llm, arch.vit
     n_vit = int(tokens * mix.vit) if options.visual_und else 0
     n_gen = int(tokens * mix.generation) if options.visual_gen else 0
@@ -56,7 +63,9 @@ def activation_memory(arch: BagelArchitecture, options: BagelConfig, tokens: int
     llm_layer += 2 * llm_scores
     vit_layer += 2 * vit_scores
     if activation_checkpointing:
-        saved = (llm.num_layers * tokens * llm.hidden_size + vit.num_layers * n_vit * vit.hidden_size) * compute_bytes
+        saved = (
+            llm.num_layers * tokens * llm.hidden_size + vit.num_layers * n_vit * vit.hidden_size
+        ) * compute_bytes
     else:
         saved = llm.num_layers * llm_layer + vit.num_layers * vit_layer
     # Backward of a layer holds its saved tensors and, at most, as much again in gradients.
@@ -67,6 +76,8 @@ def activation_memory(arch: BagelArchitecture, options: BagelConfig, tokens: int
     outputs += n_text * llm.vocab_size * (compute_bytes + 4 + 4)
     outputs += n_vit * (vit.hidden_size + 2 * llm.hidden_size) * compute_bytes
     outputs += n_gen * llm.hidden_size * compute_bytes * 2
-    notes = (f"{tokens} tokens per pack: {n_gen} generation latents, {n_vit} ViT patches, {n_text} text; "
-             f"{'full AC' if activation_checkpointing else 'no AC'}, {llm_backend} attention")
+    notes = (
+        f"{tokens} tokens per pack: {n_gen} generation latents, {n_vit} ViT patches, {n_text} text; "
+        f"{'full AC' if activation_checkpointing else 'no AC'}, {llm_backend} attention"
+    )
     return ActivationEstimate(saved, working, outputs, notes)

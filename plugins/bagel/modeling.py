@@ -53,7 +53,7 @@ class PositionEmbedding(nn.Module):
     def __init__(self, grid_size: int, hidden_size: int):
         super().__init__()
         self.grid_size = grid_size
-        self.pos_embed = nn.Parameter(torch.zeros(grid_size ** 2, hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(grid_size**2, hidden_size), requires_grad=False)
 
     def table(self) -> torch.Tensor:
         return sincos_2d_table(self.pos_embed.shape[1], self.grid_size)
@@ -69,11 +69,15 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(self.frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(self.frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, t_N: torch.Tensor) -> torch.Tensor:
         half = self.frequency_size // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t_N.device) / half)
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t_N.device) / half
+        )
         args_NF = t_N.float()[:, None] * freqs[None]
         emb_NF = torch.cat([torch.cos(args_NF), torch.sin(args_NF)], dim=-1)
         return self.mlp(emb_NF.to(self.mlp[0].weight.dtype))
@@ -121,8 +125,13 @@ def patchify_latents(padded_latent: torch.Tensor, shapes: list[tuple[int, int]],
 class Bagel(nn.Module):
     """BAGEL for training on packed batches (see module docstring)."""
 
-    def __init__(self, arch: BagelArchitecture, options: BagelConfig,
-                 llm_attention: AttentionFactory, vit_attention: AttentionFactory):
+    def __init__(
+        self,
+        arch: BagelArchitecture,
+        options: BagelConfig,
+        llm_attention: AttentionFactory,
+        vit_attention: AttentionFactory,
+    ):
         super().__init__()
         options.validate(arch)
         self.arch, self.options = arch, options
@@ -130,7 +139,7 @@ class Bagel(nn.Module):
         self.hidden_size = d
         self.language_model = Qwen2MoTForCausalLM(arch.llm, llm_attention, options.freeze_und)
         self.latent_channels = arch.vae.z_channels
-        self.patch_latent_dim = options.latent_patch_size ** 2 * arch.vae.z_channels
+        self.patch_latent_dim = options.latent_patch_size**2 * arch.vae.z_channels
         if options.visual_gen:
             self.time_embedder = TimestepEmbedder(d)
             self.vae2llm = nn.Linear(self.patch_latent_dim, d)
@@ -180,9 +189,13 @@ class Bagel(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def forward(self, batch: BagelPackedBatch, generator: torch.Generator | None = None,
-                keep_intermediates: bool = False,
-                noised: tuple[torch.Tensor, torch.Tensor] | None = None) -> BagelForwardResult:
+    def forward(
+        self,
+        batch: BagelPackedBatch,
+        generator: torch.Generator | None = None,
+        keep_intermediates: bool = False,
+        noised: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> BagelForwardResult:
         """One packed batch -> last hidden state, CE logits, predicted and target velocities.
 
         Timesteps and noise are drawn with `generator` unless the batch carries them; VAE
@@ -206,7 +219,9 @@ class Bagel(nn.Module):
             vit_meta.prepare_for(self.vit_model.vision_model.encoder.layers[0].self_attn.attn_core)
             pixels_NP = batch.packed_vit_tokens
             if num_vit == 0:  # any [0, ...] placeholder: give it the patch width
-                pixels_NP = pixels_NP.new_zeros(0, self.vit_model.vision_model.embeddings.patch_embedding.in_features)
+                pixels_NP = pixels_NP.new_zeros(
+                    0, self.vit_model.vision_model.embeddings.patch_embedding.in_features
+                )
             vit_ND = self.vit_model(pixels_NP, batch.packed_vit_position_ids, vit_meta)
             keep("vit_output", vit_ND)
             conn_ND = self.connector(vit_ND)
@@ -214,8 +229,10 @@ class Bagel(nn.Module):
             vit_in_ND = conn_ND + self.vit_pos_embed(batch.packed_vit_position_ids).to(conn_ND.dtype)
             seq_TD = seq_TD.index_copy(0, batch.packed_vit_token_indexes, vit_in_ND.to(seq_TD.dtype))
         elif num_vit > 0:
-            raise ValueError("the batch holds ViT tokens but [bagel] visual_und = false; enable it or drop "
-                             "understanding images in the processor")
+            raise ValueError(
+                "the batch holds ViT tokens but [bagel] visual_und = false; enable it or drop "
+                "understanding images in the processor"
+            )
 
         pred_velocity = target_velocity = None
         num_vae = len(batch.patchified_vae_latent_shapes)
@@ -231,12 +248,17 @@ class Bagel(nn.Module):
             keep("noisy_latent_tokens", xt_NP)
             temb_ND = self.time_embedder(t_N)
             keep("timestep_embeds", temb_ND)
-            vae_in_ND = (self.vae2llm(xt_NP.to(self.vae2llm.weight.dtype)) + temb_ND
-                         + self.latent_pos_embed(batch.packed_latent_position_ids).to(temb_ND.dtype))
+            vae_in_ND = (
+                self.vae2llm(xt_NP.to(self.vae2llm.weight.dtype))
+                + temb_ND
+                + self.latent_pos_embed(batch.packed_latent_position_ids).to(temb_ND.dtype)
+            )
             seq_TD = seq_TD.index_copy(0, batch.packed_vae_token_indexes, vae_in_ND.to(seq_TD.dtype))
         elif num_vae > 0:
-            raise ValueError("the batch holds VAE images but [bagel] visual_gen = false; enable it or drop "
-                             "generation samples in the processor")
+            raise ValueError(
+                "the batch holds VAE images but [bagel] visual_gen = false; enable it or drop "
+                "generation samples in the processor"
+            )
         keep("llm_input_sequence", seq_TD)
 
         und = batch.packed_text_indexes
@@ -256,7 +278,9 @@ class Bagel(nn.Module):
         ce_logits = self.language_model.lm_head(hidden_TD[batch.ce_loss_indexes])
         return BagelForwardResult(hidden_TD, ce_logits, pred_velocity, target_velocity, inter)
 
-    def _latent_inputs(self, batch: BagelPackedBatch, generator: torch.Generator | None, device: torch.device):
+    def _latent_inputs(
+        self, batch: BagelPackedBatch, generator: torch.Generator | None, device: torch.device
+    ):
         """Clean latent tokens x0, shifted timesteps t per token, and noise (all [Nz, ...])."""
         p, side = self.options.latent_patch_size, self.options.max_latent_size
         if not batch.patchified_vae_latent_shapes:
@@ -282,7 +306,9 @@ class Bagel(nn.Module):
             draws = torch.randn(len(counts), generator=generator, device=device)
             clean = torch.tensor([not n for n in batch.vae_image_noised], device=device)
             draws = draws.masked_fill(clean, float("-inf"))
-            raw_t = torch.repeat_interleave(draws, torch.tensor(counts, device=device), output_size=sum(counts))
+            raw_t = torch.repeat_interleave(
+                draws, torch.tensor(counts, device=device), output_size=sum(counts)
+            )
         noise = batch.noise
         if noise is None:
             noise = torch.randn(x0_NP.shape, generator=generator, device=device, dtype=x0_NP.dtype)

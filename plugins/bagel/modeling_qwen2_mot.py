@@ -79,9 +79,14 @@ class MoTRouting:
         return torch.cat([x_und, x_gen])[self.inverse]
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, head_dim] fp32 cos and sin of Qwen2's default RoPE."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
+    inv_freq = 1.0 / (
+        theta
+        ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
+    )
     freqs_TF = position_ids.float()[:, None] * inv_freq[None, :]
     emb_TD = torch.cat([freqs_TF, freqs_TF], dim=-1)
     return emb_TD.cos(), emb_TD.sin()
@@ -116,8 +121,9 @@ def _frozen(x: torch.Tensor, freeze: bool) -> torch.Tensor:
 class PackedAttentionMoT(nn.Module):
     """Joint attention with per-expert q/k/v/o projections and per-expert qk-norm."""
 
-    def __init__(self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory,
-                 freeze_und: bool = False):
+    def __init__(
+        self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory, freeze_und: bool = False
+    ):
         super().__init__()
         self.freeze_und = freeze_und
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
@@ -131,8 +137,14 @@ class PackedAttentionMoT(nn.Module):
             setattr(self, f"q_norm{suffix}", norm())
             setattr(self, f"k_norm{suffix}", norm())
         self.attn_core = attention_factory(
-            AttentionLayerSpec(num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-                               hidden_size=d, layer_index=layer_index, role="decoder")
+            AttentionLayerSpec(
+                num_heads=args.num_heads,
+                num_kv_heads=args.num_kv_heads,
+                head_dim=args.head_dim,
+                hidden_size=d,
+                layer_index=layer_index,
+                role="decoder",
+            )
         )
 
     def _qkv(self, x_ND: torch.Tensor, suffix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,8 +157,15 @@ class PackedAttentionMoT(nn.Module):
         k_NHD = getattr(self, f"k_norm{suffix}")(k_NHD.float())
         return q_NHD, k_NHD, v_NHD
 
-    def forward(self, x_und: torch.Tensor, x_gen: torch.Tensor, routing: MoTRouting,
-                cos_TD: torch.Tensor, sin_TD: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x_und: torch.Tensor,
+        x_gen: torch.Tensor,
+        routing: MoTRouting,
+        cos_TD: torch.Tensor,
+        sin_TD: torch.Tensor,
+        meta,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         q_und, k_und, v_und = (_frozen(t, self.freeze_und) for t in self._qkv(x_und, ""))
         q_gen, k_gen, v_gen = self._qkv(x_gen, "_moe_gen")
         v_THD = routing.merge(v_und, v_gen)
@@ -160,8 +179,9 @@ class PackedAttentionMoT(nn.Module):
 class Qwen2MoTDecoderLayer(nn.Module):
     """One decoder layer: every norm and MLP has an understanding and a generation expert."""
 
-    def __init__(self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory,
-                 freeze_und: bool = False):
+    def __init__(
+        self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory, freeze_und: bool = False
+    ):
         super().__init__()
         self.freeze_und = freeze_und
         self.self_attn = PackedAttentionMoT(args, layer_index, attention_factory, freeze_und)
@@ -172,11 +192,14 @@ class Qwen2MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, h_TD: torch.Tensor, routing: MoTRouting, cos_TD: torch.Tensor, sin_TD: torch.Tensor, meta) -> torch.Tensor:
+    def forward(
+        self, h_TD: torch.Tensor, routing: MoTRouting, cos_TD: torch.Tensor, sin_TD: torch.Tensor, meta
+    ) -> torch.Tensor:
         h_und, h_gen = routing.split(h_TD)
         h_und = _frozen(h_und, self.freeze_und)
-        a_und, a_gen = self.self_attn(self.input_layernorm(h_und), self.input_layernorm_moe_gen(h_gen),
-                                      routing, cos_TD, sin_TD, meta)
+        a_und, a_gen = self.self_attn(
+            self.input_layernorm(h_und), self.input_layernorm_moe_gen(h_gen), routing, cos_TD, sin_TD, meta
+        )
         h_und, h_gen = h_und + a_und, h_gen + a_gen
         h_und = h_und + self.mlp(self.post_attention_layernorm(h_und))
         h_gen = h_gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h_gen))
@@ -191,13 +214,20 @@ class Qwen2MoTModel(nn.Module):
         self.args = args
         self.freeze_und = freeze_und
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Qwen2MoTDecoderLayer(args, i, attention_factory, freeze_und)
-                                    for i in range(args.num_layers))
+        self.layers = nn.ModuleList(
+            Qwen2MoTDecoderLayer(args, i, attention_factory, freeze_und) for i in range(args.num_layers)
+        )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, h_TD: torch.Tensor, routing: MoTRouting, position_ids: torch.Tensor, meta,
-                layer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        h_TD: torch.Tensor,
+        routing: MoTRouting,
+        position_ids: torch.Tensor,
+        meta,
+        layer_outputs: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Run every layer on the packed input embeddings; returns the final-normed hidden states.
         `layer_outputs`, when given, collects each layer's residual stream (parity checks)."""
         cos_TD, sin_TD = rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)

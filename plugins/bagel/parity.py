@@ -52,7 +52,11 @@ def load_fixture_batch(folder: str) -> tuple[BagelPackedBatch, dict[str, torch.T
         info = json.load(f)
     t = load_file(os.path.join(folder, "batch.safetensors"))
     length = info["sequence_length"]
-    sample_lens, split_lens, attn_modes = list(info["sample_lens"]), list(info["split_lens"]), list(info["attn_modes"])
+    sample_lens, split_lens, attn_modes = (
+        list(info["sample_lens"]),
+        list(info["split_lens"]),
+        list(info["attn_modes"]),
+    )
     if sum(sample_lens) > length:  # the final pseudo-sample (and split) is flex padding
         pad = sum(sample_lens) - length
         if sample_lens[-1] != pad or split_lens[-1] != pad:
@@ -64,19 +68,30 @@ def load_fixture_batch(folder: str) -> tuple[BagelPackedBatch, dict[str, torch.T
     noised = [bool(torch.isfinite(t["packed_timesteps"][s]).item()) for s in starts]
     empty = torch.zeros(0, dtype=torch.long)
     batch = BagelPackedBatch(
-        sequence_length=length, sample_lens=sample_lens, split_lens=split_lens, attn_modes=attn_modes,
-        packed_text_ids=t["packed_text_ids"], packed_text_indexes=t["packed_text_indexes"],
-        packed_position_ids=t["packed_position_ids"], packed_label_ids=t["packed_label_ids"],
-        ce_loss_indexes=t["ce_loss_indexes"], ce_loss_weights=t["ce_loss_weights"],
+        sequence_length=length,
+        sample_lens=sample_lens,
+        split_lens=split_lens,
+        attn_modes=attn_modes,
+        packed_text_ids=t["packed_text_ids"],
+        packed_text_indexes=t["packed_text_indexes"],
+        packed_position_ids=t["packed_position_ids"],
+        packed_label_ids=t["packed_label_ids"],
+        ce_loss_indexes=t["ce_loss_indexes"],
+        ce_loss_weights=t["ce_loss_weights"],
         packed_vit_tokens=t.get("packed_vit_tokens", torch.zeros(0, 0)),
         packed_vit_token_indexes=t.get("packed_vit_token_indexes", empty),
         packed_vit_position_ids=t.get("packed_vit_position_ids", empty),
         vit_token_seqlens=t.get("vit_token_seqlens", empty),
-        padded_images=t.get("padded_images"), patchified_vae_latent_shapes=shapes,
+        padded_images=t.get("padded_images"),
+        patchified_vae_latent_shapes=shapes,
         packed_latent_position_ids=t.get("packed_latent_position_ids", empty),
-        packed_vae_token_indexes=t.get("packed_vae_token_indexes", empty), vae_image_noised=noised,
-        mse_loss_indexes=t.get("mse_loss_indexes", empty), padded_latent=t.get("padded_latent"),
-        packed_timesteps=t.get("packed_timesteps"), noise=t.get("noise"), num_samples=len(sample_lens),
+        packed_vae_token_indexes=t.get("packed_vae_token_indexes", empty),
+        vae_image_noised=noised,
+        mse_loss_indexes=t.get("mse_loss_indexes", empty),
+        padded_latent=t.get("padded_latent"),
+        packed_timesteps=t.get("packed_timesteps"),
+        noise=t.get("noise"),
+        num_samples=len(sample_lens),
     )
     return batch, t, info
 
@@ -110,12 +125,19 @@ def compare_fixture(folder: str, backend=None) -> list[Diff]:
     total = ce_loss * info.get("ce_weight", 1.0) + mse_loss * info.get("mse_weight", 1.0)
     ours = dict(result.intermediates)
     ours["ce_logits"] = result.ce_logits
-    ours["ce_per_token"] = torch.nn.functional.cross_entropy(result.ce_logits, batch.packed_label_ids, reduction="none")
+    ours["ce_per_token"] = torch.nn.functional.cross_entropy(
+        result.ce_logits, batch.packed_label_ids, reduction="none"
+    )
     if result.pred_velocity is not None:
         ours["mse_pred_velocity"] = result.pred_velocity
         ours["mse_target_velocity"] = result.target_velocity
         ours["mse_per_element"] = (result.pred_velocity - result.target_velocity) ** 2
-    ours.update(ce_loss=ce_loss, ce_loss_reweighted=ce_rw_term.sum / ce_rw_term.count, mse_loss=mse_loss, total_loss=total)
+    ours.update(
+        ce_loss=ce_loss,
+        ce_loss_reweighted=ce_rw_term.sum / ce_rw_term.count,
+        mse_loss=mse_loss,
+        total_loss=total,
+    )
     total.backward()
 
     if model.vae is not None and "padded_images" in raw:
@@ -138,7 +160,9 @@ def compare_fixture(folder: str, backend=None) -> list[Diff]:
             continue
         got = ours[name].detach().float()
         if tuple(got.shape) != tuple(want.shape):
-            diffs.append(Diff(f"{name} shape {tuple(got.shape)} vs {tuple(want.shape)}", float("inf"), ABS_TOL, "abs"))
+            diffs.append(
+                Diff(f"{name} shape {tuple(got.shape)} vs {tuple(want.shape)}", float("inf"), ABS_TOL, "abs")
+            )
             continue
         diffs.append(Diff(name, float((got - want).abs().max()) if want.numel() else 0.0, ABS_TOL, "abs"))
     params = dict(model.named_parameters())
@@ -163,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagel-titan-parity", description=__doc__.splitlines()[0])
     parser.add_argument("fixtures", nargs="+", help="reference fixture folder(s)")
     parser.add_argument("--all", action="store_true", help="print every tensor, not only the worst ten")
-    parser.add_argument("--backend", default="eager", help="attention backend for the LLM and the ViT (default eager)")
+    parser.add_argument(
+        "--backend", default="eager", help="attention backend for the LLM and the ViT (default eager)"
+    )
     args = parser.parse_args(argv)
     from bagel_titan.plugins import get_plugin_manager
 
@@ -173,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         diffs = compare_fixture(folder, backend)
         bad = [d for d in diffs if not d.ok]
         failed |= bool(bad)
-        shown = diffs if args.all else sorted(diffs, key=lambda d: d.value / d.tolerance, reverse=True)[:10] + bad
+        shown = (
+            diffs if args.all else sorted(diffs, key=lambda d: d.value / d.tolerance, reverse=True)[:10] + bad
+        )
         print(f"{folder}: {len(diffs)} tensors, {len(bad)} above tolerance")
         seen = set()
         for d in shown:

@@ -150,8 +150,10 @@ def load_tokenizer(path: str) -> tuple[Any, SpecialTokens]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise FileNotFoundError(f"cannot load a tokenizer from {path!r} ({exc}); set [model] "
-                                f"tokenizer_path to a folder with tokenizer.json") from exc
+        raise FileNotFoundError(
+            f"cannot load a tokenizer from {path!r} ({exc}); set [model] "
+            f"tokenizer_path to a folder with tokenizer.json"
+        ) from exc
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
@@ -162,10 +164,20 @@ def load_tokenizer(path: str) -> tuple[Any, SpecialTokens]:
 class BagelProcessor:
     """Raw record -> `BagelSample` (tokenised text, transformed images, loss masks, dropout)."""
 
-    def __init__(self, job_config: Any, bagel_config: Any, tokenizer_path: str, *,
-                 vit_patch_size: int, vae_downsample: int):
-        self.config: ProcessorConfig = (job_config.section("bagel.processor")
-                                        if job_config.has_section("bagel.processor") else ProcessorConfig())
+    def __init__(
+        self,
+        job_config: Any,
+        bagel_config: Any,
+        tokenizer_path: str,
+        *,
+        vit_patch_size: int,
+        vae_downsample: int,
+    ):
+        self.config: ProcessorConfig = (
+            job_config.section("bagel.processor")
+            if job_config.has_section("bagel.processor")
+            else ProcessorConfig()
+        )
         self.visual_und = bool(bagel_config.visual_und)
         self.visual_gen = bool(bagel_config.visual_gen)
         self.vit_patch_size = vit_patch_size
@@ -182,7 +194,9 @@ class BagelProcessor:
         for entry in entries:  # every override is checked at start, naming its dataset
             self.config_for(entry.processor, f"data.datasets {entry.name or entry.path!r} processor")
 
-    def config_for(self, overrides: dict[str, Any], where: str = "data.datasets processor") -> ProcessorConfig:
+    def config_for(
+        self, overrides: dict[str, Any], where: str = "data.datasets processor"
+    ) -> ProcessorConfig:
         """`[bagel.processor]` with a dataset's `[[data.datasets]] processor` overrides applied."""
         key = tuple(sorted((k, repr(v)) for k, v in overrides.items()))
         if key not in self._configs:
@@ -201,14 +215,26 @@ class BagelProcessor:
         """`num_images`: the understanding images of the sample; as in the release, they share
         the pixel budget (vit_max_pixels / num_images each)."""
         c = c or self.config
-        size = fit_size(*image.size, min_size=c.vit_min_size, max_size=c.vit_max_size, stride=self.vit_patch_size,
-                        max_side=self.vit_max_side, max_pixels=c.vit_max_pixels // max(1, num_images))
+        size = fit_size(
+            *image.size,
+            min_size=c.vit_min_size,
+            max_size=c.vit_max_size,
+            stride=self.vit_patch_size,
+            max_side=self.vit_max_side,
+            max_pixels=c.vit_max_pixels // max(1, num_images),
+        )
         return VitSegment(to_tensor(image, size, c.vit_image_mean, c.vit_image_std), self.vit_patch_size)
 
     def vae_segment(self, image, noised: bool, c: ProcessorConfig | None = None) -> VaeSegment:
         c = c or self.config
-        size = fit_size(*image.size, min_size=c.vae_min_size, max_size=c.vae_max_size,
-                        stride=self.vae_stride, max_side=self.vae_max_side, max_pixels=c.vae_max_pixels)
+        size = fit_size(
+            *image.size,
+            min_size=c.vae_min_size,
+            max_size=c.vae_max_size,
+            stride=self.vae_stride,
+            max_side=self.vae_max_side,
+            max_pixels=c.vae_max_pixels,
+        )
         return VaeSegment(to_tensor(image, size, 0.5, 0.5), self.vae_stride, noised)
 
     # -- record forms -------------------------------------------------------------------------
@@ -225,15 +251,19 @@ class BagelProcessor:
                 raise BadSampleError("empty_messages", "empty `text`")
             segments = [TextSegment(self.encode(data["text"]), loss=True)]
         else:
-            raise BadSampleError("unknown_content", f"a record needs `messages`, `caption` + `image`, "
-                                                    f"or `text`; got keys {sorted(data)}")
-        if not any(isinstance(s, TextSegment) and s.loss or isinstance(s, VaeSegment) and s.noised
-                   for s in segments):
+            raise BadSampleError(
+                "unknown_content",
+                f"a record needs `messages`, `caption` + `image`, or `text`; got keys {sorted(data)}",
+            )
+        if not any(
+            isinstance(s, TextSegment) and s.loss or isinstance(s, VaeSegment) and s.noised for s in segments
+        ):
             raise BadSampleError("no_target", "the sample has no assistant text and no image to generate")
         return BagelSample(segments, (sample.dataset, sample.index))
 
-    def _text_to_image(self, caption: Any, image: Any, data_folder: str, rng: random.Random,
-                       c: ProcessorConfig) -> list[Segment]:
+    def _text_to_image(
+        self, caption: Any, image: Any, data_folder: str, rng: random.Random, c: ProcessorConfig
+    ) -> list[Segment]:
         if not isinstance(caption, str) or not caption.strip():
             raise BadSampleError("empty_messages", "empty `caption`")
         if not self.visual_gen:
@@ -250,20 +280,26 @@ class BagelProcessor:
         if isinstance(content, str):
             return [("text", content)]
         if not isinstance(content, list):
-            raise BadSampleError("unknown_content", f"message content must be a string or a list, got "
-                                                    f"{type(content).__name__}")
+            raise BadSampleError(
+                "unknown_content", f"message content must be a string or a list, got {type(content).__name__}"
+            )
         items = []
         for item in content:
             kind = item.get("type") if isinstance(item, dict) else None
             if kind == "text" and isinstance(item.get("text"), str):
                 items.append(("text", item["text"]))
-            elif kind == "image_url" and isinstance(item.get("image_url"), dict) and "url" in item["image_url"]:
+            elif (
+                kind == "image_url" and isinstance(item.get("image_url"), dict) and "url" in item["image_url"]
+            ):
                 items.append(("image", item["image_url"]["url"]))
             elif kind == "image" and item.get("image") is not None:
                 items.append(("image", item["image"]))
             else:
-                raise BadSampleError("unknown_content", f"content item {item!r:.200}: expected "
-                                                        f"{{type: text, text}} or {{type: image_url, image_url: {{url}}}}")
+                raise BadSampleError(
+                    "unknown_content",
+                    f"content item {item!r:.200}: expected "
+                    f"{{type: text, text}} or {{type: image_url, image_url: {{url}}}}",
+                )
         return items
 
     def _chat(self, messages: Any, data_folder: str, rng: random.Random, c: ProcessorConfig) -> list[Segment]:
@@ -278,16 +314,23 @@ class BagelProcessor:
         for m in messages:
             role = m.get("role") if isinstance(m, dict) else None
             if role not in ("system", "user", "assistant"):
-                raise BadSampleError("unknown_content", f"message {m!r:.200}: role must be system, user or assistant")
+                raise BadSampleError(
+                    "unknown_content", f"message {m!r:.200}: role must be system, user or assistant"
+                )
             turns.append((role, self._items(m.get("content"))))
         if not any(value for _, items in turns for _, value in items):
             raise BadSampleError("empty_messages", "every message is empty")
         generates = any(role == "assistant" and kind == "image" for role, items in turns for kind, _ in items)
         if generates and not self.visual_gen:
-            raise BadSampleError("unknown_content", "an assistant image (generation) while [bagel] visual_gen is off")
+            raise BadSampleError(
+                "unknown_content", "an assistant image (generation) while [bagel] visual_gen is off"
+            )
         # An understanding sample's ViT images share one pixel budget (the release's img_num rule).
-        num_vit = 1 if generates else sum(kind == "image" and role != "assistant" for role, items in turns
-                                          for kind, _ in items)
+        num_vit = (
+            1
+            if generates
+            else sum(kind == "image" and role != "assistant" for role, items in turns for kind, _ in items)
+        )
         segments: list[Segment] = []
         for role, items in turns:
             texts: list[str] = []
@@ -314,13 +357,17 @@ class BagelProcessor:
                     continue
                 if generates:  # editing: the source image is a clean VAE condition and a ViT input
                     drop_vae = rng.random() < c.vae_dropout_prob
-                    segments.append(DroppedImage() if drop_vae else self.vae_segment(image, noised=False, c=c))
+                    segments.append(
+                        DroppedImage() if drop_vae else self.vae_segment(image, noised=False, c=c)
+                    )
                     if self.visual_und:
                         drop_vit = rng.random() < c.vit_dropout_prob
                         segments.append(DroppedImage() if drop_vit else self.vit_segment(image, c))
                 elif self.visual_und:
                     segments.append(self.vit_segment(image, c, num_vit))
                 else:
-                    raise BadSampleError("unknown_content", "an understanding image while [bagel] visual_und is off")
+                    raise BadSampleError(
+                        "unknown_content", "an understanding image while [bagel] visual_und is off"
+                    )
             close_text()
         return segments

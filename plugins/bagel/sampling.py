@@ -65,8 +65,13 @@ def guidance_active(t: float, cfg_scale: float, cfg_interval: list[float]) -> bo
     return cfg_scale > 1.0 and cfg_interval[0] < t <= cfg_interval[1]
 
 
-def guided_velocity(v_cond_NP: torch.Tensor, v_uncond_NP: torch.Tensor, cfg_scale: float,
-                    renorm: str = "none", renorm_min: float = 0.0) -> torch.Tensor:
+def guided_velocity(
+    v_cond_NP: torch.Tensor,
+    v_uncond_NP: torch.Tensor,
+    cfg_scale: float,
+    renorm: str = "none",
+    renorm_min: float = 0.0,
+) -> torch.Tensor:
     """Classifier-free guidance v_u + scale*(v_c - v_u) for one image, then the release's
     renormalisation: scaled by clamp(|v_c| / |v_guided|, renorm_min, 1), the norms over the whole
     image ("global") or per token ("channel"); "none" skips it."""
@@ -79,7 +84,8 @@ def guided_velocity(v_cond_NP: torch.Tensor, v_uncond_NP: torch.Tensor, cfg_scal
     dim = norm_dims[renorm]
     keep = dim is not None
     ratio = torch.linalg.vector_norm(v_cond_NP, dim=dim, keepdim=keep) / (
-        torch.linalg.vector_norm(guided_NP, dim=dim, keepdim=keep) + 1e-8)
+        torch.linalg.vector_norm(guided_NP, dim=dim, keepdim=keep) + 1e-8
+    )
     return guided_NP * ratio.clamp(min=renorm_min, max=1.0)
 
 
@@ -138,8 +144,9 @@ class BagelSampler:
     def __post_init__(self) -> None:
         self.device = model_device(self.model)
 
-    def _velocity(self, batch: BagelPackedBatch, x_NP: torch.Tensor, t: float,
-                  cleans: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def _velocity(
+        self, batch: BagelPackedBatch, x_NP: torch.Tensor, t: float, cleans: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The predicted velocity [N, P] at the noised tokens x_NP (the samples' targets in pack
         order, equal sizes) at time t. The model takes every VAE token's input when given x_t:
         `cleans` holds each sample's clean condition latents (editing), put before its target at
@@ -150,7 +157,10 @@ class BagelSampler:
         xs, ts = [], []
         for clean_NP, target_NP in zip(cleans, x_NP.chunk(len(cleans))):
             xs += [clean_NP, target_NP]
-            ts += [torch.zeros(len(clean_NP), device=x_NP.device), torch.full((len(target_NP),), t, device=x_NP.device)]
+            ts += [
+                torch.zeros(len(clean_NP), device=x_NP.device),
+                torch.full((len(target_NP),), t, device=x_NP.device),
+            ]
         return self.model(batch, noised=(torch.cat(xs), torch.cat(ts))).pred_velocity.float()
 
     def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -168,7 +178,9 @@ class BagelSampler:
     def generate_image(self, prompt: str, seed: int) -> np.ndarray:
         """One image for `prompt` as uint8 [H, W, 3]; the initial noise is drawn from `seed`."""
         height, width = self.config.image_size
-        return self._sample([TextSegment(self.processor.encode(prompt), loss=False)], [], (height, width), seed)
+        return self._sample(
+            [TextSegment(self.processor.encode(prompt), loss=False)], [], (height, width), seed
+        )
 
     def edit_image(self, image, instruction: str, seed: int) -> np.ndarray:
         """`image` (a PIL image) edited by `instruction`, as uint8 [H, W, 3] of the image's VAE size.
@@ -187,13 +199,18 @@ class BagelSampler:
         """Euler-sample an image of `size` (H, W) after the `conditional` segments, guided
         against the `unconditional` ones (see the module doc)."""
         if not self.model.options.visual_gen:
-            raise ValueError("[bagel.sampling] prompts need an image generator: set [bagel] visual_gen = true "
-                             "or remove the prompts")
+            raise ValueError(
+                "[bagel.sampling] prompts need an image generator: set [bagel] visual_gen = true "
+                "or remove the prompts"
+            )
         cfg = self.config
         h, w = self._grid(size)
         # The collator only reads the target's shape: its pixels are never encoded (x_t is given).
         target = VaeSegment(torch.zeros(3, *size), self.processor.vae_stride, noised=True)
-        cond_sample, uncond_sample = BagelSample([*conditional, target]), BagelSample([*unconditional, target])
+        cond_sample, uncond_sample = (
+            BagelSample([*conditional, target]),
+            BagelSample([*unconditional, target]),
+        )
         cond_batch = self.collator([cond_sample]).to(self.device)
         pair_batch = self.collator([cond_sample, uncond_sample]).to(self.device)
         cond_clean_NP, uncond_clean_NP = self._clean_latents(conditional), self._clean_latents(unconditional)
@@ -201,14 +218,17 @@ class BagelSampler:
         def velocity(x_NP: torch.Tensor, t: float) -> torch.Tensor:
             if not guidance_active(t, cfg.cfg_scale, cfg.cfg_interval):
                 return self._velocity(cond_batch, x_NP, t, [cond_clean_NP])
-            v_cond_NP, v_uncond_NP = self._velocity(pair_batch, torch.cat([x_NP, x_NP]), t,
-                                                    [cond_clean_NP, uncond_clean_NP]).chunk(2)
+            v_cond_NP, v_uncond_NP = self._velocity(
+                pair_batch, torch.cat([x_NP, x_NP]), t, [cond_clean_NP, uncond_clean_NP]
+            ).chunk(2)
             return guided_velocity(v_cond_NP, v_uncond_NP, cfg.cfg_scale, cfg.cfg_renorm, cfg.cfg_renorm_min)
 
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
         noise_NP = torch.randn(h * w, self.model.patch_latent_dim, generator=generator).to(self.device)
         x0_NP = euler_sample(velocity, noise_NP, sampling_schedule(cfg.num_steps, cfg.timestep_shift))
-        latent = unpatchify_latents(x0_NP, h, w, self.model.options.latent_patch_size, self.model.latent_channels)
+        latent = unpatchify_latents(
+            x0_NP, h, w, self.model.options.latent_patch_size, self.model.latent_channels
+        )
         return to_uint8_image(self.model.vae.decode(latent))
 
     def _clean_latents(self, segments: list) -> torch.Tensor:
@@ -226,20 +246,31 @@ class BagelSampler:
         """The greedy answer to `question` (its image file resolved against `data_folder`)."""
         limits = self.processor.config
         try:
-            image = load_rgb(question.image, self.config.data_folder, min_side=limits.min_image_side,
-                             max_pixels=limits.max_image_pixels)
+            image = load_rgb(
+                question.image,
+                self.config.data_folder,
+                min_side=limits.min_image_side,
+                max_pixels=limits.max_image_pixels,
+            )
         except BadSampleError as exc:
-            raise ValueError(f"[bagel.sampling] questions: image {question.image!r} cannot be used ({exc}); fix "
-                             f"the path or [bagel.sampling] data_folder") from exc
+            raise ValueError(
+                f"[bagel.sampling] questions: image {question.image!r} cannot be used ({exc}); fix "
+                f"the path or [bagel.sampling] data_folder"
+            ) from exc
         return self.answer_image(image, question.question)
 
     def answer_image(self, image, question: str) -> str:
         """The greedy answer to `question` about `image` (a PIL image): at most `max_new_tokens`
         tokens, up to <|im_end|>."""
         if not self.model.options.visual_und:
-            raise ValueError("[bagel.sampling] questions need the ViT: set [bagel] visual_und = true or remove "
-                             "the questions")
-        context = [self.processor.vit_segment(image), TextSegment(self.processor.encode(question), loss=False)]
+            raise ValueError(
+                "[bagel.sampling] questions need the ViT: set [bagel] visual_und = true or remove "
+                "the questions"
+            )
+        context = [
+            self.processor.vit_segment(image),
+            TextSegment(self.processor.encode(question), loss=False),
+        ]
         # Ids past the tokenizer are padding rows of the embedding table: never predicted.
         vocab = len(self.processor.tokenizer)
         eos = self.processor.special.eos
@@ -267,6 +298,7 @@ def generate_samples(sampler: BagelSampler) -> GeneratedSamples:
         out.images[name] = sampler.generate_image(prompt, config.seed + i)
         out.texts[name] = f"prompt: {prompt}"
     for i, question in enumerate(config.questions):
-        out.texts[f"qa_{i:02d}"] = (f"image: {question.image}\n\nquestion: {question.question}\n\n"
-                                    f"answer: {sampler.answer(question)}")
+        out.texts[f"qa_{i:02d}"] = (
+            f"image: {question.image}\n\nquestion: {question.question}\n\nanswer: {sampler.answer(question)}"
+        )
     return out

@@ -25,8 +25,10 @@ class SamplingQuestion:
 
     def __post_init__(self) -> None:
         if not self.image or not self.question:
-            raise ValueError(f"a questions entry needs both `image` and `question`, got image={self.image!r}, "
-                             f"question={self.question!r}")
+            raise ValueError(
+                f"a questions entry needs both `image` and `question`, got image={self.image!r}, "
+                f"question={self.question!r}"
+            )
 
 
 @dataclass
@@ -70,12 +72,19 @@ class SamplingConfig:
         checks = [
             (self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}"),
             (self.cfg_scale >= 1.0, f"cfg_scale must be >= 1.0 (1.0 = no guidance), got {self.cfg_scale}"),
-            (len(self.cfg_interval) == 2 and 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0,
-             f"cfg_interval must be [low, high] with 0 <= low <= high <= 1, got {self.cfg_interval}"),
-            (0.0 <= self.cfg_renorm_min <= 1.0, f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}"),
+            (
+                len(self.cfg_interval) == 2 and 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0,
+                f"cfg_interval must be [low, high] with 0 <= low <= high <= 1, got {self.cfg_interval}",
+            ),
+            (
+                0.0 <= self.cfg_renorm_min <= 1.0,
+                f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}",
+            ),
             (self.timestep_shift > 0, f"timestep_shift must be > 0, got {self.timestep_shift}"),
-            (len(self.image_size) == 2 and min(self.image_size) > 0,
-             f"image_size must be [height, width] in pixels, got {self.image_size}"),
+            (
+                len(self.image_size) == 2 and min(self.image_size) > 0,
+                f"image_size must be [height, width] in pixels, got {self.image_size}",
+            ),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (all(p.strip() for p in self.prompts), "prompts must not be empty strings"),
         ]

@@ -24,11 +24,15 @@ class SiglipVisionEmbeddings(nn.Module):
 
     def __init__(self, args: ViTArgs):
         super().__init__()
-        self.patch_embedding = nn.Linear(args.patch_size * args.patch_size * args.num_channels, args.hidden_size)
-        self.position_embedding = nn.Embedding(args.patches_per_side ** 2, args.hidden_size)
+        self.patch_embedding = nn.Linear(
+            args.patch_size * args.patch_size * args.num_channels, args.hidden_size
+        )
+        self.position_embedding = nn.Embedding(args.patches_per_side**2, args.hidden_size)
 
     def forward(self, pixels_NP: torch.Tensor, position_ids_N: torch.Tensor) -> torch.Tensor:
-        return self.patch_embedding(pixels_NP.to(self.patch_embedding.weight.dtype)) + self.position_embedding(position_ids_N)
+        return self.patch_embedding(
+            pixels_NP.to(self.patch_embedding.weight.dtype)
+        ) + self.position_embedding(position_ids_N)
 
 
 class SiglipAttention(nn.Module):
@@ -38,8 +42,14 @@ class SiglipAttention(nn.Module):
         d = args.hidden_size
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
         self.attn_core = attention_factory(
-            AttentionLayerSpec(num_heads=args.num_heads, num_kv_heads=args.num_heads, head_dim=args.head_dim,
-                               hidden_size=d, layer_index=layer_index, role="encoder")
+            AttentionLayerSpec(
+                num_heads=args.num_heads,
+                num_kv_heads=args.num_heads,
+                head_dim=args.head_dim,
+                hidden_size=d,
+                layer_index=layer_index,
+                role="encoder",
+            )
         )
 
     def forward(self, x_ND: torch.Tensor, meta) -> torch.Tensor:
@@ -79,7 +89,9 @@ class SiglipEncoderLayer(nn.Module):
 class SiglipEncoder(nn.Module):
     def __init__(self, args: ViTArgs, attention_factory: AttentionFactory):
         super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(args, i, attention_factory) for i in range(args.num_layers))
+        self.layers = nn.ModuleList(
+            SiglipEncoderLayer(args, i, attention_factory) for i in range(args.num_layers)
+        )
 
 
 class SiglipVisionTransformer(nn.Module):

@@ -28,34 +28,67 @@ FREEZE_GROUPS = ("llm", "vit", "connector", "und", "gen")
 UND_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
 EXPERT_PROJECTIONS = {
-    "und": {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-            "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-            "down_proj": "mlp.down_proj"},
-    "gen": {"q_proj": "self_attn.q_proj_moe_gen", "k_proj": "self_attn.k_proj_moe_gen",
-            "v_proj": "self_attn.v_proj_moe_gen", "o_proj": "self_attn.o_proj_moe_gen",
-            "gate_proj": "mlp_moe_gen.gate_proj", "up_proj": "mlp_moe_gen.up_proj", "down_proj": "mlp_moe_gen.down_proj"},
+    "und": {
+        "q_proj": "self_attn.q_proj",
+        "k_proj": "self_attn.k_proj",
+        "v_proj": "self_attn.v_proj",
+        "o_proj": "self_attn.o_proj",
+        "gate_proj": "mlp.gate_proj",
+        "up_proj": "mlp.up_proj",
+        "down_proj": "mlp.down_proj",
+    },
+    "gen": {
+        "q_proj": "self_attn.q_proj_moe_gen",
+        "k_proj": "self_attn.k_proj_moe_gen",
+        "v_proj": "self_attn.v_proj_moe_gen",
+        "o_proj": "self_attn.o_proj_moe_gen",
+        "gate_proj": "mlp_moe_gen.gate_proj",
+        "up_proj": "mlp_moe_gen.up_proj",
+        "down_proj": "mlp_moe_gen.down_proj",
+    },
 }
 """`[lora] targets` of the LLM: expert group -> projection -> module path inside a decoder layer."""
-VIT_PROJECTIONS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-                   "out_proj": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+VIT_PROJECTIONS = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "out_proj": "self_attn.out_proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
 GEN_MODULES = ("vae2llm", "llm2vae", "time_embedder")
 """Generation-only modules `[lora] train_also` names one by one, beside the freeze groups."""
 
 
-
-def attention_factories(job_config, plugins) -> tuple[Callable[[AttentionLayerSpec], nn.Module], Callable[[AttentionLayerSpec], nn.Module]]:
+def attention_factories(
+    job_config, plugins
+) -> tuple[Callable[[AttentionLayerSpec], nn.Module], Callable[[AttentionLayerSpec], nn.Module]]:
     """(LLM, ViT) attention-module factories from `[attention]`; the ViT uses `[bagel] vit_backend`, else
     the LLM backend's `vit_fallback` (nsa), else the LLM backend."""
     llm_name = job_config.attention.backend
     llm_backend = plugins.attention_backends.get(llm_name)
-    vit_name = BagelSpec.bagel_config(job_config).vit_backend or getattr(llm_backend, "vit_fallback", None) or llm_name
+    vit_name = (
+        BagelSpec.bagel_config(job_config).vit_backend
+        or getattr(llm_backend, "vit_fallback", None)
+        or llm_name
+    )
     vit_backend = plugins.attention_backends.get(vit_name)
-    llm_options, vit_options = job_config.options(f"attention.{llm_name}"), job_config.options(f"attention.{vit_name}")
-    return (lambda spec: llm_backend.build(spec, llm_options)), (lambda spec: vit_backend.build(spec, vit_options))
+    llm_options, vit_options = (
+        job_config.options(f"attention.{llm_name}"),
+        job_config.options(f"attention.{vit_name}"),
+    )
+    return (lambda spec: llm_backend.build(spec, llm_options)), (
+        lambda spec: vit_backend.build(spec, vit_options)
+    )
 
 
-def build_bagel(arch: BagelArchitecture, options: BagelConfig | None = None, *, backend: Any = None,
-                vit_backend: Any = None) -> Bagel:
+def build_bagel(
+    arch: BagelArchitecture,
+    options: BagelConfig | None = None,
+    *,
+    backend: Any = None,
+    vit_backend: Any = None,
+) -> Bagel:
     """A Bagel with explicit backends (objects with `build(spec, options)`); eager by default.
 
     For tests and tools that do not go through a JobConfig; materialises nothing itself (call it
@@ -65,7 +98,9 @@ def build_bagel(arch: BagelArchitecture, options: BagelConfig | None = None, *, 
 
         backend = EagerBackend()
     vit_backend = vit_backend or backend
-    return Bagel(arch, options or BagelConfig(), lambda s: backend.build(s, {}), lambda s: vit_backend.build(s, {}))
+    return Bagel(
+        arch, options or BagelConfig(), lambda s: backend.build(s, {}), lambda s: vit_backend.build(s, {})
+    )
 
 
 def build_bagel_for_tests(flavor: str = "debug", seed: int = 0, **options: Any) -> Bagel:
@@ -109,8 +144,10 @@ class BagelSpec:
     def build(self, job_config, plugins) -> Bagel:
         options = self.bagel_config(job_config)
         if (options.llm_path or options.vit_path) and job_config.model.pretrained_path:
-            raise UserError(f"[bagel] llm_path / vit_path start a new BAGEL from Qwen2.5 + SigLIP, [model] "
-                            f"pretrained_path loads a BAGEL ({job_config.model.pretrained_path!r}); set one of them")
+            raise UserError(
+                f"[bagel] llm_path / vit_path start a new BAGEL from Qwen2.5 + SigLIP, [model] "
+                f"pretrained_path loads a BAGEL ({job_config.model.pretrained_path!r}); set one of them"
+            )
         arch = self.architecture(job_config)
         llm_attention, vit_attention = attention_factories(job_config, plugins)
         model = Bagel(arch, self.bagel_config(job_config), llm_attention, vit_attention)
@@ -132,25 +169,45 @@ class BagelSpec:
     def load_weights(self, model: Bagel, path: str) -> None:
         weights.load_weights(model, path)
 
-    def export(self, model: Bagel, path: str, dtype: torch.dtype,
-               state_dict: Mapping[str, torch.Tensor] | None = None, *, ema: bool = False,
-               lora: LoRAExport | None = None) -> None:
+    def export(
+        self,
+        model: Bagel,
+        path: str,
+        dtype: torch.dtype,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        *,
+        ema: bool = False,
+        lora: LoRAExport | None = None,
+    ) -> None:
         write = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         weights.export(model, path, dtype, state_dict, ema=ema, write=write, lora=lora)
 
-    def activation_memory(self, model: Bagel, job_config, tokens: int, compute_bytes: int,
-                          activation_checkpointing: bool):
+    def activation_memory(
+        self, model: Bagel, job_config, tokens: int, compute_bytes: int, activation_checkpointing: bool
+    ):
         """Activation bytes of one pack of `tokens` (for `bagel-titan-estimate`)."""
         from .memory import activation_memory
 
         attention = job_config.attention
-        vit_backend = self.bagel_config(job_config).vit_backend or ("sdpa" if attention.backend == "nsa" else attention.backend)
-        return activation_memory(model.arch, model.options, tokens, compute_bytes, activation_checkpointing,
-                                 llm_backend=attention.backend, vit_backend=vit_backend)
+        vit_backend = self.bagel_config(job_config).vit_backend or (
+            "sdpa" if attention.backend == "nsa" else attention.backend
+        )
+        return activation_memory(
+            model.arch,
+            model.options,
+            tokens,
+            compute_bytes,
+            activation_checkpointing,
+            llm_backend=attention.backend,
+            vit_backend=vit_backend,
+        )
 
     def tokenizer_path(self, job_config) -> str:
-        return (job_config.model.tokenizer_path or job_config.model.pretrained_path
-                or self.bagel_config(job_config).llm_path)
+        return (
+            job_config.model.tokenizer_path
+            or job_config.model.pretrained_path
+            or self.bagel_config(job_config).llm_path
+        )
 
     # -- parallelism / freezing ------------------------------------------------------------------
 
@@ -192,7 +249,11 @@ class BagelSpec:
             mods = [lm.norm_moe_gen]
             for layer in lm.layers:
                 mods += [getattr(layer.self_attn, f"{n}_moe_gen") for n in UND_ATTN]
-                mods += [layer.mlp_moe_gen, layer.input_layernorm_moe_gen, layer.post_attention_layernorm_moe_gen]
+                mods += [
+                    layer.mlp_moe_gen,
+                    layer.input_layernorm_moe_gen,
+                    layer.post_attention_layernorm_moe_gen,
+                ]
             if model.options.visual_gen:
                 mods += [model.time_embedder, model.vae2llm, model.llm2vae]
             return mods
@@ -209,10 +270,16 @@ class BagelSpec:
         }
         vit_layers = []
         if model.options.visual_und:
-            vit_layers = [f"vit_model.vision_model.encoder.layers.{i}"
-                          for i in range(len(model.vit_model.vision_model.encoder.layers))]
-        targets["vit"] = {p: [f"{layer}.{path}" for layer in vit_layers] for p, path in VIT_PROJECTIONS.items()}
-        targets["connector"] = {p: [f"connector.{p}"] if model.options.visual_und else [] for p in ("fc1", "fc2")}
+            vit_layers = [
+                f"vit_model.vision_model.encoder.layers.{i}"
+                for i in range(len(model.vit_model.vision_model.encoder.layers))
+            ]
+        targets["vit"] = {
+            p: [f"{layer}.{path}" for layer in vit_layers] for p, path in VIT_PROJECTIONS.items()
+        }
+        targets["connector"] = {
+            p: [f"connector.{p}"] if model.options.visual_und else [] for p in ("fc1", "fc2")
+        }
         for name in ("vae2llm", "llm2vae"):
             targets[name] = {name: [name] if model.options.visual_gen else []}
         names = {id(module): name for name, module in model.named_modules()}
@@ -239,13 +306,19 @@ class BagelSpec:
         from .processor import BagelProcessor
 
         tokenizer_path = self.tokenizer_path(job_config)
-        return BagelProcessor(job_config, self.bagel_config(job_config), tokenizer_path, **self._data_kwargs(job_config))
+        return BagelProcessor(
+            job_config, self.bagel_config(job_config), tokenizer_path, **self._data_kwargs(job_config)
+        )
 
     def build_collator(self, job_config):
         from .collator import BagelCollator
 
-        return BagelCollator(job_config, self.bagel_config(job_config), tokenizer_path=self.tokenizer_path(job_config),
-                             **self._data_kwargs(job_config))
+        return BagelCollator(
+            job_config,
+            self.bagel_config(job_config),
+            tokenizer_path=self.tokenizer_path(job_config),
+            **self._data_kwargs(job_config),
+        )
 
     def generate_samples(self, model: Bagel, job_config, step: int) -> GeneratedSamples:
         """Images for `[bagel.sampling] prompts` and answers to its `questions` from the model being
@@ -254,7 +327,11 @@ class BagelSpec:
         from .sampling import generate_samples
         from .sampling_config import SamplingConfig
 
-        config = job_config.section("bagel.sampling") if job_config.has_section("bagel.sampling") else SamplingConfig()
+        config = (
+            job_config.section("bagel.sampling")
+            if job_config.has_section("bagel.sampling")
+            else SamplingConfig()
+        )
         if not config.prompts and not config.questions:
             return GeneratedSamples()
         return generate_samples(self.sampler(model, job_config, config))
@@ -266,11 +343,17 @@ class BagelSpec:
         from .sampling import BagelSampler
 
         processor = self.build_processor(job_config)
-        collator = BagelCollator(job_config, self.bagel_config(job_config), special_tokens=processor.special,
-                                 **self._data_kwargs(job_config))
+        collator = BagelCollator(
+            job_config,
+            self.bagel_config(job_config),
+            special_tokens=processor.special,
+            **self._data_kwargs(job_config),
+        )
         return BagelSampler(model, processor, collator, config)
 
-    def forward(self, model: Bagel, batch: BagelPackedBatch, generator: torch.Generator | None) -> ModelOutputs:
+    def forward(
+        self, model: Bagel, batch: BagelPackedBatch, generator: torch.Generator | None
+    ) -> ModelOutputs:
         result = model(batch, generator)
         return bagel_outputs(result, batch)
 
@@ -311,7 +394,7 @@ class _LossCounts(Mapping[str, float]):
 
 
 def bagel_loss_counts(batch: BagelPackedBatch) -> Mapping[str, float]:
-    """"labels" and "label_weight_sum" (for `ce`), "noised_tokens" (for `flow_mse`)."""
+    """ "labels" and "label_weight_sum" (for `ce`), "noised_tokens" (for `flow_mse`)."""
     return _LossCounts(batch)
 
 

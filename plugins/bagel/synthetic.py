@@ -44,8 +44,12 @@ class VaeImage:
 Segment = Union[Text, VitImage, VaeImage]
 
 
-def synthetic_batch(arch: BagelArchitecture, options: BagelConfig, samples: Sequence[Sequence[Segment]],
-                    generator: torch.Generator | None = None) -> BagelPackedBatch:
+def synthetic_batch(
+    arch: BagelArchitecture,
+    options: BagelConfig,
+    samples: Sequence[Sequence[Segment]],
+    generator: torch.Generator | None = None,
+) -> BagelPackedBatch:
     """Pack `samples` (lists of segments) into one batch with random ids and pixels.
 
     Special ids are the last four of the vocabulary (start, end, vision start, vision end).
@@ -132,13 +136,25 @@ def synthetic_batch(arch: BagelArchitecture, options: BagelConfig, samples: Sequ
             padded_images[i, :, :hp, :wp] = torch.rand(arch.vae.in_channels, hp, wp, generator=g) * 2 - 1
     long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return BagelPackedBatch(
-        sequence_length=cursor, sample_lens=sample_lens, split_lens=split_lens, attn_modes=modes,
-        packed_text_ids=long(text_ids), packed_text_indexes=long(text_idx), packed_position_ids=long(pos_ids),
-        packed_label_ids=long(labels), ce_loss_indexes=long(ce_idx),
+        sequence_length=cursor,
+        sample_lens=sample_lens,
+        split_lens=split_lens,
+        attn_modes=modes,
+        packed_text_ids=long(text_ids),
+        packed_text_indexes=long(text_idx),
+        packed_position_ids=long(pos_ids),
+        packed_label_ids=long(labels),
+        ce_loss_indexes=long(ce_idx),
         ce_loss_weights=torch.tensor(ce_w, dtype=torch.float32),
-        packed_vit_tokens=vit_tokens, packed_vit_token_indexes=long(vit_idx), packed_vit_position_ids=long(vit_pos),
-        vit_token_seqlens=torch.tensor(vit_lens, dtype=torch.int32), padded_images=padded_images,
-        patchified_vae_latent_shapes=vae_shapes, packed_latent_position_ids=long(lat_pos),
-        packed_vae_token_indexes=long(vae_idx), vae_image_noised=noised_flags, mse_loss_indexes=long(mse_idx),
+        packed_vit_tokens=vit_tokens,
+        packed_vit_token_indexes=long(vit_idx),
+        packed_vit_position_ids=long(vit_pos),
+        vit_token_seqlens=torch.tensor(vit_lens, dtype=torch.int32),
+        padded_images=padded_images,
+        patchified_vae_latent_shapes=vae_shapes,
+        packed_latent_position_ids=long(lat_pos),
+        packed_vae_token_indexes=long(vae_idx),
+        vae_image_noised=noised_flags,
+        mse_loss_indexes=long(mse_idx),
         num_samples=len(samples),
     )

@@ -157,8 +157,9 @@ class AutoEncoder(nn.Module):
     def moments(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
-               eps: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Sample the posterior (mean + std * eps) and scale/shift it; `eps` overrides the draw."""
         mean, logvar = self.moments(images).chunk(2, dim=1)
         if eps is None:
@@ -207,8 +208,9 @@ class FrozenVAE:
         return self.module
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
-               eps: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[n, 3, H, W] pixels in [-1, 1] -> fp32 latents [n, z, H/ds, W/ds] (scaled and shifted)."""
         ae = self.on(images.device)
         dtype = next(ae.parameters()).dtype

@@ -74,7 +74,9 @@ def _group_by_size(images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for i, image in enumerate(images):
         if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"image {i} has shape {tuple(image.shape)}; expected [3, H, W] pixels in [-1, 1]")
+            raise ValueError(
+                f"image {i} has shape {tuple(image.shape)}; expected [3, H, W] pixels in [-1, 1]"
+            )
         groups.setdefault(tuple(image.shape), []).append(image.float())
     return [torch.stack(g) for _, g in sorted(groups.items())]
 
@@ -90,8 +92,13 @@ def _zero_init_residual(ae: AutoEncoder) -> None:
             module.proj_out.bias.zero_()
 
 
-def fit_vae(arch: VAEArgs, images: Sequence[torch.Tensor], steps: int | None = None, seed: int | None = None,
-            config: VAEFitConfig = VAEFitConfig()) -> dict[str, torch.Tensor]:
+def fit_vae(
+    arch: VAEArgs,
+    images: Sequence[torch.Tensor],
+    steps: int | None = None,
+    seed: int | None = None,
+    config: VAEFitConfig = VAEFitConfig(),
+) -> dict[str, torch.Tensor]:
     """Train an `AutoEncoder(arch)` on `images` (each [3, H, W] in [-1, 1], H and W divisible by
     the VAE's downsample factor; several sizes allowed) and return its fp32 CPU state dict.
 
@@ -102,8 +109,10 @@ def fit_vae(arch: VAEArgs, images: Sequence[torch.Tensor], steps: int | None = N
         raise ValueError("fit_vae needs at least one image")
     for image in images:
         if image.shape[-2] % arch.downsample or image.shape[-1] % arch.downsample:
-            raise ValueError(f"image size {tuple(image.shape[-2:])} is not divisible by the VAE downsample "
-                             f"factor {arch.downsample}")
+            raise ValueError(
+                f"image size {tuple(image.shape[-2:])} is not divisible by the VAE downsample "
+                f"factor {arch.downsample}"
+            )
     groups = _group_by_size(images)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -113,22 +122,31 @@ def fit_vae(arch: VAEArgs, images: Sequence[torch.Tensor], steps: int | None = N
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(ae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     warmup = max(1, steps // 20)
-    schedule = lambda i: min(1.0, (i + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / steps)))  # noqa: E731
+
+    def schedule(i: int) -> float:  # linear warm-up, then cosine to 5%
+        return min(1.0, (i + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / steps)))
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     for step in range(steps):
         group = groups[step % len(groups)]
         idx = torch.randint(len(group), (min(config.batch_size, len(group)),), generator=generator)
         x_BCHW = group[idx]
-        if step < config.half_res_fraction * steps and x_BCHW.shape[-2] % (2 * arch.downsample) == 0 \
-                and x_BCHW.shape[-1] % (2 * arch.downsample) == 0:
+        if (
+            step < config.half_res_fraction * steps
+            and x_BCHW.shape[-2] % (2 * arch.downsample) == 0
+            and x_BCHW.shape[-1] % (2 * arch.downsample) == 0
+        ):
             x_BCHW = F.avg_pool2d(x_BCHW, 2)
         moments = ae.moments(x_BCHW)
         mean, logvar = moments.chunk(2, dim=1)
         eps = torch.randn(mean.shape, generator=generator)
         z = mean + torch.exp(0.5 * logvar) * eps
         recon = ae.decoder(z)
-        loss = (F.l1_loss(recon, x_BCHW) + F.mse_loss(recon, x_BCHW)
-                + config.kl_weight * posterior_kl(ae, moments))
+        loss = (
+            F.l1_loss(recon, x_BCHW)
+            + F.mse_loss(recon, x_BCHW)
+            + config.kl_weight * posterior_kl(ae, moments)
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
@@ -138,8 +156,9 @@ def fit_vae(arch: VAEArgs, images: Sequence[torch.Tensor], steps: int | None = N
 
 
 @torch.no_grad()
-def reconstruction_psnr(ae: AutoEncoder, images: Sequence[torch.Tensor], *, sample: bool = True,
-                        seed: int = 0) -> float:
+def reconstruction_psnr(
+    ae: AutoEncoder, images: Sequence[torch.Tensor], *, sample: bool = True, seed: int = 0
+) -> float:
     """PSNR (dB, pixels in [0, 1]) of `decode(encode(x))` over `images`, through the model's
     scaled latents; `sample=False` decodes the posterior mean instead of a posterior sample."""
     generator = torch.Generator().manual_seed(seed)

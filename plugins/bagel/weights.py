@@ -24,13 +24,26 @@ from typing import Any, Callable, Mapping
 import torch
 from safetensors import safe_open
 
-from bagel_titan.distributed.tensor_io import (Region, SafetensorsStreamWriter, assign_region, gather_full,
-                                               local_region)
+from bagel_titan.distributed.tensor_io import (
+    Region,
+    SafetensorsStreamWriter,
+    assign_region,
+    gather_full,
+    local_region,
+)
 from bagel_titan.lora import LoRAExport, adapter_state_keys
 from bagel_titan_plugins.attention.state_keys import optional_attention_state_keys
 
-from .config import (BagelArchitecture, BagelConfig, VAEArgs, architecture_from_release, bagel_config_from_release,
-                     llm_config_dict, release_config_dict, vit_config_dict)
+from .config import (
+    BagelArchitecture,
+    BagelConfig,
+    VAEArgs,
+    architecture_from_release,
+    bagel_config_from_release,
+    llm_config_dict,
+    release_config_dict,
+    vit_config_dict,
+)
 from .modeling import Bagel
 
 POSITION_TABLES = {
@@ -40,8 +53,15 @@ POSITION_TABLES = {
 """Fixed sin-cos tables: recomputed, optional in a checkpoint, always written on export."""
 
 VAE_PREFIX_LE = "vae_model."
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
 
 
 @dataclass(frozen=True)
@@ -99,8 +119,9 @@ def detect(folder: str) -> WeightSource:
             raise FileNotFoundError(f"official BAGEL folder {folder!r} has no ae.safetensors (the FLUX VAE)")
         return WeightSource("official", _same_keys(model_file), _same_keys(join("ae.safetensors")))
     if has("weights.safetensors") and has("vae_weights.safetensors") and has("config.json"):
-        return WeightSource("fixture", _same_keys(join("weights.safetensors")),
-                            _same_keys(join("vae_weights.safetensors")))
+        return WeightSource(
+            "fixture", _same_keys(join("weights.safetensors")), _same_keys(join("vae_weights.safetensors"))
+        )
     if has("config.json") and (has("model.safetensors.index.json") or has("model.safetensors")):
         if has("model.safetensors.index.json"):
             with open(join("model.safetensors.index.json")) as f:
@@ -111,7 +132,7 @@ def detect(folder: str) -> WeightSource:
         source = WeightSource("le")
         for k, path in files.items():
             if k.startswith(VAE_PREFIX_LE):
-                source.vae[k[len(VAE_PREFIX_LE):]] = StoredTensor(path, k)
+                source.vae[k[len(VAE_PREFIX_LE) :]] = StoredTensor(path, k)
             else:
                 source.model[k] = StoredTensor(path, k)
         return source
@@ -142,7 +163,7 @@ def read_architecture(folder: str) -> tuple[BagelArchitecture, BagelConfig]:
         config.setdefault("vae_config", dataclasses.asdict(VAEArgs()))
     arch = architecture_from_release(config, vit_config_counts_extra_layer=False)
     prefix = "vit_model.vision_model.encoder.layers."
-    vit_layers = {int(k[len(prefix):].split(".")[0]) for k in source.model if k.startswith(prefix)}
+    vit_layers = {int(k[len(prefix) :].split(".")[0]) for k in source.model if k.startswith(prefix)}
     if vit_layers:
         arch = dataclasses.replace(arch, vit=dataclasses.replace(arch.vit, num_layers=max(vit_layers) + 1))
     return arch, bagel_config_from_release(config)
@@ -175,13 +196,17 @@ class _Reader:
         if ref.convert is not None:
             converted = tuple(ref.convert(torch.empty(stored, device="meta")).shape)
             if converted[0] != stored[0]:
-                raise ValueError(f"{ref.key} in {ref.file}: its conversion changes the rows {stored} -> {converted}")
+                raise ValueError(
+                    f"{ref.key} in {ref.file}: its conversion changes the rows {stored} -> {converted}"
+                )
             return converted
         if ref.shape is None:
             return stored
         if stored[0] != ref.shape[0] or math.prod(stored) != math.prod(ref.shape):
-            raise ValueError(f"{ref.key} in {ref.file} has shape {stored}, which no row-keeping reshape "
-                             f"turns into {ref.shape}")
+            raise ValueError(
+                f"{ref.key} in {ref.file} has shape {stored}, which no row-keeping reshape "
+                f"turns into {ref.shape}"
+            )
         return ref.shape
 
     def read(self, ref: StoredTensor, region: Region) -> torch.Tensor:
@@ -268,7 +293,9 @@ def load_model_tensors(model: Bagel, source: WeightSource, where: str) -> None:
     own = model.state_dict(keep_vars=True)
     # Tables are recomputed; attention-backend parameters (NSA) are created fresh when absent;
     # LoRA adapters are initialised fresh, never part of a pretrained folder.
-    optional = set(POSITION_TABLES) | optional_attention_state_keys(model) | adapter_state_keys(model) | source.fresh
+    optional = (
+        set(POSITION_TABLES) | optional_attention_state_keys(model) | adapter_state_keys(model) | source.fresh
+    )
     _check_keys("model", set(own), set(source.model), optional, where)
     refs = dict(source.model)
     with _Reader() as reader:
@@ -289,8 +316,10 @@ def _load_vae(model: Bagel, refs: Mapping[str, StoredTensor], where: str) -> Non
 def load_vae_file(model: Bagel, path: str) -> None:
     """Load `[bagel] vae_path` (one `ae.safetensors`, FLUX key layout) into the model's frozen VAE."""
     if model.vae is None:
-        raise ValueError(f"[bagel] vae_path = {path!r} is set but [bagel] visual_gen = false (the model has "
-                         f"no VAE); remove vae_path or enable visual_gen")
+        raise ValueError(
+            f"[bagel] vae_path = {path!r} is set but [bagel] visual_gen = false (the model has "
+            f"no VAE); remove vae_path or enable visual_gen"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"[bagel] vae_path = {path!r} does not exist (working directory {os.getcwd()!r}); for the debug "
@@ -304,7 +333,9 @@ WEIGHT_FILES = {True: "ema.safetensors", False: "model.safetensors"}
 """The release's names: EMA weights vs raw (non-averaged) weights."""
 
 
-def export_entries(model: Bagel, state_dict: Mapping[str, torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]]:
+def export_entries(
+    model: Bagel, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> list[tuple[str, torch.Tensor]]:
     """(state-dict name, local tensor or DTensor) for every tensor of the model, in file order,
     LoRA adapters included; `state_dict` replaces the model's tensors by name (e.g. the sharded
     EMA shadow)."""
@@ -315,8 +346,14 @@ def export_entries(model: Bagel, state_dict: Mapping[str, torch.Tensor] | None =
     return entries
 
 
-def _write_streamed(path: str, entries: list[tuple[str, torch.Tensor]], dtype: torch.dtype, write: bool,
-                    lora: LoRAExport | None = None, skip: set[str] = frozenset()) -> None:
+def _write_streamed(
+    path: str,
+    entries: list[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    write: bool,
+    lora: LoRAExport | None = None,
+    skip: set[str] = frozenset(),
+) -> None:
     """Gather, cast and write one tensor at a time (collective for sharded entries), leaving out
     `skip`. With `lora`, an adapted weight is gathered in fp32 with its A and B, merged, then cast."""
     by_name = dict(entries)
@@ -334,9 +371,16 @@ def _write_streamed(path: str, entries: list[tuple[str, torch.Tensor]], dtype: t
             del full
 
 
-def export(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16,
-           state_dict: Mapping[str, torch.Tensor] | None = None, *, ema: bool = False, write: bool = True,
-           lora: LoRAExport | None = None) -> None:
+def export(
+    model: Bagel,
+    folder: str,
+    dtype: torch.dtype = torch.bfloat16,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
+    ema: bool = False,
+    write: bool = True,
+    lora: LoRAExport | None = None,
+) -> None:
     """Write an official-layout folder the release code loads unchanged.
 
     `ema.safetensors` (EMA weights, `ema=True`) or `model.safetensors` (the raw weights) in
@@ -351,12 +395,18 @@ def export(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16,
     entries = export_entries(model, state_dict)
     if write:
         os.makedirs(folder, exist_ok=True)
-    _write_streamed(os.path.join(folder, WEIGHT_FILES[ema]), entries, dtype, write, lora, adapter_state_keys(model))
+    _write_streamed(
+        os.path.join(folder, WEIGHT_FILES[ema]), entries, dtype, write, lora, adapter_state_keys(model)
+    )
     if not write:
         return
     if model.vae is not None:
-        _write_streamed(os.path.join(folder, "ae.safetensors"), list(model.vae.module.state_dict().items()),
-                        torch.float32, write)
+        _write_streamed(
+            os.path.join(folder, "ae.safetensors"),
+            list(model.vae.module.state_dict().items()),
+            torch.float32,
+            write,
+        )
     _write_folder_files(model, folder, dtype)
 
 
@@ -380,8 +430,9 @@ def _write_folder_files(model: Bagel, folder: str, dtype: torch.dtype) -> None:
         os.chmod(os.path.join(folder, name), 0o644)
 
 
-def write_random_weights(model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                         std: float = 0.02) -> None:
+def write_random_weights(
+    model: Bagel, folder: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, std: float = 0.02
+) -> None:
     """An official-layout folder with random normal(0, std) weights for `model`'s shapes (which
     may live on the meta device), generated and written one tensor at a time: benchmarks and
     tests of the weight I/O at full width without a download."""

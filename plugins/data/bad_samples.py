@@ -62,8 +62,13 @@ class BadSampleCounter:
         if total <= self.log_first:
             logger.warning("skipped bad sample %s[%d] (%s): %s", dataset, index, error.reason, error.detail)
         elif total == self.log_first + 1:
-            logger.warning("skipped bad sample %s[%d] (%s); further bad samples are only counted "
-                           "(see data/skipped/* in the metrics)", dataset, index, error.reason)
+            logger.warning(
+                "skipped bad sample %s[%d] (%s); further bad samples are only counted "
+                "(see data/skipped/* in the metrics)",
+                dataset,
+                index,
+                error.reason,
+            )
 
     def merge(self, counts: dict[str, int]) -> None:
         self.counts.update(counts)

@@ -69,7 +69,7 @@ def largest_region(mask_HW: np.ndarray) -> np.ndarray:
 def shape_measures(blob_HW: np.ndarray) -> tuple[float, float]:
     """(fill ratio, mean fill of the four corner cells) of a blob within its bounding box."""
     ys, xs = np.nonzero(blob_HW)
-    box = blob_HW[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1].astype(np.float32)
+    box = blob_HW[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32)
     h, w = box.shape
     ch, cw = max(1, round(CORNER_FRACTION * h)), max(1, round(CORNER_FRACTION * w))
     corners = [box[:ch, :cw], box[:ch, -cw:], box[-ch:, :cw], box[-ch:, -cw:]]

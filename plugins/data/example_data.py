@@ -41,8 +41,12 @@ if TYPE_CHECKING:  # the fit needs torch: imported only when a VAE is written
 # tiny debug model to learn every combination in a few minutes of CPU, shapes large enough to
 # tell apart at 32 px.
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
-    "white": (245, 245, 245), "black": (15, 15, 15),
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
@@ -77,7 +81,14 @@ QUESTION_SCENES = {
 def random_scene(rng: random.Random) -> Scene:
     """A scene with a random shape, colours, size and position."""
     colour, background = rng.sample(sorted(COLOURS), 2)
-    return Scene(rng.choice(SHAPES), colour, background, rng.choice(SIZES), rng.uniform(0.45, 0.55), rng.uniform(0.45, 0.55))
+    return Scene(
+        rng.choice(SHAPES),
+        colour,
+        background,
+        rng.choice(SIZES),
+        rng.uniform(0.45, 0.55),
+        rng.uniform(0.45, 0.55),
+    )
 
 
 def render(scene: Scene, width: int, height: int) -> bytes:
@@ -114,10 +125,18 @@ def _text_only(rng: random.Random) -> dict:
     colour = rng.choice(sorted(COLOURS))
     shape = rng.choice(SHAPES)
     sides = {"circle": "no corners", "square": "four corners", "triangle": "three corners"}[shape]
-    return {"messages": [
-        {"role": "user", "content": [{"type": "text", "text": f"how many corners does a {colour} {shape} have ?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": f"a {shape} has {sides} , whatever its colour ."}]},
-    ]}
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": f"how many corners does a {colour} {shape} have ?"}],
+            },
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": f"a {shape} has {sides} , whatever its colour ."}],
+            },
+        ]
+    }
 
 
 def make_records(num_samples: int, seed: int, image_size: tuple[int, int]) -> list[dict]:
@@ -134,20 +153,40 @@ def make_records(num_samples: int, seed: int, image_size: tuple[int, int]) -> li
         image = {"bytes": render(scene, w, h), "path": f"shape_{i:05d}.png"}
         if u < 0.6:
             question, answer = _question(scene, rng)
-            records.append({"messages": [
-                {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-            ]})
+            records.append(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image", "image": image},
+                                {"type": "text", "text": question},
+                            ],
+                        },
+                        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                    ]
+                }
+            )
         else:
-            records.append({"messages": [
-                {"role": "user", "content": [{"type": "text", "text": scene.caption()}]},
-                {"role": "assistant", "content": [{"type": "image", "image": image}]},
-            ]})
+            records.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": [{"type": "text", "text": scene.caption()}]},
+                        {"role": "assistant", "content": [{"type": "image", "image": image}]},
+                    ]
+                }
+            )
     return records
 
 
 def _texts(records: list[dict]) -> list[str]:
-    return [item["text"] for r in records for m in r["messages"] for item in m["content"] if item["type"] == "text"]
+    return [
+        item["text"]
+        for r in records
+        for m in r["messages"]
+        for item in m["content"]
+        if item["type"] == "text"
+    ]
 
 
 def build_tokenizer(texts: list[str], out_dir: str) -> None:
@@ -158,10 +197,42 @@ def build_tokenizer(texts: list[str], out_dir: str) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=list(QWEN2_SPECIAL), min_frequency=1)
     # Every word of the generator's vocabulary, so any generated sentence tokenises without <unk>.
-    vocabulary = " ".join([*COLOURS, *SHAPES, *SIZES, "a", "an", "the", "on", "of", "is", "it", "in",
-                           "what", "how", "many", "does", "have", "has", "no", "three", "four",
-                           "corners", "whatever", "its", "colour", "shape", "image", "shows",
-                           "background", "describe", "?", ".", ","])
+    vocabulary = " ".join(
+        [
+            *COLOURS,
+            *SHAPES,
+            *SIZES,
+            "a",
+            "an",
+            "the",
+            "on",
+            "of",
+            "is",
+            "it",
+            "in",
+            "what",
+            "how",
+            "many",
+            "does",
+            "have",
+            "has",
+            "no",
+            "three",
+            "four",
+            "corners",
+            "whatever",
+            "its",
+            "colour",
+            "shape",
+            "image",
+            "shows",
+            "background",
+            "describe",
+            "?",
+            ".",
+            ",",
+        ]
+    )
     tokenizer.train_from_iterator([vocabulary, *texts], trainer=trainer)
     os.makedirs(out_dir, exist_ok=True)
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
@@ -177,7 +248,11 @@ def build_tokenizer(texts: list[str], out_dir: str) -> None:
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
-        json.dump({k: config[k] for k in ("eos_token", "pad_token", "unk_token", "additional_special_tokens")}, f, indent=1)
+        json.dump(
+            {k: config[k] for k in ("eos_token", "pad_token", "unk_token", "additional_special_tokens")},
+            f,
+            indent=1,
+        )
 
 
 def write_question_images(out_dir: str, image_size: tuple[int, int]) -> str:
@@ -191,8 +266,13 @@ def write_question_images(out_dir: str, image_size: tuple[int, int]) -> str:
 
 def record_images(records: list[dict]) -> list[bytes]:
     """The PNG bytes of every image in `records` (what the debug VAE is fitted to)."""
-    return [item["image"]["bytes"] for r in records for m in r["messages"] for item in m["content"]
-            if item["type"] == "image"]
+    return [
+        item["image"]["bytes"]
+        for r in records
+        for m in r["messages"]
+        for item in m["content"]
+        if item["type"] == "image"
+    ]
 
 
 def write_fitted_vae(path: str, png_images: list[bytes], fit: "VAEFitConfig") -> str:
@@ -220,17 +300,27 @@ DEFAULT_IMAGE_SIZE = (32, 32)
 """(W, H) of the example images: 64 generation tokens each, small enough for CPU training."""
 
 
-def write_example_data(out_dir: str, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
-                       image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, row_group_size: int = 64,
-                       vae_fit: "VAEFitConfig | None" = None) -> dict[str, str]:
+def write_example_data(
+    out_dir: str,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seed: int = 0,
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    row_group_size: int = 64,
+    vae_fit: "VAEFitConfig | None" = None,
+) -> dict[str, str]:
     """Write the dataset, tokenizer and question images into `out_dir`, and with `vae_fit` the
     fitted debug VAE (tens of seconds of CPU, hence opt-in here); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     records = make_records(num_samples, seed, image_size)
-    content = pa.list_(pa.struct([
-        ("type", pa.string()), ("text", pa.string()),
-        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-    ]))
+    content = pa.list_(
+        pa.struct(
+            [
+                ("type", pa.string()),
+                ("text", pa.string()),
+                ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ]
+        )
+    )
     schema = pa.schema([("messages", pa.list_(pa.struct([("role", pa.string()), ("content", content)])))])
     table = pa.Table.from_pylist(records, schema=schema)
     data_path = os.path.join(out_dir, "train.parquet")
@@ -245,16 +335,22 @@ def write_example_data(out_dir: str, num_samples: int = DEFAULT_NUM_SAMPLES, see
 
 def example_paths(out_dir: str, with_vae: bool) -> dict[str, str]:
     """Where `write_example_data` puts each part (``vae`` only `with_vae`)."""
-    paths = {"data": os.path.join(out_dir, "train.parquet"), "tokenizer": os.path.join(out_dir, "tokenizer"),
-             "samples": os.path.join(out_dir, "samples")}
+    paths = {
+        "data": os.path.join(out_dir, "train.parquet"),
+        "tokenizer": os.path.join(out_dir, "tokenizer"),
+        "samples": os.path.join(out_dir, "samples"),
+    }
     if with_vae:
         paths["vae"] = os.path.join(out_dir, "ae.safetensors")
     return paths
 
 
 def _complete(paths: dict[str, str]) -> bool:
-    files = [paths["data"], os.path.join(paths["tokenizer"], "tokenizer.json"),
-             *(os.path.join(paths["samples"], f"{name}.png") for name in QUESTION_SCENES)]
+    files = [
+        paths["data"],
+        os.path.join(paths["tokenizer"], "tokenizer.json"),
+        *(os.path.join(paths["samples"], f"{name}.png") for name in QUESTION_SCENES),
+    ]
     return all(os.path.isfile(f) for f in files + ([paths["vae"]] if "vae" in paths else []))
 
 
@@ -285,10 +381,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, nargs=2, default=DEFAULT_IMAGE_SIZE, metavar=("W", "H"))
-    parser.add_argument("--vae", action="store_true",
-                        help="also fit the debug flavor's VAE to the images and write OUT_DIR/ae.safetensors "
-                             "(about a minute of CPU), the file of [bagel] vae_path in the debug config")
-    parser.add_argument("--vae-steps", type=int, default=None, help="steps of that fit (default: VAEFitConfig.steps)")
+    parser.add_argument(
+        "--vae",
+        action="store_true",
+        help="also fit the debug flavor's VAE to the images and write OUT_DIR/ae.safetensors "
+        "(about a minute of CPU), the file of [bagel] vae_path in the debug config",
+    )
+    parser.add_argument(
+        "--vae-steps", type=int, default=None, help="steps of that fit (default: VAEFitConfig.steps)"
+    )
     args = parser.parse_args(argv)
     fit = None
     if args.vae:

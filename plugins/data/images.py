@@ -51,19 +51,26 @@ def open_image(source: Any, data_folder: str) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _open_bytes(bytes(source), "embedded image bytes")
     if not isinstance(source, str) or not source:
-        raise BadSampleError("unknown_content", f"an image source must be a path, data: URL, bytes or "
-                                                f"{{bytes, path}} struct, got {type(source).__name__}")
+        raise BadSampleError(
+            "unknown_content",
+            f"an image source must be a path, data: URL, bytes or "
+            f"{{bytes, path}} struct, got {type(source).__name__}",
+        )
     if source.startswith("data:"):
         header, _, payload = source.partition(",")
         try:
-            data = base64.b64decode(payload, validate=True) if header.endswith(";base64") else payload.encode()
+            data = (
+                base64.b64decode(payload, validate=True) if header.endswith(";base64") else payload.encode()
+            )
         except (binascii.Error, ValueError) as exc:
             raise BadSampleError("image_corrupt", f"data: URL does not decode: {exc}") from None
         return _open_bytes(data, "data: URL")
     if source.startswith(("http://", "https://")):
-        raise BadSampleError("unknown_content", f"remote image {source!r}: download images first and "
-                                                f"point `data_folder` at them")
-    path = source[len("file://"):] if source.startswith("file://") else source
+        raise BadSampleError(
+            "unknown_content",
+            f"remote image {source!r}: download images first and point `data_folder` at them",
+        )
+    path = source[len("file://") :] if source.startswith("file://") else source
     full = path if os.path.isabs(path) else os.path.join(data_folder, path)
     if not os.path.isfile(full):
         raise BadSampleError("image_missing", f"{full!r} does not exist (data_folder={data_folder!r})")
@@ -89,11 +96,15 @@ def _to_rgb(image: Image.Image, *, min_side: int, max_pixels: int) -> Image.Imag
     if w * h > max_pixels:
         raise BadSampleError("image_too_large", f"{w}x{h} px > max_image_pixels {max_pixels}")
     if image.mode == "F" or image.mode.startswith("BGR"):
-        raise BadSampleError("image_unsupported_mode", f"pixel mode {image.mode!r} has no faithful 8-bit RGB form")
+        raise BadSampleError(
+            "image_unsupported_mode", f"pixel mode {image.mode!r} has no faithful 8-bit RGB form"
+        )
     try:
         if image.mode.startswith("I"):  # "I;16*" (16-bit) and "I" (32-bit integer) greyscale
             pixels = np.asarray(image).astype(np.float64)
-            scale = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else pixels.max()
+            scale = (
+                65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else pixels.max()
+            )
             grey = np.clip(pixels / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
             return Image.fromarray(grey).convert("RGB")
         if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
@@ -106,8 +117,16 @@ def _to_rgb(image: Image.Image, *, min_side: int, max_pixels: int) -> Image.Imag
         raise BadSampleError("image_corrupt", f"{type(exc).__name__}: {exc}") from None
 
 
-def fit_size(width: int, height: int, *, min_size: int, max_size: int, stride: int, max_side: int,
-             max_pixels: int | None = None) -> tuple[int, int]:
+def fit_size(
+    width: int,
+    height: int,
+    *,
+    min_size: int,
+    max_size: int,
+    stride: int,
+    max_side: int,
+    max_pixels: int | None = None,
+) -> tuple[int, int]:
     """(W, H) keeping the aspect ratio: the long side <= max_size, the short side >= min_size where
     the long side allows it, W*H <= max_pixels, each side a multiple of `stride` (rounded to the
     nearest) and at most `max_side` px."""

@@ -48,34 +48,65 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def resolve_sources(entries: Sequence[DatasetEntry], plugins: Any, weight: float = 1.0,
-                    mandatory: bool = False, processor: dict[str, Any] | None = None) -> list[Source]:
+def resolve_sources(
+    entries: Sequence[DatasetEntry],
+    plugins: Any,
+    weight: float = 1.0,
+    mandatory: bool = False,
+    processor: dict[str, Any] | None = None,
+) -> list[Source]:
     """Config entries -> sources, yaml mixtures expanded, every path and format checked now."""
     sources: list[Source] = []
     for i, entry in enumerate(entries):
         if not entry.path:
-            raise DataError(f"[[data.datasets]] entry {i} has no `path`; set it to a file, a folder "
-                             f"or a .yaml list of datasets")
-        reader = plugins.dataset_readers.get(entry.format) if entry.format else plugins.reader_for_path(entry.path)
+            raise DataError(
+                f"[[data.datasets]] entry {i} has no `path`; set it to a file, a folder "
+                f"or a .yaml list of datasets"
+            )
+        reader = (
+            plugins.dataset_readers.get(entry.format) if entry.format else plugins.reader_for_path(entry.path)
+        )
         if not os.path.exists(entry.path):
-            raise DataPathError(f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
-                                    f"exist; fix `path` (relative paths resolve against {os.getcwd()!r})")
+            raise DataPathError(
+                f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
+                f"exist; fix `path` (relative paths resolve against {os.getcwd()!r})"
+            )
         if hasattr(reader, "expand"):
-            sources.extend(resolve_sources(reader.expand(entry.path), plugins, weight * entry.weight,
-                                           mandatory or entry.is_mandatory, {**(processor or {}), **entry.processor}))
+            sources.extend(
+                resolve_sources(
+                    reader.expand(entry.path),
+                    plugins,
+                    weight * entry.weight,
+                    mandatory or entry.is_mandatory,
+                    {**(processor or {}), **entry.processor},
+                )
+            )
             continue
         name = entry.name or entry.path
         if "read_pass" not in inspect.signature(reader.iter_samples).parameters:
-            raise TypeError(f"dataset reader {reader.format!r} ({type(reader).__module__}.{type(reader).__name__}) "
-                            f"has an iter_samples without the `read_pass` keyword; update it to "
-                            f"bagel_titan.protocols.DatasetReader (it may ignore `read_pass.shuffle`)")
+            raise TypeError(
+                f"dataset reader {reader.format!r} ({type(reader).__module__}.{type(reader).__name__}) "
+                f"has an iter_samples without the `read_pass` keyword; update it to "
+                f"bagel_titan.protocols.DatasetReader (it may ignore `read_pass.shuffle`)"
+            )
         if next(iter(reader.iter_samples(entry.path, shard_index=0, num_shards=1, start=0)), None) is None:
-            raise DataError(f"dataset {name!r} ([[data.datasets]] entry {i}, format {reader.format!r}) "
-                            f"holds no samples; fix `path` or remove the entry")
+            raise DataError(
+                f"dataset {name!r} ([[data.datasets]] entry {i}, format {reader.format!r}) "
+                f"holds no samples; fix `path` or remove the entry"
+            )
         if any(s.name == name for s in sources):
             raise DataError(f"two datasets are named {name!r}; give them distinct `name`s")
-        sources.append(Source(name, entry.path, reader, weight * entry.weight, entry.data_folder,
-                              mandatory or entry.is_mandatory, {**(processor or {}), **entry.processor}))
+        sources.append(
+            Source(
+                name,
+                entry.path,
+                reader,
+                weight * entry.weight,
+                entry.data_folder,
+                mandatory or entry.is_mandatory,
+                {**(processor or {}), **entry.processor},
+            )
+        )
     if not sources:
         raise DataError("no datasets configured; add [[data.datasets]] entries with a `path`")
     return sources
@@ -99,24 +130,35 @@ def check_usable(sources: Sequence[Source], processor: Any) -> None:
                     bad = BadSampleError("processor_error", f"{type(exc).__name__}: {exc}")
             skipped[bad.reason] += 1
         else:
-            raise DataError(f"dataset {source.name!r} has no usable sample: all {sum(skipped.values())} records "
-                            f"were skipped ({dict(skipped)}); fix the data (the reasons are logged) or drop it")
+            raise DataError(
+                f"dataset {source.name!r} has no usable sample: all {sum(skipped.values())} records "
+                f"were skipped ({dict(skipped)}); fix the data (the reasons are logged) or drop it"
+            )
 
 
 class PackedDataloader:
     """An endless (or one-pass) stateful iterator of packed batches for one data-parallel rank."""
 
-    def __init__(self, dataset: PackedIterable, *, num_workers: int, prefetch_factor: int, packing_length: int):
+    def __init__(
+        self, dataset: PackedIterable, *, num_workers: int, prefetch_factor: int, packing_length: int
+    ):
         self.dataset = dataset
         self.packing_length = packing_length
-        self.layout = {"num_workers": num_workers, "dp_world_size": dataset.dp_world_size,
-                       "dp_rank": dataset.dp_rank}
+        self.layout = {
+            "num_workers": num_workers,
+            "dp_world_size": dataset.dp_world_size,
+            "dp_rank": dataset.dp_rank,
+        }
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
-            kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False,
-                      "worker_init_fn": _ignore_stop_signals}
-        self.loader = StatefulDataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                         collate_fn=_identity, **kwargs)
+            kwargs = {
+                "prefetch_factor": prefetch_factor,
+                "persistent_workers": False,
+                "worker_init_fn": _ignore_stop_signals,
+            }
+        self.loader = StatefulDataLoader(
+            dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity, **kwargs
+        )
         self.stats: Counter[str] = Counter()
         if num_workers > 0:
             atexit.register(_close_if_alive, weakref.ref(self))
@@ -149,8 +191,10 @@ class PackedDataloader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("layout", self.layout)
         if saved != self.layout:
-            raise ValueError(f"the data loader state was saved with {saved} but this run has {self.layout}; "
-                             f"exact resume needs the same data-parallel size and [data] num_workers")
+            raise ValueError(
+                f"the data loader state was saved with {saved} but this run has {self.layout}; "
+                f"exact resume needs the same data-parallel size and [data] num_workers"
+            )
         self.loader.load_state_dict(state["loader"])
         self.stats = Counter({k: int(v) for k, v in state["stats"].items()})
 
@@ -164,28 +208,38 @@ class PackedDataloader:
         return out
 
 
-def release_packing_options(job_config: JobConfig, sources: Sequence[Source], strategy: str,
-                            infinite: bool) -> tuple[dict[str, Any], tuple[str, int]]:
+def release_packing_options(
+    job_config: JobConfig, sources: Sequence[Source], strategy: str, infinite: bool
+) -> tuple[dict[str, Any], tuple[str, int]]:
     """Packer options and the per-sample limit (setting, tokens) for `strategy`; release packing
     checks its sizes against `[data] packing_length`, its `max_num_tokens`."""
     data = job_config.data
     mandatory = [s.name for s in sources if s.mandatory]
     if strategy != "release":
         if mandatory and infinite:
-            raise ConfigError(f"[[data.datasets]] {mandatory[0]!r} sets is_mandatory, which only release packing "
-                              f"honours; set [data] packing_strategy = \"release\" or drop is_mandatory")
+            raise ConfigError(
+                f"[[data.datasets]] {mandatory[0]!r} sets is_mandatory, which only release packing "
+                f'honours; set [data] packing_strategy = "release" or drop is_mandatory'
+            )
         return {}, ("[data] packing_length", data.packing_length)
-    config = (job_config.section("data.release_packing") if job_config.has_section("data.release_packing")
-              else ReleasePackingConfig())
+    config = (
+        job_config.section("data.release_packing")
+        if job_config.has_section("data.release_packing")
+        else ReleasePackingConfig()
+    )
     for name in ("max_num_tokens_per_sample", "expected_num_tokens"):
         if getattr(config, name) > data.packing_length:
-            raise ConfigError(f"[data.release_packing] {name} = {getattr(config, name)} exceeds [data] "
-                              f"packing_length = {data.packing_length} (the release's max_num_tokens, the hard "
-                              f"cap of a pack); lower it or raise packing_length")
+            raise ConfigError(
+                f"[data.release_packing] {name} = {getattr(config, name)} exceeds [data] "
+                f"packing_length = {data.packing_length} (the release's max_num_tokens, the hard "
+                f"cap of a pack); lower it or raise packing_length"
+            )
     # A finite pass (validation) has no endless source to draw mandatory samples from.
     indices = [i for i, s in enumerate(sources) if s.mandatory] if infinite else []
-    return ({"release": config, "mandatory": indices},
-            ("[data.release_packing] max_num_tokens_per_sample", config.max_num_tokens_per_sample))
+    return (
+        {"release": config, "mandatory": indices},
+        ("[data.release_packing] max_num_tokens_per_sample", config.max_num_tokens_per_sample),
+    )
 
 
 class PackedDataloaderBuilder:
@@ -193,8 +247,17 @@ class PackedDataloaderBuilder:
 
     name = "packed"
 
-    def build(self, job_config: JobConfig, plugins: Any, model_spec: Any, *, dp_rank: int,
-              dp_world_size: int, datasets: Sequence[Any] | None = None, infinite: bool = True) -> PackedDataloader:
+    def build(
+        self,
+        job_config: JobConfig,
+        plugins: Any,
+        model_spec: Any,
+        *,
+        dp_rank: int,
+        dp_world_size: int,
+        datasets: Sequence[Any] | None = None,
+        infinite: bool = True,
+    ) -> PackedDataloader:
         data = job_config.data
         entries = list(data.datasets if datasets is None else datasets)
         sources = resolve_sources(entries, plugins)
@@ -215,8 +278,17 @@ class PackedDataloaderBuilder:
         )
         processor = model_spec.build_processor(job_config)
         check_usable(sources, processor)
-        dataset = PackedIterable(sources, processor,
-                                 model_spec.build_collator(job_config), options,
-                                 dp_rank=dp_rank, dp_world_size=dp_world_size)
-        return PackedDataloader(dataset, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
-                                packing_length=data.packing_length)
+        dataset = PackedIterable(
+            sources,
+            processor,
+            model_spec.build_collator(job_config),
+            options,
+            dp_rank=dp_rank,
+            dp_world_size=dp_world_size,
+        )
+        return PackedDataloader(
+            dataset,
+            num_workers=data.num_workers,
+            prefetch_factor=data.prefetch_factor,
+            packing_length=data.packing_length,
+        )

@@ -38,17 +38,24 @@ class Source:
     processor_options: dict[str, Any] = field(default_factory=dict)
     """Per-dataset processor overrides, handed to the processor with every sample."""
 
-    def iter_shard(self, shard_index: int, num_shards: int, start: int, read_pass: ReadPass) -> Iterator[RawSample]:
-        for sample in self.reader.iter_samples(self.path, shard_index=shard_index, num_shards=num_shards,
-                                               start=start, read_pass=read_pass):
+    def iter_shard(
+        self, shard_index: int, num_shards: int, start: int, read_pass: ReadPass
+    ) -> Iterator[RawSample]:
+        for sample in self.reader.iter_samples(
+            self.path, shard_index=shard_index, num_shards=num_shards, start=start, read_pass=read_pass
+        ):
             sample.dataset = self.name
             sample.data_folder = sample.data_folder or self.data_folder
             sample.processor_options = self.processor_options
             yield sample
 
 
-def window_shuffled(open_at: Callable[[int], Iterator[RawSample]], start: int, window: int,
-                    rng_for: Callable[[int], random.Random]) -> Iterator[RawSample]:
+def window_shuffled(
+    open_at: Callable[[int], Iterator[RawSample]],
+    start: int,
+    window: int,
+    rng_for: Callable[[int], random.Random],
+) -> Iterator[RawSample]:
     """The stream `open_at(0)` with each window of `window` consecutive samples permuted by
     `rng_for(window_index)`, from shuffled position `start` on (only that window is re-read)."""
     index, offset = divmod(start, window)
@@ -78,14 +85,25 @@ class Drawn:
 class MixtureStream:
     """Endless (or one-pass) weighted stream over the sources of one shard, with exact state."""
 
-    def __init__(self, sources: list[Source], *, shard_index: int, num_shards: int, seed: int, infinite: bool,
-                 shuffle: bool = False, shuffle_window: int = 1):
+    def __init__(
+        self,
+        sources: list[Source],
+        *,
+        shard_index: int,
+        num_shards: int,
+        seed: int,
+        infinite: bool,
+        shuffle: bool = False,
+        shuffle_window: int = 1,
+    ):
         if not sources:
             raise ValueError("the dataset mixture is empty; add at least one [[data.datasets]] entry")
         total = sum(s.weight for s in sources)
         if any(s.weight < 0 for s in sources) or total <= 0:
-            raise ValueError(f"dataset weights must be >= 0 with a positive sum, got "
-                             f"{[(s.name, s.weight) for s in sources]}")
+            raise ValueError(
+                f"dataset weights must be >= 0 with a positive sum, got "
+                f"{[(s.name, s.weight) for s in sources]}"
+            )
         self.sources = sources
         self.shard_index = shard_index
         self.num_shards = num_shards
@@ -125,8 +143,12 @@ class MixtureStream:
 
         if self.shuffle_window == 1:
             return open_at(start)
-        return window_shuffled(open_at, start, self.shuffle_window, lambda w: read_pass.rng(
-            "window", source.name, self.shard_index, self.num_shards, w))
+        return window_shuffled(
+            open_at,
+            start,
+            self.shuffle_window,
+            lambda w: read_pass.rng("window", source.name, self.shard_index, self.num_shards, w),
+        )
 
     def _next_of(self, i: int) -> RawSample | None:
         if self._iters[i] is None:
@@ -155,7 +177,9 @@ class MixtureStream:
         if sample is None:  # end of this shard's pass: next epoch
             if self.positions[i] == 0:
                 if self.whole_from[i] is not None and self.epochs[i] >= self.whole_from[i]:
-                    raise ValueError(f"dataset {self.sources[i].name!r} has no samples; fix `path` or drop it")
+                    raise ValueError(
+                        f"dataset {self.sources[i].name!r} has no samples; fix `path` or drop it"
+                    )
                 self.read_whole_from_next_epoch(i)
             else:
                 self._next_epoch(i)
@@ -176,8 +200,11 @@ class MixtureStream:
         if self.whole_from[i] is None:
             logger.warning(
                 "dataset %r: shard %d of %d (data-parallel ranks x loader workers) holds no usable sample; "
-                "this shard reads the whole dataset instead", self.sources[i].name, self.shard_index,
-                self.num_shards)
+                "this shard reads the whole dataset instead",
+                self.sources[i].name,
+                self.shard_index,
+                self.num_shards,
+            )
         self.whole_from[i] = self.epochs[i] + 1
         self._next_epoch(i)
 
@@ -196,15 +223,23 @@ class MixtureStream:
                 while position < key[2]:
                     position, sample = position + 1, next(stream, None)
                 if sample is None:
-                    raise RuntimeError(f"cannot re-read sample {key} of dataset {self.sources[i].name!r} "
-                                       f"while resuming: the dataset changed since the checkpoint")
+                    raise RuntimeError(
+                        f"cannot re-read sample {key} of dataset {self.sources[i].name!r} "
+                        f"while resuming: the dataset changed since the checkpoint"
+                    )
                 found[key] = sample
         return found
 
     def state_dict(self) -> dict[str, Any]:
-        return {"draws": self.draws, "epochs": list(self.epochs), "positions": list(self.positions),
-                "current": self.current, "names": [s.name for s in self.sources], "order": self._order(),
-                "whole_from": list(self.whole_from)}
+        return {
+            "draws": self.draws,
+            "epochs": list(self.epochs),
+            "positions": list(self.positions),
+            "current": self.current,
+            "names": [s.name for s in self.sources],
+            "order": self._order(),
+            "whole_from": list(self.whole_from),
+        }
 
     def _order(self) -> dict[str, Any]:
         return {"shuffle": self.shuffle, "shuffle_window": self.shuffle_window}
@@ -212,15 +247,22 @@ class MixtureStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = [s.name for s in self.sources]
         if list(state["names"]) != names:
-            raise ValueError(f"the checkpoint's data mixture {list(state['names'])} differs from the "
-                             f"configured one {names}; resume with the same [[data.datasets]]")
+            raise ValueError(
+                f"the checkpoint's data mixture {list(state['names'])} differs from the "
+                f"configured one {names}; resume with the same [[data.datasets]]"
+            )
         order = state.get("order", {"shuffle": False, "shuffle_window": 1})
         if order != self._order():
-            wanted = (f"shuffle = true, shuffle_window = {order['shuffle_window']}" if order["shuffle"]
-                      else "shuffle = false")
-            raise ValueError(f"the checkpoint's data was read in the order {order} but this run is "
-                             f"configured with {self._order()}, so its positions would name other "
-                             f"samples; resume with [data] {wanted}")
+            wanted = (
+                f"shuffle = true, shuffle_window = {order['shuffle_window']}"
+                if order["shuffle"]
+                else "shuffle = false"
+            )
+            raise ValueError(
+                f"the checkpoint's data was read in the order {order} but this run is "
+                f"configured with {self._order()}, so its positions would name other "
+                f"samples; resume with [data] {wanted}"
+            )
         self.draws = int(state["draws"])
         self.epochs = [int(e) for e in state["epochs"]]
         self.positions = [int(p) for p in state["positions"]]

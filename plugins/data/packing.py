@@ -34,8 +34,10 @@ from bagel_titan.config.fields import ConfigError
 
 def _check_length(length: int, capacity: int) -> None:
     if length <= 0 or length > capacity:
-        raise ValueError(f"item length {length} is outside (0, {capacity}]; the loader must "
-                         f"filter oversize items before packing")
+        raise ValueError(
+            f"item length {length} is outside (0, {capacity}]; the loader must "
+            f"filter oversize items before packing"
+        )
 
 
 @dataclass
@@ -206,8 +208,12 @@ class ReleasePackingConfig:
     is full, a sample that does not fit makes the pack leave."""
 
     def __post_init__(self) -> None:
-        for name, least in (("expected_num_tokens", 1), ("max_num_tokens_per_sample", 1),
-                            ("prefer_buffer_before", 0), ("max_buffer_size", 0)):
+        for name, least in (
+            ("expected_num_tokens", 1),
+            ("max_num_tokens_per_sample", 1),
+            ("prefer_buffer_before", 0),
+            ("max_buffer_size", 0),
+        ):
             if getattr(self, name) < least:  # the section name is added where the table is read
                 raise ConfigError(f"{name} must be >= {least}, got {getattr(self, name)}")
 
@@ -312,9 +318,13 @@ class ReleasePacker:
         return done
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pack": list(self.pack), "used": self.used, "mandatory_placed": self.mandatory_placed,
-                "buffer": [[k, n] for k, n in self.buffer],
-                "carried": list(self.carried) if self.carried else None}
+        return {
+            "pack": list(self.pack),
+            "used": self.used,
+            "mandatory_placed": self.mandatory_placed,
+            "buffer": [[k, n] for k, n in self.buffer],
+            "carried": list(self.carried) if self.carried else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pack = list(state["pack"])
@@ -346,10 +356,21 @@ def _window(options: Mapping[str, Any]) -> int:
 
 STRATEGIES: tuple[PackingStrategyEntry, ...] = (
     PackingStrategyEntry("none", "one sample per pack", lambda c, o: NonePacker(c)),
-    PackingStrategyEntry("first_fit", "first fit over open bins", lambda c, o: OpenBinPacker(c, _window(o), best=False)),
-    PackingStrategyEntry("best_fit", "best fit over open bins", lambda c, o: OpenBinPacker(c, _window(o), best=True)),
-    PackingStrategyEntry("best_fit_decreasing", "largest-first packs from a look-ahead window",
-                         lambda c, o: BestFitDecreasingPacker(c, _window(o))),
-    PackingStrategyEntry("release", "the BAGEL release's packing: about expected_num_tokens per pack, "
-                         "overflow buffer, mandatory datasets", ReleasePacker),
+    PackingStrategyEntry(
+        "first_fit", "first fit over open bins", lambda c, o: OpenBinPacker(c, _window(o), best=False)
+    ),
+    PackingStrategyEntry(
+        "best_fit", "best fit over open bins", lambda c, o: OpenBinPacker(c, _window(o), best=True)
+    ),
+    PackingStrategyEntry(
+        "best_fit_decreasing",
+        "largest-first packs from a look-ahead window",
+        lambda c, o: BestFitDecreasingPacker(c, _window(o)),
+    ),
+    PackingStrategyEntry(
+        "release",
+        "the BAGEL release's packing: about expected_num_tokens per pack, "
+        "overflow buffer, mandatory datasets",
+        ReleasePacker,
+    ),
 )

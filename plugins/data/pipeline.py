@@ -59,9 +59,16 @@ def _as_key(key: Any) -> tuple[int, int, int]:
 class PackedIterable(IterableDataset):
     """Packed batches of one data-parallel rank; each loader worker runs one shard of it."""
 
-    def __init__(self, sources: list[Source], processor: Callable[[RawSample], Any],
-                 collator: Callable[[list[Any]], Any], options: PipelineOptions, *,
-                 dp_rank: int, dp_world_size: int):
+    def __init__(
+        self,
+        sources: list[Source],
+        processor: Callable[[RawSample], Any],
+        collator: Callable[[list[Any]], Any],
+        options: PipelineOptions,
+        *,
+        dp_rank: int,
+        dp_world_size: int,
+    ):
         super().__init__()
         self.sources = sources
         self.processor = processor
@@ -102,9 +109,15 @@ class _ShardRun:
     def __init__(self, owner: PackedIterable, shard_index: int, num_shards: int):
         o = owner.options
         self.owner = owner
-        self.mixture = MixtureStream(owner.sources, shard_index=shard_index, num_shards=num_shards,
-                                     seed=o.seed, infinite=o.infinite, shuffle=o.shuffle,
-                                     shuffle_window=o.shuffle_window)
+        self.mixture = MixtureStream(
+            owner.sources,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            seed=o.seed,
+            infinite=o.infinite,
+            shuffle=o.shuffle,
+            shuffle_window=o.shuffle_window,
+        )
         self.packer = o.strategy.new_packer(o.packing_length, {"window": o.window, **o.packer_options})
         self.samples: dict[tuple[int, int, int], Any] = {}
         self.ready: list[list[tuple[int, int, int]]] = []
@@ -125,8 +138,10 @@ class _ShardRun:
         if self.epoch_seen.get(source, drawn.epoch) != drawn.epoch and not self.epoch_good.get(source, True):
             whole_from = self.mixture.whole_from[source]
             if whole_from is not None and self.epoch_seen[source] >= whole_from:
-                raise ValueError(f"dataset {drawn.sample.dataset!r}: a whole pass over it gave no usable sample "
-                                 f"(skipped so far: {dict(self.bad.counts)}); fix the data or drop the dataset")
+                raise ValueError(
+                    f"dataset {drawn.sample.dataset!r}: a whole pass over it gave no usable sample "
+                    f"(skipped so far: {dict(self.bad.counts)}); fix the data or drop the dataset"
+                )
             self.mixture.read_whole_from_next_epoch(source)
             self.epoch_seen[source] = self.mixture.epochs[source]
             self.epoch_good[source] = False
@@ -154,7 +169,10 @@ class _ShardRun:
             self._skip(error, drawn)
             return None
         except Exception as exc:  # never crash the run on one sample
-            self._skip(BadSampleError("processor_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"), drawn)
+            self._skip(
+                BadSampleError("processor_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"),
+                drawn,
+            )
             return None
         o = self.owner.options
         if sample.num_tokens > o.max_sample_tokens:
@@ -162,8 +180,14 @@ class _ShardRun:
             if o.oversize_policy == "truncate" and hasattr(sample, "truncated"):
                 truncated = sample.truncated(o.max_sample_tokens)
             if truncated is None:
-                self._skip(BadSampleError("oversize", f"{sample.num_tokens} tokens > {o.max_sample_key} "
-                                          f"{o.max_sample_tokens} (oversize_policy = {o.oversize_policy!r})"), drawn)
+                self._skip(
+                    BadSampleError(
+                        "oversize",
+                        f"{sample.num_tokens} tokens > {o.max_sample_key} "
+                        f"{o.max_sample_tokens} (oversize_policy = {o.oversize_policy!r})",
+                    ),
+                    drawn,
+                )
                 return None
             self.pending_stats["truncated"] += 1
             sample = truncated
@@ -198,7 +222,9 @@ class _ShardRun:
                 continue
             self.epoch_good[drawn.source] = True
             self.samples[drawn.key] = sample
-            self.ready.extend([_as_key(k) for k in pack] for pack in self.packer.add(drawn.key, sample.num_tokens))
+            self.ready.extend(
+                [_as_key(k) for k in pack] for pack in self.packer.add(drawn.key, sample.num_tokens)
+            )
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -211,8 +237,10 @@ class _ShardRun:
             "finished": self.finished,
             # Whether each source's current pass gave a usable sample yet: it decides when a shard
             # switches to reading the whole dataset, so a resumed run must switch at the same draw.
-            "progress": [[source, epoch, self.epoch_good.get(source, False)]
-                         for source, epoch in sorted(self.epoch_seen.items())],
+            "progress": [
+                [source, epoch, self.epoch_good.get(source, False)]
+                for source, epoch in sorted(self.epoch_seen.items())
+            ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -229,6 +257,8 @@ class _ShardRun:
         for key in keys:
             sample = self._process(Drawn(key[0], key[1], key[2], raw[key]))
             if sample is None:
-                raise RuntimeError(f"sample {key} was buffered at the checkpoint but is now skipped: "
-                                   f"the data or the processor changed since the checkpoint")
+                raise RuntimeError(
+                    f"sample {key} was buffered at the checkpoint but is now skipped: "
+                    f"the data or the processor changed since the checkpoint"
+                )
             self.samples[key] = sample

@@ -28,7 +28,9 @@ class CELoss:
 
     def __call__(self, outputs: ModelOutputs, count: float) -> LossTerm:
         if outputs.logits is None or outputs.labels is None:
-            raise ValueError("loss component 'ce' needs ModelOutputs.logits and .labels; the model produced none")
+            raise ValueError(
+                "loss component 'ce' needs ModelOutputs.logits and .labels; the model produced none"
+            )
         per_token = F.cross_entropy(outputs.logits.float(), outputs.labels, reduction="none")
         if self.options.reweight:
             per_token = per_token * outputs.extra("label_weights", "ce").to(per_token.dtype)
@@ -40,4 +42,3 @@ class CEFactory:
 
     def __call__(self, options: Mapping[str, Any]) -> CELoss:
         return CELoss(section_from_options(CEOptions, options, "loss.ce"))
-

@@ -89,7 +89,9 @@ class FaultsSpec(ToySpec):
         outputs = super().forward(model, batch, generator)
         nan_from = os.environ.get("FAULTS_NAN_FROM", "")
         if nan_from and self.steps_seen >= int(nan_from):
-            outputs = ModelOutputs(logits=outputs.logits * float("nan"), labels=outputs.labels, extras=outputs.extras)
+            outputs = ModelOutputs(
+                logits=outputs.logits * float("nan"), labels=outputs.labels, extras=outputs.extras
+            )
         return outputs
 
 

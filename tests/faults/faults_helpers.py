@@ -27,32 +27,51 @@ def text_corpus(n: int) -> list[str]:
     return [f"document {i}: " + "abcdefghij"[i % 10] * (3 + i % 7) for i in range(n)]
 
 
-def faults_args(run_folder: Path, datasets: Path | list[Path], *, steps: int = 6, workers: int = 0) -> list[str]:
+def faults_args(
+    run_folder: Path, datasets: Path | list[Path], *, steps: int = 6, workers: int = 0
+) -> list[str]:
     """A `faults_lm` run on `datasets` in `run_folder` (checkpoints every 2 steps)."""
     paths = datasets if isinstance(datasets, list) else [datasets]
     config = run_folder.parent / f"{run_folder.name}.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("".join(f'[[data.datasets]]\npath = "{p}"\n\n' for p in paths))
     return [
-        "--job.config_file", str(config),
-        "--job.plugins", "bagel_titan_faults",
-        "--job.dump_folder", str(run_folder.parent),
-        "--job.run_name", run_folder.name,
-        "--model.name", "faults_lm",
-        "--model.flavor", "tiny",
-        "--data.packing_length", "64",
-        "--data.num_workers", str(workers),
-        "--loss.components", "ce",
-        "--attention.backend", "eager",
-        "--training.steps", str(steps),
-        "--training.device", "cpu",
+        "--job.config_file",
+        str(config),
+        "--job.plugins",
+        "bagel_titan_faults",
+        "--job.dump_folder",
+        str(run_folder.parent),
+        "--job.run_name",
+        run_folder.name,
+        "--model.name",
+        "faults_lm",
+        "--model.flavor",
+        "tiny",
+        "--data.packing_length",
+        "64",
+        "--data.num_workers",
+        str(workers),
+        "--loss.components",
+        "ce",
+        "--attention.backend",
+        "eager",
+        "--training.steps",
+        str(steps),
+        "--training.device",
+        "cpu",
         "--training.deterministic",
-        "--metrics.log_freq", "1",
-        "--metrics.enable_tensorboard", "false",
-        "--optimizer.lr", "3e-3",
+        "--metrics.log_freq",
+        "1",
+        "--metrics.enable_tensorboard",
+        "false",
+        "--optimizer.lr",
+        "3e-3",
         "--checkpoint.enable",
-        "--checkpoint.interval", "2",
-        "--checkpoint.export_at_end", "false",
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.export_at_end",
+        "false",
     ]
 
 
@@ -65,13 +84,31 @@ def start_run(args: list[str], log: Path, nproc: int = 2, **extra_env: str) -> s
     """Start `bagel-titan` (under torchrun when nproc > 1) in its own process group, output to
     `log`; the caller stops it with `stop_group`."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "bagel_titan.cli", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "bagel_titan.cli",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "bagel_titan.cli", *args]
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, env=subprocess_env(**env(), **extra_env), stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            env=subprocess_env(**env(), **extra_env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
 
 
 def descendants(pid: int) -> list[int]:
@@ -115,7 +152,9 @@ def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen, log
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+            raise AssertionError(
+                f"the run ended ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} after {timeout} s:\n{log.read_text()[-4000:]}")
         time.sleep(0.1)

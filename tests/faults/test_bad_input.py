@@ -39,9 +39,9 @@ def _png_claiming(path: Path, width: int, height: int) -> Path:
     Image.new("RGB", (8, 8)).save(path)
     data = bytearray(path.read_bytes())
     ihdr = data.index(b"IHDR")
-    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17]))
-    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
     path.write_bytes(bytes(data))
     return path
 
@@ -139,10 +139,19 @@ def test_usable_data_is_decided_over_the_whole_dataset(tmp_path: Path) -> None:
     # One good record among bad ones: shard 1 of 2 holds only bad records, yet trains.
     source = _source(tmp_path, ["", "good text", "", ""])
     check_usable([source], _process)  # the dataset as a whole is usable
-    options = PipelineOptions(packing_length=64, strategy=get_plugin_manager().packing_strategies.get("first_fit"),
-                              window=4, oversize_policy="skip", seed=0, infinite=True, shuffle=False,
-                              shuffle_window=1, packer_options={},
-                              max_sample_tokens=64, max_sample_key="[data] packing_length")
+    options = PipelineOptions(
+        packing_length=64,
+        strategy=get_plugin_manager().packing_strategies.get("first_fit"),
+        window=4,
+        oversize_policy="skip",
+        seed=0,
+        infinite=True,
+        shuffle=False,
+        shuffle_window=1,
+        packer_options={},
+        max_sample_tokens=64,
+        max_sample_key="[data] packing_length",
+    )
     shard1 = PackedIterable([source], _process, Batch, options, dp_rank=1, dp_world_size=2)
     stream = iter(shard1)
     batches = [next(stream).batch for _ in range(2)]
@@ -155,5 +164,7 @@ def test_usable_data_is_decided_over_the_whole_dataset(tmp_path: Path) -> None:
     stream = iter(PackedIterable([one], _process, Batch, options, dp_rank=1, dp_world_size=2))
     assert {bytes(s.tokens).decode() for s in next(stream).batch} == {"only row"}
 
-    with pytest.raises(DataError, match=r"dataset 'd' has no usable sample: all 2 records were skipped .*no_target"):
+    with pytest.raises(
+        DataError, match=r"dataset 'd' has no usable sample: all 2 records were skipped .*no_target"
+    ):
         check_usable([_source(tmp_path, ["", ""])], _process)

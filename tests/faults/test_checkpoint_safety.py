@@ -47,8 +47,12 @@ def _job(root: Path, **cfg):
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    states = {"model": ModelState(model), "optimizer": OptimizerState(model, opt),
-              "train_state": TrainState(), "dataloader": Position()}
+    states = {
+        "model": ModelState(model),
+        "optimizer": OptimizerState(model, opt),
+        "train_state": TrainState(),
+        "dataloader": Position(),
+    }
     manager = CheckpointManager(Checkpoint(enable=True, interval=2, **cfg), str(root), states, 0, 1)
     return model, opt, states, manager
 

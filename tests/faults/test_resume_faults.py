@@ -25,13 +25,25 @@ def test_resume_applies_the_config_and_logs_each_step_once(tmp_path: Path) -> No
     run_bagel_titan(faults_args(run, dataset, steps=6), **env())
     assert complete_steps(run) == [2, 4, 6]
 
-    below = run_bagel_titan([*faults_args(run, dataset, steps=6), "--training.steps", "2"], check=False, **env())
+    below = run_bagel_titan(
+        [*faults_args(run, dataset, steps=6), "--training.steps", "2"], check=False, **env()
+    )
     assert below.returncode == 2
     assert "[training] steps = 2 but the run resumes from its checkpoint at step 6" in below.stderr
     assert "Traceback" not in below.stderr
 
-    resumed = run_bagel_titan([*faults_args(run, dataset, steps=6), "--checkpoint.load_step", "4",
-                               "--optimizer.lr", "1e-9", "--optimizer.weight_decay", "0.1"], **env())
+    resumed = run_bagel_titan(
+        [
+            *faults_args(run, dataset, steps=6),
+            "--checkpoint.load_step",
+            "4",
+            "--optimizer.lr",
+            "1e-9",
+            "--optimizer.weight_decay",
+            "0.1",
+        ],
+        **env(),
+    )
     assert "optimizer.lr (peak) 0.003 -> 1e-09" in resumed.stdout
     assert "optimizer.weight_decay 0.0 -> 0.1" in resumed.stdout
     rows = _rows(run)
@@ -44,8 +56,12 @@ def test_resume_applies_the_config_and_logs_each_step_once(tmp_path: Path) -> No
 def test_no_checkpoint_during_a_nonfinite_streak(tmp_path: Path) -> None:
     dataset = write_jsonl(tmp_path / "data.jsonl", text_corpus(100))
     run = tmp_path / "run"
-    proc = run_bagel_titan([*faults_args(run, dataset, steps=10), "--training.max_consecutive_nonfinite", "3"],
-                           check=False, FAULTS_NAN_FROM="3", **env())
+    proc = run_bagel_titan(
+        [*faults_args(run, dataset, steps=10), "--training.max_consecutive_nonfinite", "3"],
+        check=False,
+        FAULTS_NAN_FROM="3",
+        **env(),
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("bagel-titan: error:")]
     assert len(error) == 1 and "Traceback" not in proc.stderr

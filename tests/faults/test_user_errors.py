@@ -17,7 +17,10 @@ from bagel_titan.config.manager import load_job_config
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--training.max_consecutive_nonfinite", "0"], "training.max_consecutive_nonfinite must be >= 1, got 0"),
+        (
+            ["--training.max_consecutive_nonfinite", "0"],
+            "training.max_consecutive_nonfinite must be >= 1, got 0",
+        ),
         (["--lr_scheduler.warmup_steps", "-1"], "lr_scheduler.warmup_steps must be >= 0, got -1"),
         (["--optimizer.lr", "-0.1"], "optimizer.lr must be >= 0, got -0.1"),
         (["--data.num_workers", "-1"], "data.num_workers must be >= 0"),
@@ -58,7 +61,9 @@ def corpus(tmp_path: Path) -> Path:
         ("steps", "training.steps must be > 0"),
     ],
 )
-def test_user_mistakes_are_one_line_exit_2(tmp_path: Path, corpus: Path, capsys, case: str, message: str) -> None:
+def test_user_mistakes_are_one_line_exit_2(
+    tmp_path: Path, corpus: Path, capsys, case: str, message: str
+) -> None:
     dataset = corpus
     extra: list[str] = []
     if case == "flavor":

@@ -21,15 +21,22 @@ from bagel_titan.metrics.memory_estimate import estimate_memory
 from bagel_titan.trainer import build_parallel_model
 
 out_path, config_path, *overrides = sys.argv[1:]
-job_config, plugins = load_job_config(["--job.config_file", config_path, "--training.device", "cpu", *overrides])
+job_config, plugins = load_job_config(
+    ["--job.config_file", config_path, "--training.device", "cpu", *overrides]
+)
 
 init_distributed(torch.device("cpu"))
-dims = ParallelDims(job_config.parallelism.dp_replicate, job_config.parallelism.dp_shard, dist.get_world_size())
+dims = ParallelDims(
+    job_config.parallelism.dp_replicate, job_config.parallelism.dp_shard, dist.get_world_size()
+)
 mesh = dims.build_mesh("cpu")
 spec, model = build_parallel_model(job_config, plugins, mesh)
 units = spec.sharding_units(model)
 estimate = estimate_memory(
-    model, units, dp_shard=8, tokens_per_rank=job_config.data.packing_length,
+    model,
+    units,
+    dp_shard=8,
+    tokens_per_rank=job_config.data.packing_length,
     hidden_size=spec.flavors[job_config.model.flavor].llm.hidden_size,
     activation_checkpointing=job_config.activation_checkpoint.mode != "none",
 )

@@ -72,10 +72,16 @@ class ToyBlock(nn.Module):
         self.q = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim)
         self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.num_kv_heads * self.head_dim)
         self.o = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size)
-        spec = AttentionLayerSpec(cfg.num_heads, cfg.num_kv_heads, self.head_dim, cfg.hidden_size, index, "decoder")
+        spec = AttentionLayerSpec(
+            cfg.num_heads, cfg.num_kv_heads, self.head_dim, cfg.hidden_size, index, "decoder"
+        )
         self.attn_core = backend.build(spec, options)
         self.norm2 = nn.RMSNorm(cfg.hidden_size)
-        self.mlp = nn.Sequential(nn.Linear(cfg.hidden_size, 4 * cfg.hidden_size), nn.GELU(), nn.Linear(4 * cfg.hidden_size, cfg.hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.hidden_size, 4 * cfg.hidden_size),
+            nn.GELU(),
+            nn.Linear(4 * cfg.hidden_size, cfg.hidden_size),
+        )
 
     def forward(self, x_TD: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
         h = self.norm1(x_TD)
@@ -110,7 +116,9 @@ class ToySpec:
     def build(self, job_config, plugins):
         backend_name = job_config.attention.backend
         backend = plugins.attention_backends.get(backend_name)
-        return ToyLM(self.flavors[job_config.model.flavor], backend, job_config.options(f"attention.{backend_name}"))
+        return ToyLM(
+            self.flavors[job_config.model.flavor], backend, job_config.options(f"attention.{backend_name}")
+        )
 
     def init_weights(self, model):
         generator = torch.Generator().manual_seed(1234)
@@ -158,7 +166,9 @@ class ToySpec:
         return 0.0
 
     def forward(self, model, batch: ToyBatch, generator):
-        meta = AttentionMeta.from_segments([[(n, "causal")] for n in batch.doc_lens], device=batch.input_ids.device)
+        meta = AttentionMeta.from_segments(
+            [[(n, "causal")] for n in batch.doc_lens], device=batch.input_ids.device
+        )
         positions = torch.cat([torch.arange(n) for n in batch.doc_lens]).to(batch.input_ids.device)
         logits = model(batch.input_ids, positions, meta)
         keep = batch.labels >= 0
@@ -225,7 +235,9 @@ class ToyLoaderBuilder:
 
     def build(self, job_config, plugins, model_spec, *, dp_rank, dp_world_size, datasets=None, infinite=True):
         cfg = ToySpec.flavors[job_config.model.flavor]
-        return ToyLoader(cfg, job_config.training.seed, job_config.data.packing_length, dp_rank, dp_world_size)
+        return ToyLoader(
+            cfg, job_config.training.seed, job_config.data.packing_length, dp_rank, dp_world_size
+        )
 
 
 @dataclass

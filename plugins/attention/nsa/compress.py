@@ -20,7 +20,9 @@ def num_compressed(length: int, kernel_size: int, kernel_stride: int) -> int:
     return 0 if length < kernel_size else (length - kernel_size) // kernel_stride + 1
 
 
-def weight_shape(compress_type: str, num_kv_heads: int, kernel_size: int, head_dim: int) -> tuple[int, ...] | None:
+def weight_shape(
+    compress_type: str, num_kv_heads: int, kernel_size: int, head_dim: int
+) -> tuple[int, ...] | None:
     """Shape of one compression weight (keys and values have one each); None for avgpool."""
     shapes = {
         "weightedpool": (num_kv_heads, kernel_size),

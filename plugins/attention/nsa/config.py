@@ -68,7 +68,9 @@ class NSAConfig:
             if getattr(self, name) < 0:
                 fail(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kernel_size % self.kernel_stride:
-            fail(f"kernel_size ({self.kernel_size}) must be a multiple of kernel_stride ({self.kernel_stride})")
+            fail(
+                f"kernel_size ({self.kernel_size}) must be a multiple of kernel_stride ({self.kernel_stride})"
+            )
         if self.block_size % self.kernel_size:
             fail(f"block_size ({self.block_size}) must be a multiple of kernel_size ({self.kernel_size})")
         if self.topk < self.init_blocks + self.local_blocks:

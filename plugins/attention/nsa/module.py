@@ -40,7 +40,9 @@ class NSAAttention(nn.Module):
     def __init__(self, spec: AttentionLayerSpec, config: NSAConfig):
         super().__init__()
         if spec.num_heads % spec.num_kv_heads:
-            raise ValueError(f"num_heads ({spec.num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})")
+            raise ValueError(
+                f"num_heads ({spec.num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})"
+            )
         self.spec = spec
         self.config = config
         shape = weight_shape(config.compress_type, spec.num_kv_heads, config.kernel_size, spec.head_dim)
@@ -51,7 +53,9 @@ class NSAAttention(nn.Module):
             self.compress_key = nn.Parameter(torch.empty(shape))
             self.compress_value = nn.Parameter(torch.empty(shape))
         self.intra_block_pe = nn.Parameter(torch.empty(spec.num_kv_heads, config.kernel_size, spec.head_dim))
-        self.gates = nn.ModuleDict({branch: nn.Linear(spec.hidden_size, spec.num_heads) for branch in BRANCHES})
+        self.gates = nn.ModuleDict(
+            {branch: nn.Linear(spec.hidden_size, spec.num_heads) for branch in BRANCHES}
+        )
         self.reset_parameters()
 
     @property
@@ -83,24 +87,50 @@ class NSAAttention(nn.Module):
             return False
         reason = triton_unusable_reason(cfg, q.device, q.dtype)
         if cfg.implementation == "triton" and reason is not None:
-            raise RuntimeError(f"[attention.nsa] implementation = \"triton\" cannot run: {reason}; "
-                               f"use implementation = \"auto\" or \"torch\"")
+            raise RuntimeError(
+                f'[attention.nsa] implementation = "triton" cannot run: {reason}; '
+                f'use implementation = "auto" or "torch"'
+            )
         return reason is None
 
-    def stream_branches(self, q_SHD: torch.Tensor, k_SKD: torch.Tensor, v_SKD: torch.Tensor, plan: NSAPlan, meta: AttentionMeta) -> NSABranches:
+    def stream_branches(
+        self,
+        q_SHD: torch.Tensor,
+        k_SKD: torch.Tensor,
+        v_SKD: torch.Tensor,
+        plan: NSAPlan,
+        meta: AttentionMeta,
+    ) -> NSABranches:
         """The three branch outputs [S, Hq, D] over the batch's causal key streams."""
         cfg = self.config
         if self._use_triton(q_SHD):
             return nsa_streams_triton(
-                q_SHD, k_SKD, v_SKD, self.compress_key, self.compress_value, self.intra_block_pe, cfg, plan, meta
+                q_SHD,
+                k_SKD,
+                v_SKD,
+                self.compress_key,
+                self.compress_value,
+                self.intra_block_pe,
+                cfg,
+                plan,
+                meta,
             )
         per_doc: list[NSABranches] = []
         start = 0
         for length in plan.stream_lengths:  # host ints: no device sync
             end = start + length
             k_LKD, v_LKD = k_SKD[start:end], v_SKD[start:end]
-            k_cmp = compress(k_LKD, self.compress_key, cfg.compress_type, cfg.kernel_size, cfg.kernel_stride, self.intra_block_pe)
-            v_cmp = compress(v_LKD, self.compress_value, cfg.compress_type, cfg.kernel_size, cfg.kernel_stride)
+            k_cmp = compress(
+                k_LKD,
+                self.compress_key,
+                cfg.compress_type,
+                cfg.kernel_size,
+                cfg.kernel_stride,
+                self.intra_block_pe,
+            )
+            v_cmp = compress(
+                v_LKD, self.compress_value, cfg.compress_type, cfg.kernel_size, cfg.kernel_stride
+            )
             per_doc.append(nsa_document(q_SHD[start:end], k_LKD, v_LKD, k_cmp, v_cmp, cfg))
             start = end
         return NSABranches(*(torch.cat([b[i] for b in per_doc], dim=0) for i in range(len(BRANCHES))))
@@ -130,7 +160,9 @@ class NSAAttention(nn.Module):
         (a recompile each step), and its heavy parts are kernels or per-document loops.
         """
         if hidden_TD is None:
-            raise ValueError("the nsa attention backend needs hidden_TD (the layer's input hidden states) for its gates")
+            raise ValueError(
+                "the nsa attention backend needs hidden_TD (the layer's input hidden states) for its gates"
+            )
         plan = nsa_plan(meta)
         rows: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
@@ -140,7 +172,8 @@ class NSAAttention(nn.Module):
             branches = self.stream_branches(q_THD[idx], k_THD[idx], v_THD[idx], plan, meta)
             gate_CBH = self.gate_values(hidden_TD[plan.causal_rows])
             mixed_CHD = sum(
-                gate_CBH[:, i, :, None] * branch[plan.causal_in_stream].float() for i, branch in enumerate(branches)
+                gate_CBH[:, i, :, None] * branch[plan.causal_in_stream].float()
+                for i, branch in enumerate(branches)
             )
             rows.append(plan.causal_rows)
             values.append(mixed_CHD.to(q_THD.dtype))
@@ -159,8 +192,10 @@ class NSAAttention(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"compress_type={c.compress_type!r}, block_size={c.block_size}, kernel={c.kernel_size}/{c.kernel_stride}, "
-                f"topk={c.topk}, init_blocks={c.init_blocks}, local_blocks={c.local_blocks}, window={c.window_size}")
+        return (
+            f"compress_type={c.compress_type!r}, block_size={c.block_size}, kernel={c.kernel_size}/{c.kernel_stride}, "
+            f"topk={c.topk}, init_blocks={c.init_blocks}, local_blocks={c.local_blocks}, window={c.window_size}"
+        )
 
 
 class NSABackend:
@@ -174,6 +209,6 @@ class NSABackend:
         if spec.role != "decoder":
             raise ValueError(
                 f"the nsa backend serves causal decoder attention, not role {spec.role!r}; set the encoder's "
-                f"backend (BAGEL: [bagel] vit_backend) to \"{self.vit_fallback}\", \"flex\" or \"eager\" (empty uses {self.vit_fallback!r})"
+                f'backend (BAGEL: [bagel] vit_backend) to "{self.vit_fallback}", "flex" or "eager" (empty uses {self.vit_fallback!r})'
             )
         return NSAAttention(spec, section_from_options(NSAConfig, options, self.config_section))

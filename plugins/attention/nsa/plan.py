@@ -95,7 +95,9 @@ def _build_plan(meta: AttentionMeta) -> NSAPlan:
         if exact_rows:
             rows = _index(exact_rows, device)
             cols = torch.arange(doc_start, doc_end, device=device)
-            exact_calls.append(ExactCall(rows, doc_start, doc_end, meta.allowed(rows[:, None], cols[None, :])))
+            exact_calls.append(
+                ExactCall(rows, doc_start, doc_end, meta.allowed(rows[:, None], cols[None, :]))
+            )
 
     cu = [0]
     for n in stream_lengths:

@@ -33,14 +33,18 @@ class NSABranches(NamedTuple):
     sliding: torch.Tensor
 
 
-def _attend(q_KGRD: torch.Tensor, k_KSD: torch.Tensor, v_KSD: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(
+    q_KGRD: torch.Tensor, k_KSD: torch.Tensor, v_KSD: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Masked softmax attention in fp32; `mask` broadcasts to [K, G, R, S]; empty rows give 0."""
     scores = torch.einsum("kgrd,ksd->kgrs", q_KGRD, k_KSD) * scale
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
     return torch.einsum("kgrs,ksd->kgrd", probs, v_KSD)
 
 
-def block_overlap_weights(num_cmp: int, num_blocks: int, cfg: NSAConfig, device: torch.device) -> torch.Tensor:
+def block_overlap_weights(
+    num_cmp: int, num_blocks: int, cfg: NSAConfig, device: torch.device
+) -> torch.Tensor:
     """[N, Nb] how many `kernel_stride` chunks of compressed window c fall in selection block j:
     the weight with which c's attention probability counts towards block j's score."""
     c_start = torch.arange(num_cmp, device=device) * cfg.kernel_stride

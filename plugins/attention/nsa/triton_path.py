@@ -80,7 +80,11 @@ def nsa_streams_triton(
         weightedpool_compress,
     )
 
-    compressors = {"avgpool": avgpool_compress, "weightedpool": weightedpool_compress, "linear": linear_compress}
+    compressors = {
+        "avgpool": avgpool_compress,
+        "weightedpool": weightedpool_compress,
+        "linear": linear_compress,
+    }
     compress_fn = compressors[cfg.compress_type]
     dtype = q_SHD.dtype
 
@@ -119,7 +123,10 @@ def nsa_streams_triton(
         return F.pad(x, (0, 0, 0, 0, 0, P - S)).transpose(0, 1).unsqueeze(0)
 
     o_win = _compiled_flex("")(
-        to_BHPD(q_SHD), to_BHPD(k_SKD), to_BHPD(v_SKD), block_mask=block_mask,
+        to_BHPD(q_SHD),
+        to_BHPD(k_SKD),
+        to_BHPD(v_SKD),
+        block_mask=block_mask,
         enable_gqa=q_SHD.shape[1] != k_SKD.shape[1],
     )
     o_win = o_win.squeeze(0).transpose(0, 1)[:S]

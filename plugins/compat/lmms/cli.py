@@ -43,9 +43,11 @@ def convert_file(path: str) -> tuple[str, Conversion]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bagel-titan-from-lmms",
-                                     description="Convert an LMMS Engine BAGEL training YAML into a bagel-titan "
-                                                 "TOML (printed on stdout; a summary goes to stderr).")
+    parser = argparse.ArgumentParser(
+        prog="bagel-titan-from-lmms",
+        description="Convert an LMMS Engine BAGEL training YAML into a bagel-titan "
+        "TOML (printed on stdout; a summary goes to stderr).",
+    )
     parser.add_argument("config", help="the LMMS Engine YAML (list form or plain mapping)")
     parser.add_argument("-o", "--output", help="write the TOML here instead of stdout")
     args = parser.parse_args(argv)

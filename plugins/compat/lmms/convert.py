@@ -24,9 +24,11 @@ def convert(document: Any) -> Conversion:
     tokenizer = conv.sections.get("model", {}).get("tokenizer_path")
     if tokenizer is not None and tokenizer.value == conv.get("model", "pretrained_path"):
         del conv.sections["model"]["tokenizer_path"]
-        conv.skip(tokenizer.source, tokenizer.value, "the tokenizer is read from [model] pretrained_path, "
-                                                     "the same folder")
+        conv.skip(
+            tokenizer.source,
+            tokenizer.value,
+            "the tokenizer is read from [model] pretrained_path, the same folder",
+        )
     if conv.validation_datasets and conv.get("validation", "enable") is None:
-        conv.set("validation", "enable", False, "eval_strategy (HF default \"no\")")
+        conv.set("validation", "enable", False, 'eval_strategy (HF default "no")')
     return conv
-

@@ -15,8 +15,15 @@ from .record import Conversion, DatasetOut
 from .tables import NO_VIDEO, as_list, hub_note, is_local, looks_like_hub_id
 
 
-DATA_TYPES = {"json": "json", "jsonl": "jsonl", "parquet": "parquet", "arrow": "arrow", "yaml": "yaml",
-              "hf_dataset": "hf_disk", "hf": "parquet"}
+DATA_TYPES = {
+    "json": "json",
+    "jsonl": "jsonl",
+    "parquet": "parquet",
+    "arrow": "arrow",
+    "yaml": "yaml",
+    "hf_dataset": "hf_disk",
+    "hf": "parquet",
+}
 
 
 def _first_record(path: str) -> dict[str, Any] | None:
@@ -38,8 +45,13 @@ def _first_record(path: str) -> dict[str, Any] | None:
 def _parquet_columns(path: str) -> list[str]:
     import pyarrow.parquet as pq
 
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(root, n) for root, _, names in os.walk(path) for n in names if n.endswith(".parquet"))
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(
+            os.path.join(root, n) for root, _, names in os.walk(path) for n in names if n.endswith(".parquet")
+        )
+    )
     return list(pq.ParquetFile(files[0]).schema_arrow.names) if files else []
 
 
@@ -59,9 +71,11 @@ def reader_format(path: str, data_type: str) -> tuple[str, str]:
     if data_type in ("arrow", "hf_dataset") and os.path.isfile(os.path.join(path, "dataset_info.json")):
         return "hf_disk", "an HF save_to_disk folder: read by its declared features"
     if not is_local(path) and data_type in ("json", "jsonl", "parquet", "arrow"):
-        return base, (f"{path!r} is not readable here, so its layout was not inspected: use format = \"llava\" "
-                      f"for LLaVA conversations, \"bagel_t2i\" / \"bagel_edit\" for the release's parquet "
-                      f"shards, \"hf_disk\" for a save_to_disk folder")
+        return base, (
+            f'{path!r} is not readable here, so its layout was not inspected: use format = "llava" '
+            f'for LLaVA conversations, "bagel_t2i" / "bagel_edit" for the release\'s parquet '
+            f'shards, "hf_disk" for a save_to_disk folder'
+        )
     return base, ""
 
 
@@ -74,8 +88,11 @@ def _dataset(conv: Conversion, entry: Any, source: str, default_type: str) -> Da
     out = DatasetOut({"path": path}, source)
     fmt, why = reader_format(path, data_type)
     if not fmt:
-        conv.skip(f"{source}.data_type", data_type, f"unknown data_type; known: {sorted(DATA_TYPES)} (format left "
-                                                    f"to the file extension)")
+        conv.skip(
+            f"{source}.data_type",
+            data_type,
+            f"unknown data_type; known: {sorted(DATA_TYPES)} (format left to the file extension)",
+        )
     else:
         out.fields["format"] = fmt
         if why and fmt != DATA_TYPES.get(data_type):
@@ -102,8 +119,12 @@ def _dataset(conv: Conversion, entry: Any, source: str, default_type: str) -> Da
 def _datasets_from_yaml(conv: Conversion, path: str, source: str, default_type: str) -> list[DatasetOut]:
     """The datasets an external LMMS dataset YAML lists, inlined (its `data_type` keys are LMMS's)."""
     if not os.path.isfile(path):
-        conv.skip(source, path, "the dataset list file does not exist here, so its datasets could not be "
-                                "inlined; add them as [[data.datasets]] entries")
+        conv.skip(
+            source,
+            path,
+            "the dataset list file does not exist here, so its datasets could not be "
+            "inlined; add them as [[data.datasets]] entries",
+        )
         return []
     with open(path) as f:
         listed = yaml.safe_load(f)
@@ -118,7 +139,11 @@ def _datasets_from_yaml(conv: Conversion, path: str, source: str, default_type: 
         if isinstance(entry, dict):
             entry = dict(entry)
             for key in ("path", "data_folder"):
-                if entry.get(key) and not os.path.isabs(str(entry[key])) and not looks_like_hub_id(str(entry[key])):
+                if (
+                    entry.get(key)
+                    and not os.path.isabs(str(entry[key]))
+                    and not looks_like_hub_id(str(entry[key]))
+                ):
                     candidate = os.path.join(base, str(entry[key]))
                     entry[key] = candidate if os.path.exists(candidate) else entry[key]
         dataset = _dataset(conv, entry, f"{source} -> {os.path.basename(path)}[{i}]", default_type)
@@ -136,31 +161,50 @@ def _image_transform(conv: Conversion, args: Mapping[str, Any], prefix: str, tar
             conv.set("bagel.processor", f"{target}_{key.split('_')[0]}_size", int(value), source)
         elif key == "image_stride":
             if int(value) != stride:
-                conv.skip(source, value, f"the {target.upper()} stride follows the architecture ({stride} px for "
-                                         f"BAGEL-7B: {'VAE downsample 8 x latent patch 2' if target == 'vae' else 'ViT patch 14'})")
+                conv.skip(
+                    source,
+                    value,
+                    f"the {target.upper()} stride follows the architecture ({stride} px for "
+                    f"BAGEL-7B: {'VAE downsample 8 x latent patch 2' if target == 'vae' else 'ViT patch 14'})",
+                )
             else:
-                conv.skip(source, value, f"matches the architecture's {target.upper()} stride; nothing to set")
+                conv.skip(
+                    source, value, f"matches the architecture's {target.upper()} stride; nothing to set"
+                )
         elif target == "vit" and key in ("image_mean", "image_std") and len(set(as_list(value))) == 1:
             conv.set("bagel.processor", f"vit_{key}", float(as_list(value)[0]), source)
         elif key == "max_pixels":
-            conv.skip(source, value, "images are bounded by the min/max side sizes; "
-                                     "[bagel.processor] max_image_pixels skips oversized inputs instead")
+            conv.skip(
+                source,
+                value,
+                "images are bounded by the min/max side sizes; "
+                "[bagel.processor] max_image_pixels skips oversized inputs instead",
+            )
         else:
-            conv.skip(source, value, f"no [bagel.processor] option for it (options: "
-                                     f"{[f.name for f in dataclasses.fields(ProcessorConfig)]})")
-
-
+            conv.skip(
+                source,
+                value,
+                f"no [bagel.processor] option for it (options: "
+                f"{[f.name for f in dataclasses.fields(ProcessorConfig)]})",
+            )
 
 
 def _processor(conv: Conversion, processor: Mapping[str, Any], prefix: str) -> None:
     for key, value in processor.items():
         source = f"{prefix}.{key}"
         if key == "processor_name" and value:
-            conv.set("model", "tokenizer_path", str(value), source,
-                     hub_note(str(value), "model") if looks_like_hub_id(str(value)) else "")
+            conv.set(
+                "model",
+                "tokenizer_path",
+                str(value),
+                source,
+                hub_note(str(value), "model") if looks_like_hub_id(str(value)) else "",
+            )
         elif key == "processor_type":
             if value == "bagel":
-                conv.skip(source, value, "the BAGEL processor belongs to [model] name = \"bagel\"; nothing to set")
+                conv.skip(
+                    source, value, 'the BAGEL processor belongs to [model] name = "bagel"; nothing to set'
+                )
             else:
                 conv.skip(source, value, "bagel-titan uses the BAGEL processor for every dataset")
         elif key == "extra_kwargs" and isinstance(value, dict):
@@ -184,18 +228,26 @@ def convert_dataset(conv: Conversion, data: Mapping[str, Any]) -> None:
     for key, value in data.items():
         source = f"dataset_config.{key}"
         if key == "dataset_type":
-            reason = ("every dataset goes through the BAGEL processor of [model] name = \"bagel\" and is streamed"
-                      if str(value).startswith("bagel") else
-                      "bagel-titan trains BAGEL only: its processor handles every dataset (messages, "
-                      "caption + image, text)")
+            reason = (
+                'every dataset goes through the BAGEL processor of [model] name = "bagel" and is streamed'
+                if str(value).startswith("bagel")
+                else "bagel-titan trains BAGEL only: its processor handles every dataset (messages, "
+                "caption + image, text)"
+            )
             conv.skip(source, value, reason)
         elif key == "dataset_format":
-            conv.skip(source, value, "used as the format of datasets without a data_type" if value != "yaml"
-                      else "the datasets are listed below (inline or from dataset_path)")
+            conv.skip(
+                source,
+                value,
+                "used as the format of datasets without a data_type"
+                if value != "yaml"
+                else "the datasets are listed below (inline or from dataset_path)",
+            )
         elif key == "datasets" and isinstance(value, list):
             for i, entry in enumerate(value):
-                dataset = _dataset(conv, entry, f"{source}[{i}]",
-                                   default_type if default_type != "yaml" else "")
+                dataset = _dataset(
+                    conv, entry, f"{source}[{i}]", default_type if default_type != "yaml" else ""
+                )
                 if dataset:
                     conv.datasets.append(dataset)
         elif key == "dataset_path" and value:
@@ -210,42 +262,75 @@ def convert_dataset(conv: Conversion, data: Mapping[str, Any]) -> None:
         elif key == "packing":
             conv.set("data", "packing", bool(value), source)
         elif key == "packing_strategy" and value:
-            note = ("bagel-titan's first_fit is a real first-fit over a buffer of open packs; "
-                    "best_fit_decreasing (with [data] packing_window) fills packs fuller") if value == "first_fit" else ""
+            note = (
+                (
+                    "bagel-titan's first_fit is a real first-fit over a buffer of open packs; "
+                    "best_fit_decreasing (with [data] packing_window) fills packs fuller"
+                )
+                if value == "first_fit"
+                else ""
+            )
             conv.set("data", "packing_strategy", str(value), source, note)
         elif key == "packing_length" and value:
             conv.set("data", "packing_length", int(value), source)
         elif key in ("video_backend", "video_sampling_strategy", "frame_num", "fps"):
             conv.skip(source, value, NO_VIDEO)
         elif key == "shuffle":
-            conv.set("data", "shuffle", bool(value), source,
-                     "each epoch permutes row groups, then samples within [data] shuffle_window" if value else "")
+            conv.set(
+                "data",
+                "shuffle",
+                bool(value),
+                source,
+                "each epoch permutes row groups, then samples within [data] shuffle_window" if value else "",
+            )
         elif key == "eval_dataset_path" and value:
             dataset = _dataset(conv, {"path": value}, source, default_type if default_type != "yaml" else "")
             if dataset:
                 conv.validation_datasets.append(dataset)
         elif key == "object_storage":
-            conv.skip(source, value, "local files only" if value in (None, "none") else
-                      "bagel-titan reads local files only: copy the data from the bucket first")
+            conv.skip(
+                source,
+                value,
+                "local files only"
+                if value in (None, "none")
+                else "bagel-titan reads local files only: copy the data from the bucket first",
+            )
         elif key == "filter_overlong":
             if value:
-                conv.set("data", "oversize_policy", "skip", source,
-                         "samples longer than [data] packing_length are skipped and counted")
+                conv.set(
+                    "data",
+                    "oversize_policy",
+                    "skip",
+                    source,
+                    "samples longer than [data] packing_length are skipped and counted",
+                )
             else:
-                conv.set("data", "oversize_policy", "skip", source,
-                         "bagel-titan cannot keep a sample longer than [data] packing_length: it is skipped and "
-                         "counted (oversize_policy = \"truncate\" cuts text-only samples instead)")
+                conv.set(
+                    "data",
+                    "oversize_policy",
+                    "skip",
+                    source,
+                    "bagel-titan cannot keep a sample longer than [data] packing_length: it is skipped and "
+                    'counted (oversize_policy = "truncate" cuts text-only samples instead)',
+                )
         elif key == "max_length" and value:
             if data.get("packing"):
                 conv.skip(source, value, "with packing the limit is [data] packing_length")
             else:
-                conv.set("data", "packing_length", int(value), source,
-                         "without packing each sample is its own batch, at most packing_length tokens")
+                conv.set(
+                    "data",
+                    "packing_length",
+                    int(value),
+                    source,
+                    "without packing each sample is its own batch, at most packing_length tokens",
+                )
         elif key == "tokenizer" and value:
             conv.set("model", "tokenizer_path", str(value), source)
-        elif key in ("filter_overlong_workers", "bucket_name", "extra_kwargs") or value is None or value == {}:
-            conv.skip(source, value, "unset" if value in (None, {}) else "no equivalent in bagel-titan's loader")
+        elif (
+            key in ("filter_overlong_workers", "bucket_name", "extra_kwargs") or value is None or value == {}
+        ):
+            conv.skip(
+                source, value, "unset" if value in (None, {}) else "no equivalent in bagel-titan's loader"
+            )
         else:
             conv.skip(source, value, "not an LMMS dataset_config key this converter knows; not converted")
-
-

@@ -11,9 +11,28 @@ import tomli_w
 from .record import Conversion, DatasetOut
 
 
-SECTION_ORDER = ("job", "model", "training", "optimizer", "lr_scheduler", "parallelism", "activation_checkpoint",
-                 "compile", "checkpoint", "metrics", "data", "validation", "attention", "attention.nsa",
-                 "attention.sdpa", "attention.flex", "loss", "ema", "bagel", "bagel.processor")
+SECTION_ORDER = (
+    "job",
+    "model",
+    "training",
+    "optimizer",
+    "lr_scheduler",
+    "parallelism",
+    "activation_checkpoint",
+    "compile",
+    "checkpoint",
+    "metrics",
+    "data",
+    "validation",
+    "attention",
+    "attention.nsa",
+    "attention.sdpa",
+    "attention.flex",
+    "loss",
+    "ema",
+    "bagel",
+    "bagel.processor",
+)
 
 
 def toml_line(key: str, value: Any) -> str:
@@ -38,9 +57,12 @@ def _short(value: Any) -> str:
 
 
 def to_toml(conv: Conversion, source_file: str) -> str:
-    lines = [f"# bagel-titan config converted from the LMMS Engine config {source_file}",
-             "# by bagel-titan-from-lmms. Each key names the LMMS key it came from; read every NOTE (a",
-             "# translation that differs from the LMMS run) and the list of keys not converted at the end.", ""]
+    lines = [
+        f"# bagel-titan config converted from the LMMS Engine config {source_file}",
+        "# by bagel-titan-from-lmms. Each key names the LMMS key it came from; read every NOTE (a",
+        "# translation that differs from the LMMS run) and the list of keys not converted at the end.",
+        "",
+    ]
     sections = sorted(conv.sections, key=lambda s: (SECTION_ORDER.index(s) if s in SECTION_ORDER else 99, s))
     for section in sections:
         lines.append(f"[{section}]")
@@ -80,7 +102,9 @@ def summary(conv: Conversion) -> str:
     mapped = sum(len(s) for s in conv.sections.values()) + len(conv.datasets) + len(conv.validation_datasets)
     out = [f"bagel-titan-from-lmms: {mapped} settings written, {len(conv.skipped)} LMMS keys not converted"]
     notes = [(f"[{s}] {k}", a.note) for s, items in conv.sections.items() for k, a in items.items() if a.note]
-    notes += [(f"dataset {d.fields['path']}", n) for d in conv.datasets + conv.validation_datasets for n in d.notes]
+    notes += [
+        (f"dataset {d.fields['path']}", n) for d in conv.datasets + conv.validation_datasets for n in d.notes
+    ]
     if notes:
         out.append("review (translated, see the NOTE comments):")
         out += [f"  {where}: {note}" for where, note in notes]
@@ -91,4 +115,3 @@ def summary(conv: Conversion) -> str:
         out.append("not converted:")
         out += [f"  {', '.join(keys)}: {reason}" for reason, keys in by_reason.items()]
     return "\n".join(out) + "\n"
-

@@ -68,4 +68,3 @@ class Conversion:
 
 class LmmsConfigError(ValueError):
     """The YAML is not an LMMS Engine training config this converter can read."""
-

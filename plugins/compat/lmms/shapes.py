@@ -32,24 +32,36 @@ def split_config(document: Any, conversion: Conversion) -> LmmsConfig:
     if isinstance(document, list):
         trainers = []
         for i, item in enumerate(document):
-            if isinstance(item, dict) and item.get("type") == "trainer" and isinstance(item.get("config"), dict):
+            if (
+                isinstance(item, dict)
+                and item.get("type") == "trainer"
+                and isinstance(item.get("config"), dict)
+            ):
                 trainers.append(item["config"])
             else:
                 kind = item.get("type") if isinstance(item, dict) else type(item).__name__
-                conversion.skip(f"[{i}]", kind, "a list item other than `type: trainer`; bagel-titan "
-                                                 "reads only the trainer config")
+                conversion.skip(
+                    f"[{i}]",
+                    kind,
+                    "a list item other than `type: trainer`; bagel-titan reads only the trainer config",
+                )
         if len(trainers) != 1:
-            raise LmmsConfigError(f"a list-form LMMS config needs exactly one `- type: trainer` item with a "
-                                  f"`config:` mapping, found {len(trainers)}")
+            raise LmmsConfigError(
+                f"a list-form LMMS config needs exactly one `- type: trainer` item with a "
+                f"`config:` mapping, found {len(trainers)}"
+            )
         config = trainers[0]
     elif isinstance(document, dict):
         config = document
     else:
-        raise LmmsConfigError(f"expected a YAML mapping or a list of `- type: ...` items, got "
-                              f"{type(document).__name__}")
+        raise LmmsConfigError(
+            f"expected a YAML mapping or a list of `- type: ...` items, got {type(document).__name__}"
+        )
     if not any(k in config for k in PART_KEYS):
-        raise LmmsConfigError(f"no `dataset_config` or `model_config` in the trainer config (keys: "
-                              f"{sorted(config)}); is this an LMMS Engine training YAML?")
+        raise LmmsConfigError(
+            f"no `dataset_config` or `model_config` in the trainer config (keys: "
+            f"{sorted(config)}); is this an LMMS Engine training YAML?"
+        )
     args: dict[str, Any] = {}
     prefix = ""
     for name in TRAINER_ARG_SECTIONS:
@@ -64,6 +76,6 @@ def split_config(document: Any, conversion: Conversion) -> LmmsConfig:
             top[key] = value
         else:
             args[key] = value  # list form: training arguments sit beside the parts
-    return LmmsConfig(top, dict(config.get("dataset_config") or {}), dict(config.get("model_config") or {}),
-                      args, prefix)
-
+    return LmmsConfig(
+        top, dict(config.get("dataset_config") or {}), dict(config.get("model_config") or {}), args, prefix
+    )

@@ -22,7 +22,8 @@ HF_TRAINER_DEFAULTS: dict[str, Any] = {
     "save_steps": 500,
 }
 
-IGNORED_TRAINER_ARGS = frozenset("""
+IGNORED_TRAINER_ARGS = frozenset(
+    """
     overwrite_output_dir do_train do_eval do_predict prediction_loss_only per_device_eval_batch_size
     eval_accumulation_steps eval_delay torch_empty_cache_steps log_level log_level_replica
     log_on_each_node logging_dir logging_strategy logging_first_step logging_nan_inf_filter
@@ -40,7 +41,8 @@ IGNORED_TRAINER_ARGS = frozenset("""
     ray_scope ddp_timeout include_tokens_per_second include_num_input_tokens_seen neftune_noise_alpha
     optim_target_modules batch_eval_metrics eval_on_start liger_kernel_config eval_use_gather_object
     average_tokens_across_devices print_batch_input_steps save_total_limit_per_node
-""".split())
+""".split()
+)
 
 MODEL_CLASSES = ("Qwen2MoTDecoderLayer", "SiglipEncoderLayer")
 """Module classes of bagel-titan's BAGEL that `transformer_layer_cls_to_wrap` may name."""
@@ -48,24 +50,46 @@ MODEL_CLASSES = ("Qwen2MoTDecoderLayer", "SiglipEncoderLayer")
 ATTENTION_BACKENDS = {
     "eager": ("eager", ""),
     "sdpa": ("sdpa", ""),
-    "flash_attention_2": ("sdpa", "flash_attention_2 cannot express BAGEL's packed mask with noise segments; "
-                                  "bagel-titan's sdpa backend runs one SDPA call per document on long packs, "
-                                  "which takes the flash kernel for causal text and full ViT documents "
-                                  "(flex is the block-sparse alternative on GPU)"),
+    "flash_attention_2": (
+        "sdpa",
+        "flash_attention_2 cannot express BAGEL's packed mask with noise segments; "
+        "bagel-titan's sdpa backend runs one SDPA call per document on long packs, "
+        "which takes the flash kernel for causal text and full ViT documents "
+        "(flex is the block-sparse alternative on GPU)",
+    ),
     "flash_attention_3": ("sdpa", "no flash_attention_3 backend; sdpa (per-document flash kernels) is used"),
     "flex_attention": ("flex", ""),
 }
 
-NSA_KEYS = ("block_size", "compress_type", "kernel_size", "kernel_stride", "topk", "init_blocks",
-            "local_blocks", "window_size")
+NSA_KEYS = (
+    "block_size",
+    "compress_type",
+    "kernel_size",
+    "kernel_stride",
+    "topk",
+    "init_blocks",
+    "local_blocks",
+    "window_size",
+)
 
-FREEZE_GROUPS = {"visual": "vit", "vit_model": "vit", "vit": "vit", "connector": "connector",
-                 "language_model": "llm", "llm": "llm"}
+FREEZE_GROUPS = {
+    "visual": "vit",
+    "vit_model": "vit",
+    "vit": "vit",
+    "connector": "connector",
+    "language_model": "llm",
+    "llm": "llm",
+}
 
 OPTIMIZERS = {"adamw_torch_fused": "fused", "adamw_torch": "auto", "adamw_hf": "auto", "adamw": "auto"}
 
-LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant",
-                "constant_with_warmup": "constant", "cosine_with_min_lr": "cosine"}
+LR_SCHEDULES = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant",
+    "constant_with_warmup": "constant",
+    "cosine_with_min_lr": "cosine",
+}
 
 
 def is_local(path: str) -> bool:
@@ -73,14 +97,20 @@ def is_local(path: str) -> bool:
 
 
 def looks_like_hub_id(path: str) -> bool:
-    return (not is_local(path) and path.count("/") == 1 and not path.startswith((".", "/", "~"))
-            and not path.endswith((".json", ".jsonl", ".parquet", ".arrow", ".yaml", ".yml")))
+    return (
+        not is_local(path)
+        and path.count("/") == 1
+        and not path.startswith((".", "/", "~"))
+        and not path.endswith((".json", ".jsonl", ".parquet", ".arrow", ".yaml", ".yml"))
+    )
 
 
 def hub_note(path: str, what: str) -> str:
-    return (f"{path!r} looks like a Hugging Face Hub id and bagel-titan reads local files only: download it "
-            f"(`huggingface-cli download {'--repo-type dataset ' if what == 'dataset' else ''}{path} "
-            f"--local-dir DIR`) and set this path to DIR")
+    return (
+        f"{path!r} looks like a Hugging Face Hub id and bagel-titan reads local files only: download it "
+        f"(`huggingface-cli download {'--repo-type dataset ' if what == 'dataset' else ''}{path} "
+        f"--local-dir DIR`) and set this path to DIR"
+    )
 
 
 def as_list(value: Any) -> list[Any]:

@@ -61,8 +61,16 @@ class ArrowReader:
     def _load(unit: Unit) -> list[dict]:
         return _batch(_open_batches(unit.file), unit.part).to_pylist()
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
-                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
+    def iter_samples(
+        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass = ReadPass()
+    ) -> Iterator[RawSample]:
         """Rows of one shard; record batches are the decoding (and, when enough, sharding) unit."""
-        yield from iter_units(self.units(path), self._load, dataset=path,
-                              shard_index=shard_index, num_shards=num_shards, start=start, read_pass=read_pass)
+        yield from iter_units(
+            self.units(path),
+            self._load,
+            dataset=path,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            start=start,
+            read_pass=read_pass,
+        )

@@ -70,7 +70,8 @@ class ReleaseParquetReader(ABC):
                 raise ValueError(
                     f"{self.format} dataset file {file!r} has no column(s) {missing} (it has "
                     f"{parquet.schema_arrow.names}); a {self.format} shard needs {list(self.columns)}. "
-                    f"Fix `format` in its [[data.datasets]] entry")
+                    f"Fix `format` in its [[data.datasets]] entry"
+                )
             for g in range(parquet.metadata.num_row_groups):
                 n = parquet.metadata.row_group(g).num_rows
                 units.append(Unit(file, g, n, first))
@@ -84,11 +85,19 @@ class ReleaseParquetReader(ABC):
     def convert(self, row: dict[str, Any], rng: random.Random, where: str) -> dict[str, Any]:
         """The processor record of one row, or `bad_record(...)`."""
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
-                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
+    def iter_samples(
+        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass = ReadPass()
+    ) -> Iterator[RawSample]:
         """The converted rows of one shard (see the module docstring)."""
-        for sample in iter_units(self.units(path), self._load, dataset=path,
-                                 shard_index=shard_index, num_shards=num_shards, start=start, read_pass=read_pass):
+        for sample in iter_units(
+            self.units(path),
+            self._load,
+            dataset=path,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            start=start,
+            read_pass=read_pass,
+        ):
             if as_bad_record(sample.data) is None:
                 rng = read_pass.rng(self.format, sample.index)
                 sample.data = self.convert(sample.data, rng, f"{path}[{sample.index}]")
@@ -111,8 +120,10 @@ class BagelT2IReader(ReleaseParquetReader):
         if isinstance(raw, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in raw):
             raw = dict(raw)  # a parquet map column reads as (key, value) pairs
         if not isinstance(raw, dict):
-            return bad_record("bad_json", f"{where}: `captions` must be a JSON object of named captions, "
-                                          f"got {type(raw).__name__}")
+            return bad_record(
+                "bad_json",
+                f"{where}: `captions` must be a JSON object of named captions, got {type(raw).__name__}",
+            )
         captions = _usable_texts(list(raw.values()))
         if not captions:
             return bad_record("no_caption", f"{where}: no non-empty caption in {sorted(raw)}")
@@ -130,7 +141,9 @@ def _instructions(raw: Any) -> list[Any] | None:
     return raw if isinstance(raw, list) else None
 
 
-def edit_messages(images: Sequence[Any], instructions: Sequence[list[str]], rng: random.Random) -> list[dict[str, Any]]:
+def edit_messages(
+    images: Sequence[Any], instructions: Sequence[list[str]], rng: random.Random
+) -> list[dict[str, Any]]:
     """The chat of one editing sample, drawn as the release's edit dataset draws it.
 
     `images[i]` is step i of the chain; `instructions[i]` the usable alternatives for i -> i+1.
@@ -166,16 +179,21 @@ class BagelEditReader(ReleaseParquetReader):
         images = row["image_list"]
         steps = _instructions(row["instruction_list"])
         if not isinstance(images, list) or len(images) < 2:
-            return bad_record("bad_edit_chain", f"{where}: `image_list` needs at least 2 images, got "
-                                                f"{len(images) if isinstance(images, list) else type(images).__name__}")
+            return bad_record(
+                "bad_edit_chain",
+                f"{where}: `image_list` needs at least 2 images, got "
+                f"{len(images) if isinstance(images, list) else type(images).__name__}",
+            )
         if any(image is None for image in images):
             return bad_record("image_missing", f"{where}: `image_list` holds a null image")
         if steps is None or len(steps) < len(images) - 1:
-            return bad_record("bad_edit_chain", f"{where}: `instruction_list` needs one list of instructions per "
-                                                f"step ({len(images) - 1}), got {steps if steps is None else len(steps)}")
+            return bad_record(
+                "bad_edit_chain",
+                f"{where}: `instruction_list` needs one list of instructions per "
+                f"step ({len(images) - 1}), got {steps if steps is None else len(steps)}",
+            )
         usable = [_usable_texts(step) if isinstance(step, list) else _usable_texts([step]) for step in steps]
         empty = [i for i, step in enumerate(usable[: len(images) - 1]) if not step]
         if empty:
             return bad_record("bad_edit_chain", f"{where}: no usable instruction for step(s) {empty}")
         return {"messages": edit_messages(images, usable, rng)}
-

@@ -35,8 +35,9 @@ def list_files(path: str, extensions: Sequence[str], what: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise DataPathError(f"{what} dataset path {path!r} does not exist; fix `path` in its "
-                                f"[[data.datasets]] entry")
+        raise DataPathError(
+            f"{what} dataset path {path!r} does not exist; fix `path` in its [[data.datasets]] entry"
+        )
     files = sorted(
         os.path.join(root, name)
         for root, _, names in os.walk(path)
@@ -44,12 +45,16 @@ def list_files(path: str, extensions: Sequence[str], what: str) -> list[str]:
         if name.endswith(tuple(extensions))
     )
     if not files:
-        raise DataPathError(f"{what} dataset folder {path!r} holds no {'/'.join(extensions)} "
-                                f"files; fix `path` or `format` in its [[data.datasets]] entry")
+        raise DataPathError(
+            f"{what} dataset folder {path!r} holds no {'/'.join(extensions)} "
+            f"files; fix `path` or `format` in its [[data.datasets]] entry"
+        )
     return files
 
 
-def shard_rows(unit_index: int, unit: Unit, shard_index: int, num_shards: int, by_unit: bool) -> range | list[int]:
+def shard_rows(
+    unit_index: int, unit: Unit, shard_index: int, num_shards: int, by_unit: bool
+) -> range | list[int]:
     """Local row numbers of `unit` that belong to shard `shard_index`."""
     if by_unit:
         return range(unit.num_rows) if unit_index % num_shards == shard_index else range(0)

@@ -40,7 +40,11 @@ def _is_image(feature: Any) -> bool:
 def _is_image_list(feature: Any) -> bool:
     if isinstance(feature, list):  # the `[Image()]` shorthand
         return len(feature) == 1 and _is_image(feature[0])
-    return isinstance(feature, dict) and feature.get("_type") in _LIST_TYPES and _is_image(feature.get("feature"))
+    return (
+        isinstance(feature, dict)
+        and feature.get("_type") in _LIST_TYPES
+        and _is_image(feature.get("feature"))
+    )
 
 
 def read_features(path: str) -> dict[str, Any]:
@@ -48,12 +52,20 @@ def read_features(path: str) -> dict[str, Any]:
     if os.path.isfile(os.path.join(path, "dataset_dict.json")):
         with open(os.path.join(path, "dataset_dict.json")) as f:
             splits = json.load(f).get("splits", [])
-        raise ValueError(f"hf_disk dataset {path!r} is a DatasetDict (splits {splits}); point `path` at one "
-                         f"split folder, e.g. {os.path.join(path, splits[0] if splits else 'train')!r}")
+        raise ValueError(
+            f"hf_disk dataset {path!r} is a DatasetDict (splits {splits}); point `path` at one "
+            f"split folder, e.g. {os.path.join(path, splits[0] if splits else 'train')!r}"
+        )
     info = os.path.join(path, "dataset_info.json")
-    if not os.path.isdir(path) or not os.path.isfile(info) or not os.path.isfile(os.path.join(path, "state.json")):
-        raise FileNotFoundError(f"hf_disk dataset {path!r} is not a `save_to_disk` folder (it needs "
-                                f"dataset_info.json and state.json); use format = \"arrow\" for plain .arrow files")
+    if (
+        not os.path.isdir(path)
+        or not os.path.isfile(info)
+        or not os.path.isfile(os.path.join(path, "state.json"))
+    ):
+        raise FileNotFoundError(
+            f"hf_disk dataset {path!r} is not a `save_to_disk` folder (it needs "
+            f'dataset_info.json and state.json); use format = "arrow" for plain .arrow files'
+        )
     with open(info) as f:
         features = json.load(f).get("features")
     if not isinstance(features, dict) or not features:
@@ -72,7 +84,9 @@ class RowForm:
 
     @staticmethod
     def from_features(features: dict[str, Any], where: str) -> "RowForm":
-        images = tuple(name for name, feature in features.items() if _is_image(feature) or _is_image_list(feature))
+        images = tuple(
+            name for name, feature in features.items() if _is_image(feature) or _is_image_list(feature)
+        )
         if "messages" in features:
             return RowForm("messages")
         if "conversations" in features:
@@ -85,7 +99,8 @@ class RowForm:
         raise ValueError(
             f"hf_disk dataset {where!r} has columns {sorted(features)} (image columns: {list(images)}); "
             f"supported layouts: `messages`; `conversations` (+ image columns); one Image column + one of "
-            f"{list(CAPTION_COLUMNS)}; `text` alone. Rename the columns (Dataset.rename_column) and re-save")
+            f"{list(CAPTION_COLUMNS)}; `text` alone. Rename the columns (Dataset.rename_column) and re-save"
+        )
 
     def convert(self, row: dict[str, Any], where: str) -> dict[str, Any]:
         if self.kind == "messages":
@@ -113,12 +128,14 @@ class HFDiskReader:
     def __init__(self) -> None:
         self._arrow = ArrowReader()
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
-                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
+    def iter_samples(
+        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass = ReadPass()
+    ) -> Iterator[RawSample]:
         """The converted rows of one shard (record batches as the arrow reader streams them)."""
         form = RowForm.from_features(read_features(path), path)
-        for sample in self._arrow.iter_samples(path, shard_index=shard_index, num_shards=num_shards,
-                                               start=start, read_pass=read_pass):
+        for sample in self._arrow.iter_samples(
+            path, shard_index=shard_index, num_shards=num_shards, start=start, read_pass=read_pass
+        ):
             if as_bad_record(sample.data) is None:
                 sample.data = form.convert(sample.data, f"{path}[{sample.index}]")
             yield sample

@@ -37,8 +37,9 @@ class JsonlReader:
     format = "jsonl"
     extensions = (".jsonl",)
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
-                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
+    def iter_samples(
+        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass = ReadPass()
+    ) -> Iterator[RawSample]:
         """Only the lines of this shard are parsed; a line that does not parse, or is not valid
         UTF-8, is a bad record. A UTF-8 byte-order mark at the start of a file is accepted."""
         index = 0
@@ -47,7 +48,7 @@ class JsonlReader:
             with open(file, "rb") as f:
                 for line_no, raw in enumerate(f, start=1):
                     if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
-                        raw = raw[len(codecs.BOM_UTF8):]
+                        raw = raw[len(codecs.BOM_UTF8) :]
                     if not raw.strip():
                         continue
                     mine = index % num_shards == shard_index
@@ -64,8 +65,9 @@ class JsonListReader:
     format = "json"
     extensions = (".json",)
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
-                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
+    def iter_samples(
+        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass = ReadPass()
+    ) -> Iterator[RawSample]:
         """Record i of the concatenated lists belongs to shard i % num_shards."""
         index = 0
         for file in list_files(path, self.extensions, "json"):
@@ -73,17 +75,26 @@ class JsonListReader:
                 try:
                     records = json.load(f)
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise DataError(f"json dataset file {file!r} does not parse ({exc}); a `json` "
-                                     f"dataset is one list of records (use `jsonl` for one per line)") from exc
+                    raise DataError(
+                        f"json dataset file {file!r} does not parse ({exc}); a `json` "
+                        f"dataset is one list of records (use `jsonl` for one per line)"
+                    ) from exc
             if not isinstance(records, list):
-                raise DataError(f"json dataset file {file!r} holds a {type(records).__name__}, not a "
-                                 f"list of records; use `jsonl` for one record per line")
+                raise DataError(
+                    f"json dataset file {file!r} holds a {type(records).__name__}, not a "
+                    f"list of records; use `jsonl` for one record per line"
+                )
             first = (shard_index - index) % num_shards
             for local in range(first, len(records), num_shards):
                 position = (index + local) // num_shards  # this shard's running count
                 if position >= start:
                     record = records[local]
-                    data = record if isinstance(record, dict) else bad_record(
-                        "bad_json", f"{file}[{local}]: expected an object, got {type(record).__name__}")
+                    data = (
+                        record
+                        if isinstance(record, dict)
+                        else bad_record(
+                            "bad_json", f"{file}[{local}]: expected an object, got {type(record).__name__}"
+                        )
+                    )
                     yield RawSample(path, index + local, data)
             index += len(records)

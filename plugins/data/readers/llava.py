@@ -82,9 +82,11 @@ def iter_json_array(file: str, chunk_chars: int = _CHUNK_CHARS) -> Iterator[Any]
             return JsonArrayError(f"{file}: {message} at character {consumed + pos}")
 
         if not skip_ws() or buf[pos] != "[":
-            raise NotAJsonListError(f"{file} does not hold a JSON list (it starts with "
-                                    f"{buf[pos:pos + 20]!r}); a .json dataset is one list of records, "
-                                    f"use .jsonl for one record per line")
+            raise NotAJsonListError(
+                f"{file} does not hold a JSON list (it starts with "
+                f"{buf[pos : pos + 20]!r}); a .json dataset is one list of records, "
+                f"use .jsonl for one record per line"
+            )
         pos += 1
         if skip_ws() and buf[pos] == "]":
             return
@@ -131,15 +133,21 @@ def llava_to_messages(conversations: Any, images: Sequence[Any], where: str) -> 
         speaker = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
         text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
         if speaker not in ROLES or not isinstance(text, str):
-            return bad_record("unknown_content", f"{where}: turn {turn!r:.120} needs `from` in {sorted(ROLES)} "
-                                                 f"and a string `value`")
+            return bad_record(
+                "unknown_content",
+                f"{where}: turn {turn!r:.120} needs `from` in {sorted(ROLES)} and a string `value`",
+            )
         turns.append((ROLES[speaker], text))
     placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
     if any(role != "user" and IMAGE_PLACEHOLDER in text for role, text in turns):
-        return bad_record("unknown_content", f"{where}: an {IMAGE_PLACEHOLDER} placeholder outside a human turn")
+        return bad_record(
+            "unknown_content", f"{where}: an {IMAGE_PLACEHOLDER} placeholder outside a human turn"
+        )
     if placeholders and placeholders != len(images):
-        return bad_record("unknown_content", f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
-                                             f"but {len(images)} image(s)")
+        return bad_record(
+            "unknown_content",
+            f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)",
+        )
     pending = list(images)
     messages = []
     for role, text in turns:
@@ -154,7 +162,9 @@ def llava_to_messages(conversations: Any, images: Sequence[Any], where: str) -> 
                 content.append({"type": "text", "text": piece.strip()})
         messages.append({"role": role, "content": content})
     if pending:
-        return bad_record("unknown_content", f"{where}: {len(images)} image(s) but no human turn to hold them")
+        return bad_record(
+            "unknown_content", f"{where}: {len(images)} image(s) but no human turn to hold them"
+        )
     return {"messages": messages}
 
 
@@ -163,7 +173,9 @@ def llava_record(record: Any, where: str) -> dict[str, Any]:
     if not isinstance(record, dict):
         return bad_record("bad_json", f"{where}: expected a JSON object, got {type(record).__name__}")
     if record.get("video") is not None:
-        return bad_record("unsupported_video", f"{where}: a video record; the BAGEL processor takes images only")
+        return bad_record(
+            "unsupported_video", f"{where}: a video record; the BAGEL processor takes images only"
+        )
     images = _images_of(record)
     if images is None:
         return bad_record("unknown_content", f"{where}: `image` must be a path or a list of paths")
@@ -194,8 +206,9 @@ class LlavaReader:
         except JsonArrayError as exc:  # the rest of the file is lost: one counted bad record
             yield f"{file}[{count}]", bad_record("bad_json", f"{exc}; the rest of this file is skipped")
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
-                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
+    def iter_samples(
+        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass = ReadPass()
+    ) -> Iterator[RawSample]:
         """Records of one shard, converted; only this shard's jsonl lines are parsed."""
         index = 0
         owned = 0

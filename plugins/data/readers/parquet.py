@@ -42,18 +42,30 @@ class ParquetReader:
                 units.append(Unit(file, g, n, first))
                 first += n
         if len(broken) == len(files):
-            raise DataError(f"parquet dataset {path!r}: no file reads: {'; '.join(broken)}; replace the damaged "
-                            f"files or fix `path`")
+            raise DataError(
+                f"parquet dataset {path!r}: no file reads: {'; '.join(broken)}; replace the damaged "
+                f"files or fix `path`"
+            )
         return units
 
     @staticmethod
     def _load(unit: Unit) -> list[dict]:
         if unit.part == _UNREADABLE:
-            raise DataError(f"{unit.file} is not a readable parquet file (truncated or damaged); file skipped")
+            raise DataError(
+                f"{unit.file} is not a readable parquet file (truncated or damaged); file skipped"
+            )
         return pq.ParquetFile(unit.file).read_row_group(unit.part).to_pylist()
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
-                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
+    def iter_samples(
+        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass = ReadPass()
+    ) -> Iterator[RawSample]:
         """Rows of one shard; row groups are the decoding (and, when enough, sharding) unit."""
-        yield from iter_units(self.units(path), self._load, dataset=path,
-                              shard_index=shard_index, num_shards=num_shards, start=start, read_pass=read_pass)
+        yield from iter_units(
+            self.units(path),
+            self._load,
+            dataset=path,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            start=start,
+            read_pass=read_pass,
+        )

@@ -35,15 +35,18 @@ class YamlMixtureReader:
     def expand(self, path: str) -> list[DatasetEntry]:
         """The datasets a mixture file lists, paths resolved against the file's folder."""
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"yaml dataset list {path!r} does not exist; fix `path` in its "
-                                    f"[[data.datasets]] entry")
+            raise FileNotFoundError(
+                f"yaml dataset list {path!r} does not exist; fix `path` in its [[data.datasets]] entry"
+            )
         with open(path) as f:
             raw: Any = yaml.safe_load(f)
         if isinstance(raw, dict) and "datasets" in raw:
             raw = raw["datasets"]
         if not isinstance(raw, list) or not raw:
-            raise ValueError(f"yaml dataset list {path!r} must be a non-empty list of datasets "
-                             f"(each a mapping with `path`, optional `format`, `weight`, `data_folder`)")
+            raise ValueError(
+                f"yaml dataset list {path!r} must be a non-empty list of datasets "
+                f"(each a mapping with `path`, optional `format`, `weight`, `data_folder`)"
+            )
         base = os.path.dirname(os.path.abspath(path))
         entries = []
         for i, item in enumerate(raw):
@@ -51,28 +54,38 @@ class YamlMixtureReader:
                 raise ValueError(f"entry {i} of yaml dataset list {path!r} needs a `path` key, got {item!r}")
             unknown = set(item) - _KEYS
             if unknown:
-                raise ValueError(f"entry {i} of yaml dataset list {path!r} has unknown keys "
-                                 f"{sorted(unknown)}; known: {sorted(_KEYS)}")
-            entries.append(DatasetEntry(
-                path=_resolve(base, str(item["path"])),
-                format=str(item.get("format", "")),
-                data_folder=_resolve(base, str(item.get("data_folder", ""))),
-                weight=float(item.get("weight", 1.0)),
-                name=str(item.get("name", "")),
-            ))
+                raise ValueError(
+                    f"entry {i} of yaml dataset list {path!r} has unknown keys "
+                    f"{sorted(unknown)}; known: {sorted(_KEYS)}"
+                )
+            entries.append(
+                DatasetEntry(
+                    path=_resolve(base, str(item["path"])),
+                    format=str(item.get("format", "")),
+                    data_folder=_resolve(base, str(item.get("data_folder", ""))),
+                    weight=float(item.get("weight", 1.0)),
+                    name=str(item.get("name", "")),
+                )
+            )
         return entries
 
-    def iter_samples(self, path: str, *, shard_index: int, num_shards: int, start: int,
-                     read_pass: ReadPass = ReadPass()) -> Iterator[RawSample]:
+    def iter_samples(
+        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass = ReadPass()
+    ) -> Iterator[RawSample]:
         """The listed datasets one after another (weights ignored; the loader mixes instead)."""
         from bagel_titan.plugins import PluginManager  # the readers of the listed formats
 
         manager = PluginManager()
         skipped = 0
         for entry in self.expand(path):
-            reader = manager.dataset_readers.get(entry.format) if entry.format else manager.reader_for_path(entry.path)
-            for sample in reader.iter_samples(entry.path, shard_index=shard_index, num_shards=num_shards,
-                                              start=0, read_pass=read_pass):
+            reader = (
+                manager.dataset_readers.get(entry.format)
+                if entry.format
+                else manager.reader_for_path(entry.path)
+            )
+            for sample in reader.iter_samples(
+                entry.path, shard_index=shard_index, num_shards=num_shards, start=0, read_pass=read_pass
+            ):
                 if skipped < start:
                     skipped += 1
                     continue
