@@ -1,7 +1,8 @@
 """The build phase and the training loop. Nothing model specific: that comes from the model spec.
 
 Build: model on the meta device -> freeze -> parallelize (AC, compile, FSDP2) -> materialise and
-initialise / load -> optimizer, LR schedule, EMA -> dataloader -> checkpoint manager (resume).
+initialise / load -> optimizer, LR schedule, EMA -> resume point (`CheckpointManager.peek`) ->
+dataloader -> checkpoint manager (resume).
 Loop: microbatches -> forward -> loss components (normalised by their global counts) ->
 backward -> clip -> non-finite guard -> step -> EMA -> metrics -> checkpoint -> export.
 """
@@ -23,7 +24,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from bagel_titan.checkpoint.export import export_weights
-from bagel_titan.checkpoint.manager import CheckpointManager
+from bagel_titan.checkpoint.manager import CheckpointManager, ResumePoint
 from bagel_titan.checkpoint.states import ModelState, OptimizerState
 from bagel_titan.config.fields import tomllib
 from bagel_titan.config.job_config import JobConfig
@@ -166,8 +167,15 @@ class Trainer:
         if cfg.compile.enable and "loss" in cfg.compile.components:
             self.loss_fn = torch.compile(self._compute_loss)
 
-        # -- data --
-        self.dataloader = self._build_dataloader(cfg)
+        # -- resume point, then the one dataloader (its seed depends on whether data restarts) --
+        resume = CheckpointManager.peek(cfg.checkpoint, self.run_folder, self.dp_world_size)
+        if resume.step > cfg.training.steps:
+            raise UserError(
+                f"[training] steps = {cfg.training.steps} but the run resumes from its checkpoint at step "
+                f"{resume.step}; raise --training.steps above {resume.step}, or start a new run "
+                f"(another [job] run_name)"
+            )
+        self.dataloader = self._build_dataloader(self._data_config(resume))
         self._data_iter = None
 
         # -- state, checkpoints, metrics --
@@ -184,17 +192,9 @@ class Trainer:
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, self.run_folder, states, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size
         )
-        restored_step = self.checkpointer.load()
-        if restored_step > cfg.training.steps:
-            raise UserError(
-                f"[training] steps = {cfg.training.steps} but the run resumes from its checkpoint at step "
-                f"{restored_step}; raise --training.steps above {restored_step}, or start a new run "
-                f"(another [job] run_name)"
-            )
+        restored_step = self.checkpointer.load(resume=resume)
         if restored_step > 0:
             self._apply_configured_hyperparameters()
-        if restored_step > 0 and not self.checkpointer.restored_data_state:
-            self._restart_data(restored_step)
         if self.ema is not None and restored_step == 0:
             # Weights may have just come from `initial_load_path`: the average starts there.
             self.ema.copy_from_model()
@@ -303,21 +303,22 @@ class Trainer:
             cfg, self.plugins, self.model_spec, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size
         )
 
-    def _restart_data(self, step: int) -> None:
-        """The checkpoint's data positions do not map onto this run's data-parallel layout, so
-        the data starts afresh. With the configured seed it would replay the run's first
-        samples in the same order; a seed derived from the resumed step gives a new order."""
+    def _data_config(self, resume: ResumePoint) -> JobConfig:
+        """The config the dataloader is built from. When the checkpoint's data positions do not
+        map onto this run's data-parallel layout the data starts afresh; with the configured
+        seed it would replay the run's first samples in the same order, so a seed derived from
+        the resumed step gives a new order."""
+        if resume.step == 0 or resume.restores_data:
+            return self.job_config
         data = self.job_config.data
         seed = data.seed if data.seed >= 0 else self.job_config.training.seed
-        restart_seed = restart_data_seed(seed, step)
-        cfg = dataclasses.replace(self.job_config, data=dataclasses.replace(data, seed=restart_seed))
-        self.dataloader = self._build_dataloader(cfg)
-        self.checkpointer.dataloader = self.dataloader
+        restart_seed = restart_data_seed(seed, resume.step)
         if self.rank == 0:
             logger.info(
-                f"data restarts at step {step} with [data] seed {restart_seed} (derived from seed "
+                f"data restarts at step {resume.step} with [data] seed {restart_seed} (derived from seed "
                 f"{seed} and the step) so that it does not replay the run's first samples"
             )
+        return dataclasses.replace(self.job_config, data=dataclasses.replace(data, seed=restart_seed))
 
     def _compute_loss(self, outputs, batch: Batch, global_counts: list[float]):
         """Σ weight * term.sum / global count, plus the detached sums for logging."""

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from bagel_titan.checkpoint.layout import MARKER, list_steps, read_marker
-from bagel_titan.checkpoint.manager import CheckpointError, CheckpointManager
+from bagel_titan.checkpoint.layout import MARKER, SAVING, list_steps, read_marker
+from bagel_titan.checkpoint.manager import CheckpointError, CheckpointManager, ResumePoint
 from bagel_titan.checkpoint.states import ModelState, OptimizerState
 from bagel_titan.train_state import TrainState
 from bagel_titan.config.job_config import Checkpoint
@@ -83,6 +83,48 @@ def test_round_trip_and_marker(tmp_path: Path) -> None:
     assert states2["dataloader"].position == 12 and states2["train_state"].step == 4
     assert manager2.load(step=2) == 2 and states2["dataloader"].position == 6
     assert not manager2.maybe_save(2), "a loaded step is not saved again"
+
+
+def test_peek_names_what_load_restores_without_loading(tmp_path: Path) -> None:
+    """peek() on real DCP checkpoints: none, complete, an incomplete newest (no marker), a
+    damaged newest (moved aside, as load does), load_step, another data-parallel layout and
+    initial_load_path; load(resume=...) then restores exactly that."""
+    peek = CheckpointManager.peek
+    config = Checkpoint(enable=True, interval=2)
+    nothing = ResumePoint(path=None, step=0, model_only=False, restores_data=False)
+    assert peek(config, str(tmp_path), dp_world_size=1) == nothing
+    model, opt, states, manager = _job(tmp_path)
+    _train(model, opt, states, manager, 6)
+    root = tmp_path / "checkpoint"
+    assert peek(config, str(tmp_path), 1) == ResumePoint(str(root / "step-6"), 6, False, True)
+    assert peek(config, str(tmp_path), 2).restores_data is False, "another layout restarts the data"
+
+    (root / "step-6" / MARKER).unlink()  # an interrupted save: never chosen
+    (root / "step-6" / SAVING).touch()
+    weights_before = states["model"].model.weight.detach().clone()
+    point = peek(config, str(tmp_path), 1)
+    assert point == ResumePoint(str(root / "step-4"), 4, False, True)
+    torch.testing.assert_close(states["model"].model.weight, weights_before, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"load_step = 6 .*incomplete"):
+        peek(Checkpoint(enable=True, load_step=6), str(tmp_path), 1)
+
+    data_file = next(p for p in (root / "step-4").iterdir() if p.suffix == ".distcp")
+    data_file.write_bytes(data_file.read_bytes()[:-1])  # damaged: falls back, moves it aside
+    assert peek(config, str(tmp_path), 1) == ResumePoint(str(root / "step-2"), 2, False, True)
+    assert not (root / "step-4").exists() and list(root.glob("step-4.unusable-*"))
+    assert peek(Checkpoint(enable=True, load_step=2), str(tmp_path), 1).step == 2
+
+    _, _, states2, manager2 = _job(tmp_path)
+    assert manager2.load(resume=peek(config, str(tmp_path), 1)) == 2
+    assert manager2.restored_data_state and states2["dataloader"].position == 6
+
+    initial = str(root / "step-2")
+    model_only = Checkpoint(enable=True, initial_load_path=initial, initial_load_model_only=True)
+    assert peek(model_only, str(tmp_path / "other"), 1) == ResumePoint(initial, 0, True, False)
+    full = Checkpoint(enable=False, initial_load_path=initial, initial_load_model_only=False)
+    assert peek(full, str(tmp_path / "other"), 1) == ResumePoint(initial, 2, False, True)
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        peek(Checkpoint(enable=True, initial_load_path=str(root / "step-6")), str(tmp_path / "other"), 1)
 
 
 def test_incomplete_folders_are_never_loaded_and_get_cleaned(tmp_path: Path) -> None:

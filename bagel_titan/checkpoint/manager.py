@@ -18,9 +18,9 @@ Resume on a different data-parallel world size: model, optimizer, EMA, LR schedu
 state are resharded exactly. A data position cannot be mapped between different shardings, so
 the dataloader and RNG states are NOT restored: every rank keeps the freshly built state of its
 dataloader (its shard of the data from the start, as seeded by the config) and a warning names
-both world sizes. `restored_data_state` tells the trainer which case happened; the trainer then
-rebuilds the dataloader with a seed derived from the resumed step, so the restarted data does not
-replay the run's first samples.
+both world sizes. `peek()` tells beforehand which case `load()` will meet (`ResumePoint`), so the
+trainer builds its one dataloader with a seed derived from the resumed step when the data
+restarts, and the restarted data does not replay the run's first samples.
 """
 
 from __future__ import annotations
@@ -78,6 +78,21 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint the config asks for cannot be loaded."""
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint `CheckpointManager.load()` restores, as `peek()` chose it."""
+
+    path: str | None
+    """The checkpoint folder to read; None: nothing, the run starts from scratch."""
+    step: int
+    """The step the run continues after (0: from scratch, also after a model-only load)."""
+    model_only: bool
+    """Only the model weights are loaded (`initial_load_model_only`)."""
+    restores_data: bool
+    """The checkpoint was saved with this run's data-parallel layout, so the data positions and
+    RNG states are restored; when False (and `step` > 0) the data starts afresh."""
+
+
 @dataclass
 class _PendingSave:
     step: int
@@ -103,6 +118,7 @@ class CheckpointManager:
         dp_world_size: int,
     ):
         self.cfg = cfg
+        self.run_folder = run_folder
         self.root = os.path.join(run_folder, cfg.folder)
         self.states = {k: v for k, v in states.items() if k != DATALOADER}
         self.dataloader = states.get(DATALOADER)
@@ -234,54 +250,75 @@ class CheckpointManager:
         complete = list_steps(self.root)[0]
         return step_dir(self.root, complete[-1]) if complete else None
 
-    def load(self, step: int = -1) -> int:
-        """Restore the run and return the step to continue after (0: start from scratch).
+    @classmethod
+    def peek(cls, cfg: Checkpoint, run_folder: str, dp_world_size: int, step: int = -1) -> ResumePoint:
+        """Which checkpoint `load(step)` would restore, without loading it, so that the caller
+        can choose what depends on it (the data seed) before building the states.
 
         Order: `step` (or `[checkpoint] load_step`) if given, else the latest complete
         checkpoint of this run, else `initial_load_path` (model only when
-        `initial_load_model_only`, returning 0), else nothing. With `[checkpoint] enable =
-        false` only `initial_load_path` is honoured.
-
-        After a model-only load the caller re-initialises what derives from the weights (e.g.
-        `EMA.copy_from_model()`).
+        `initial_load_model_only`), else nothing. With `[checkpoint] enable = false` only
+        `initial_load_path` is honoured. Collective (every rank calls it): rank 0 verifies the
+        candidate's files against its marker; a damaged newest checkpoint is moved aside, as
+        `load()` always did, and the previous complete one is chosen.
         """
-        if not self.cfg.enable:  # no run checkpoints; an initial checkpoint still applies
-            if not self.cfg.initial_load_path:
-                return 0
-            return self._load_initial()
-        wanted = step if step != -1 else self.cfg.load_step
-        complete, incomplete = list_steps(self.root)
+        root = os.path.join(run_folder, cfg.folder)
+        if cfg.enable:
+            point = cls._choose_run_checkpoint(cfg, root, dp_world_size, step)
+            if point is not None:
+                return point
+        if not cfg.initial_load_path:
+            return ResumePoint(path=None, step=0, model_only=False, restores_data=False)
+        info = cls._marker_or_raise(cfg.initial_load_path)
+        if cfg.initial_load_model_only:
+            return ResumePoint(cfg.initial_load_path, step=0, model_only=True, restores_data=False)
+        return ResumePoint(
+            cfg.initial_load_path,
+            info.step,
+            model_only=False,
+            restores_data=_same_layout(info, dp_world_size),
+        )
+
+    @classmethod
+    def _choose_run_checkpoint(
+        cls, cfg: Checkpoint, root: str, dp_world_size: int, step: int
+    ) -> ResumePoint | None:
+        """The run's own checkpoint to resume from (None: it has none)."""
+        rank = dist.get_rank()
+        wanted = step if step != -1 else cfg.load_step
+        complete, incomplete = list_steps(root)
         if wanted != -1:
+            path = step_dir(root, wanted)
             if wanted in complete:
-                problem = self._verified(step_dir(self.root, wanted))
+                problem = _verified(path)
                 if problem:
                     raise CheckpointError(
-                        f"[checkpoint] load_step = {wanted} but {step_dir(self.root, wanted)} is damaged: "
+                        f"[checkpoint] load_step = {wanted} but {path} is damaged: "
                         f"{problem}; pick another step or set load_step = -1"
                     )
             if wanted not in complete:
                 state = "incomplete (interrupted save)" if wanted in incomplete else "missing"
                 raise CheckpointError(
-                    f"[checkpoint] load_step = {wanted} but {step_dir(self.root, wanted)} is "
+                    f"[checkpoint] load_step = {wanted} but {path} is "
                     f"{state}; complete checkpoints: {complete or 'none'}"
                 )
             newer = [s for s in complete if s > wanted]
-            if newer and self.rank == 0:
+            if newer and rank == 0:
                 logger.warning(
                     "[checkpoint] load_step = %d while newer checkpoints %s exist: a later "
                     "auto-resume (load_step = -1) would pick the newest of those, not this run's",
                     wanted,
                     newer,
                 )
-            return self._load_from(step_dir(self.root, wanted), model_only=False)
+            return cls._run_point(path, dp_world_size)
         damaged = []
         for candidate in reversed(complete):
-            path = step_dir(self.root, candidate)
-            problem = self._verified(path)
+            path = step_dir(root, candidate)
+            problem = _verified(path)
             if problem is None:
-                return self._load_from(path, model_only=False)
+                return cls._run_point(path, dp_world_size)
             damaged.append(f"{path} ({problem})")
-            if self.rank == 0:
+            if rank == 0:
                 kept = move_aside(path, "unusable")
                 logger.warning(
                     "checkpoint %s cannot be loaded: %s. Moved it to %s (kept for inspection, "
@@ -296,43 +333,49 @@ class CheckpointManager:
                 f"every complete checkpoint of this run is damaged: {'; '.join(damaged)}; they were moved "
                 f"aside; restore one, or start from scratch by rerunning"
             )
-        if self.cfg.initial_load_path:
-            return self._load_initial()
-        return 0
+        return None
 
-    def _load_initial(self) -> int:
-        restored = self._load_from(self.cfg.initial_load_path, model_only=self.cfg.initial_load_model_only)
-        return 0 if self.cfg.initial_load_model_only else restored
+    @classmethod
+    def _run_point(cls, path: str, dp_world_size: int) -> ResumePoint:
+        info = cls._marker_or_raise(path)
+        return ResumePoint(path, info.step, model_only=False, restores_data=_same_layout(info, dp_world_size))
 
-    def _verified(self, path: str) -> str | None:
-        """What is wrong with complete checkpoint `path` (None: nothing): checked on rank 0
-        (it reads every file once) and agreed by all ranks."""
-        problem = None
-        if self.rank == 0:
-            info = read_marker(path)
-            problem = (
-                "its COMPLETE marker does not read" if info is None else verify(path, info, load_metadata)
-            )
-        if self.world_size > 1:
-            box = [problem]
-            dist.broadcast_object_list(box, src=0)
-            problem = box[0]
-        return problem
-
-    def _load_from(self, path: str, model_only: bool) -> int:
+    @staticmethod
+    def _marker_or_raise(path: str) -> CheckpointInfo:
         info = read_marker(path)
         if info is None:
             raise CheckpointError(
                 f"{path} is not a complete bagel-titan checkpoint (no COMPLETE marker, or an unreadable one): "
                 f"either its save was interrupted or it is not a step-<N> folder of a training run"
             )
+        return info
+
+    def load(self, step: int = -1, resume: ResumePoint | None = None) -> int:
+        """Restore the run and return the step to continue after (0: start from scratch).
+
+        `resume`: what `peek()` chose (then nothing is chosen or verified again); without it,
+        `peek(step)` chooses now (see there for the order).
+
+        After a model-only load the caller re-initialises what derives from the weights (e.g.
+        `EMA.copy_from_model()`).
+        """
+        if resume is None:
+            resume = self.peek(self.cfg, self.run_folder, self.dp_world_size, step)
+        self.restored_data_state = False
+        if resume.path is None:
+            return 0
+        self._load_from(resume.path, model_only=resume.model_only)
+        assert self.restored_data_state == resume.restores_data, "peek() and load() disagree"
+        return resume.step
+
+    def _load_from(self, path: str, model_only: bool) -> int:
+        info = self._marker_or_raise(path)
         names = ["model"] if model_only else list(self.states)
         metadata = load_metadata(path)
         saved = set(metadata.state_dict_metadata)
         self._check_present(path, names, saved)
         state = {name: self.states[name].state_dict() for name in names}
-        same_layout = info.dp_world_size == self.dp_world_size and info.world_size == self.world_size
-        restore_data = not model_only and same_layout
+        restore_data = not model_only and _same_layout(info, self.dp_world_size)
         if restore_data:
             data_key = f"{DATALOADER}.dp_rank_{self.dp_rank}"
             if self.dataloader is not None and data_key not in saved:
@@ -379,6 +422,25 @@ class CheckpointManager:
                 f"saved with that component disabled (e.g. [ema] enable = false)? Start from it "
                 f"with [checkpoint] initial_load_path and initial_load_model_only = true instead"
             )
+
+
+def _same_layout(info: CheckpointInfo, dp_world_size: int) -> bool:
+    """Whether checkpoint `info`'s data positions and RNG states map onto this run's ranks."""
+    return info.dp_world_size == dp_world_size and info.world_size == dist.get_world_size()
+
+
+def _verified(path: str) -> str | None:
+    """What is wrong with complete checkpoint `path` (None: nothing): checked on rank 0 (it
+    reads every file once) and agreed by all ranks."""
+    problem = None
+    if dist.get_rank() == 0:
+        info = read_marker(path)
+        problem = "its COMPLETE marker does not read" if info is None else verify(path, info, load_metadata)
+    if dist.get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    return problem
 
 
 def _tensor_for(metadata, path: str, key: str) -> torch.Tensor:
