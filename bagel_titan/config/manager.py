@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+import tomli_w
 
 from bagel_titan.config.fields import (
     ConfigError,
@@ -266,7 +269,7 @@ def help_text(plugin_sections: dict[str, type]) -> str:
             if not f.init:
                 continue
             value = getattr(default, f.name)
-            shown = _toml_value(value) if not _is_table_list(value) else "[]"
+            shown = _inline_toml(value) if not _is_table_list(value) else "[]"
             lines.append(f"  --{name}.{f.name} ({type_name(types_[f.name])}, default: {shown})")
             if docs.get(f.name):
                 lines.append(f"      {docs[f.name]}")
@@ -277,47 +280,24 @@ def _is_table_list(value: Any) -> bool:
     return isinstance(value, list) and any(dataclasses.is_dataclass(v) for v in value)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    if dataclasses.is_dataclass(value):
-        return _toml_value(dataclasses.asdict(value))
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+def _inline_toml(value: Any) -> str:
+    """`value` as tomli_w writes it, on one line (tomli_w puts each array item on its own line;
+    wrapped in an array, a table is written inline)."""
+    text = tomli_w.dumps({"v": [value]}).strip().removeprefix("v = ")
+    text = re.sub(r"\[\s+", "[", re.sub(r",?\s+\]", "]", re.sub(r"\n\s*", " ", text)))
+    return text[1:-1]
 
 
 def to_toml(cfg: JobConfig) -> str:
-    """The resolved config as a TOML document that `load_job_config` reads back identically."""
-    sections = {**{n: getattr(cfg, n) for n in CORE_SECTIONS}, **cfg.plugin_sections}
-    out: list[str] = []
-    for name, section in sections.items():
-        out.append(f"[{name}]")
-        table_lists = []
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if _is_table_list(value):
-                table_lists.append((f.name, value))
-            else:
-                out.append(f"{f.name} = {_toml_value(value)}")
-        for key, items in table_lists:
-            for item in items:
-                out.append("")
-                out.append(f"[[{name}.{key}]]")
-                for k, v in dataclasses.asdict(item).items():
-                    out.append(f"{k} = {_toml_value(v)}")
-        out.append("")
-    return "\n".join(out)
+    """The resolved config as a TOML document that `load_job_config` reads back identically
+    (written by tomli_w; a plugin section "a.b" becomes the table [a.b])."""
+    document: dict[str, Any] = {}
+    for name, section in {**{n: getattr(cfg, n) for n in CORE_SECTIONS}, **cfg.plugin_sections}.items():
+        table = document
+        for part in name.split("."):
+            table = table.setdefault(part, {})
+        table.update(dataclasses.asdict(section))
+    return tomli_w.dumps(document)
 
 
 def main_help(argv: Sequence[str]) -> str:
