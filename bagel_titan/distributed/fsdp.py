@@ -36,7 +36,6 @@ def apply_fsdp(
     parallelism_cfg: Parallelism,
     param_dtype: torch.dtype = torch.float32,
     reduce_dtype: torch.dtype = torch.float32,
-    ignored_modules: Sequence[nn.Module] = (),
     separate_modules: Sequence[nn.Module] = (),
 ) -> nn.Module:
     """`fully_shard` every unit, then each of `separate_modules`, then the root (which takes the
@@ -47,11 +46,8 @@ def apply_fsdp(
     through the whole step with the root. The first frees its gathered parameters after
     forward; the others (used last in forward, first in backward) keep them until backward.
 
-    `ignored_modules` (e.g. a frozen VAE) stay outside FSDP: full, unsharded, replicated on
-    every rank, and not gathered or reduced; the trainer moves them to the device. The root
-    casts floating-point forward inputs to `param_dtype`, so an ignored module that computes in
-    its own dtype casts its input itself. Returns `model` (sharded in place; parameters become
-    DTensors, state-dict keys are unchanged).
+    Returns `model` (sharded in place; parameters become DTensors, state-dict keys are
+    unchanged).
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     # Pinned host memory makes the copies to an accelerator asynchronous; a CPU job has none.
@@ -61,13 +57,7 @@ def apply_fsdp(
         else OffloadPolicy()
     )
     policy = parallelism_cfg.reshard_after_forward
-    ignored = {p for m in ignored_modules for p in m.parameters()}
     for index, unit in enumerate(units):
-        if any(p in ignored for p in unit.parameters()):
-            raise ValueError(
-                f"sharding unit {index} ({type(unit).__name__}) contains parameters of an "
-                f"ignored (frozen, unsharded) module; a module cannot be both"
-            )
         fully_shard(
             unit,
             mesh=mesh,
@@ -91,6 +81,5 @@ def apply_fsdp(
         reshard_after_forward=policy != "never",
         mp_policy=mp_policy,
         offload_policy=offload,
-        ignored_params=ignored or None,
     )
     return model

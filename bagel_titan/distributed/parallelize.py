@@ -48,15 +48,13 @@ def parallelize(
     units: Sequence[nn.Module],
     job_config: JobConfig,
     mesh: DeviceMesh,
-    ignored_modules: Sequence[nn.Module] = (),
     compile_backend: str = "inductor",
     separate_modules: Sequence[nn.Module] = (),
 ) -> list[nn.Module]:
     """AC -> compile -> FSDP on `model` in place; returns the units actually used (the spec's
     `units`, or those named by `[parallelism] transformer_layer_cls_to_wrap`).
 
-    `ignored_modules` (frozen, e.g. the VAE) stay outside FSDP; `separate_modules` (embedding,
-    output head) are sharded on their own, without AC.
+    `separate_modules` (embedding, output head) are sharded on their own, without AC.
     """
     par = job_config.parallelism
     if not par.fsdp and mesh.size() > 1:
@@ -77,7 +75,6 @@ def parallelize(
             par,
             param_dtype=_DTYPES[job_config.training.dtype],
             reduce_dtype=torch.float32,
-            ignored_modules=ignored_modules,
             separate_modules=separate_modules,
         )
     return units
