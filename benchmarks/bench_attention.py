@@ -1,7 +1,7 @@
 """Time and peak memory of every attention backend against pack length, on packed BAGEL-like batches.
 
 Each pack holds documents of about `--doc-tokens` tokens made of text (causal), image (full) and
-generated-image (noise) segments (`bagel_titan_plugins.attention.synthetic`), plus 1% padding.
+generated-image (noise) segments (`synthetic_attention`), plus 1% padding.
 Every (backend, length) runs in its own subprocess so that peak memory is its own: on CUDA the
 allocator's peak (`max_memory_allocated`), on CPU the growth of the process's peak RSS over its
 state just before the first call. Each timed iteration is one new batch: its first layer call
@@ -57,7 +57,7 @@ def run_one(args: argparse.Namespace, name: str, seq_len: int) -> dict:
     from bagel_titan_plugins.attention.nsa.triton_path import triton_unusable_reason
     from bagel_titan_plugins.attention.nsa.config import NSAConfig
     from bagel_titan.plugins import PluginManager
-    from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
+    from synthetic_attention import random_inputs, random_pack
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

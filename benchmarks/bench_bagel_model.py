@@ -21,7 +21,7 @@ from bagel_titan.plugins import get_plugin_manager
 from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
 from bagel_titan_plugins.bagel.flops import llm_layer_linear_params, training_flops
 from bagel_titan_plugins.bagel.spec import build_bagel
-from bagel_titan_plugins.bagel.synthetic import Text, VaeImage, VitImage, synthetic_batch
+from synthetic_bagel import Text, VaeImage, VitImage, synthetic_batch
 
 RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
 

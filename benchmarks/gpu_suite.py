@@ -63,7 +63,7 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
 
 def _inputs(shape: CheckShape, seed: int):
-    from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
+    from synthetic_attention import random_inputs, random_pack
 
     docs = random_pack(random.Random(seed), shape.tokens, shape.docs)
     return random_inputs(

@@ -30,7 +30,7 @@ from bagel_titan.hookspec import hookimpl
 from bagel_titan_plugins.bagel.batch import BagelPackedBatch
 from bagel_titan_plugins.bagel.config import BagelArchitecture, BagelConfig, architecture_for
 from bagel_titan_plugins.bagel.spec import BagelSpec
-from bagel_titan_plugins.bagel.synthetic import Segment, Text, VaeImage, VitImage, synthetic_batch
+from synthetic_bagel import Segment, Text, VaeImage, VitImage, synthetic_batch
 
 
 @dataclass

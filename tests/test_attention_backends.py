@@ -10,7 +10,7 @@ import torch
 from bagel_titan.plugins import PluginManager
 from bagel_titan.protocols import AttentionLayerSpec
 from bagel_titan_plugins.attention.meta import AttentionMeta
-from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
+from synthetic_attention import random_inputs, random_pack
 
 # NSA in its dense-equivalent configuration (top-k covers every block, the window covers the
 # pack), with the gates fixed below, is exact attention.

@@ -10,7 +10,7 @@ import torch
 from bagel_titan.protocols import AttentionLayerSpec
 from bagel_titan_plugins.attention.eager import EagerBackend
 from bagel_titan_plugins.attention.flex import FlexBackend, FlexConfig, bucketed_length
-from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
+from synthetic_attention import random_inputs, random_pack
 
 
 def _compare(kv_heads: int, seed: int, options: dict) -> None:

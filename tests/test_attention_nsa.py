@@ -16,7 +16,7 @@ from bagel_titan_plugins.attention.nsa import NSAAttention, NSABackend, NSAConfi
 from bagel_titan_plugins.attention.nsa.compress import compress, weight_shape
 from bagel_titan_plugins.attention.nsa.reference import nsa_document
 from bagel_titan_plugins.attention.state_keys import optional_attention_state_keys
-from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
+from synthetic_attention import random_inputs, random_pack
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 8, 24
 SPEC = AttentionLayerSpec(HEADS, KV_HEADS, HEAD_DIM, HIDDEN, 0, "decoder")

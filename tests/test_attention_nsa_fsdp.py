@@ -33,7 +33,7 @@ def _worker(rank: int, world_size: int, port: int) -> None:
 
     from bagel_titan.protocols import AttentionLayerSpec
     from bagel_titan_plugins.attention.nsa import NSABackend
-    from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
+    from synthetic_attention import random_inputs, random_pack
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)

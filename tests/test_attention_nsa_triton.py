@@ -11,7 +11,7 @@ from bagel_titan.protocols import AttentionLayerSpec
 from bagel_titan_plugins.attention.nsa import NSABackend
 from bagel_titan_plugins.attention.nsa.plan import nsa_plan
 from bagel_titan_plugins.attention.nsa.triton_path import triton_installed
-from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
+from synthetic_attention import random_inputs, random_pack
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and triton_installed()),

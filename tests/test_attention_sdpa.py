@@ -11,7 +11,7 @@ from bagel_titan.protocols import AttentionLayerSpec
 from bagel_titan_plugins.attention.eager import EagerBackend
 from bagel_titan_plugins.attention.meta import AttentionMeta
 from bagel_titan_plugins.attention.sdpa import SDPABackend, SDPAConfig, document_calls
-from bagel_titan_plugins.attention.synthetic import random_inputs, random_pack
+from synthetic_attention import random_inputs, random_pack
 
 SPEC = AttentionLayerSpec(
     num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=32, layer_index=0, role="decoder"

@@ -16,7 +16,7 @@ from bagel_titan_plugins.bagel.config import (
 )
 from bagel_titan_plugins.bagel.flops import forward_flops, training_flops, visible_pairs
 from bagel_titan_plugins.bagel.spec import build_bagel
-from bagel_titan_plugins.bagel.synthetic import Text, VaeImage, VitImage, synthetic_batch
+from synthetic_bagel import Text, VaeImage, VitImage, synthetic_batch
 
 KEYS = FIXTURES / "design" / "bagel7b_state_dict_keys.txt"
 

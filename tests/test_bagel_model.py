@@ -12,8 +12,9 @@ from conftest import REFERENCE_SEED0
 from bagel_titan.config.job_config import JobConfig
 from bagel_titan.plugins import PluginManager
 from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
-from bagel_titan_plugins.bagel.spec import BagelSpec, bagel_loss_term, bagel_outputs, build_bagel_for_tests
-from bagel_titan_plugins.bagel.synthetic import Text, VaeImage, VitImage, synthetic_batch
+from bagel_titan_plugins.bagel.spec import BagelSpec, bagel_loss_term, bagel_outputs
+from synthetic_bagel import build_bagel_for_tests
+from synthetic_bagel import Text, VaeImage, VitImage, synthetic_batch
 from bagel_titan_plugins.losses.ce import CELoss
 from bagel_titan_plugins.losses.flow_mse import FlowMSELoss
 from bagel_titan_plugins.losses.options import CEOptions, FlowMSEOptions

@@ -27,7 +27,8 @@ from bagel_titan_plugins.bagel.sampling import (
     unpatchify_latents,
 )
 from bagel_titan_plugins.bagel.sampling_config import SamplingConfig, SamplingQuestion
-from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel_for_tests
+from bagel_titan_plugins.bagel.spec import BagelSpec
+from synthetic_bagel import build_bagel_for_tests
 from bagel_titan_plugins.data.example_data import Scene, ensure_example_data, render
 
 # -- the integrator and the guidance, on analytic velocity fields -----------------------------

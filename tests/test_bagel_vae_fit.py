@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from bagel_titan.config.manager import load_job_config
 from bagel_titan_plugins.bagel.config import architecture_for
-from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel_for_tests
+from bagel_titan_plugins.bagel.spec import BagelSpec
+from synthetic_bagel import build_bagel_for_tests
 from bagel_titan_plugins.bagel.vae import AutoEncoder
 from bagel_titan_plugins.bagel.vae_fit import VAEFitConfig, fit_vae, reconstruction_psnr
 from bagel_titan_plugins.bagel.weights import export

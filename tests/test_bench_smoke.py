@@ -25,7 +25,7 @@ from synthetic_plugin import (  # noqa: E402
     full_pack_samples,
 )
 
-from bagel_titan_plugins.bagel.synthetic import VaeImage, VitImage  # noqa: E402
+from synthetic_bagel import VaeImage, VitImage  # noqa: E402
 
 from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for  # noqa: E402
 
@@ -101,7 +101,7 @@ def test_example_qa_eval_scores_an_export(tmp_path):
     import torch
 
     from bagel_titan_plugins.bagel import weights
-    from bagel_titan_plugins.bagel.spec import build_bagel_for_tests
+    from synthetic_bagel import build_bagel_for_tests
     from bagel_titan_plugins.data.example_data import write_example_data
 
     example = write_example_data(str(tmp_path / "example"), num_samples=8)
@@ -125,7 +125,7 @@ def test_example_gen_eval_scores_an_export(tmp_path):
     import torch
 
     from bagel_titan_plugins.bagel import weights
-    from bagel_titan_plugins.bagel.spec import build_bagel_for_tests
+    from synthetic_bagel import build_bagel_for_tests
     from bagel_titan_plugins.data.example_data import write_example_data
 
     example = write_example_data(str(tmp_path / "example"), num_samples=8)

@@ -57,7 +57,7 @@ def _assert_redone_steps_identical(killed: list[dict], run: Path) -> None:
 def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path: Path) -> None:
     run, ckpt, log = tmp_path / "toy", tmp_path / "toy" / "checkpoint", tmp_path / "job.log"
     args = [*toy_cli_args(tmp_path), *COMMON]
-    job = start_bagel_titan(args, log, nproc=2, BAGEL_TITAN_TEST_SAVE_PAUSE="4:120")
+    job = start_bagel_titan([*args, "--toy.save_pause", "4,120"], log, nproc=2)
     try:
         # Both ranks wrote their data files for step 4; the metadata and marker are not there yet.
         wait_for(

@@ -18,7 +18,7 @@ from bagel_titan.distributed.compile import apply_compile
 from bagel_titan_plugins.attention.plugin import bagel_titan_attention_backends
 from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
 from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel
-from bagel_titan_plugins.bagel.synthetic import Text, VaeImage, VitImage, synthetic_batch
+from synthetic_bagel import Text, VaeImage, VitImage, synthetic_batch
 
 ARCH = architecture_for("debug")
 OPTS = BagelConfig()

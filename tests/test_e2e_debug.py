@@ -112,7 +112,7 @@ def test_debug_run_learns_and_writes_everything(tmp_path, example_data):
     # The export loads back into a fresh model in the official layout, as bf16 values.
     from safetensors.torch import load_file
 
-    from bagel_titan_plugins.bagel.spec import build_bagel_for_tests
+    from synthetic_bagel import build_bagel_for_tests
     from bagel_titan_plugins.bagel.weights import load_weights
 
     model = build_bagel_for_tests("debug")

@@ -98,7 +98,7 @@ def test_debug_lora_run_trains_from_the_base_loss_and_exports_merged(tmp_path, e
     assert sum(loss[-5:]) / 5 < 0.97 * sum(loss[:5]) / 5, loss
 
     export = run / "exports" / "final"
-    from bagel_titan_plugins.bagel.spec import build_bagel_for_tests
+    from synthetic_bagel import build_bagel_for_tests
     from bagel_titan_plugins.bagel.weights import load_weights
 
     fresh = build_bagel_for_tests("debug")

@@ -106,7 +106,7 @@ def test_generation_gradients_are_unchanged(grads):
 
 def test_freeze_und_is_a_bagel_option_with_help():
     from bagel_titan_plugins.bagel.config import BagelConfig
-    from bagel_titan_plugins.bagel.spec import build_bagel_for_tests
+    from synthetic_bagel import build_bagel_for_tests
 
     model = build_bagel_for_tests(freeze_und=True)
     assert all(layer.freeze_und and layer.self_attn.freeze_und for layer in model.language_model.model.layers)

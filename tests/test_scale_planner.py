@@ -16,7 +16,7 @@ from bagel_titan.optim.ema import EMA
 from bagel_titan_plugins.bagel.config import FLAVORS, BagelConfig
 from bagel_titan_plugins.bagel.memory import PackMix, activation_memory
 from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel
-from bagel_titan_plugins.bagel.synthetic import Text, VaeImage, VitImage, synthetic_batch
+from synthetic_bagel import Text, VaeImage, VitImage, synthetic_batch
 from conftest import REPO
 
 MID = dataclasses.replace(

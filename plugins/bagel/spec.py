@@ -103,14 +103,6 @@ def build_bagel(
     )
 
 
-def build_bagel_for_tests(flavor: str = "debug", seed: int = 0, **options: Any) -> Bagel:
-    """A materialised, randomly initialised fp32 CPU model with eager attention."""
-    model = build_bagel(architecture_for(flavor), BagelConfig(**options))
-    torch.manual_seed(seed)
-    model.init_weights()
-    return model
-
-
 class BagelSpec:
     """ModelSpec "bagel" (see `bagel_titan.protocols.ModelSpec`)."""
 

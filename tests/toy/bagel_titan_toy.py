@@ -5,7 +5,8 @@ It registers the model spec ``toy_lm`` and the dataloader ``toy_synthetic`` (det
 synthetic documents, packed, stateful), and uses the first-party attention backends and losses.
 Its ``[toy]`` section lets the checkpoint, crash and parallelism tests watch the real Trainer:
 ``trace`` records every step's weights checksum and data position, ``step_delay_s`` slows the
-loop down enough to kill a job in the middle of it.
+loop down enough to kill a job in the middle of it, ``save_pause`` holds a save between its data
+files and its marker.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bagel_titan.checkpoint.layout import step_of
+from bagel_titan.checkpoint.writer import CheckpointWriter
 from bagel_titan.hookspec import hookimpl
 from bagel_titan.protocols import AttentionLayerSpec, ModelOutputs
 from bagel_titan_plugins.attention.meta import AttentionMeta
@@ -249,6 +252,25 @@ class ToyOptions:
     id to `<run>/toy_rank<N>.pid`."""
     step_delay_s: float = 0.0
     """Seconds every rank sleeps after each step (time for a test to kill a running job)."""
+    save_pause: list[float] = field(default_factory=list)
+    """`[step, seconds]`: after a rank wrote its data files for checkpoint `step` (before the
+    metadata and the COMPLETE marker) it sleeps `seconds`, so that a crash test can kill the job
+    in the middle of a save; empty: no pause."""
+
+
+def pause_saves(step: int, seconds: float) -> None:
+    """Fault injection of the crash tests, installed in the job's own processes: wraps the
+    checkpoint storage writer so that it sleeps after writing checkpoint `step`'s data."""
+    original = CheckpointWriter.write_data
+
+    def write_data(self, plan, planner):
+        future = original(self, plan, planner)
+        if step_of(os.path.basename(str(self.path))) == step:
+            future.wait()
+            time.sleep(seconds)
+        return future
+
+    CheckpointWriter.write_data = write_data
 
 
 def checksum(tensors) -> float:
@@ -288,6 +310,9 @@ def bagel_titan_config_sections():
 @hookimpl
 def bagel_titan_on_train_start(trainer):
     options = trainer.job_config.section("toy")
+    if options.save_pause:
+        step, seconds = options.save_pause
+        pause_saves(int(step), seconds)
     if options.trace:
         with open(os.path.join(trainer.run_folder, f"toy_rank{dist.get_rank()}.pid"), "w") as f:
             f.write(str(os.getpid()))

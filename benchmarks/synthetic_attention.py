@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .meta import AttentionMeta
+from bagel_titan_plugins.attention.meta import AttentionMeta
 
 
 def random_document(rng: random.Random, length: int, image_fraction: float = 0.5) -> list[tuple[int, str]]:

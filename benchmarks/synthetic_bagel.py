@@ -14,12 +14,14 @@ sample is a list of segments:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 
-from .batch import BagelPackedBatch
-from .config import BagelArchitecture, BagelConfig
+from bagel_titan_plugins.bagel.batch import BagelPackedBatch
+from bagel_titan_plugins.bagel.config import BagelArchitecture, BagelConfig, architecture_for
+from bagel_titan_plugins.bagel.modeling import Bagel
+from bagel_titan_plugins.bagel.spec import build_bagel
 
 
 @dataclass(frozen=True)
@@ -158,3 +160,11 @@ def synthetic_batch(
         mse_loss_indexes=long(mse_idx),
         num_samples=len(samples),
     )
+
+
+def build_bagel_for_tests(flavor: str = "debug", seed: int = 0, **options: Any) -> Bagel:
+    """A materialised, randomly initialised fp32 CPU model with eager attention."""
+    model = build_bagel(architecture_for(flavor), BagelConfig(**options))
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
