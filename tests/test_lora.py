@@ -3,6 +3,8 @@ merge, the merged export against base + adapters, and the adapter files loaded w
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 
@@ -108,6 +110,21 @@ def test_targets_resolve_to_linears_and_everything_else_is_frozen():
 def test_a_target_that_matches_nothing_names_the_valid_ones(bad, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
         apply_lora(meta_fixture_model(), BagelSpec(), LoRA(enable=True, **bad))
+
+
+def test_empty_targets_take_the_model_specs_default_groups():
+    """The core's default names no model: empty targets are the spec's `default_targets`
+    (BAGEL: both experts), and a spec without defaults asks for them by name."""
+    adapted = apply_lora(meta_fixture_model(), BagelSpec(), LoRA(enable=True))
+    assert adapted == apply_lora(meta_fixture_model(), BagelSpec(), LoRA(enable=True, targets=["und", "gen"]))
+    assert adapted and all(".mlp" in n or ".self_attn" in n for n in adapted)
+
+    class NoDefaults(BagelSpec):
+        def lora_groups(self, model):
+            return dataclasses.replace(super().lora_groups(model), default_targets=[])
+
+    with pytest.raises(UserError, match=r"targets is empty .*\(valid: und, und\.q_proj"):
+        apply_lora(meta_fixture_model(), NoDefaults(), LoRA(enable=True))
 
 
 def test_config_values_are_checked_once_in_the_config():

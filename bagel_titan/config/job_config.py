@@ -357,10 +357,10 @@ class LoRA:
     dropout: float = 0.0
     """Dropout on the adapters' input during training (0: none; > 0 draws from the global RNG,
     so a resumed run is no longer bitwise identical to a straight one)."""
-    targets: list[str] = field(default_factory=lambda: ["und", "gen"])
+    targets: list[str] = field(default_factory=list)
     """Linear layers to adapt: a module group of the model spec (every projection of it) or
     "group.projection", e.g. "und.q_proj"; an unknown name lists the valid ones (the model's
-    docs name its groups)."""
+    docs name its groups). Empty: the model spec's default groups."""
     train_also: list[str] = field(default_factory=list)
     """Module groups trained in full beside the adapters (groups of the model spec); exported
     inside `adapter/` as peft's `modules_to_save`."""
@@ -377,8 +377,6 @@ class LoRA:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.enable and not self.targets:
-            raise ValueError('targets is empty: name at least one module group to adapt, e.g. ["und"]')
 
 
 @dataclass

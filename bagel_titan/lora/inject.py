@@ -33,6 +33,8 @@ class LoRAGroups:
     entries are "group" (every projection of it) or "group.projection"."""
     full: dict[str, list[str]] = field(default_factory=dict)
     """`[lora] train_also` group -> the modules trained in full beside the adapters."""
+    default_targets: list[str] = field(default_factory=list)
+    """The targets adapted when `[lora] targets` is empty (none: the config must name them)."""
 
 
 def _valid_targets(groups: LoRAGroups) -> list[str]:
@@ -86,7 +88,13 @@ def apply_lora(model: nn.Module, model_spec: Any, config: LoRAConfig) -> list[st
             f"set [lora] enable = false"
         )
     groups: LoRAGroups = model_spec.lora_groups(model)
-    targets = resolve_targets(config.targets, groups, model_spec.name)
+    wanted = config.targets or groups.default_targets
+    if not wanted:
+        raise UserError(
+            f"[lora] targets is empty and model spec {model_spec.name!r} names no default targets; "
+            f"name the module groups to adapt (valid: {', '.join(_valid_targets(groups))})"
+        )
+    targets = resolve_targets(wanted, groups, model_spec.name)
     full = resolve_train_also(config.train_also, groups, model_spec.name)
     for name in full:
         inside = [t for t in targets if t == name or t.startswith(name + ".")]

@@ -254,7 +254,8 @@ class BagelSpec:
     def lora_groups(self, model: Bagel) -> LoRAGroups:
         """`[lora] targets`: "und" / "gen" (the two LLM experts' q/k/v/o and gate/up/down), "vit"
         (its attention and MLP linears), "connector" (fc1, fc2), "vae2llm", "llm2vae"; groups of a
-        modality that is off hold no module. `train_also`: the freeze groups and `GEN_MODULES`."""
+        modality that is off hold no module; empty targets adapt "und" and "gen". `train_also`:
+        the freeze groups and `GEN_MODULES`."""
         layers = [f"language_model.model.layers.{i}" for i in range(len(model.language_model.model.layers))]
         targets: dict[str, dict[str, list[str]]] = {
             group: {p: [f"{layer}.{path}" for layer in layers] for p, path in projections.items()}
@@ -278,7 +279,7 @@ class BagelSpec:
         full = {group: [names[id(m)] for m in self.group_modules(model, group)] for group in FREEZE_GROUPS}
         for name in GEN_MODULES:
             full[name] = [name] if model.options.visual_gen else []
-        return LoRAGroups(targets=targets, full=full)
+        return LoRAGroups(targets=targets, full=full, default_targets=["und", "gen"])
 
     # -- data / compute --------------------------------------------------------------------------
 
