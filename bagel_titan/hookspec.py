@@ -68,8 +68,8 @@ def bagel_titan_packing_strategies() -> list["PackingStrategy"]:
 def bagel_titan_loss_components() -> list["LossComponentFactory"]:
     """Return loss component factories, selected by the keys of ``[loss] components``.
 
-    A factory is called with that component's options table (``[loss.<name>]``) and returns a
-    loss component producing a (sum, count) pair per microbatch.
+    A factory is called with that component's section object (``[loss.<name>]``, None when the
+    plugin registered none) and returns a loss component producing a (sum, count) pair per microbatch.
     """
 
 

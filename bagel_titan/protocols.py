@@ -109,11 +109,12 @@ def loss_counts(spec: "ModelSpec", components: Sequence[LossComponent], batch: B
 
 
 class LossComponentFactory(Protocol):
-    """Builds a loss component from its `[loss.<name>]` options (a dict of TOML values)."""
+    """Builds a loss component from its `[loss.<name>]` section: the dataclass instance the
+    plugin registered for it (`bagel_titan_config_sections`), None when it registered none."""
 
     name: str
 
-    def __call__(self, options: Mapping[str, Any]) -> LossComponent: ...
+    def __call__(self, config: Any) -> LossComponent: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +197,10 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module: ...
+    def build(self, spec: AttentionLayerSpec, config: Any) -> nn.Module:
+        """`config`: the backend's `[attention.<name>]` section object (registered through
+        `bagel_titan_config_sections`), None when it registered none."""
+        ...
 
 
 # ---------------------------------------------------------------------------------------------

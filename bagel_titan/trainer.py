@@ -158,7 +158,8 @@ class Trainer:
             else None
         )
         self.loss_components: list[LossComponent] = [
-            plugins.loss_components.get(name)(cfg.options(f"loss.{name}")) for name in cfg.loss.components
+            plugins.loss_components.get(name)(cfg.section_or_none(f"loss.{name}"))
+            for name in cfg.loss.components
         ]
         self.loss_weights = [cfg.loss.weights.get(name, 1.0) for name in cfg.loss.components]
         self.loss_fn = self._compute_loss

@@ -63,8 +63,15 @@ def run_one(args: argparse.Namespace, name: str, seq_len: int) -> dict:
     dtype = getattr(torch, args.dtype)
     backend_name, options = BACKENDS[name]
     spec = AttentionLayerSpec(args.heads, args.kv_heads, args.head_dim, args.hidden, 0, "llm")
-    backend = PluginManager().attention_backends.get(backend_name)
-    module = backend.build(spec, options).to(device)
+    plugins = PluginManager()
+    backend = plugins.attention_backends.get(backend_name)
+    # The backend's [attention.<name>] section from these options (eager has none).
+    config = (
+        plugins.config_sections.get(f"attention.{backend_name}")(**options)
+        if backend_name != "eager"
+        else None
+    )
+    module = backend.build(spec, config).to(device)
     if backend_name == "nsa":
         module.to(dtype)
     rng = random.Random(0)

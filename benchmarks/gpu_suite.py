@@ -107,14 +107,12 @@ def _compare(
 def check_flex(shape: CheckShape) -> tuple[str, str]:
     from bagel_titan.protocols import AttentionLayerSpec
     from bagel_titan_plugins.attention.eager import EagerBackend
-    from bagel_titan_plugins.attention.flex import FlexBackend
+    from bagel_titan_plugins.attention.flex import FlexBackend, FlexConfig
 
     spec = AttentionLayerSpec(shape.heads, shape.kv_heads, shape.head_dim, shape.hidden, 0, "llm")
     inputs = _inputs(shape, seed=0)
-    options = (
-        {} if shape.device == "cuda" else {"compile": False}
-    )  # compiled flex needs a C++ toolchain on CPU
-    expected = _run(EagerBackend().build(spec, {}), inputs, shape.backward)
+    options = FlexConfig(compile=shape.device == "cuda")  # compiled flex needs a C++ toolchain on CPU
+    expected = _run(EagerBackend().build(spec, None), inputs, shape.backward)
     actual = _run(FlexBackend().build(spec, options), inputs, shape.backward)
     ok, detail = _compare(["out", "dq", "dk", "dv"], actual, expected, TOLERANCE[shape.dtype])
     if not shape.backward:
@@ -135,7 +133,7 @@ def check_nsa_triton(shape: CheckShape) -> tuple[str, str]:
     all_blocks = -(-shape.tokens // base.block_size)
     modules = {
         impl: NSABackend()
-        .build(spec, {"topk": all_blocks, "implementation": impl})
+        .build(spec, NSAConfig(topk=all_blocks, implementation=impl))
         .to(shape.device, shape.dtype)
         for impl in ("triton", "torch")
     }

@@ -28,7 +28,9 @@ def plugins() -> PluginManager:
 
 
 def _build(plugins, name: str, spec: AttentionLayerSpec):
-    module = plugins.attention_backends.get(name).build(spec, OPTIONS.get(name, {}))
+    section = f"attention.{name}"
+    config = plugins.config_sections.get(section)(**OPTIONS.get(name, {})) if name != "eager" else None
+    module = plugins.attention_backends.get(name).build(spec, config)
     if name == "nsa":
         with torch.no_grad():
             for branch, logit in (("compressed", -1e4), ("selected", 0.0), ("sliding", 0.0)):

@@ -7,19 +7,21 @@ import random
 import pytest
 import torch
 
+from bagel_titan.config.fields import ConfigError
+from bagel_titan.config.manager import load_job_config
 from bagel_titan.protocols import AttentionLayerSpec
 from bagel_titan_plugins.attention.eager import EagerBackend
 from bagel_titan_plugins.attention.flex import FlexBackend, FlexConfig, bucketed_length
 from synthetic_attention import random_inputs, random_pack
 
 
-def _compare(kv_heads: int, seed: int, options: dict) -> None:
+def _compare(kv_heads: int, seed: int, options: FlexConfig) -> None:
     rng = random.Random(seed)
     # 180-200 real tokens + padding stay inside one 256 bucket: one compiled shape per kv_heads.
     docs = random_pack(rng, num_tokens=rng.randint(180, 200), num_docs=rng.randint(3, 5))
     inputs = random_inputs(docs, num_heads=4, num_kv_heads=kv_heads, head_dim=16, pad=9, seed=seed)
     spec = AttentionLayerSpec(4, kv_heads, 16, 32, 0, "decoder")
-    expected = EagerBackend().build(spec, {})(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
+    expected = EagerBackend().build(spec, None)(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
     with torch.no_grad():
         actual = FlexBackend().build(spec, options)(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
@@ -30,17 +32,17 @@ def _compare(kv_heads: int, seed: int, options: dict) -> None:
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_compiled_flex_matches_eager(kv_heads):
     for seed in range(3):
-        _compare(kv_heads, seed, {"block_size": 128})
+        _compare(kv_heads, seed, FlexConfig(block_size=128))
 
 
 def test_uncompiled_flex_matches_eager():
-    _compare(4, 5, {"compile": False, "block_size": 64})
+    _compare(4, 5, FlexConfig(compile=False, block_size=64))
 
 
 def test_block_mask_is_built_once_per_batch():
     rng = random.Random(0)
     inputs = random_inputs(random_pack(rng, 100, 3), num_heads=4, num_kv_heads=4, head_dim=16)
-    module = FlexBackend().build(AttentionLayerSpec(4, 4, 16, 32, 0, "decoder"), {"compile": False})
+    module = FlexBackend().build(AttentionLayerSpec(4, 4, 16, 32, 0, "decoder"), FlexConfig(compile=False))
     with torch.no_grad():
         module(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
         first = inputs.meta._cache["flex_block_mask:128:128"]
@@ -50,7 +52,7 @@ def test_block_mask_is_built_once_per_batch():
 
 def test_cpu_backward_is_a_clear_error():
     inputs = random_inputs([[(10, "causal")]], num_heads=2, num_kv_heads=2, head_dim=8, requires_grad=True)
-    module = FlexBackend().build(AttentionLayerSpec(2, 2, 8, 32, 0, "decoder"), {})
+    module = FlexBackend().build(AttentionLayerSpec(2, 2, 8, 32, 0, "decoder"), None)
     with pytest.raises(NotImplementedError, match="sdpa"):
         module(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
 
@@ -82,8 +84,8 @@ def test_bucketing_limits_distinct_shapes():
 def test_bad_options():
     with pytest.raises(ValueError, match="block_size"):
         FlexConfig(block_size=100)
-    with pytest.raises(ValueError, match=r"\[attention.flex\]"):
-        FlexBackend().build(AttentionLayerSpec(2, 2, 8, 32, 0, "decoder"), {"blocksize": 64})
+    with pytest.raises(ConfigError, match=r"'blocksize' in \[attention.flex\].*block_size"):
+        load_job_config(["--attention.flex.blocksize", "64"])
 
 
 @pytest.mark.slow  # compiles create_block_mask

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from bagel_titan.config.fields import ConfigError
+from bagel_titan.config.manager import load_job_config
 from bagel_titan.protocols import AttentionLayerSpec
 from bagel_titan_plugins.attention.eager import EagerBackend
 from bagel_titan_plugins.attention.meta import AttentionMeta
@@ -26,7 +28,7 @@ SMALL = dict(
 
 
 def _module(options: dict, spec: AttentionLayerSpec = SPEC) -> NSAAttention:
-    return NSABackend().build(spec, options)
+    return NSABackend().build(spec, NSAConfig(**options))
 
 
 def _fix_gates(module: NSAAttention, compressed: float, selected: float, sliding: float) -> None:
@@ -153,7 +155,7 @@ def test_dense_equivalent_config_equals_exact_attention(seed, compress_type):
         requires_grad=True,
     )
     module = _module({**DENSE_EQUIVALENT, "compress_type": compress_type, "query_chunk": 37})
-    eager = EagerBackend().build(SPEC, {})
+    eager = EagerBackend().build(SPEC, None)
     weight = torch.randn(inputs.q_THD.shape, generator=torch.Generator().manual_seed(seed))
     expected = eager(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
     expected_grads = torch.autograd.grad(
@@ -198,7 +200,7 @@ def test_sparse_config_documents_stay_apart_and_non_causal_queries_are_exact():
             alone = module(packed.q_THD[s], packed.k_THD[s], packed.v_THD[s], alone_meta, packed.hidden_TD[s])
             torch.testing.assert_close(out[s], alone, atol=1e-6, rtol=1e-6)
             start += n
-        ref = EagerBackend().build(SPEC, {})(packed.q_THD, packed.k_THD, packed.v_THD, packed.meta)
+        ref = EagerBackend().build(SPEC, None)(packed.q_THD, packed.k_THD, packed.v_THD, packed.meta)
     non_causal = (~_causal_rows(packed.meta)) & (packed.meta.doc_ids >= 0)
     assert non_causal.any()
     torch.testing.assert_close(out[non_causal], ref[non_causal], atol=1e-5, rtol=1e-5)
@@ -267,7 +269,7 @@ def test_initialisation_starts_close_to_dense():
     module = _module({**DENSE_EQUIVALENT, "window_size": 32})
     with torch.no_grad():
         out = _run(module, inputs)
-        dense = EagerBackend().build(SPEC, {})(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
+        dense = EagerBackend().build(SPEC, None)(inputs.q_THD, inputs.k_THD, inputs.v_THD, inputs.meta)
     rel = (out - dense).norm() / dense.norm()
     assert rel < 0.05, rel
 
@@ -283,7 +285,7 @@ class _TinyLayer(nn.Module):
 
 
 def test_optional_state_keys_name_the_new_parameters_and_checkpoints_round_trip():
-    model = nn.ModuleDict({"layers": nn.ModuleList([_TinyLayer(NSABackend(), {}) for _ in range(2)])})
+    model = nn.ModuleDict({"layers": nn.ModuleList([_TinyLayer(NSABackend(), None) for _ in range(2)])})
     keys = optional_attention_state_keys(model)
     assert keys == {
         f"layers.{i}.attn_core.{name}"
@@ -292,7 +294,7 @@ def test_optional_state_keys_name_the_new_parameters_and_checkpoints_round_trip(
         + tuple(f"gates.{b}.{p}" for b in ("compressed", "selected", "sliding") for p in ("weight", "bias"))
     }
     dense_only = {k: v for k, v in model.state_dict().items() if k not in keys}
-    fresh = nn.ModuleDict({"layers": nn.ModuleList([_TinyLayer(NSABackend(), {}) for _ in range(2)])})
+    fresh = nn.ModuleDict({"layers": nn.ModuleList([_TinyLayer(NSABackend(), None) for _ in range(2)])})
     missing, unexpected = fresh.load_state_dict(dense_only, strict=False)
     assert set(missing) == keys and not unexpected
 
@@ -331,9 +333,9 @@ def test_backend_registration_and_options():
     assert backend.vit_fallback == "sdpa"
     assert plugins.config_sections.get("attention.nsa") is NSAConfig
     with pytest.raises(ValueError, match="vit_backend"):
-        backend.build(AttentionLayerSpec(4, 4, 8, 32, 0, "encoder"), {})
-    with pytest.raises(ValueError, match=r"\[attention.nsa\].*window_size"):
-        backend.build(SPEC, {"windowsize": 4})
+        backend.build(AttentionLayerSpec(4, 4, 8, 32, 0, "encoder"), None)
+    with pytest.raises(ConfigError, match=r"'windowsize' in \[attention.nsa\].*window_size"):
+        load_job_config(["--attention.nsa.windowsize", "4"])
     for bad, match in [
         ({"compress_type": "conv"}, "compress_type"),
         ({"kernel_size": 32, "kernel_stride": 12}, "multiple of kernel_stride"),
@@ -343,7 +345,7 @@ def test_backend_registration_and_options():
         with pytest.raises(ValueError, match=match):
             NSAConfig(**bad)
     with pytest.raises(RuntimeError, match="triton"):
-        module = backend.build(SPEC, {"implementation": "triton"})
+        module = backend.build(SPEC, NSAConfig(implementation="triton"))
         inputs = random_inputs(
             [[(10, "causal")]], num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=32
         )

@@ -32,7 +32,7 @@ def _worker(rank: int, world_size: int, port: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from bagel_titan.protocols import AttentionLayerSpec
-    from bagel_titan_plugins.attention.nsa import NSABackend
+    from bagel_titan_plugins.attention.nsa import NSABackend, NSAConfig
     from synthetic_attention import random_inputs, random_pack
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -40,11 +40,11 @@ def _worker(rank: int, world_size: int, port: int) -> None:
     try:
         spec = AttentionLayerSpec(*SPEC_ARGS)
         with torch.device("meta"):
-            sharded = NSABackend().build(spec, OPTIONS)
+            sharded = NSABackend().build(spec, NSAConfig(**OPTIONS))
         fully_shard(sharded)
         sharded.to_empty(device="cpu")
         sharded.reset_parameters()
-        plain = NSABackend().build(spec, OPTIONS)
+        plain = NSABackend().build(spec, NSAConfig(**OPTIONS))
         assert list(sharded.state_dict()) == list(plain.state_dict())
         for (name, a), (_, b) in zip(sharded.state_dict().items(), plain.state_dict().items()):
             assert torch.equal(a.full_tensor(), b), name

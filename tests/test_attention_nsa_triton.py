@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bagel_titan.protocols import AttentionLayerSpec
-from bagel_titan_plugins.attention.nsa import NSABackend
+from bagel_titan_plugins.attention.nsa import NSABackend, NSAConfig
 from bagel_titan_plugins.attention.nsa.plan import nsa_plan
 from bagel_titan_plugins.attention.nsa.triton_path import triton_installed
 from synthetic_attention import random_inputs, random_pack
@@ -40,7 +40,7 @@ def _branches(options: dict, seed: int):
     )
     outs = {}
     for implementation in ("triton", "torch"):
-        module = NSABackend().build(SPEC, {**options, "implementation": implementation}).cuda()
+        module = NSABackend().build(SPEC, NSAConfig(**options, implementation=implementation)).cuda()
         with torch.no_grad():
             module.intra_block_pe.normal_(0, 0.1)
             module.compress_key.add_(torch.randn_like(module.compress_key) * 0.01)

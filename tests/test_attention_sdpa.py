@@ -7,6 +7,8 @@ import random
 import pytest
 import torch
 
+from bagel_titan.config.fields import ConfigError
+from bagel_titan.config.manager import load_job_config
 from bagel_titan.protocols import AttentionLayerSpec
 from bagel_titan_plugins.attention.eager import EagerBackend
 from bagel_titan_plugins.attention.meta import AttentionMeta
@@ -37,8 +39,8 @@ def test_sdpa_matches_eager_forward_and_grad(strategy, seed, kv_heads):
         docs, num_heads=4, num_kv_heads=kv_heads, head_dim=16, pad=7, seed=seed, requires_grad=True
     )
     spec = AttentionLayerSpec(4, kv_heads, 16, 32, 0, "decoder")
-    eager = EagerBackend().build(spec, {})
-    sdpa = SDPABackend().build(spec, {"strategy": strategy, "document_call_tokens": 64})
+    eager = EagerBackend().build(spec, None)
+    sdpa = SDPABackend().build(spec, SDPAConfig(strategy=strategy, document_call_tokens=64))
 
     expected = _grads(eager, inputs)
     actual = _grads(sdpa, inputs)
@@ -59,10 +61,10 @@ def test_vit_full_documents_use_unmasked_calls():
     inputs = random_inputs(
         [[(5, "full")], [(9, "full")], [(3, "full")]], num_heads=4, num_kv_heads=2, head_dim=16
     )
-    out = SDPABackend().build(SPEC, {"strategy": "per_document"})(
+    out = SDPABackend().build(SPEC, SDPAConfig(strategy="per_document"))(
         inputs.q_THD, inputs.k_THD, inputs.v_THD, meta
     )
-    ref = EagerBackend().build(SPEC, {})(inputs.q_THD, inputs.k_THD, inputs.v_THD, meta)
+    ref = EagerBackend().build(SPEC, None)(inputs.q_THD, inputs.k_THD, inputs.v_THD, meta)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -79,11 +81,11 @@ def test_sdpa_bf16_close_to_eager():
         random_pack(rng, 80, 3), num_heads=4, num_kv_heads=2, head_dim=16, pad=5, dtype=torch.bfloat16
     )
     meta = inputs.meta
-    ref = EagerBackend().build(SPEC, {})(
+    ref = EagerBackend().build(SPEC, None)(
         inputs.q_THD.float(), inputs.k_THD.float(), inputs.v_THD.float(), meta
     )
     for strategy in ("dense", "per_document"):
-        out = SDPABackend().build(SPEC, {"strategy": strategy})(
+        out = SDPABackend().build(SPEC, SDPAConfig(strategy=strategy))(
             inputs.q_THD, inputs.k_THD, inputs.v_THD, meta
         )
         assert out.dtype == torch.bfloat16
@@ -91,8 +93,8 @@ def test_sdpa_bf16_close_to_eager():
 
 
 def test_unknown_option_names_the_section_and_known_keys():
-    with pytest.raises(ValueError, match=r"\[attention.sdpa\].*document_call_tokens"):
-        SDPABackend().build(SPEC, {"stratgy": "dense"})
+    with pytest.raises(ConfigError, match=r"'stratgy' in \[attention.sdpa\].*document_call_tokens"):
+        load_job_config(["--attention.sdpa.stratgy", "dense"])
     with pytest.raises(ValueError, match="strategy"):
         SDPAConfig(strategy="loop")
 
@@ -109,5 +111,5 @@ def test_auto_goes_per_document_for_a_pack_of_samples_and_dense_for_many_tiny_do
     assert prefers_dense(crumbs, config.document_call_tokens)  # 1000 calls cost more than one 2k call
     one_document = AttentionMeta.from_segments([[(30, "causal"), (20, "full")]])
     assert prefers_dense(one_document, config.document_call_tokens)  # the same call either way
-    module = SDPABackend().build(SPEC, {})
+    module = SDPABackend().build(SPEC, None)
     assert module._strategy(anchor_pack) == "per_document" and module._strategy(crumbs) == "dense"

@@ -236,12 +236,12 @@ HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "at
 def test_training_forward_reads_nothing_back_from_the_device(strategy):
     """The batch carries its attention metadata and token indexes from the collator, so the
     training forward and backward never wait for the device to learn a length or a mask."""
-    from bagel_titan_plugins.attention.sdpa import SDPABackend
+    from bagel_titan_plugins.attention.sdpa import SDPABackend, SDPAConfig
     from bagel_titan_plugins.bagel.spec import build_bagel
 
     class Backend:
-        def build(self, spec, options):
-            return SDPABackend().build(spec, {"strategy": strategy})
+        def build(self, spec, config):
+            return SDPABackend().build(spec, SDPAConfig(strategy=strategy))
 
     model = build_bagel(ARCH, OPTS, backend=Backend())
     torch.manual_seed(0)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import types
 
 import pytest
@@ -23,6 +24,7 @@ def plugin_example() -> types.ModuleType:
     section = README.split("## Writing a plugin", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     module = types.ModuleType("readme_plugin")
+    sys.modules[module.__name__] = module  # as an import would (dataclasses look it up)
     exec(compile(code, "README.md", "exec"), module.__dict__)
     return module
 
@@ -30,7 +32,7 @@ def plugin_example() -> types.ModuleType:
 def test_plugin_example_backend_matches_eager_and_loss_runs():
     module = plugin_example()
     backend = module.bagel_titan_attention_backends()[0]
-    attention = backend.build(None, {})
+    attention = backend.build(None, None)
     meta = AttentionMeta.from_segments(
         [[(5, "causal"), (4, "full"), (3, "noise")], [(6, "causal")]], pad_to=20
     )
@@ -41,10 +43,15 @@ def test_plugin_example_backend_matches_eager_and_loss_runs():
         attention(q, k, v, meta), eager_attention(q, k, v, meta.dense_mask()), atol=1e-5, rtol=1e-5
     )
 
-    loss = module.bagel_titan_loss_components()[0]({})
+    factory, section = (
+        module.bagel_titan_loss_components()[0],
+        module.bagel_titan_config_sections()["loss.z_loss"],
+    )
+    loss = factory(section())
     outputs = ModelOutputs(logits=torch.randn(3, 10, generator=generator))
     term = loss(outputs, 3)
     assert loss.count_name == "labels" and term.count == 3 and term.sum > 0
+    torch.testing.assert_close(factory(section(scale=2.0))(outputs, 3).sum, 2 * term.sum)
 
 
 @pytest.mark.parametrize(

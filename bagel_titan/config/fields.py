@@ -199,13 +199,3 @@ def parse_cli_value(key: str, tp: Any, raw: str) -> Any:
         if tp in (int, float):
             raise ConfigError(f"--{key}: expected {type_name(tp)}, got {raw!r}") from None
         return raw
-
-
-def section_from_options(cls: type, options: Any, section: str) -> Any:
-    """A plugin's option section from what it was given: the instance, a dict of its fields
-    (validated like a TOML table: unknown keys and wrong types name the key), or None."""
-    if options is None:
-        return cls()
-    if isinstance(options, cls):
-        return options
-    return build_dataclass(cls, dict(options), section)

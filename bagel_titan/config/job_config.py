@@ -6,7 +6,6 @@ sections (`bagel_titan_config_sections`); those are reached through `JobConfig.s
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -409,10 +408,10 @@ class JobConfig:
         known = sorted(list(CORE_SECTIONS) + list(self.plugin_sections))
         raise KeyError(f"no config section {name!r}; known sections: {', '.join(known)}")
 
-    def options(self, name: str) -> dict[str, Any]:
-        """A plugin section's values as a dict (what backends and loss factories take), or {}
-        when no plugin registered that section."""
-        return dataclasses.asdict(self.section(name)) if self.has_section(name) else {}
+    def section_or_none(self, name: str) -> Any:
+        """The section object `name` (what backends and loss factories take), or None when no
+        plugin registered that section."""
+        return self.section(name) if self.has_section(name) else None
 
     def has_section(self, name: str) -> bool:
         return name in self.plugin_sections or name in CORE_SECTIONS

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -42,5 +41,5 @@ class EagerAttention(nn.Module):
 class EagerBackend:
     name = "eager"
 
-    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
+    def build(self, spec: AttentionLayerSpec, config: None = None) -> nn.Module:
         return EagerAttention()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,6 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from bagel_titan.protocols import AttentionLayerSpec
 
 from .meta import AttentionMeta, mask_rule
-from bagel_titan.config.fields import section_from_options
 
 
 @dataclass
@@ -177,5 +176,5 @@ class FlexBackend:
     """FlexAttention has no CPU backward: the config loader refuses a CPU training run with it."""
     config_section = "attention.flex"
 
-    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
-        return FlexAttention(section_from_options(FlexConfig, options, self.config_section))
+    def build(self, spec: AttentionLayerSpec, config: FlexConfig | None) -> nn.Module:
+        return FlexAttention(config or FlexConfig())

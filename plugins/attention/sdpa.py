@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,6 @@ from torch import nn
 from bagel_titan.protocols import AttentionLayerSpec
 
 from .meta import CAUSAL, FULL, AttentionMeta
-from bagel_titan.config.fields import section_from_options
 
 STRATEGIES = ("auto", "dense", "per_document")
 
@@ -313,5 +312,5 @@ class SDPABackend:
     name = "sdpa"
     config_section = "attention.sdpa"
 
-    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
-        return SDPAAttention(section_from_options(SDPAConfig, options, self.config_section))
+    def build(self, spec: AttentionLayerSpec, config: SDPAConfig | None) -> nn.Module:
+        return SDPAAttention(config or SDPAConfig())

@@ -73,12 +73,10 @@ def attention_factories(
         or llm_name
     )
     vit_backend = plugins.attention_backends.get(vit_name)
-    llm_options, vit_options = (
-        job_config.options(f"attention.{llm_name}"),
-        job_config.options(f"attention.{vit_name}"),
-    )
-    return (lambda spec: llm_backend.build(spec, llm_options)), (
-        lambda spec: vit_backend.build(spec, vit_options)
+    llm_config = job_config.section_or_none(f"attention.{llm_name}")
+    vit_config = job_config.section_or_none(f"attention.{vit_name}")
+    return (lambda spec: llm_backend.build(spec, llm_config)), (
+        lambda spec: vit_backend.build(spec, vit_config)
     )
 
 
@@ -99,7 +97,7 @@ def build_bagel(
         backend = EagerBackend()
     vit_backend = vit_backend or backend
     return Bagel(
-        arch, options or BagelConfig(), lambda s: backend.build(s, {}), lambda s: vit_backend.build(s, {})
+        arch, options or BagelConfig(), lambda s: backend.build(s, None), lambda s: vit_backend.build(s, None)
     )
 
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import torch.nn.functional as F
 
 from bagel_titan.protocols import LossTerm, ModelOutputs
-
-from bagel_titan.config.fields import section_from_options
 
 from .options import CEOptions
 
@@ -40,5 +36,5 @@ class CELoss:
 class CEFactory:
     name = "ce"
 
-    def __call__(self, options: Mapping[str, Any]) -> CELoss:
-        return CELoss(section_from_options(CEOptions, options, "loss.ce"))
+    def __call__(self, config: CEOptions | None) -> CELoss:
+        return CELoss(config or CEOptions())

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 from bagel_titan.protocols import LossTerm, ModelOutputs
-
-from bagel_titan.config.fields import section_from_options
 
 from .options import FlowMSEOptions
 
@@ -44,5 +40,5 @@ def _zero_like_outputs(outputs: ModelOutputs):
 class FlowMSEFactory:
     name = "flow_mse"
 
-    def __call__(self, options: Mapping[str, Any]) -> FlowMSELoss:
-        return FlowMSELoss(section_from_options(FlowMSEOptions, options, "loss.flow_mse"))
+    def __call__(self, config: FlowMSEOptions | None) -> FlowMSELoss:
+        return FlowMSELoss(config or FlowMSEOptions())

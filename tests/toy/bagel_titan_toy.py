@@ -120,7 +120,9 @@ class ToySpec:
         backend_name = job_config.attention.backend
         backend = plugins.attention_backends.get(backend_name)
         return ToyLM(
-            self.flavors[job_config.model.flavor], backend, job_config.options(f"attention.{backend_name}")
+            self.flavors[job_config.model.flavor],
+            backend,
+            job_config.section_or_none(f"attention.{backend_name}"),
         )
 
     def init_weights(self, model):

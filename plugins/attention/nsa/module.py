@@ -14,7 +14,6 @@ can accept their absence, and `reset_parameters()` gives the near-dense start de
 
 from __future__ import annotations
 
-from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -22,7 +21,6 @@ from torch import nn
 from bagel_titan.protocols import AttentionLayerSpec
 
 from ..meta import AttentionMeta
-from bagel_titan.config.fields import section_from_options
 from ..sdpa import sdpa_gqa
 from .compress import compress, init_mean_pool_, weight_shape
 from .config import NSAConfig
@@ -205,10 +203,10 @@ class NSABackend:
     config_section = "attention.nsa"
     vit_fallback = "sdpa"
 
-    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
+    def build(self, spec: AttentionLayerSpec, config: NSAConfig | None) -> nn.Module:
         if spec.role != "decoder":
             raise ValueError(
                 f"the nsa backend serves causal decoder attention, not role {spec.role!r}; set the encoder's "
                 f'backend (BAGEL: [bagel] vit_backend) to "{self.vit_fallback}", "flex" or "eager" (empty uses {self.vit_fallback!r})'
             )
-        return NSAAttention(spec, section_from_options(NSAConfig, options, self.config_section))
+        return NSAAttention(spec, config or NSAConfig())
