@@ -50,10 +50,11 @@ def free_port() -> int:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment of a launched process: the toy plugin importable, one thread per
-    process, unbuffered output (a killed job's log is complete), plus `extra`."""
+    """The environment of a launched process: the toy plugin and the benchmark helpers
+    (synthetic batches) importable as in the tests themselves, one thread per process,
+    unbuffered output (a killed job's log is complete), plus `extra`."""
     env = dict(os.environ)
-    paths = [extra.pop("PYTHONPATH", ""), str(TOY_DIR), env.get("PYTHONPATH", "")]
+    paths = [extra.pop("PYTHONPATH", ""), str(TOY_DIR), str(REPO / "benchmarks"), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
