@@ -40,12 +40,11 @@ def plan_for(job_config: JobConfig, plugins, world_size: int) -> MemoryPlan:
     dtype = job_config.training.dtype
     ac = job_config.activation_checkpoint.mode != "none"
     tokens = job_config.data.packing_length
-    if hasattr(spec, "activation_memory"):
-        activations = spec.activation_memory(model, job_config, tokens, _COMPUTE_BYTES[dtype], ac)
-    else:
+    activations = spec.activation_memory(model, job_config, tokens, _COMPUTE_BYTES[dtype], ac)
+    if activations is None:
         hidden = max((p.shape[-1] for p in model.parameters() if p.dim() == 2), default=0)
         activations = generic_activations(units, tokens, hidden, _COMPUTE_BYTES[dtype], ac)
-    separate = spec.separate_shards(model) if hasattr(spec, "separate_shards") else []
+    separate = spec.separate_shards(model)
     return plan_memory(
         model,
         units,

@@ -97,7 +97,7 @@ def build_parallel_model(job_config: JobConfig, plugins: Any, mesh) -> tuple[Any
         module.requires_grad_(False)
     if job_config.lora.enable:  # before FSDP, so it shards the adapters with their frozen base
         apply_lora(model, model_spec, job_config.lora)
-    separate = model_spec.separate_shards(model) if hasattr(model_spec, "separate_shards") else []
+    separate = model_spec.separate_shards(model)
     parallelize(model, model_spec.sharding_units(model), job_config, mesh, separate_modules=separate)
     return model_spec, model
 

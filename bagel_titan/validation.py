@@ -128,14 +128,11 @@ class Validator:
     @torch.no_grad()
     def samples(self, step: int) -> None:
         """Ask the model spec for samples; write PNGs and texts, and log them to TensorBoard."""
-        generate = getattr(self.model_spec, "generate_samples", None)
-        if generate is None:
-            return
         was_training = self.model.training
         self.model.eval()
-        generated = generate(self.model, self.job_config, step)
+        generated = self.model_spec.generate_samples(self.model, self.job_config, step)
         self.model.train(was_training)
-        if self.rank != 0:
+        if generated is None or self.rank != 0:
             return
         folder = os.path.join(self.run_folder, "samples", f"step-{step}")
         os.makedirs(folder, exist_ok=True)

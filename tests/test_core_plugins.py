@@ -12,6 +12,7 @@ import pytest
 
 from bagel_titan.hookspec import hookimpl
 from bagel_titan.plugins import PluginError, PluginManager, UnknownNameError
+from bagel_titan.protocols import AttentionBackend
 from conftest import run_bagel_titan
 
 THIRD_PARTY_MODULE = '''
@@ -22,11 +23,11 @@ import torch
 from torch import nn
 
 from bagel_titan.hookspec import hookimpl
-from bagel_titan.protocols import LossTerm
+from bagel_titan.protocols import AttentionBackend, AttentionModule, LossTerm
 from bagel_titan_plugins.attention.eager import eager_attention
 
 
-class CountingAttention(nn.Module):
+class CountingAttention(AttentionModule):
     """Exact attention that records that it ran (so the test can tell it was selected)."""
 
     calls = 0
@@ -38,7 +39,7 @@ class CountingAttention(nn.Module):
         return eager_attention(q, k, v, meta.dense_mask())
 
 
-class CountingBackend:
+class CountingBackend(AttentionBackend):
     name = "counting_eager"
 
     def build(self, spec, options):
@@ -129,7 +130,7 @@ def _module(name: str, **hooks) -> types.ModuleType:
     return module
 
 
-class _Backend:
+class _Backend(AttentionBackend):
     def __init__(self, name):
         self.name = name
 
@@ -145,6 +146,24 @@ def test_two_plugins_registering_one_name_is_an_error_naming_both():
     assert (
         "'dup'" in str(info.value) and "'plugin_one'" in str(info.value) and "'plugin_two'" in str(info.value)
     )
+
+
+class _BareBackend:
+    """A backend written against the structure alone, without the contract's defaults."""
+
+    name = "bare"
+
+    def build(self, spec, options):
+        raise AssertionError("not built in this test")
+
+
+def test_an_object_lacking_a_contract_member_is_refused_when_registered():
+    _module("plugin_bare", bagel_titan_attention_backends=lambda: [_BareBackend()])
+    with pytest.raises(PluginError) as info:
+        PluginManager(["plugin_bare"], load_entry_points=False)
+    message = str(info.value)
+    assert "attention backend 'bare' of plugin 'plugin_bare' lacks encoder_fallback, trains_on_cpu" in message
+    assert "subclass bagel_titan.protocols.AttentionBackend" in message
 
 
 def test_unknown_name_lists_registered_ones():

@@ -199,16 +199,16 @@ def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
             f"{', '.join(sorted(plugins.loss_components.names()))}"
         )
     model_spec = plugins.model_specs.get(cfg.model.name)
-    flavors = getattr(model_spec, "flavors", None)
-    if flavors is not None and cfg.model.flavor not in flavors:
+    flavors = model_spec.flavors
+    if flavors and cfg.model.flavor not in flavors:
         raise ConfigError(
             f"[model] flavor {cfg.model.flavor!r} is not a flavor of model {cfg.model.name!r}; "
             f"choose one of: {', '.join(sorted(flavors))}"
         )
     backends = {"[attention] backend": cfg.attention.backend}
-    backends.update(getattr(model_spec, "attention_backends", lambda _: {})(cfg))
+    backends.update(model_spec.attention_backends(cfg))
     for key, name in backends.items():
-        if name and on_cpu and not getattr(plugins.attention_backends.get(name), "trains_on_cpu", True):
+        if name and on_cpu and not plugins.attention_backends.get(name).trains_on_cpu:
             raise ConfigError(
                 f"{key} = {name!r} cannot train on the CPU (no backward there); use "
                 f"'sdpa' or 'eager' for a CPU run, or run on a GPU"

@@ -6,9 +6,8 @@ import math
 from typing import Any, Mapping
 
 import torch
-from torch import nn
 
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionBackend, AttentionLayerSpec, AttentionModule
 
 from .meta import AttentionMeta
 
@@ -31,7 +30,7 @@ def eager_attention(
     return out_THD.to(q_THD.dtype)
 
 
-class EagerAttention(nn.Module):
+class EagerAttention(AttentionModule[AttentionMeta]):
     def prepare(self, meta: AttentionMeta) -> None:
         meta.dense_mask()
 
@@ -39,8 +38,8 @@ class EagerAttention(nn.Module):
         return eager_attention(q_THD, k_THD, v_THD, meta.dense_mask())
 
 
-class EagerBackend:
+class EagerBackend(AttentionBackend):
     name = "eager"
 
-    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
+    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> EagerAttention:
         return EagerAttention()

@@ -18,10 +18,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionBackend, AttentionLayerSpec, AttentionModule
 
 from .meta import AttentionMeta, mask_rule
 from bagel_titan.config.fields import section_from_options
@@ -114,7 +113,7 @@ def _compiled_flex(mode: str) -> Callable:
     return torch.compile(flex_attention, dynamic=False, mode=mode or None)
 
 
-class FlexAttention(nn.Module):
+class FlexAttention(AttentionModule[AttentionMeta]):
     """Per-layer FlexAttention module (no parameters)."""
 
     def __init__(self, config: FlexConfig):
@@ -169,7 +168,7 @@ class FlexAttention(nn.Module):
         return f"block_size={self.config.block_size}, compile={self.config.compile}"
 
 
-class FlexBackend:
+class FlexBackend(AttentionBackend):
     """The `flex` attention backend: compiled FlexAttention with a per-batch BlockMask."""
 
     name = "flex"
@@ -177,5 +176,5 @@ class FlexBackend:
     """FlexAttention has no CPU backward: the config loader refuses a CPU training run with it."""
     config_section = "attention.flex"
 
-    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
+    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> FlexAttention:
         return FlexAttention(section_from_options(FlexConfig, options, self.config_section))

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
+from bagel_titan.protocols import AttentionModule
+
 SEGMENT_MODES = ("causal", "full", "noise")
 CAUSAL, FULL, NOISE = 0, 1, 2
 
@@ -167,13 +169,11 @@ class AttentionMeta:
         """Every document is one `full` segment: the ViT's per-image attention."""
         return cls.from_segments([[(n, "full")] for n in lengths], device=device)
 
-    def prepare_for(self, attention_module) -> None:
+    def prepare_for(self, attention_module: AttentionModule[AttentionMeta]) -> None:
         """Build what `attention_module` needs for this batch (masks, plans) now, once, outside
         the layers: built lazily inside a checkpointed or compiled layer, a cache would differ
         between the forward and its recomputation."""
-        prepare = getattr(attention_module, "prepare", None)
-        if prepare is not None:
-            prepare(self)
+        attention_module.prepare(self)
 
     def to(self, device: torch.device | str) -> "AttentionMeta":
         """The same metadata on `device` (non-blocking copies); the cache stays behind: what

@@ -27,9 +27,8 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionBackend, AttentionLayerSpec, AttentionModule
 
 from .meta import CAUSAL, FULL, AttentionMeta
 from bagel_titan.config.fields import section_from_options
@@ -264,7 +263,7 @@ def sdpa_per_document(
     return torch.cat(pieces, dim=0)
 
 
-class SDPAAttention(nn.Module):
+class SDPAAttention(AttentionModule[AttentionMeta]):
     """Per-layer SDPA module (no parameters)."""
 
     def __init__(self, config: SDPAConfig):
@@ -307,11 +306,11 @@ class SDPAAttention(nn.Module):
         return f"strategy={self.config.strategy!r}"
 
 
-class SDPABackend:
+class SDPABackend(AttentionBackend):
     """The `sdpa` attention backend: PyTorch's fused attention kernels."""
 
     name = "sdpa"
     config_section = "attention.sdpa"
 
-    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
+    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> SDPAAttention:
         return SDPAAttention(section_from_options(SDPAConfig, options, self.config_section))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bagel_titan.distributed.tensor_io import assign_full
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionLayerSpec, AttentionModule
 
 from .batch import BagelPackedBatch
 from .config import BagelArchitecture, BagelConfig
@@ -182,7 +182,7 @@ class Bagel(nn.Module):
             nn.init.zeros_(self.llm2vae.bias)
         self.reset_position_tables()
         for module in self.modules():  # attention cores with parameters of their own (NSA)
-            if getattr(module, "optional_state_keys", None) and hasattr(module, "reset_parameters"):
+            if isinstance(module, AttentionModule):
                 module.reset_parameters()
         if self.vae is not None:
             self.vae.materialize(self.language_model.lm_head.weight.device)

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoTokenizer
 
 from bagel_titan.config.fields import build_dataclass
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import ProcessedSample, RawSample
 from bagel_titan_plugins.data.bad_samples import BadSampleError
 from bagel_titan_plugins.data.images import fit_size, load_rgb, to_tensor
 
@@ -105,7 +105,7 @@ Segment = Union[TextSegment, VitSegment, VaeSegment, DroppedImage]
 
 
 @dataclass
-class BagelSample:
+class BagelSample(ProcessedSample):
     """One processed sample: its segments in sequence order; `num_tokens` is its packed length."""
 
     segments: list[Segment]

@@ -9,7 +9,14 @@ from torch import nn
 
 from bagel_titan.errors import UserError
 from bagel_titan.lora import LoRAExport, LoRAGroups
-from bagel_titan.protocols import AttentionLayerSpec, GeneratedSamples, LossComponent, LossTerm, ModelOutputs
+from bagel_titan.protocols import (
+    AttentionLayerSpec,
+    GeneratedSamples,
+    LossComponent,
+    LossTerm,
+    ModelOutputs,
+    ModelSpec,
+)
 
 from . import weights
 from .batch import BagelPackedBatch
@@ -64,14 +71,10 @@ def attention_factories(
     job_config, plugins
 ) -> tuple[Callable[[AttentionLayerSpec], nn.Module], Callable[[AttentionLayerSpec], nn.Module]]:
     """(LLM, ViT) attention-module factories from `[attention]`; the ViT uses `[bagel] vit_backend`, else
-    the LLM backend's `vit_fallback` (nsa), else the LLM backend."""
+    the LLM backend's `encoder_fallback` (nsa), else the LLM backend."""
     llm_name = job_config.attention.backend
     llm_backend = plugins.attention_backends.get(llm_name)
-    vit_name = (
-        BagelSpec.bagel_config(job_config).vit_backend
-        or getattr(llm_backend, "vit_fallback", None)
-        or llm_name
-    )
+    vit_name = BagelSpec.bagel_config(job_config).vit_backend or llm_backend.encoder_fallback or llm_name
     vit_backend = plugins.attention_backends.get(vit_name)
     llm_options, vit_options = (
         job_config.options(f"attention.{llm_name}"),
@@ -111,7 +114,7 @@ def build_bagel_for_tests(flavor: str = "debug", seed: int = 0, **options: Any) 
     return model
 
 
-class BagelSpec:
+class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
     """ModelSpec "bagel" (see `bagel_titan.protocols.ModelSpec`)."""
 
     name = "bagel"

@@ -10,7 +10,6 @@ are summed here (`data_stats()`), so they are exact and part of the checkpoint.
 from __future__ import annotations
 
 import atexit
-import inspect
 import os
 import signal
 import weakref
@@ -71,10 +70,11 @@ def resolve_sources(
                 f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
                 f"exist; fix `path` (relative paths resolve against {os.getcwd()!r})"
             )
-        if hasattr(reader, "expand"):
+        listed = reader.expand(entry.path)
+        if listed is not None:
             sources.extend(
                 resolve_sources(
-                    reader.expand(entry.path),
+                    listed,
                     plugins,
                     weight * entry.weight,
                     mandatory or entry.is_mandatory,
@@ -83,13 +83,8 @@ def resolve_sources(
             )
             continue
         name = entry.name or entry.path
-        if "read_pass" not in inspect.signature(reader.iter_samples).parameters:
-            raise TypeError(
-                f"dataset reader {reader.format!r} ({type(reader).__module__}.{type(reader).__name__}) "
-                f"has an iter_samples without the `read_pass` keyword; update it to "
-                f"bagel_titan.protocols.DatasetReader (it may ignore `read_pass.shuffle`)"
-            )
-        if next(iter(reader.iter_samples(entry.path, shard_index=0, num_shards=1, start=0)), None) is None:
+        first = reader.iter_samples(entry.path, shard_index=0, num_shards=1, start=0, read_pass=ReadPass())
+        if next(iter(first), None) is None:
             raise DataError(
                 f"dataset {name!r} ([[data.datasets]] entry {i}, format {reader.format!r}) "
                 f"holds no samples; fix `path` or remove the entry"

@@ -177,7 +177,7 @@ class _ShardRun:
         o = self.owner.options
         if sample.num_tokens > o.max_sample_tokens:
             truncated = None
-            if o.oversize_policy == "truncate" and hasattr(sample, "truncated"):
+            if o.oversize_policy == "truncate":
                 truncated = sample.truncated(o.max_sample_tokens)
             if truncated is None:
                 self._skip(
@@ -209,7 +209,7 @@ class _ShardRun:
             if self.finished:
                 return
             # Release packing starts each pack with one sample of every mandatory dataset.
-            wanted = self.packer.wanted_source() if hasattr(self.packer, "wanted_source") else None
+            wanted = self.packer.wanted_source()
             drawn = next(self.mixture, None) if wanted is None else self.mixture.draw_from(wanted)
             if drawn is None:
                 self.ready.extend([_as_key(k) for k in pack] for pack in self.packer.flush())

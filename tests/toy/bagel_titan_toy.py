@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bagel_titan.hookspec import hookimpl
-from bagel_titan.protocols import AttentionLayerSpec, ModelOutputs
+from bagel_titan.protocols import AttentionLayerSpec, ModelOutputs, ModelSpec
 from bagel_titan_plugins.attention.meta import AttentionMeta
 
 
@@ -109,7 +109,7 @@ class ToyLM(nn.Module):
         return self.head(self.norm(x))
 
 
-class ToySpec:
+class ToySpec(ModelSpec["ToyLM", "ToyBatch"]):
     name = "toy_lm"
     flavors = {"tiny": ToyConfig()}
 

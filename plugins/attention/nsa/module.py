@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionBackend, AttentionLayerSpec, AttentionModule
 
 from ..meta import AttentionMeta
 from bagel_titan.config.fields import section_from_options
@@ -33,7 +33,7 @@ from .triton_path import nsa_streams_triton, triton_unusable_reason
 BRANCHES = ("compressed", "selected", "sliding")
 
 
-class NSAAttention(nn.Module):
+class NSAAttention(AttentionModule[AttentionMeta]):
     """Native sparse attention for the causal queries of a packed batch, exact attention for
     the others (see `plan.py`). Called as ``module(q_THD, k_THD, v_THD, meta, hidden_TD)``."""
 
@@ -198,17 +198,17 @@ class NSAAttention(nn.Module):
         )
 
 
-class NSABackend:
-    """The `nsa` attention backend (LLM only: the ViT uses `vit_fallback`)."""
+class NSABackend(AttentionBackend):
+    """The `nsa` attention backend (LLM only: the ViT uses `encoder_fallback`)."""
 
     name = "nsa"
     config_section = "attention.nsa"
-    vit_fallback = "sdpa"
+    encoder_fallback = "sdpa"
 
-    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> nn.Module:
+    def build(self, spec: AttentionLayerSpec, options: Mapping[str, Any]) -> NSAAttention:
         if spec.role != "decoder":
             raise ValueError(
                 f"the nsa backend serves causal decoder attention, not role {spec.role!r}; set the encoder's "
-                f'backend (BAGEL: [bagel] vit_backend) to "{self.vit_fallback}", "flex" or "eager" (empty uses {self.vit_fallback!r})'
+                f'backend (BAGEL: [bagel] vit_backend) to "{self.encoder_fallback}", "flex" or "eager" (empty uses {self.encoder_fallback!r})'
             )
         return NSAAttention(spec, section_from_options(NSAConfig, options, self.config_section))

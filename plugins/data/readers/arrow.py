@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from bagel_titan.protocols import RawSample, ReadPass
+from bagel_titan.protocols import DatasetReader, RawSample, ReadPass
 
 from .base import Unit, iter_units, list_files
 
@@ -29,7 +29,7 @@ def _batch(opened, i: int) -> pa.RecordBatch:
     return opened.get_batch(i) if isinstance(opened, pa.ipc.RecordBatchFileReader) else opened[i]
 
 
-class ArrowReader:
+class ArrowReader(DatasetReader):
     """`.arrow` files, or a folder of them; an HF `save_to_disk` folder is read in the order of
     its `state.json` data files. Record batches are the decoding unit (memory mapped)."""
 
