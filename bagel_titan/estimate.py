@@ -21,11 +21,12 @@ from bagel_titan.distributed.units import resolve_units
 from bagel_titan.errors import UserError
 from bagel_titan.lora import apply_lora
 from bagel_titan.metrics.memory_estimate import MemoryPlan, generic_activations, plan_memory
+from bagel_titan.plugins import PluginManager
 
 _COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
-def plan_for(job_config: JobConfig, plugins, world_size: int) -> MemoryPlan:
+def plan_for(job_config: JobConfig, plugins: PluginManager, world_size: int) -> MemoryPlan:
     """The memory plan of `job_config` on `world_size` ranks."""
     spec = plugins.model_specs.get(job_config.model.name)
     with torch.device("meta"):

@@ -32,6 +32,7 @@ from torch import nn
 if TYPE_CHECKING:
     from bagel_titan.config.job_config import DatasetEntry, JobConfig
     from bagel_titan.lora import LoRAExport, LoRAGroups
+    from bagel_titan.metrics.memory_estimate import ActivationEstimate
     from bagel_titan.plugins import PluginManager
 
 
@@ -372,10 +373,14 @@ class ProcessedSample(Protocol):
         return None
 
 
-class Collator(Protocol):
-    """Model-specific: a list of processed samples -> one packed batch."""
+SampleT = TypeVar("SampleT", bound=ProcessedSample, contravariant=True)
 
-    def __call__(self, samples: Sequence[ProcessedSample]) -> Batch: ...
+
+class Collator(Protocol[SampleT]):
+    """Model-specific: a list of processed samples (`SampleT`: those its processor makes) -> one
+    packed batch."""
+
+    def __call__(self, samples: Sequence[SampleT]) -> Batch: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +482,7 @@ class ModelSpec(Protocol[ModelT, BatchT]):
         tokens: int,
         compute_bytes: int,
         activation_checkpointing: bool,
-    ) -> float | None:
+    ) -> "ActivationEstimate | None":
         """Activation bytes of one pack of `tokens` tokens, for the memory planner
         (`bagel-titan-estimate`). Default: None (the planner's generic per-unit estimate)."""
         return None
@@ -496,7 +501,7 @@ class ModelSpec(Protocol[ModelT, BatchT]):
         """The processor the `packed` dataloader runs on every raw sample."""
         ...
 
-    def build_collator(self, job_config: "JobConfig") -> Collator:
+    def build_collator(self, job_config: "JobConfig") -> Collator[Any]:
         """The collator the `packed` dataloader runs on every pack."""
         ...
 

@@ -44,7 +44,7 @@ class CheckpointWriter(FileSystemWriter):
             cache_staged_state_dict=torch.cuda.is_available(),
         )
 
-    def write_data(self, plan, planner):  # type: ignore[override]
+    def write_data(self, plan, planner):
         future = super().write_data(plan, planner)
         pause_s = _pause_for(step_of(os.path.basename(str(self.path))))
         if pause_s:

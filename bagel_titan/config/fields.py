@@ -118,7 +118,7 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise _bad(key, tp, value)
         return {coerce(key, kt, k): coerce(f"{key}.{k}", vt, v) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

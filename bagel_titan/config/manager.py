@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bagel_titan.config.fields import (
     ConfigError,
@@ -24,6 +24,9 @@ from bagel_titan.config.fields import (
     type_name,
 )
 from bagel_titan.config.job_config import CORE_SECTIONS, JobConfig
+
+if TYPE_CHECKING:
+    from bagel_titan.plugins import PluginManager
 
 
 @dataclass
@@ -227,7 +230,9 @@ def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
         )
 
 
-def load_job_config(argv: Sequence[str], plugins_factory=None) -> tuple[JobConfig, Any]:
+def load_job_config(
+    argv: Sequence[str], plugins_factory: Callable[[Sequence[str]], PluginManager] | None = None
+) -> tuple[JobConfig, PluginManager]:
     """Parse `argv` (without the program name) into a JobConfig and its PluginManager."""
     from bagel_titan.plugins import get_plugin_manager
 
@@ -288,7 +293,7 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _toml_value(dataclasses.asdict(value))
     raise TypeError(f"cannot write {value!r} as TOML")
 

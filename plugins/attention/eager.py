@@ -34,7 +34,14 @@ class EagerAttention(AttentionModule[AttentionMeta]):
     def prepare(self, meta: AttentionMeta) -> None:
         meta.dense_mask()
 
-    def forward(self, q_THD, k_THD, v_THD, meta: AttentionMeta, hidden_TD=None):
+    def forward(
+        self,
+        q_THD: torch.Tensor,
+        k_THD: torch.Tensor,
+        v_THD: torch.Tensor,
+        meta: AttentionMeta,
+        hidden_TD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return eager_attention(q_THD, k_THD, v_THD, meta.dense_mask())
 
 

@@ -109,7 +109,7 @@ def flex_block_mask(meta: AttentionMeta, length: int, block_size: int, compiled:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_flex(mode: str) -> Callable:
+def _compiled_flex(mode: str) -> Callable[..., Any]:
     return torch.compile(flex_attention, dynamic=False, mode=mode or None)
 
 
@@ -154,7 +154,9 @@ class FlexAttention(AttentionModule[AttentionMeta]):
         def to_BHPD(x_THD: torch.Tensor) -> torch.Tensor:
             return F.pad(x_THD, (0, 0, 0, 0, 0, P - T)).transpose(0, 1).unsqueeze(0)
 
-        attend = _compiled_flex(cfg.compile_mode) if cfg.compile else flex_attention
+        attend: Callable[..., Any] = flex_attention
+        if cfg.compile:
+            attend = _compiled_flex(cfg.compile_mode)
         out_BHPD = attend(
             to_BHPD(q_THD),
             to_BHPD(k_THD),

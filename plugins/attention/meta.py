@@ -16,11 +16,13 @@ nothing; their output is zero.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
 from bagel_titan.protocols import AttentionModule
+
+T = TypeVar("T")
 
 SEGMENT_MODES = ("causal", "full", "noise")
 CAUSAL, FULL, NOISE = 0, 1, 2
@@ -84,7 +86,7 @@ class AttentionMeta:
     def device(self) -> torch.device:
         return self.doc_ids.device
 
-    def cached(self, key: str, build):
+    def cached(self, key: str, build: Callable[[], T]) -> T:
         """Return `build()` computed once per batch under `key` (masks, block masks, ...)."""
         if key not in self._cache:
             self._cache[key] = build()

@@ -10,7 +10,6 @@ from torch import nn
 from bagel_titan.errors import UserError
 from bagel_titan.lora import LoRAExport, LoRAGroups
 from bagel_titan.protocols import (
-    AttentionLayerSpec,
     GeneratedSamples,
     LossComponent,
     LossTerm,
@@ -22,9 +21,16 @@ from . import weights
 from .batch import BagelPackedBatch
 from .config import FLAVORS, BagelArchitecture, BagelConfig, architecture_for
 from .flops import training_flops
-from .modeling import Bagel, BagelForwardResult
+from .modeling import AttentionFactory, Bagel, BagelForwardResult
+from .modeling_qwen2_mot import Qwen2MoTDecoderLayer
 
 if TYPE_CHECKING:
+    from bagel_titan.config.job_config import JobConfig
+    from bagel_titan.metrics.memory_estimate import ActivationEstimate
+    from bagel_titan.plugins import PluginManager
+
+    from .collator import BagelCollator
+    from .processor import BagelProcessor
     from .sampling import BagelSampler
     from .sampling_config import SamplingConfig
 
@@ -68,8 +74,8 @@ GEN_MODULES = ("vae2llm", "llm2vae", "time_embedder")
 
 
 def attention_factories(
-    job_config, plugins
-) -> tuple[Callable[[AttentionLayerSpec], nn.Module], Callable[[AttentionLayerSpec], nn.Module]]:
+    job_config: JobConfig, plugins: PluginManager
+) -> tuple[AttentionFactory, AttentionFactory]:
     """(LLM, ViT) attention-module factories from `[attention]`; the ViT uses `[bagel] vit_backend`, else
     the LLM backend's `encoder_fallback` (nsa), else the LLM backend."""
     llm_name = job_config.attention.backend
@@ -126,15 +132,15 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
     # -- build / weights -------------------------------------------------------------------------
 
     @staticmethod
-    def bagel_config(job_config) -> BagelConfig:
+    def bagel_config(job_config: JobConfig) -> BagelConfig:
         """`[bagel]`, or its defaults when the config has none."""
         return job_config.section("bagel") if job_config.has_section("bagel") else BagelConfig()
 
-    def attention_backends(self, job_config) -> dict[str, str]:
+    def attention_backends(self, job_config: JobConfig) -> dict[str, str]:
         """The ViT's own backend, for the config-time check that it trains where the run does."""
         return {"[bagel] vit_backend": self.bagel_config(job_config).vit_backend}
 
-    def architecture(self, job_config) -> BagelArchitecture:
+    def architecture(self, job_config: JobConfig) -> BagelArchitecture:
         """The shapes to build: the `[model] flavor`'s, with the LLM and ViT of `[bagel] llm_path`
         / `vit_path` when set (a subclass may derive its own)."""
         options = self.bagel_config(job_config)
@@ -144,7 +150,7 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
             return architecture(architecture_for(job_config.model.flavor), options)
         return architecture_for(job_config.model.flavor)
 
-    def build(self, job_config, plugins) -> Bagel:
+    def build(self, job_config: JobConfig, plugins: PluginManager) -> Bagel:
         options = self.bagel_config(job_config)
         if (options.llm_path or options.vit_path) and job_config.model.pretrained_path:
             raise UserError(
@@ -186,8 +192,13 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
         weights.export(model, path, dtype, state_dict, ema=ema, write=write, lora=lora)
 
     def activation_memory(
-        self, model: Bagel, job_config, tokens: int, compute_bytes: int, activation_checkpointing: bool
-    ):
+        self,
+        model: Bagel,
+        job_config: JobConfig,
+        tokens: int,
+        compute_bytes: int,
+        activation_checkpointing: bool,
+    ) -> ActivationEstimate:
         """Activation bytes of one pack of `tokens` (for `bagel-titan-estimate`)."""
         from .memory import activation_memory
 
@@ -205,7 +216,7 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
             vit_backend=vit_backend,
         )
 
-    def tokenizer_path(self, job_config) -> str:
+    def tokenizer_path(self, job_config: JobConfig) -> str:
         return (
             job_config.model.tokenizer_path
             or job_config.model.pretrained_path
@@ -225,7 +236,7 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
         their own so they are not held gathered with the root through the whole step."""
         return [model.language_model.model.embed_tokens, model.language_model.lm_head]
 
-    def frozen_modules(self, model: Bagel, job_config) -> list[nn.Module]:
+    def frozen_modules(self, model: Bagel, job_config: JobConfig) -> list[nn.Module]:
         groups = list(job_config.model.freeze)
         unknown = sorted(set(groups) - set(FREEZE_GROUPS))
         if unknown:
@@ -245,12 +256,14 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
         if group == "und":
             mods: list[nn.Module] = [lm.embed_tokens, lm.norm, model.language_model.lm_head]
             for layer in lm.layers:
+                assert isinstance(layer, Qwen2MoTDecoderLayer)
                 mods += [getattr(layer.self_attn, n) for n in UND_ATTN]
                 mods += [layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
             return mods
         if group == "gen":
             mods = [lm.norm_moe_gen]
             for layer in lm.layers:
+                assert isinstance(layer, Qwen2MoTDecoderLayer)
                 mods += [getattr(layer.self_attn, f"{n}_moe_gen") for n in UND_ATTN]
                 mods += [
                     layer.mlp_moe_gen,
@@ -301,11 +314,11 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
             raise RuntimeError("BagelSpec.flops needs the architecture: call build() first")
         return float(training_flops(batch, self._built.arch, self._built.options))
 
-    def _data_kwargs(self, job_config) -> dict[str, Any]:
+    def _data_kwargs(self, job_config: JobConfig) -> dict[str, Any]:
         arch = self.architecture(job_config)
         return {"vit_patch_size": arch.vit.patch_size, "vae_downsample": arch.vae.downsample}
 
-    def build_processor(self, job_config):
+    def build_processor(self, job_config: JobConfig) -> BagelProcessor:
         from .processor import BagelProcessor
 
         tokenizer_path = self.tokenizer_path(job_config)
@@ -313,7 +326,7 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
             job_config, self.bagel_config(job_config), tokenizer_path, **self._data_kwargs(job_config)
         )
 
-    def build_collator(self, job_config):
+    def build_collator(self, job_config: JobConfig) -> BagelCollator:
         from .collator import BagelCollator
 
         return BagelCollator(
@@ -323,7 +336,7 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
             **self._data_kwargs(job_config),
         )
 
-    def generate_samples(self, model: Bagel, job_config, step: int) -> GeneratedSamples:
+    def generate_samples(self, model: Bagel, job_config: JobConfig, step: int) -> GeneratedSamples:
         """Images for `[bagel.sampling] prompts` and answers to its `questions` from the model being
         trained (see `sampling.py`). Runs on every rank, the same forwards everywhere; the noise is
         the same at every `step`, so successive validations are comparable."""
@@ -339,7 +352,7 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
             return GeneratedSamples()
         return generate_samples(self.sampler(model, job_config, config))
 
-    def sampler(self, model: Bagel, job_config, config: SamplingConfig) -> BagelSampler:
+    def sampler(self, model: Bagel, job_config: JobConfig, config: SamplingConfig) -> BagelSampler:
         """Image sampling and greedy answering with `model`, through the processor and collator
         `job_config` trains with."""
         from .collator import BagelCollator

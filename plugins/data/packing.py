@@ -146,7 +146,9 @@ class BestFitDecreasingPacker(Packer):
         if self.arrivals - self.items[oldest][1] > self.max_wait:
             length, _, key = self.items.pop(oldest)  # bounded latency: an old item goes first
         else:
-            length, _, key = self._pop_largest_fitting(self.capacity)
+            largest = self._pop_largest_fitting(self.capacity)
+            assert largest is not None, "every buffered item fits an empty pack (checked in add)"
+            length, _, key = largest
         room = self.capacity - length
         chosen = [key]
         if room == 0 or not self.items:

@@ -76,6 +76,7 @@ class NSAAttention(AttentionModule[AttentionMeta]):
                 init_mean_pool_(weight, cfg.compress_type, cfg.kernel_size)
         self.intra_block_pe.zero_()
         for branch, gate in self.gates.items():
+            assert isinstance(gate, nn.Linear)
             gate.weight.zero_()
             gate.bias.fill_(cfg.gate_init_bias if branch == "selected" else -cfg.gate_init_bias)
 
@@ -137,7 +138,8 @@ class NSAAttention(AttentionModule[AttentionMeta]):
 
     def gate_values(self, hidden_CD: torch.Tensor) -> torch.Tensor:
         """[C, 3, Hq] sigmoid gates of the causal queries (branches in `BRANCHES` order)."""
-        logits = [self.gates[branch](hidden_CD.to(self.gates[branch].weight.dtype)) for branch in BRANCHES]
+        dtype = next(self.gates.parameters()).dtype
+        logits = [self.gates[branch](hidden_CD.to(dtype)) for branch in BRANCHES]
         return torch.sigmoid(torch.stack(logits, dim=1).float())
 
     # -- forward ----------------------------------------------------------------------------
@@ -171,10 +173,9 @@ class NSAAttention(AttentionModule[AttentionMeta]):
             idx = plan.stream_index
             branches = self.stream_branches(q_THD[idx], k_THD[idx], v_THD[idx], plan, meta)
             gate_CBH = self.gate_values(hidden_TD[plan.causal_rows])
-            mixed_CHD = sum(
-                gate_CBH[:, i, :, None] * branch[plan.causal_in_stream].float()
-                for i, branch in enumerate(branches)
-            )
+            mixed_CHD = gate_CBH[:, 0, :, None] * branches[0][plan.causal_in_stream].float()
+            for i in range(1, len(branches)):
+                mixed_CHD = mixed_CHD + gate_CBH[:, i, :, None] * branches[i][plan.causal_in_stream].float()
             rows.append(plan.causal_rows)
             values.append(mixed_CHD.to(q_THD.dtype))
 

@@ -459,7 +459,7 @@ TRAINER_HANDLERS: dict[str, TrainerHandler] = {
     "fsdp_config": _fsdp_config,
     "fsdp": _skip_if_set("HF FSDP1 options: bagel-titan always uses FSDP2 ([parallelism])"),
     "fsdp_transformer_layer_cls_to_wrap": lambda conv, key, value, ctx: (
-        value and _wrap_classes(conv, value, ctx.source(key))
+        _wrap_classes(conv, value, ctx.source(key)) if value else None
     ),
     "sp_ulysses_degree": _skip_if_set("no sequence parallelism in bagel-titan", off=(None, 1)),
     "use_muon": _skip_if_set("bagel-titan trains with AdamW only"),

@@ -21,11 +21,11 @@ def _open_batches(file: str) -> list[pa.RecordBatch] | pa.ipc.RecordBatchFileRea
         return list(pa.ipc.open_stream(pa.memory_map(file, "r")))
 
 
-def _num_batches(opened) -> int:
+def _num_batches(opened: list[pa.RecordBatch] | pa.ipc.RecordBatchFileReader) -> int:
     return opened.num_record_batches if isinstance(opened, pa.ipc.RecordBatchFileReader) else len(opened)
 
 
-def _batch(opened, i: int) -> pa.RecordBatch:
+def _batch(opened: list[pa.RecordBatch] | pa.ipc.RecordBatchFileReader, i: int) -> pa.RecordBatch:
     return opened.get_batch(i) if isinstance(opened, pa.ipc.RecordBatchFileReader) else opened[i]
 
 
