@@ -407,8 +407,8 @@ class ModelSpec(Protocol[ModelT, BatchT]):
     """Everything model specific the trainer needs. Registered through `bagel_titan_model_specs`.
 
     Generic over the spec's model class (`ModelT`) and packed batch class (`BatchT`), so that a
-    spec's methods take its own types (`class BagelSpec(ModelSpec[Bagel, BagelPackedBatch])`); the
-    core holds a `ModelSpec[Any, Any]`.
+    spec's methods take its own types (`class MySpec(ModelSpec[MyModel, MyBatch])`); the core
+    holds a `ModelSpec[Any, Any]`.
     """
 
     name: str
