@@ -44,7 +44,9 @@ def field_docs(cls: type) -> dict[str, str]:
             source = textwrap.dedent(inspect.getsource(klass))
         except (OSError, TypeError):
             continue
-        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        klass_node = ast.parse(source).body[0]
+        assert isinstance(klass_node, ast.ClassDef)  # the source of a class
+        body = klass_node.body
         for node, nxt in zip(body, body[1:] + [None]):
             if (
                 isinstance(node, ast.AnnAssign)

@@ -14,19 +14,23 @@ import os
 import signal
 import weakref
 from collections import Counter
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from bagel_titan.config.fields import ConfigError
 from bagel_titan.config.job_config import DatasetEntry, JobConfig
 
-from bagel_titan.protocols import ReadPass
+from bagel_titan.protocols import ModelSpec, Processor, ReadPass
 
 from .bad_samples import BadSampleError, DataError, DataPathError, as_bad_record
 from .mixture import Source
 from .packing import ReleasePackingConfig
 from .pipeline import PackedIterable, PipelineOptions, WorkerOutput
+
+
+if TYPE_CHECKING:
+    from bagel_titan.plugins import PluginManager
 
 
 def _identity(item: Any) -> Any:
@@ -49,7 +53,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def resolve_sources(
     entries: Sequence[DatasetEntry],
-    plugins: Any,
+    plugins: PluginManager,
     weight: float = 1.0,
     mandatory: bool = False,
     processor: dict[str, Any] | None = None,
@@ -107,7 +111,7 @@ def resolve_sources(
     return sources
 
 
-def check_usable(sources: Sequence[Source], processor: Any) -> None:
+def check_usable(sources: Sequence[Source], processor: Processor) -> None:
     """Raise `DataError` for a dataset with no usable sample at all, decided over the whole
     dataset (not per shard, so the answer does not depend on ranks x workers). Reads until the
     first usable sample: usually the first one."""
@@ -245,8 +249,8 @@ class PackedDataloaderBuilder:
     def build(
         self,
         job_config: JobConfig,
-        plugins: Any,
-        model_spec: Any,
+        plugins: PluginManager,
+        model_spec: ModelSpec[Any, Any],
         *,
         dp_rank: int,
         dp_world_size: int,
