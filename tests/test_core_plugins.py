@@ -7,12 +7,15 @@ import sys
 import textwrap
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
+from torch import nn
 
 from bagel_titan.hookspec import hookimpl
 from bagel_titan.plugins import PluginError, PluginManager, UnknownNameError
-from bagel_titan.protocols import AttentionBackend
+from bagel_titan.errors import UserError
+from bagel_titan.protocols import AttentionBackend, ModelSpec
 from conftest import run_bagel_titan
 
 THIRD_PARTY_MODULE = '''
@@ -186,3 +189,23 @@ def test_first_party_plugins_come_from_entry_points():
     manager = PluginManager()
     assert "eager" in manager.attention_backends.names()
     assert manager.attention_backends.plugin_of("eager") == "attention"
+
+
+class _MinimalSpec(ModelSpec[nn.Module, Any]):
+    """A model spec with no optional member of its own: the contract's defaults apply."""
+
+    name = "minimal"
+
+
+def test_a_spec_without_lora_groups_refuses_lora_enable():
+    from bagel_titan.config.job_config import LoRA
+    from bagel_titan.lora import apply_lora
+
+    with pytest.raises(UserError, match="model spec 'minimal' does not support LoRA; set \\[lora\\] enable"):
+        apply_lora(nn.Linear(2, 2), _MinimalSpec(), LoRA(enable=True))
+
+
+def test_the_contract_defaults_ask_the_core_for_nothing():
+    spec, model = _MinimalSpec(), nn.Linear(2, 2)
+    assert spec.separate_shards(model) == [] and spec.attention_backends(None) == {}
+    assert spec.generate_samples(model, None, 0) is None and spec.flavors == {}
