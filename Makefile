@@ -2,7 +2,8 @@
 #   make train   # creates .venv, installs, trains the tiny debug BAGEL on the bundled data (CPU)
 #   make test    # creates .venv, installs, runs the whole test suite (what CI runs)
 #   make test-fast  # the suite without multi-process and long tests (-m "not slow and not dist")
-#   make lint    # ruff check (lint rules in pyproject.toml) and ruff format --check
+#   make lint    # ruff check (lint rules in pyproject.toml), ruff format --check and make typecheck
+#   make typecheck  # mypy over bagel_titan and the plugins ([tool.mypy] in pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a GPU machine use e.g. `make TORCH_SPEC="torch==2.11.0" train`.
@@ -14,7 +15,7 @@ CONFIG ?= train_configs/debug_model.toml
 RUN ?= outputs/debug
 ARGS ?=
 
-.PHONY: setup train test test-fast lint clean
+.PHONY: setup train test test-fast lint typecheck clean
 
 setup: $(STAMP)
 
@@ -45,6 +46,13 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(MAKE) typecheck
+
+# mypy cannot map `plugins/` to the package name `bagel_titan_plugins` by itself: a link does.
+typecheck: $(STAMP)
+	mkdir -p build/mypy
+	ln -sfn ../../plugins build/mypy/bagel_titan_plugins
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) outputs data/example .pytest_cache

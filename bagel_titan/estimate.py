@@ -21,11 +21,12 @@ from bagel_titan.distributed.units import resolve_units
 from bagel_titan.errors import UserError
 from bagel_titan.lora import apply_lora
 from bagel_titan.metrics.memory_estimate import MemoryPlan, generic_activations, plan_memory
+from bagel_titan.plugins import PluginManager
 
 _COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
-def plan_for(job_config: JobConfig, plugins, world_size: int) -> MemoryPlan:
+def plan_for(job_config: JobConfig, plugins: PluginManager, world_size: int) -> MemoryPlan:
     """The memory plan of `job_config` on `world_size` ranks."""
     spec = plugins.model_specs.get(job_config.model.name)
     with torch.device("meta"):
@@ -40,12 +41,11 @@ def plan_for(job_config: JobConfig, plugins, world_size: int) -> MemoryPlan:
     dtype = job_config.training.dtype
     ac = job_config.activation_checkpoint.mode != "none"
     tokens = job_config.data.packing_length
-    if hasattr(spec, "activation_memory"):
-        activations = spec.activation_memory(model, job_config, tokens, _COMPUTE_BYTES[dtype], ac)
-    else:
+    activations = spec.activation_memory(model, job_config, tokens, _COMPUTE_BYTES[dtype], ac)
+    if activations is None:
         hidden = max((p.shape[-1] for p in model.parameters() if p.dim() == 2), default=0)
         activations = generic_activations(units, tokens, hidden, _COMPUTE_BYTES[dtype], ac)
-    separate = spec.separate_shards(model) if hasattr(spec, "separate_shards") else []
+    separate = spec.separate_shards(model)
     return plan_memory(
         model,
         units,

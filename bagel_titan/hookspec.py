@@ -10,7 +10,8 @@ installed distribution::
 or by naming its module in the TOML (``[job] plugins = ["my_pkg.plugin"]``).
 
 Each registry hook returns a list of objects; the plugin manager files them by name and refuses
-two objects of one kind with the same name, naming both plugins.
+two objects of one kind with the same name, naming both plugins. (The bodies below never run:
+pluggy calls the plugins' implementations.)
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def bagel_titan_model_specs() -> list["ModelSpec"]:
+def bagel_titan_model_specs() -> list["ModelSpec[Any, Any]"]:
     """Return the model specs this plugin provides.
 
     A model spec is selected with ``[model] name``; it builds the model, its processor and
     collator, loads and exports weights, names the sharding units and counts FLOPs.
     """
+    raise NotImplementedError
 
 
 @hookspec
@@ -50,18 +52,21 @@ def bagel_titan_attention_backends() -> list["AttentionBackend"]:
     A backend builds one module per attention layer that attends over a packed batch, following
     the segment rule carried by the batch's attention metadata.
     """
+    raise NotImplementedError
 
 
 @hookspec
 def bagel_titan_dataset_readers() -> list["DatasetReader"]:
     """Return the dataset readers this plugin provides, selected per dataset with ``format``
     (or by file extension when ``format`` is omitted)."""
+    raise NotImplementedError
 
 
 @hookspec
 def bagel_titan_packing_strategies() -> list["PackingStrategy"]:
     """Return the packing strategies this plugin provides, selected with
     ``[data] packing_strategy``."""
+    raise NotImplementedError
 
 
 @hookspec
@@ -71,12 +76,14 @@ def bagel_titan_loss_components() -> list["LossComponentFactory"]:
     A factory is called with that component's section object (``[loss.<name>]``, None when the
     plugin registered none) and returns a loss component producing a (sum, count) pair per microbatch.
     """
+    raise NotImplementedError
 
 
 @hookspec
 def bagel_titan_dataloaders() -> list["DataloaderBuilder"]:
     """Return dataloader builders, selected with ``[data] loader`` (the first-party one is
     ``packed``: reader -> processor -> packing strategy -> collator, stateful)."""
+    raise NotImplementedError
 
 
 @hookspec
@@ -87,6 +94,7 @@ def bagel_titan_config_sections() -> dict[str, type]:
     prefix ``--attention.nsa.<key>``; its fields are validated and documented like the core's.
     The resolved instance is available as ``job_config.section("attention.nsa")``.
     """
+    raise NotImplementedError
 
 
 @hookspec

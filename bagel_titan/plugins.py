@@ -12,10 +12,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 import pluggy
+from typing_extensions import get_protocol_members
 
 from bagel_titan import hookspec
 from bagel_titan.errors import UserError
 from bagel_titan.hookspec import PROJECT
+from bagel_titan.protocols import (
+    AttentionBackend,
+    DataloaderBuilder,
+    DatasetReader,
+    LossComponentFactory,
+    ModelSpec,
+    PackingStrategy,
+)
 
 T = TypeVar("T")
 
@@ -32,15 +41,28 @@ class UnknownNameError(UserError, KeyError):
 
 @dataclass
 class Registry(Generic[T]):
-    """Named objects of one kind, each remembered with the plugin that registered it."""
+    """Named objects of one kind (`T`: their Protocol), each remembered with the plugin that
+    registered it."""
 
     kind: str
     """What the objects are, for messages ("attention backend")."""
     config_key: str
     """The config key that selects one ("[attention] backend")."""
+    contract: type | None = None
+    """The Protocol class of `T` (`bagel_titan.protocols`): an object lacking one of its members
+    is refused when it is registered, not when the run first needs the member."""
     entries: dict[str, tuple[T, str]] = field(default_factory=dict)
 
     def register(self, name: str, obj: T, plugin: str) -> None:
+        if self.contract is not None:
+            # Plugin objects come from other packages, untyped: check the contract once, here.
+            missing = sorted(m for m in get_protocol_members(self.contract) if not hasattr(obj, m))
+            if missing:
+                raise PluginError(
+                    f"the {self.kind} {name!r} of plugin {plugin!r} lacks {', '.join(missing)}; "
+                    f"subclass bagel_titan.protocols.{self.contract.__name__}, which gives the "
+                    f"optional members their defaults"
+                )
         if name in self.entries:
             other = self.entries[name][1]
             raise PluginError(
@@ -79,12 +101,22 @@ class PluginManager:
             self.pm.load_setuptools_entrypoints(PROJECT)
         for module_name in extra_modules:
             self.load_module(module_name)
-        self.model_specs: Registry[Any] = Registry("model spec", "[model] name")
-        self.attention_backends: Registry[Any] = Registry("attention backend", "[attention] backend")
-        self.dataset_readers: Registry[Any] = Registry("dataset reader", "[[data.datasets]] format")
-        self.packing_strategies: Registry[Any] = Registry("packing strategy", "[data] packing_strategy")
-        self.loss_components: Registry[Any] = Registry("loss component", "[loss] components")
-        self.dataloaders: Registry[Any] = Registry("dataloader", "[data] loader")
+        self.model_specs: Registry[ModelSpec[Any, Any]] = Registry("model spec", "[model] name", ModelSpec)
+        self.attention_backends: Registry[AttentionBackend] = Registry(
+            "attention backend", "[attention] backend", AttentionBackend
+        )
+        self.dataset_readers: Registry[DatasetReader] = Registry(
+            "dataset reader", "[[data.datasets]] format", DatasetReader
+        )
+        self.packing_strategies: Registry[PackingStrategy] = Registry(
+            "packing strategy", "[data] packing_strategy", PackingStrategy
+        )
+        self.loss_components: Registry[LossComponentFactory] = Registry(
+            "loss component", "[loss] components", LossComponentFactory
+        )
+        self.dataloaders: Registry[DataloaderBuilder] = Registry(
+            "dataloader", "[data] loader", DataloaderBuilder
+        )
         self.config_sections: Registry[type] = Registry("config section", "the TOML file")
         self._collect()
 
@@ -113,7 +145,7 @@ class PluginManager:
                 yield impl.plugin_name, result
 
     def _collect(self) -> None:
-        def fill(registry: Registry, hook_name: str, key: Callable[[Any], str]) -> None:
+        def fill(registry: Registry[Any], hook_name: str, key: Callable[[Any], str]) -> None:
             for plugin, objects in self._each(hook_name):
                 for obj in objects:
                     registry.register(key(obj), obj, plugin)
@@ -129,20 +161,17 @@ class PluginManager:
                 self.config_sections.register(name, section_type, plugin)
 
     @property
-    def hook(self):
+    def hook(self) -> pluggy.HookRelay:
         """Call lifecycle hooks: ``manager.hook.bagel_titan_on_step_end(...)``."""
         return self.pm.hook
 
-    def reader_for_path(self, path: str) -> Any:
+    def reader_for_path(self, path: str) -> DatasetReader:
         """The reader whose extensions match `path` (when a dataset omits `format`)."""
         for name in self.dataset_readers.names():
             reader = self.dataset_readers.get(name)
-            if any(path.endswith(ext) for ext in getattr(reader, "extensions", ())):
+            if path.endswith(tuple(reader.extensions)):
                 return reader
-        known = {
-            n: list(getattr(self.dataset_readers.get(n), "extensions", ()))
-            for n in self.dataset_readers.names()
-        }
+        known = {n: list(self.dataset_readers.get(n).extensions) for n in self.dataset_readers.names()}
         raise UnknownNameError(
             f"cannot infer the format of dataset path {path!r} from its extension; set `format` "
             f"in its [[data.datasets]] entry to one of {self.dataset_readers.names()} "

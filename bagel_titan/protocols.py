@@ -2,20 +2,38 @@
 
 The core (trainer, parallelism, checkpointing, metrics) only ever talks to these objects; it never
 imports a plugin by name. A plugin returns instances of them from its hooks (see `hookspec.py`).
+
+A plugin's class subclasses its contract (`class MySpec(ModelSpec): ...`, as PEP 544 allows):
+it then inherits the defaults of the optional members, each documented below where it is
+declared, and the core calls every member without probing for it. The plugin manager refuses an
+object that lacks a member, naming the plugin (`bagel_titan.plugins.Registry`).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from types import MappingProxyType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Iterator,
+    Mapping,
+    Protocol,
+    Sequence,
+    TypeVar,
+    runtime_checkable,
+)
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from bagel_titan.config.job_config import JobConfig
-    from bagel_titan.lora import LoRAGroups
+    from bagel_titan.config.job_config import DatasetEntry, JobConfig
+    from bagel_titan.lora import LoRAExport, LoRAGroups
+    from bagel_titan.metrics.memory_estimate import ActivationEstimate
+    from bagel_titan.plugins import PluginManager
 
 
 # ---------------------------------------------------------------------------------------------
@@ -30,8 +48,10 @@ class Batch(Protocol):
     The core treats it as opaque apart from these members.
     """
 
-    num_tokens: int
-    """Real (non-padding) tokens in the pack; used for tokens/s."""
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the pack; used for tokens/s."""
+        ...
 
     def to(self, device: torch.device) -> "Batch":
         """The same batch with every tensor on `device` (non-blocking where possible)."""
@@ -96,7 +116,9 @@ class LossComponent(Protocol):
         ...
 
 
-def loss_counts(spec: "ModelSpec", components: Sequence[LossComponent], batch: Batch) -> list[float]:
+def loss_counts(
+    spec: "ModelSpec[Any, Any]", components: Sequence[LossComponent], batch: Batch
+) -> list[float]:
     """Each component's count in `batch`, from the model spec's `loss_counts`."""
     counts = spec.loss_counts(batch)
     missing = [c.name for c in components if c.count_name not in counts]
@@ -182,24 +204,51 @@ class AttentionMeta(Protocol):
         ...
 
 
-class AttentionBackend(Protocol):
-    """A named attention implementation for packed sequences.
+MetaT = TypeVar("MetaT", bound=AttentionMeta)
 
-    `build(spec)` returns the per-layer module the model calls as
-    `module(q_THD, k_THD, v_THD, meta, hidden_TD) -> out_THD` where `q` is [T, Hq, D], `k`/`v` are
-    [T, Hkv, D] and `meta` is the batch's `AttentionMeta` (above; the first-party one, with its
-    mask rule, is `bagel_titan_plugins.attention.meta.AttentionMeta`). The module
-    may own parameters (NSA gates and compression weights); they then live in the model's
-    state dict under the attention layer. It may define `prepare(meta)`, which the model calls
-    once per batch before its layers (`meta.prepare_for(module)`) to build masks and plans
-    outside checkpointed and compiled regions.
+
+class AttentionModule(nn.Module, Generic[MetaT]):
+    """The per-layer module an attention backend builds; the model calls it as
+    `module(q_THD, k_THD, v_THD, meta, hidden_TD) -> out_THD` where `q` is [T, Hq, D], `k`/`v`
+    are [T, Hkv, D], `meta` is the batch's attention metadata (`MetaT`: the model's own
+    `AttentionMeta` class; the first-party one is `bagel_titan_plugins.attention.meta.AttentionMeta`)
+    and `hidden_TD` the layer input (for backends with gates). It may own parameters (NSA gates
+    and compression weights); they then live in the model's state dict under the attention layer.
     """
 
-    name: str
+    def prepare(self, meta: MetaT) -> None:
+        """Build what this module needs for the batch (masks, plans): the model calls it once per
+        batch before its layers, outside checkpointed and compiled regions (built lazily inside
+        them, a cache would differ between the forward and its recomputation). Default: nothing."""
 
-    def build(self, spec: AttentionLayerSpec, config: Any) -> nn.Module:
-        """`config`: the backend's `[attention.<name>]` section object (registered through
-        `bagel_titan_config_sections`), None when it registered none."""
+    @property
+    def optional_state_keys(self) -> tuple[str, ...]:
+        """State-dict keys, relative to this module, that a pretrained dense checkpoint lacks
+        (its own parameters); a weight loader accepts them as missing and leaves them at their
+        `reset_parameters()` values. Default: none."""
+        return ()
+
+    def reset_parameters(self) -> None:
+        """Initialise the parameters `optional_state_keys` names (after materialisation).
+        Default: nothing (a module without parameters)."""
+
+
+class AttentionBackend(Protocol):
+    """A named attention implementation for packed sequences. Registered through
+    `bagel_titan_attention_backends`, selected with `[attention] backend`."""
+
+    name: str
+    trains_on_cpu: bool = True
+    """Whether it has a CPU backward; False makes the config check refuse it for a CPU run
+    (e.g. flex attention). Default: True."""
+    encoder_fallback: str | None = None
+    """The backend that serves this one's encoder layers (`AttentionLayerSpec.role == "encoder"`)
+    when it serves only decoders, unless the model's config names one; None: it serves both."""
+
+    def build(self, spec: AttentionLayerSpec, config: Any) -> AttentionModule[Any]:
+        """The module of one attention layer (`AttentionModule`). `config`: the backend's
+        `[attention.<name>]` section object (registered through `bagel_titan_config_sections`),
+        None when it registered none."""
         ...
 
 
@@ -255,11 +304,18 @@ class DatasetReader(Protocol):
     """Streams raw samples of one format. Registered through `bagel_titan_dataset_readers`."""
 
     format: str
-    extensions: tuple[str, ...]
-    """File extensions that select this reader when `format` is omitted (e.g. (".parquet",))."""
+    extensions: tuple[str, ...] = ()
+    """File extensions that select this reader when `format` is omitted (e.g. (".parquet",)).
+    Default: none (the reader is selected by `format` only)."""
+
+    def expand(self, path: str) -> "list[DatasetEntry] | None":
+        """The datasets `path` lists, when it is a list of datasets (a mixture file) rather than
+        one: the loader then reads those entries instead (weights multiply, `processor` options
+        merge). Default: None (`path` is one dataset, read with `iter_samples`)."""
+        return None
 
     def iter_samples(
-        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass = ReadPass()
+        self, path: str, *, shard_index: int, num_shards: int, start: int, read_pass: ReadPass
     ) -> Iterator[RawSample]:
         """Yield the samples of shard `shard_index` of `num_shards` in the order of `read_pass`,
         skipping the first `start` samples of that shard (for exact resume). Must never load a
@@ -290,6 +346,12 @@ class Packer(Protocol):
         """Every open pack, at the end of the data."""
         ...
 
+    def wanted_source(self) -> int | None:
+        """The source (index into the loader's datasets) the next item must come from, for a
+        packer that starts each pack with given datasets (the release's mandatory ones); the
+        loader then draws from it. Default: None (any source)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -301,16 +363,26 @@ class Processor(Protocol):
     def __call__(self, sample: RawSample) -> "ProcessedSample": ...
 
 
-@runtime_checkable
 class ProcessedSample(Protocol):
+    """A sample ready to pack, as a model's processor returns it."""
+
     num_tokens: int
     """Length of the sample in the packed sequence."""
 
+    def truncated(self, max_tokens: int) -> "ProcessedSample | None":
+        """This sample cut to `max_tokens` (`[data] oversize_policy = "truncate"`), or None when it
+        cannot be cut (e.g. it holds images). Default: None."""
+        return None
 
-class Collator(Protocol):
-    """Model-specific: a list of processed samples -> one packed batch."""
 
-    def __call__(self, samples: Sequence[ProcessedSample]) -> Batch: ...
+SampleT = TypeVar("SampleT", bound=ProcessedSample, contravariant=True)
+
+
+class Collator(Protocol[SampleT]):
+    """Model-specific: a list of processed samples (`SampleT`: those its processor makes) -> one
+    packed batch."""
+
+    def __call__(self, samples: Sequence[SampleT]) -> Batch: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,94 +401,120 @@ class GeneratedSamples:
     """{name: text} e.g. the prompt/question and the model's answer."""
 
 
-class ModelSpec(Protocol):
-    """Everything model specific the trainer needs. Registered through `bagel_titan_model_specs`."""
+ModelT = TypeVar("ModelT", bound=nn.Module)
+BatchT = TypeVar("BatchT", bound=Batch, contravariant=True)
+
+
+class ModelSpec(Protocol[ModelT, BatchT]):
+    """Everything model specific the trainer needs. Registered through `bagel_titan_model_specs`.
+
+    Generic over the spec's model class (`ModelT`) and packed batch class (`BatchT`), so that a
+    spec's methods take its own types (`class MySpec(ModelSpec[MyModel, MyBatch])`); the core
+    holds a `ModelSpec[Any, Any]`.
+    """
 
     name: str
-    flavors: Mapping[str, Any]
-    """Named model arguments, e.g. "debug" and "7b-mot"."""
+    flavors: Mapping[str, Any] = MappingProxyType({})
+    """Named model arguments, e.g. "debug" and "7b-mot"; the config check refuses a `[model]
+    flavor` outside them. Default: none (the spec reads no flavor, any is accepted)."""
 
-    def build(self, job_config: "JobConfig", plugins: Any) -> nn.Module:
+    def build(self, job_config: "JobConfig", plugins: "PluginManager") -> ModelT:
         """Build the model for `[model] flavor` (called under the meta device; no allocation).
         `plugins` is the PluginManager: attention backends come from
         `plugins.attention_backends.get(job_config.attention.backend)`."""
         ...
 
-    def init_weights(self, model: nn.Module) -> None:
+    def init_weights(self, model: ModelT) -> None:
         """Random initialisation after materialisation (`to_empty`), including buffers."""
         ...
 
-    def load_weights(self, model: nn.Module, path: str) -> None:
+    def load_weights(self, model: ModelT, path: str) -> None:
         """Load a pretrained folder (format detected) into a materialised, maybe sharded model."""
         ...
 
     def export(
         self,
-        model: nn.Module,
+        model: ModelT,
         path: str,
         dtype: torch.dtype,
         state_dict: Mapping[str, torch.Tensor] | None = None,
         *,
         ema: bool = False,
-        **options: Any,
+        lora: "LoRAExport | None" = None,
     ) -> None:
         """Write an inference-ready folder into the existing folder `path`. Collective: every
         rank calls it with the model as it is (maybe sharded), and rank 0 writes. `state_dict`
         overrides the model's own tensors by name, sharded like them (the EMA shadow); `ema`
         says it holds EMA weights, so the files can say which weights they are.
         `bagel_titan.distributed.tensor_io` gathers one tensor at a time and streams it to disk.
-        A model with LoRA adapters receives `lora=` a `bagel_titan.lora.LoRAExport`: each
+        A model with LoRA adapters receives `lora` (`bagel_titan.lora.LoRAExport`): each
         adapted weight is written merged (`lora.adapts`, `lora.merged`), adapters are left out."""
         ...
 
-    def sharding_units(self, model: nn.Module) -> list[nn.Module]:
+    def sharding_units(self, model: ModelT) -> list[nn.Module]:
         """Modules to wrap with `fully_shard` (transformer blocks), in forward order."""
         ...
 
-    def separate_shards(self, model: nn.Module) -> list[nn.Module]:
-        """Optional. Large modules outside the units (token embedding, output head), in forward
-        order, that FSDP2 shards on their own (without AC) so the root does not hold them
-        gathered through the step. A spec without this method shards them with the root."""
-        ...
+    def separate_shards(self, model: ModelT) -> list[nn.Module]:
+        """Large modules outside the units (token embedding, output head), in forward order, that
+        FSDP2 shards on their own (without AC) so the root does not hold them gathered through
+        the step. Default: none (they are sharded with the root)."""
+        return []
 
-    def frozen_modules(self, model: nn.Module, job_config: "JobConfig") -> list[nn.Module]:
+    def frozen_modules(self, model: ModelT, job_config: "JobConfig") -> list[nn.Module]:
         """Modules whose parameters are frozen by the freeze policy of the config."""
         ...
 
     def attention_backends(self, job_config: "JobConfig") -> dict[str, str]:
-        """Optional. Attention backends the model uses beyond `[attention] backend`, by the config
-        key that names them (e.g. a model's encoder backend), so that the config check refuses
-        one that cannot train where the run does."""
-        ...
+        """Attention backends the model uses beyond `[attention] backend`, by the config key that
+        names them (e.g. a model's encoder backend), so that the config check refuses one that
+        cannot train where the run does. Default: none."""
+        return {}
 
-    def lora_groups(self, model: nn.Module) -> "LoRAGroups":
-        """Optional (needed for `[lora] enable`): the module groups `[lora] targets` and
-        `train_also` name, with the linears / modules behind each (`bagel_titan.lora.LoRAGroups`).
-        Called on the meta-device model, before parallelisation."""
-        ...
+    def lora_groups(self, model: ModelT) -> "LoRAGroups | None":
+        """The module groups `[lora] targets` and `train_also` name, with the linears / modules
+        behind each (`bagel_titan.lora.LoRAGroups`); called on the meta-device model, before
+        parallelisation. Default: None (no LoRA: `[lora] enable` is refused)."""
+        return None
 
-    def loss_counts(self, batch: Batch) -> Mapping[str, float]:
+    def activation_memory(
+        self,
+        model: ModelT,
+        job_config: "JobConfig",
+        tokens: int,
+        compute_bytes: int,
+        activation_checkpointing: bool,
+    ) -> "ActivationEstimate | None":
+        """Activation bytes of one pack of `tokens` tokens, for the memory planner
+        (`bagel-titan-estimate`). Default: None (the planner's generic per-unit estimate)."""
+        return None
+
+    def loss_counts(self, batch: BatchT) -> Mapping[str, float]:
         """What the loss terms of `batch` sum over, by count name (e.g. a model's label count),
         known before the forward; a loss component picks one by its `count_name` (a lazy
         Mapping lets a count that costs a host sync be computed only when asked)."""
         ...
 
-    def flops(self, batch: Batch) -> float:
+    def flops(self, batch: BatchT) -> float:
         """Training FLOPs (forward + backward) of one packed batch."""
         ...
 
-    def build_processor(self, job_config: "JobConfig") -> Processor: ...
-
-    def build_collator(self, job_config: "JobConfig") -> Collator: ...
-
-    def generate_samples(self, model: nn.Module, job_config: "JobConfig", step: int) -> GeneratedSamples:
-        """Optional: images and texts to look at during validation (called on every rank, since
-        the model may be sharded; only rank 0's result is written)."""
+    def build_processor(self, job_config: "JobConfig") -> Processor:
+        """The processor the `packed` dataloader runs on every raw sample."""
         ...
 
-    def forward(self, model: nn.Module, batch: Batch, generator: torch.Generator | None) -> ModelOutputs:
-        """Run the model on one packed batch. `generator` seeds the flow-matching noise (differs
-        per step and per rank)."""
+    def build_collator(self, job_config: "JobConfig") -> Collator[Any]:
+        """The collator the `packed` dataloader runs on every pack."""
+        ...
+
+    def generate_samples(self, model: ModelT, job_config: "JobConfig", step: int) -> GeneratedSamples | None:
+        """Images and texts to look at during validation (called on every rank, since the model
+        may be sharded; only rank 0's result is written). Default: None (nothing to look at)."""
+        return None
+
+    def forward(self, model: ModelT, batch: BatchT, generator: torch.Generator | None) -> ModelOutputs:
+        """Run the model on one packed batch. `generator` seeds the model's random choices, e.g.
+        diffusion noise (differs per step and per rank)."""
         ...
 
 
@@ -452,8 +550,8 @@ class DataloaderBuilder(Protocol):
     def build(
         self,
         job_config: "JobConfig",
-        plugins: Any,
-        model_spec: ModelSpec,
+        plugins: "PluginManager",
+        model_spec: ModelSpec[Any, Any],
         *,
         dp_rank: int,
         dp_world_size: int,

@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -49,9 +49,14 @@ from bagel_titan.optim.ema import EMA
 from bagel_titan.optim.lr_scheduler import build_lr_scheduler
 from bagel_titan.optim.optimizer import build_optimizer
 from bagel_titan.losses import loss_means
-from bagel_titan.protocols import Batch, LossComponent, loss_counts
+from bagel_titan.protocols import Batch, LossComponent, ModelOutputs, ModelSpec, loss_counts
 from bagel_titan.train_state import TrainState
 from bagel_titan.validation import Validator
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from bagel_titan.plugins import PluginManager
 
 logger = logging.getLogger("bagel_titan")
 
@@ -88,7 +93,9 @@ def _flat_config(text: str) -> dict[str, object]:
     return flat
 
 
-def build_parallel_model(job_config: JobConfig, plugins: Any, mesh) -> tuple[Any, nn.Module]:
+def build_parallel_model(
+    job_config: JobConfig, plugins: PluginManager, mesh: DeviceMesh
+) -> tuple[ModelSpec[Any, Any], nn.Module]:
     """The model spec and its model on the meta device, frozen and parallelized (no memory
     allocated yet: the caller materialises it with `to_empty`)."""
     model_spec = plugins.model_specs.get(job_config.model.name)
@@ -98,7 +105,7 @@ def build_parallel_model(job_config: JobConfig, plugins: Any, mesh) -> tuple[Any
         module.requires_grad_(False)
     if job_config.lora.enable:  # before FSDP, so it shards the adapters with their frozen base
         apply_lora(model, model_spec, job_config.lora)
-    separate = model_spec.separate_shards(model) if hasattr(model_spec, "separate_shards") else []
+    separate = model_spec.separate_shards(model)
     parallelize(model, model_spec.sharding_units(model), job_config, mesh, separate_modules=separate)
     return model_spec, model
 
@@ -177,7 +184,7 @@ class Trainer:
                 f"(another [job] run_name)"
             )
         self.dataloader = self._build_dataloader(self._data_config(resume))
-        self._data_iter = None
+        self._data_iter: Iterator[Batch] | None = None
 
         # -- state, checkpoints, metrics --
         self.train_state = TrainState()
@@ -321,7 +328,9 @@ class Trainer:
             )
         return dataclasses.replace(self.job_config, data=dataclasses.replace(data, seed=restart_seed))
 
-    def _compute_loss(self, outputs, batch: Batch, global_counts: list[float]):
+    def _compute_loss(
+        self, outputs: ModelOutputs, batch: Batch, global_counts: list[float]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Σ weight * term.sum / global count, plus the detached sums for logging."""
         total = None
         sums = []
@@ -336,6 +345,7 @@ class Trainer:
             else:
                 contribution = term.sum.float() * (weight / count)
             total = contribution if total is None else total + contribution
+        assert total is not None, "[loss] components is never empty (checked with the config)"
         return total, sums
 
     def _noise_generator(self, step: int, microbatch: int) -> torch.Generator:
@@ -442,6 +452,7 @@ class Trainer:
         return float(norm)
 
     def _step_metrics(self) -> dict[str, float]:
+        assert self._pending is not None, "a step's metrics are read after the step"
         sums, global_counts, grad_norm = self._pending
         reduced = self._all_reduce_sum(sums.tolist())
         metrics = loss_means(

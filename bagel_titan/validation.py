@@ -17,13 +17,14 @@ from PIL import Image
 
 from bagel_titan.distributed.utils import Reducer
 from bagel_titan.losses import loss_means
-from bagel_titan.protocols import LossComponent, ModelSpec, loss_counts
+from bagel_titan.protocols import LossComponent, ModelSpec, TrainDataloader, loss_counts
 
 if TYPE_CHECKING:
     from torch import nn
 
     from bagel_titan.config.job_config import JobConfig
     from bagel_titan.metrics.logger import MetricsLogger
+    from bagel_titan.plugins import PluginManager
 
 logger = logging.getLogger("bagel_titan")
 
@@ -37,7 +38,7 @@ class Validator:
     def __init__(
         self,
         job_config: "JobConfig",
-        plugins: Any,
+        plugins: "PluginManager",
         model: "nn.Module",
         model_spec: ModelSpec,
         loss_components: Sequence[LossComponent],
@@ -62,9 +63,9 @@ class Validator:
         self.compute_context = compute_context
         """The context the training forward runs in (bf16 autocast on one bf16 rank): the held-out
         loss is computed in the same precision."""
-        self._loader = None
+        self._loader: TrainDataloader | None = None
 
-    def _held_out_loader(self):
+    def _held_out_loader(self) -> TrainDataloader:
         if self._loader is None:
             self._loader = self.plugins.dataloaders.get(self.job_config.data.loader).build(
                 self.job_config,
@@ -128,14 +129,11 @@ class Validator:
     @torch.no_grad()
     def samples(self, step: int) -> None:
         """Ask the model spec for samples; write PNGs and texts, and log them to TensorBoard."""
-        generate = getattr(self.model_spec, "generate_samples", None)
-        if generate is None:
-            return
         was_training = self.model.training
         self.model.eval()
-        generated = generate(self.model, self.job_config, step)
+        generated = self.model_spec.generate_samples(self.model, self.job_config, step)
         self.model.train(was_training)
-        if self.rank != 0:
+        if generated is None or self.rank != 0:
             return
         folder = os.path.join(self.run_folder, "samples", f"step-{step}")
         os.makedirs(folder, exist_ok=True)

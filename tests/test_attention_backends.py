@@ -54,10 +54,10 @@ def test_llm_pack_agrees_with_eager(plugins, name):
 
 @pytest.mark.parametrize("name", BACKEND_PARAMS)
 def test_vit_backend_resolution_and_per_image_attention(plugins, name):
-    """The ViT gets `vit_fallback` when the backend has one (nsa -> sdpa); per-image full
+    """The ViT gets `encoder_fallback` when the backend has one (nsa -> sdpa); per-image full
     attention then agrees with eager."""
     backend = plugins.attention_backends.get(name)
-    vit_name = getattr(backend, "vit_fallback", name)
+    vit_name = backend.encoder_fallback or name
     assert vit_name in plugins.attention_backends
     spec = AttentionLayerSpec(4, 4, 16, 64, 0, "encoder")
     lengths = [49, 16, 100]

@@ -330,7 +330,7 @@ def test_backend_registration_and_options():
 
     plugins = PluginManager()
     backend = plugins.attention_backends.get("nsa")
-    assert backend.vit_fallback == "sdpa"
+    assert backend.encoder_fallback == "sdpa"
     assert plugins.config_sections.get("attention.nsa") is NSAConfig
     with pytest.raises(ValueError, match="vit_backend"):
         backend.build(AttentionLayerSpec(4, 4, 8, 32, 0, "encoder"), None)

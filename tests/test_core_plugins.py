@@ -7,11 +7,15 @@ import sys
 import textwrap
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
+from torch import nn
 
 from bagel_titan.hookspec import hookimpl
 from bagel_titan.plugins import PluginError, PluginManager, UnknownNameError
+from bagel_titan.errors import UserError
+from bagel_titan.protocols import AttentionBackend, ModelSpec
 from conftest import run_bagel_titan
 
 THIRD_PARTY_MODULE = '''
@@ -22,11 +26,11 @@ import torch
 from torch import nn
 
 from bagel_titan.hookspec import hookimpl
-from bagel_titan.protocols import LossTerm
+from bagel_titan.protocols import AttentionBackend, AttentionModule, LossTerm
 from bagel_titan_plugins.attention.eager import eager_attention
 
 
-class CountingAttention(nn.Module):
+class CountingAttention(AttentionModule):
     """Exact attention that records that it ran (so the test can tell it was selected)."""
 
     calls = 0
@@ -38,7 +42,7 @@ class CountingAttention(nn.Module):
         return eager_attention(q, k, v, meta.dense_mask())
 
 
-class CountingBackend:
+class CountingBackend(AttentionBackend):
     name = "counting_eager"
 
     def build(self, spec, options):
@@ -129,7 +133,7 @@ def _module(name: str, **hooks) -> types.ModuleType:
     return module
 
 
-class _Backend:
+class _Backend(AttentionBackend):
     def __init__(self, name):
         self.name = name
 
@@ -145,6 +149,24 @@ def test_two_plugins_registering_one_name_is_an_error_naming_both():
     assert (
         "'dup'" in str(info.value) and "'plugin_one'" in str(info.value) and "'plugin_two'" in str(info.value)
     )
+
+
+class _BareBackend:
+    """A backend written against the structure alone, without the contract's defaults."""
+
+    name = "bare"
+
+    def build(self, spec, options):
+        raise AssertionError("not built in this test")
+
+
+def test_an_object_lacking_a_contract_member_is_refused_when_registered():
+    _module("plugin_bare", bagel_titan_attention_backends=lambda: [_BareBackend()])
+    with pytest.raises(PluginError) as info:
+        PluginManager(["plugin_bare"], load_entry_points=False)
+    message = str(info.value)
+    assert "attention backend 'bare' of plugin 'plugin_bare' lacks encoder_fallback, trains_on_cpu" in message
+    assert "subclass bagel_titan.protocols.AttentionBackend" in message
 
 
 def test_unknown_name_lists_registered_ones():
@@ -167,3 +189,23 @@ def test_first_party_plugins_come_from_entry_points():
     manager = PluginManager()
     assert "eager" in manager.attention_backends.names()
     assert manager.attention_backends.plugin_of("eager") == "attention"
+
+
+class _MinimalSpec(ModelSpec[nn.Module, Any]):
+    """A model spec with no optional member of its own: the contract's defaults apply."""
+
+    name = "minimal"
+
+
+def test_a_spec_without_lora_groups_refuses_lora_enable():
+    from bagel_titan.config.job_config import LoRA
+    from bagel_titan.lora import apply_lora
+
+    with pytest.raises(UserError, match="model spec 'minimal' does not support LoRA; set \\[lora\\] enable"):
+        apply_lora(nn.Linear(2, 2), _MinimalSpec(), LoRA(enable=True))
+
+
+def test_the_contract_defaults_ask_the_core_for_nothing():
+    spec, model = _MinimalSpec(), nn.Linear(2, 2)
+    assert spec.separate_shards(model) == [] and spec.attention_backends(None) == {}
+    assert spec.generate_samples(model, None, 0) is None and spec.flavors == {}

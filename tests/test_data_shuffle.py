@@ -159,24 +159,3 @@ def test_release_caption_choice_changes_with_the_epoch(tmp_path):
 def test_shuffle_window_must_be_positive():
     with pytest.raises(ConfigError, match="data.shuffle_window"):
         load_job_config(["--data.shuffle_window", "0"])
-
-
-class OldStyleReader:
-    """A third-party reader written before `read_pass` existed."""
-
-    format = "old_style"
-    extensions = (".old",)
-
-    def iter_samples(self, path, *, shard_index, num_shards, start):
-        yield from ()
-
-
-def test_a_reader_without_read_pass_is_named_when_the_loader_is_built(sorted_parquet):
-    from bagel_titan.config.job_config import DatasetEntry
-    from bagel_titan.plugins import PluginManager
-    from bagel_titan_plugins.data.loader import resolve_sources
-
-    plugins = PluginManager(load_entry_points=False, extra_modules=["bagel_titan_plugins.data.plugin"])
-    plugins.dataset_readers.register("old_style", OldStyleReader(), "a third-party package")
-    with pytest.raises(TypeError, match="'old_style'.*OldStyleReader.*`read_pass`"):
-        resolve_sources([DatasetEntry(path=sorted_parquet, format="old_style")], plugins)

@@ -32,6 +32,7 @@ def plugin_example() -> types.ModuleType:
 def test_plugin_example_backend_matches_eager_and_loss_runs():
     module = plugin_example()
     backend = module.bagel_titan_attention_backends()[0]
+    PluginManager(load_entry_points=False).attention_backends.register(backend.name, backend, "readme")
     attention = backend.build(None, None)
     meta = AttentionMeta.from_segments(
         [[(5, "causal"), (4, "full"), (3, "noise")], [(6, "causal")]], pad_to=20
@@ -48,6 +49,7 @@ def test_plugin_example_backend_matches_eager_and_loss_runs():
         module.bagel_titan_config_sections()["loss.z_loss"],
     )
     loss = factory(section())
+    PluginManager(load_entry_points=False).loss_components.register(factory.name, factory, "readme")
     outputs = ModelOutputs(logits=torch.randn(3, 10, generator=generator))
     term = loss(outputs, 3)
     assert loss.count_name == "labels" and term.count == 3 and term.sum > 0

@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 MARKER = "COMPLETE"
 SAVING = "SAVING"
@@ -57,8 +58,11 @@ def read_marker(path: str) -> CheckpointInfo | None:
 
 
 def _sha256(file: str) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest would need Python 3.11
     with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def describe_files(path: str) -> dict[str, dict[str, int | str]]:
@@ -70,7 +74,7 @@ def describe_files(path: str) -> dict[str, dict[str, int | str]]:
     }
 
 
-def verify(path: str, info: CheckpointInfo, read_metadata) -> str | None:
+def verify(path: str, info: CheckpointInfo, read_metadata: Callable[[str], Any]) -> str | None:
     """What is wrong with the complete checkpoint `path` (None: nothing found): its DCP metadata
     must read, and every file the marker lists must be there with its size and checksum."""
     try:

@@ -30,7 +30,7 @@ import logging
 import os
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -186,7 +186,8 @@ class CheckpointManager:
         result = dcp.async_save(
             state, checkpoint_id=path, storage_writer=self._writer, process_group=self._async_pg
         )
-        future = getattr(result, "upload_completion", result)
+        # A Future, or (newer torch, with a stager) an AsyncSaveResponse that carries one.
+        future = cast("Future[Any]", getattr(result, "upload_completion", result))
         self._pending = _PendingSave(step, path, future)
 
     def _prepare_folder(self, path: str) -> None:
@@ -443,7 +444,7 @@ def _verified(path: str) -> str | None:
     return problem
 
 
-def _tensor_for(metadata, path: str, key: str) -> torch.Tensor:
+def _tensor_for(metadata: Any, path: str, key: str) -> torch.Tensor:
     """An empty tensor shaped like the saved JSON state `key`, for DCP to load into."""
     saved = metadata.state_dict_metadata.get(key)
     if not isinstance(saved, TensorStorageMetadata):

@@ -26,6 +26,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import ReadItem
 
 from bagel_titan.errors import UserError
@@ -111,7 +112,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         elif module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         elif module == "copyreg" and name == "_reconstructor":
-            return copyreg._reconstructor
+            return copyreg._reconstructor  # type: ignore[attr-defined]  # real, but absent from typeshed
         elif module == "builtins" and name in _ALLOWED_BUILTINS:
             return getattr(builtins, name)
         raise UnsafeCheckpointError(
@@ -129,7 +130,7 @@ def load_metadata(path: str) -> Any:
 class SafeReader(FileSystemReader):
     """DCP's file reader, but its metadata goes through the restricted unpickler."""
 
-    def read_metadata(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
             raise UnsafeCheckpointError("per-rank DCP metadata files are not supported")
         from torch.distributed.checkpoint.metadata import StorageMeta

@@ -44,7 +44,9 @@ def field_docs(cls: type) -> dict[str, str]:
             source = textwrap.dedent(inspect.getsource(klass))
         except (OSError, TypeError):
             continue
-        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        klass_node = ast.parse(source).body[0]
+        assert isinstance(klass_node, ast.ClassDef)  # the source of a class
+        body = klass_node.body
         for node, nxt in zip(body, body[1:] + [None]):
             if (
                 isinstance(node, ast.AnnAssign)
@@ -118,7 +120,7 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise _bad(key, tp, value)
         return {coerce(key, kt, k): coerce(f"{key}.{k}", vt, v) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import tomli_w
 
@@ -27,6 +27,9 @@ from bagel_titan.config.fields import (
     type_name,
 )
 from bagel_titan.config.job_config import CORE_SECTIONS, JobConfig
+
+if TYPE_CHECKING:
+    from bagel_titan.plugins import PluginManager
 
 
 @dataclass
@@ -202,16 +205,16 @@ def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
             f"{', '.join(sorted(plugins.loss_components.names()))}"
         )
     model_spec = plugins.model_specs.get(cfg.model.name)
-    flavors = getattr(model_spec, "flavors", None)
-    if flavors is not None and cfg.model.flavor not in flavors:
+    flavors = model_spec.flavors
+    if flavors and cfg.model.flavor not in flavors:
         raise ConfigError(
             f"[model] flavor {cfg.model.flavor!r} is not a flavor of model {cfg.model.name!r}; "
             f"choose one of: {', '.join(sorted(flavors))}"
         )
     backends = {"[attention] backend": cfg.attention.backend}
-    backends.update(getattr(model_spec, "attention_backends", lambda _: {})(cfg))
+    backends.update(model_spec.attention_backends(cfg))
     for key, name in backends.items():
-        if name and on_cpu and not getattr(plugins.attention_backends.get(name), "trains_on_cpu", True):
+        if name and on_cpu and not plugins.attention_backends.get(name).trains_on_cpu:
             raise ConfigError(
                 f"{key} = {name!r} cannot train on the CPU (no backward there); use "
                 f"'sdpa' or 'eager' for a CPU run, or run on a GPU"
@@ -230,7 +233,9 @@ def check_run_environment(cfg: JobConfig, plugins: Any) -> None:
         )
 
 
-def load_job_config(argv: Sequence[str], plugins_factory=None) -> tuple[JobConfig, Any]:
+def load_job_config(
+    argv: Sequence[str], plugins_factory: Callable[[Sequence[str]], PluginManager] | None = None
+) -> tuple[JobConfig, PluginManager]:
     """Parse `argv` (without the program name) into a JobConfig and its PluginManager."""
     from bagel_titan.plugins import get_plugin_manager
 

@@ -13,7 +13,7 @@ Granularity of "selective":
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ def _saved_ops() -> frozenset:
     return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
 
 
-def _op_policy(saved: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+def _op_policy(saved: frozenset[Any], ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 

@@ -7,7 +7,7 @@ boundaries), then compile, then FSDP (its hooks run outside the compiled graphs)
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Any, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ def wraps_with_fsdp(job_config: JobConfig, world_size: int) -> bool:
     return par.fsdp and (world_size > 1 or par.cpu_offload)
 
 
-def compute_autocast(job_config: JobConfig, world_size: int, device_type: str):
+def compute_autocast(job_config: JobConfig, world_size: int, device_type: str) -> ContextManager[Any]:
     """The context the forward and loss run in: bf16 autocast on an unwrapped rank that trains
     in bf16 (fp32 master weights, bf16 matmuls), else nothing (fp32, or FSDP2's mixed precision
     casts the parameters itself)."""

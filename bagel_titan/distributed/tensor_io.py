@@ -171,7 +171,7 @@ class SafetensorsStreamWriter:
                 f"{expected} {dtype} {shape} next"
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
+        self._file.write(data.numpy().data)
         self._next += 1
 
     def close(self) -> None:
@@ -183,7 +183,7 @@ class SafetensorsStreamWriter:
     def __enter__(self) -> "SafetensorsStreamWriter":
         return self
 
-    def __exit__(self, exc_type, *_) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is None:
             self.close()
         else:

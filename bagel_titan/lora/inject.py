@@ -82,12 +82,12 @@ def apply_lora(model: nn.Module, model_spec: Any, config: LoRAConfig) -> list[st
     """Swap the targeted linears of `model` (on the meta device) for `LoRALinear`, freeze every
     other parameter except the `train_also` groups, and cast: frozen parameters to
     `base_dtype`, adapters and `train_also` parameters to `dtype`. Returns the adapted module names."""
-    if not hasattr(model_spec, "lora_groups"):
+    groups = model_spec.lora_groups(model)
+    if groups is None:
         raise UserError(
             f"[lora] enable = true but model spec {model_spec.name!r} does not support LoRA; "
             f"set [lora] enable = false"
         )
-    groups: LoRAGroups = model_spec.lora_groups(model)
     wanted = config.targets or groups.default_targets
     if not wanted:
         raise UserError(

@@ -104,7 +104,7 @@ class MetricsLogger:
         if self.is_rank0 and self.tb is not None:
             self.tb.add_text(tag, text, step)
 
-    def log_image(self, tag: str, image_HWC, step: int) -> None:
+    def log_image(self, tag: str, image_HWC: Any, step: int) -> None:
         if self.is_rank0 and self.tb is not None:
             self.tb.add_image(tag, image_HWC, step, dataformats="HWC")
 

@@ -13,7 +13,7 @@ without it, every unit is assumed to see every token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from torch import nn
 
@@ -92,7 +92,7 @@ class MemoryPlan:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in self.rows())
 
 
-def _numel(params) -> int:
+def _numel(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionBackend, AttentionLayerSpec, AttentionModule
 
 from .meta import AttentionMeta
 
@@ -30,16 +29,23 @@ def eager_attention(
     return out_THD.to(q_THD.dtype)
 
 
-class EagerAttention(nn.Module):
+class EagerAttention(AttentionModule[AttentionMeta]):
     def prepare(self, meta: AttentionMeta) -> None:
         meta.dense_mask()
 
-    def forward(self, q_THD, k_THD, v_THD, meta: AttentionMeta, hidden_TD=None):
+    def forward(
+        self,
+        q_THD: torch.Tensor,
+        k_THD: torch.Tensor,
+        v_THD: torch.Tensor,
+        meta: AttentionMeta,
+        hidden_TD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return eager_attention(q_THD, k_THD, v_THD, meta.dense_mask())
 
 
-class EagerBackend:
+class EagerBackend(AttentionBackend):
     name = "eager"
 
-    def build(self, spec: AttentionLayerSpec, config: None = None) -> nn.Module:
+    def build(self, spec: AttentionLayerSpec, config: None = None) -> EagerAttention:
         return EagerAttention()

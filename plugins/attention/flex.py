@@ -14,14 +14,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionBackend, AttentionLayerSpec, AttentionModule
 
 from .meta import AttentionMeta, mask_rule
 
@@ -109,11 +108,11 @@ def flex_block_mask(meta: AttentionMeta, length: int, block_size: int, compiled:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_flex(mode: str) -> Callable:
+def _compiled_flex(mode: str) -> Callable[..., Any]:
     return torch.compile(flex_attention, dynamic=False, mode=mode or None)
 
 
-class FlexAttention(nn.Module):
+class FlexAttention(AttentionModule[AttentionMeta]):
     """Per-layer FlexAttention module (no parameters)."""
 
     def __init__(self, config: FlexConfig):
@@ -154,7 +153,9 @@ class FlexAttention(nn.Module):
         def to_BHPD(x_THD: torch.Tensor) -> torch.Tensor:
             return F.pad(x_THD, (0, 0, 0, 0, 0, P - T)).transpose(0, 1).unsqueeze(0)
 
-        attend = _compiled_flex(cfg.compile_mode) if cfg.compile else flex_attention
+        attend: Callable[..., Any] = flex_attention
+        if cfg.compile:
+            attend = _compiled_flex(cfg.compile_mode)
         out_BHPD = attend(
             to_BHPD(q_THD),
             to_BHPD(k_THD),
@@ -168,7 +169,7 @@ class FlexAttention(nn.Module):
         return f"block_size={self.config.block_size}, compile={self.config.compile}"
 
 
-class FlexBackend:
+class FlexBackend(AttentionBackend):
     """The `flex` attention backend: compiled FlexAttention with a per-batch BlockMask."""
 
     name = "flex"
@@ -176,5 +177,5 @@ class FlexBackend:
     """FlexAttention has no CPU backward: the config loader refuses a CPU training run with it."""
     config_section = "attention.flex"
 
-    def build(self, spec: AttentionLayerSpec, config: FlexConfig | None) -> nn.Module:
+    def build(self, spec: AttentionLayerSpec, config: FlexConfig | None) -> FlexAttention:
         return FlexAttention(config or FlexConfig())

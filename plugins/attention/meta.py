@@ -16,9 +16,13 @@ nothing; their output is zero.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
+
+from bagel_titan.protocols import AttentionModule
+
+T = TypeVar("T")
 
 SEGMENT_MODES = ("causal", "full", "noise")
 CAUSAL, FULL, NOISE = 0, 1, 2
@@ -82,7 +86,7 @@ class AttentionMeta:
     def device(self) -> torch.device:
         return self.doc_ids.device
 
-    def cached(self, key: str, build):
+    def cached(self, key: str, build: Callable[[], T]) -> T:
         """Return `build()` computed once per batch under `key` (masks, block masks, ...)."""
         if key not in self._cache:
             self._cache[key] = build()
@@ -167,13 +171,11 @@ class AttentionMeta:
         """Every document is one `full` segment: the ViT's per-image attention."""
         return cls.from_segments([[(n, "full")] for n in lengths], device=device)
 
-    def prepare_for(self, attention_module) -> None:
+    def prepare_for(self, attention_module: AttentionModule[AttentionMeta]) -> None:
         """Build what `attention_module` needs for this batch (masks, plans) now, once, outside
         the layers: built lazily inside a checkpointed or compiled layer, a cache would differ
         between the forward and its recomputation."""
-        prepare = getattr(attention_module, "prepare", None)
-        if prepare is not None:
-            prepare(self)
+        attention_module.prepare(self)
 
     def to(self, device: torch.device | str) -> "AttentionMeta":
         """The same metadata on `device` (non-blocking copies); the cache stays behind: what

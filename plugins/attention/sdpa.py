@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionBackend, AttentionLayerSpec, AttentionModule
 
 from .meta import CAUSAL, FULL, AttentionMeta
 
@@ -263,7 +262,7 @@ def sdpa_per_document(
     return torch.cat(pieces, dim=0)
 
 
-class SDPAAttention(nn.Module):
+class SDPAAttention(AttentionModule[AttentionMeta]):
     """Per-layer SDPA module (no parameters)."""
 
     def __init__(self, config: SDPAConfig):
@@ -306,11 +305,11 @@ class SDPAAttention(nn.Module):
         return f"strategy={self.config.strategy!r}"
 
 
-class SDPABackend:
+class SDPABackend(AttentionBackend):
     """The `sdpa` attention backend: PyTorch's fused attention kernels."""
 
     name = "sdpa"
     config_section = "attention.sdpa"
 
-    def build(self, spec: AttentionLayerSpec, config: SDPAConfig | None) -> nn.Module:
+    def build(self, spec: AttentionLayerSpec, config: SDPAConfig | None) -> SDPAAttention:
         return SDPAAttention(config or SDPAConfig())

@@ -2,13 +2,15 @@
 
 A backend's per-layer module may own parameters that a pretrained dense checkpoint lacks (NSA's
 gates, compression weights, position encodings). Such a module lists them, relative to itself,
-in an ``optional_state_keys`` attribute; a weight loader asks here for the full keys to accept
-as missing, and leaves those parameters at their ``reset_parameters()`` values.
+in ``AttentionModule.optional_state_keys``; a weight loader asks here for the full keys to
+accept as missing, and leaves those parameters at their ``reset_parameters()`` values.
 """
 
 from __future__ import annotations
 
 from torch import nn
+
+from bagel_titan.protocols import AttentionModule
 
 
 def optional_attention_state_keys(model: nn.Module) -> set[str]:
@@ -20,6 +22,6 @@ def optional_attention_state_keys(model: nn.Module) -> set[str]:
     """
     keys: set[str] = set()
     for prefix, module in model.named_modules():
-        for name in getattr(module, "optional_state_keys", ()):
-            keys.add(f"{prefix}.{name}" if prefix else name)
+        if isinstance(module, AttentionModule):
+            keys.update(f"{prefix}.{name}" if prefix else name for name in module.optional_state_keys)
     return keys

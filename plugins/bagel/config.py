@@ -232,6 +232,11 @@ def architecture_from_release(
                 f"{key} = {value!r} is not supported (only {supported!r}, as in the BAGEL release)"
             )
     vit_layers = int(vit["num_hidden_layers"]) - (1 if vit_config_counts_extra_layer else 0)
+    vae_args: dict[str, Any] = {
+        f.name: (tuple(vae[f.name]) if f.name == "ch_mult" else vae[f.name])
+        for f in dataclasses.fields(VAEArgs)
+        if f.name in vae
+    }
     return BagelArchitecture(
         llm=LLMArgs(
             vocab_size=llm["vocab_size"],
@@ -256,13 +261,7 @@ def architecture_from_release(
             num_channels=vit.get("num_channels", 3),
             layer_norm_eps=vit.get("layer_norm_eps", 1e-6),
         ),
-        vae=VAEArgs(
-            **{
-                f.name: (tuple(vae[f.name]) if f.name == "ch_mult" else vae[f.name])
-                for f in dataclasses.fields(VAEArgs)
-                if f.name in vae
-            }
-        ),
+        vae=VAEArgs(**vae_args),
     )
 
 

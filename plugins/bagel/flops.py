@@ -55,6 +55,7 @@ def forward_flops(batch: BagelPackedBatch, arch: BagelArchitecture, options: Bag
     flops += 4 * pairs * llm.num_heads * llm.head_dim * llm.num_layers
     flops += 2 * batch.num_ce_tokens * d * llm.vocab_size
 
+    assert batch.vit_attention is not None  # built by BagelPackedBatch.__post_init__
     vit_lengths = batch.vit_attention.doc_lengths  # host-side: no device sync
     num_vit = sum(vit_lengths)
     patch_dim = vit.patch_size * vit.patch_size * vit.num_channels

@@ -19,9 +19,14 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from bagel_titan.errors import UserError
+
+if TYPE_CHECKING:  # imported where used: `--help` stays fast
+    import numpy as np
+
+    from .sampling import BagelSampler
 
 
 def run_config_of(export: str) -> str | None:
@@ -40,7 +45,7 @@ def load_sampler(
     overrides: Sequence[str] = (),
     device: str = "auto",
     **sampling: object,
-):
+) -> BagelSampler:
     """A `BagelSampler` over the model in `export` on `device` ("auto": CUDA when available);
     `sampling` replaces fields of the config's `[bagel.sampling]` (e.g. `cfg_scale=4.0`)."""
     import torch
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[str]:
             raise UserError(f"--image {args.image!r} cannot be read ({exc})") from None
     os.makedirs(args.out, exist_ok=True)
 
-    def save(pixels, stem: str) -> None:
+    def save(pixels: np.ndarray, stem: str) -> None:
         path = os.path.join(args.out, f"{stem}.png")
         Image.fromarray(pixels).save(path)
         lines.append(f"wrote {path}")
@@ -181,6 +186,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 
     with torch.no_grad():
         for question in args.question:
+            assert image is not None  # --question needs --image (the parser checks)
             lines.append(f"{question} -> {sampler.answer_image(image, question)}")
             print(lines[-1], flush=True)
         try:
@@ -188,6 +194,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> list[str]:
                 for i in range(args.num_images):
                     save(sampler.generate_image(prompt, args.seed + i), f"{slug(prompt)}-seed{args.seed + i}")
             for instruction in args.edit:
+                assert image is not None  # --edit needs --image (the parser checks)
                 for i in range(args.num_images):
                     save(
                         sampler.edit_image(image, instruction, args.seed + i),

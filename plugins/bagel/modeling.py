@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bagel_titan.distributed.tensor_io import assign_full
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionLayerSpec, AttentionModule
+from bagel_titan_plugins.attention.meta import AttentionMeta
 
 from .batch import BagelPackedBatch
 from .config import BagelArchitecture, BagelConfig
@@ -26,7 +27,7 @@ from .modeling_qwen2_mot import MoTRouting, Qwen2MoTForCausalLM, RMSNorm
 from .siglip_navit import SiglipVisionModel
 from .vae import FrozenVAE
 
-AttentionFactory = Callable[[AttentionLayerSpec], nn.Module]
+AttentionFactory = Callable[[AttentionLayerSpec], AttentionModule[AttentionMeta]]
 
 
 def sincos_2d_table(embed_dim: int, grid_size: int) -> torch.Tensor:
@@ -80,7 +81,7 @@ class TimestepEmbedder(nn.Module):
         )
         args_NF = t_N.float()[:, None] * freqs[None]
         emb_NF = torch.cat([torch.cos(args_NF), torch.sin(args_NF)], dim=-1)
-        return self.mlp(emb_NF.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb_NF.to(next(self.mlp.parameters()).dtype))
 
 
 class MLPconnector(nn.Module):
@@ -120,6 +121,16 @@ def patchify_latents(padded_latent: torch.Tensor, shapes: list[tuple[int, int]],
         latent = latent[:, : h * p, : w * p].reshape(channels, h, p, w, p)
         tokens.append(torch.einsum("chpwq->hwpqc", latent).reshape(-1, p * p * channels))
     return torch.cat(tokens, dim=0)
+
+
+def first_attention_core(layers: nn.ModuleList) -> AttentionModule[AttentionMeta]:
+    """The attention module of the first of `layers`: the batch's metadata prepares it once for
+    all of them (they share one backend and its per-batch cache)."""
+    attention = layers[0].self_attn
+    assert isinstance(attention, nn.Module)
+    core = attention.attn_core
+    assert isinstance(core, AttentionModule)
+    return core
 
 
 class Bagel(nn.Module):
@@ -171,18 +182,18 @@ class Bagel(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, nn.LayerNorm) and module.bias is not None:
                     nn.init.zeros_(module.bias)
         if self.options.visual_gen:
             nn.init.zeros_(self.llm2vae.weight)
             nn.init.zeros_(self.llm2vae.bias)
         self.reset_position_tables()
         for module in self.modules():  # attention cores with parameters of their own (NSA)
-            if getattr(module, "optional_state_keys", None) and hasattr(module, "reset_parameters"):
+            if isinstance(module, AttentionModule):
                 module.reset_parameters()
         if self.vae is not None:
             self.vae.materialize(self.language_model.lm_head.weight.device)
@@ -216,7 +227,8 @@ class Bagel(nn.Module):
         num_vit = int(batch.packed_vit_tokens.shape[0])
         if self.options.visual_und:
             vit_meta = batch.vit_attention
-            vit_meta.prepare_for(self.vit_model.vision_model.encoder.layers[0].self_attn.attn_core)
+            assert vit_meta is not None  # built by BagelPackedBatch.__post_init__
+            vit_meta.prepare_for(first_attention_core(self.vit_model.vision_model.encoder.layers))
             pixels_NP = batch.packed_vit_tokens
             if num_vit == 0:  # any [0, ...] placeholder: give it the patch width
                 pixels_NP = pixels_NP.new_zeros(
@@ -266,7 +278,8 @@ class Bagel(nn.Module):
             und = torch.cat([und, batch.packed_vit_token_indexes])
         routing = MoTRouting.build(und, batch.packed_vae_token_indexes, batch.sequence_length)
         meta = batch.attention
-        meta.prepare_for(self.language_model.model.layers[0].self_attn.attn_core)
+        assert meta is not None  # built by BagelPackedBatch.__post_init__
+        meta.prepare_for(first_attention_core(self.language_model.model.layers))
         layer_outputs: list[torch.Tensor] | None = [] if keep_intermediates else None
         hidden_TD = self.language_model.model(seq_TD, routing, batch.packed_position_ids, meta, layer_outputs)
         for i, out in enumerate(layer_outputs or []):
@@ -280,7 +293,7 @@ class Bagel(nn.Module):
 
     def _latent_inputs(
         self, batch: BagelPackedBatch, generator: torch.Generator | None, device: torch.device
-    ):
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Clean latent tokens x0, shifted timesteps t per token, and noise (all [Nz, ...])."""
         p, side = self.options.latent_patch_size, self.options.max_latent_size
         if not batch.patchified_vae_latent_shapes:
@@ -297,6 +310,10 @@ class Bagel(nn.Module):
         if padded is None:
             if batch.padded_images is None:
                 raise ValueError("the batch has VAE images but neither padded_images nor padded_latent")
+            if self.vae is None:
+                raise ValueError(
+                    "the batch has VAE images but the model has no VAE ([bagel] visual_gen = false)"
+                )
             padded = self.vae.encode(batch.padded_images, generator=generator)
         x0_NP = patchify_latents(padded.float(), list(batch.patchified_vae_latent_shapes), p)
         device = x0_NP.device

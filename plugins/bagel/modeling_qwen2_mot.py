@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionLayerSpec, AttentionModule
+from bagel_titan_plugins.attention.meta import AttentionMeta
 
 from .config import LLMArgs
 
-AttentionFactory = Callable[[AttentionLayerSpec], nn.Module]
+AttentionFactory = Callable[[AttentionLayerSpec], AttentionModule[AttentionMeta]]
 
 
 class RMSNorm(nn.Module):
@@ -121,6 +122,9 @@ def _frozen(x: torch.Tensor, freeze: bool) -> torch.Tensor:
 class PackedAttentionMoT(nn.Module):
     """Joint attention with per-expert q/k/v/o projections and per-expert qk-norm."""
 
+    o_proj: nn.Linear  # set per expert in __init__ (with setattr, like the other projections)
+    o_proj_moe_gen: nn.Linear
+
     def __init__(
         self, args: LLMArgs, layer_index: int, attention_factory: AttentionFactory, freeze_und: bool = False
     ):
@@ -164,7 +168,7 @@ class PackedAttentionMoT(nn.Module):
         routing: MoTRouting,
         cos_TD: torch.Tensor,
         sin_TD: torch.Tensor,
-        meta,
+        meta: AttentionMeta,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q_und, k_und, v_und = (_frozen(t, self.freeze_und) for t in self._qkv(x_und, ""))
         q_gen, k_gen, v_gen = self._qkv(x_gen, "_moe_gen")
@@ -193,7 +197,12 @@ class Qwen2MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm_moe_gen = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(
-        self, h_TD: torch.Tensor, routing: MoTRouting, cos_TD: torch.Tensor, sin_TD: torch.Tensor, meta
+        self,
+        h_TD: torch.Tensor,
+        routing: MoTRouting,
+        cos_TD: torch.Tensor,
+        sin_TD: torch.Tensor,
+        meta: AttentionMeta,
     ) -> torch.Tensor:
         h_und, h_gen = routing.split(h_TD)
         h_und = _frozen(h_und, self.freeze_und)
@@ -225,7 +234,7 @@ class Qwen2MoTModel(nn.Module):
         h_TD: torch.Tensor,
         routing: MoTRouting,
         position_ids: torch.Tensor,
-        meta,
+        meta: AttentionMeta,
         layer_outputs: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run every layer on the packed input embeddings; returns the final-normed hidden states.

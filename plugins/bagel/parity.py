@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
+from bagel_titan.protocols import AttentionBackend
 from bagel_titan_plugins.losses.ce import CELoss
 from bagel_titan_plugins.losses.flow_mse import FlowMSELoss
 from bagel_titan_plugins.losses.options import CEOptions, FlowMSEOptions
@@ -33,7 +34,7 @@ REL_TOL = 1e-4
 GRAD_FLOOR = 1e-4
 
 
-def load_fixture_model(folder: str, backend=None) -> Bagel:
+def load_fixture_model(folder: str, backend: AttentionBackend | None = None) -> Bagel:
     """The fixture's model (architecture from its `config.json`), weights loaded, fp32 on CPU."""
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
@@ -108,7 +109,7 @@ class Diff:
         return self.value <= self.tolerance
 
 
-def compare_fixture(folder: str, backend=None) -> list[Diff]:
+def compare_fixture(folder: str, backend: AttentionBackend | None = None) -> list[Diff]:
     """Run the fixture and return one `Diff` per expected tensor and per gradient."""
     model = load_fixture_model(folder, backend)
     batch, raw, info = load_fixture_batch(folder)
@@ -169,7 +170,8 @@ def compare_fixture(folder: str, backend=None) -> list[Diff]:
     # A gradient that is analytically zero (the ViT's k_proj bias: softmax ignores a shift shared
     # by all keys) is float noise on both sides; its relative error is taken against a floor of
     # GRAD_FLOOR (1e-4) times the norm of the whole gradient instead of its own vanishing norm.
-    floor = GRAD_FLOOR * float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+    squares = sum(((g.double() ** 2).sum() for g in grads.values()), torch.zeros((), dtype=torch.float64))
+    floor = GRAD_FLOOR * float(torch.sqrt(squares))
     for name, want in grads.items():
         p = params.get(name)
         if p is None or p.grad is None:

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
+from PIL import Image
 from transformers import AutoTokenizer
 
 from bagel_titan.config.fields import build_dataclass
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import ProcessedSample, RawSample
 from bagel_titan_plugins.data.bad_samples import BadSampleError
 from bagel_titan_plugins.data.images import fit_size, load_rgb, to_tensor
 
@@ -105,7 +106,7 @@ Segment = Union[TextSegment, VitSegment, VaeSegment, DroppedImage]
 
 
 @dataclass
-class BagelSample:
+class BagelSample(ProcessedSample):
     """One processed sample: its segments in sequence order; `num_tokens` is its packed length."""
 
     segments: list[Segment]
@@ -119,11 +120,12 @@ class BagelSample:
     def truncated(self, max_tokens: int) -> "BagelSample | None":
         """A text-only sample cut to `max_tokens` (`oversize_policy = "truncate"`); None when the
         sample has images (an image cannot be cut)."""
-        if any(not isinstance(s, TextSegment) for s in self.segments):
+        texts = [s for s in self.segments if isinstance(s, TextSegment)]
+        if len(texts) < len(self.segments):
             return None
         kept: list[Segment] = []
         room = max_tokens
-        for seg in self.segments:
+        for seg in texts:
             if room < 3:
                 break
             ids = seg.ids[: room - 2]
@@ -148,7 +150,7 @@ class SpecialTokens:
 def load_tokenizer(path: str) -> tuple[Any, SpecialTokens]:
     """`AutoTokenizer` from `path`, with the Qwen2 chat and vision tokens added if missing."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer: Any = AutoTokenizer.from_pretrained(path)  # str in, int out: not what its stubs say
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(
             f"cannot load a tokenizer from {path!r} ({exc}); set [model] "
@@ -208,10 +210,12 @@ class BagelProcessor:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _image(self, source: Any, data_folder: str, c: ProcessorConfig):
+    def _image(self, source: Any, data_folder: str, c: ProcessorConfig) -> Image.Image:
         return load_rgb(source, data_folder, min_side=c.min_image_side, max_pixels=c.max_image_pixels)
 
-    def vit_segment(self, image, c: ProcessorConfig | None = None, num_images: int = 1) -> VitSegment:
+    def vit_segment(
+        self, image: Image.Image, c: ProcessorConfig | None = None, num_images: int = 1
+    ) -> VitSegment:
         """`num_images`: the understanding images of the sample; as in the release, they share
         the pixel budget (vit_max_pixels / num_images each)."""
         c = c or self.config
@@ -225,7 +229,7 @@ class BagelProcessor:
         )
         return VitSegment(to_tensor(image, size, c.vit_image_mean, c.vit_image_std), self.vit_patch_size)
 
-    def vae_segment(self, image, noised: bool, c: ProcessorConfig | None = None) -> VaeSegment:
+    def vae_segment(self, image: Image.Image, noised: bool, c: ProcessorConfig | None = None) -> VaeSegment:
         c = c or self.config
         size = fit_size(
             *image.size,

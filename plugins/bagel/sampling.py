@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch import nn
 
 from bagel_titan.protocols import GeneratedSamples
@@ -30,8 +31,8 @@ from bagel_titan_plugins.data.images import load_rgb
 
 from .batch import BagelPackedBatch
 from .collator import BagelCollator
-from .modeling import patchify_latents
-from .processor import BagelProcessor, BagelSample, TextSegment, VaeSegment
+from .modeling import Bagel, patchify_latents
+from .processor import BagelProcessor, BagelSample, Segment, TextSegment, VaeSegment
 from .sampling_config import SamplingConfig, SamplingQuestion
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
@@ -136,7 +137,7 @@ def slug(text: str, limit: int = 40) -> str:
 class BagelSampler:
     """Text-to-image sampling and greedy answering with the training model (see module doc)."""
 
-    model: nn.Module
+    model: Bagel
     processor: BagelProcessor
     collator: BagelCollator
     config: SamplingConfig
@@ -182,7 +183,7 @@ class BagelSampler:
             [TextSegment(self.processor.encode(prompt), loss=False)], [], (height, width), seed
         )
 
-    def edit_image(self, image, instruction: str, seed: int) -> np.ndarray:
+    def edit_image(self, image: Image.Image, instruction: str, seed: int) -> np.ndarray:
         """`image` (a PIL image) edited by `instruction`, as uint8 [H, W, 3] of the image's VAE size.
 
         The context is the training's editing sample: the image as a clean VAE condition and as
@@ -191,11 +192,14 @@ class BagelSampler:
         if not self.model.options.visual_und:
             raise ValueError("editing needs the ViT: the model has [bagel] visual_und = false")
         source = self.processor.vae_segment(image, noised=False)
-        images = [source, self.processor.vit_segment(image)]
-        text = [TextSegment(self.processor.encode(instruction), loss=False)]
-        return self._sample(images + text, images, tuple(source.image.shape[1:]), seed)
+        images: list[Segment] = [source, self.processor.vit_segment(image)]
+        text: list[Segment] = [TextSegment(self.processor.encode(instruction), loss=False)]
+        size = (int(source.image.shape[1]), int(source.image.shape[2]))
+        return self._sample(images + text, images, size, seed)
 
-    def _sample(self, conditional: list, unconditional: list, size: tuple[int, int], seed: int) -> np.ndarray:
+    def _sample(
+        self, conditional: list[Segment], unconditional: list[Segment], size: tuple[int, int], seed: int
+    ) -> np.ndarray:
         """Euler-sample an image of `size` (H, W) after the `conditional` segments, guided
         against the `unconditional` ones (see the module doc)."""
         if not self.model.options.visual_gen:
@@ -229,14 +233,16 @@ class BagelSampler:
         latent = unpatchify_latents(
             x0_NP, h, w, self.model.options.latent_patch_size, self.model.latent_channels
         )
+        assert self.model.vae is not None  # visual_gen is on (checked above)
         return to_uint8_image(self.model.vae.decode(latent))
 
-    def _clean_latents(self, segments: list) -> torch.Tensor:
+    def _clean_latents(self, segments: list[Segment]) -> torch.Tensor:
         """The latent tokens [N, P] of the clean VAE conditions among `segments` (the posterior
         means: the same every call)."""
         parts = [torch.zeros(0, self.model.patch_latent_dim, device=self.device)]
         for segment in segments:
             if isinstance(segment, VaeSegment) and not segment.noised:
+                assert self.model.vae is not None  # a VAE condition comes with visual_gen on
                 pixels = segment.image[None].to(self.device)
                 latent = self.model.vae.encode(pixels, eps=torch.zeros(()))
                 parts.append(patchify_latents(latent, [segment.grid], self.model.options.latent_patch_size))
@@ -259,7 +265,7 @@ class BagelSampler:
             ) from exc
         return self.answer_image(image, question.question)
 
-    def answer_image(self, image, question: str) -> str:
+    def answer_image(self, image: Image.Image, question: str) -> str:
         """The greedy answer to `question` about `image` (a PIL image): at most `max_new_tokens`
         tokens, up to <|im_end|>."""
         if not self.model.options.visual_und:
@@ -267,7 +273,7 @@ class BagelSampler:
                 "[bagel.sampling] questions need the ViT: set [bagel] visual_und = true or remove "
                 "the questions"
             )
-        context = [
+        context: list[Segment] = [
             self.processor.vit_segment(image),
             TextSegment(self.processor.encode(question), loss=False),
         ]

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionLayerSpec, AttentionModule
+from bagel_titan_plugins.attention.meta import AttentionMeta
 
 from .config import ViTArgs
 
-AttentionFactory = Callable[[AttentionLayerSpec], nn.Module]
+AttentionFactory = Callable[[AttentionLayerSpec], AttentionModule[AttentionMeta]]
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -52,7 +53,7 @@ class SiglipAttention(nn.Module):
             )
         )
 
-    def forward(self, x_ND: torch.Tensor, meta) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
         n = x_ND.shape[0]
         q_NHD = self.q_proj(x_ND).view(n, self.num_heads, self.head_dim)
         k_NHD = self.k_proj(x_ND).view(n, self.num_heads, self.head_dim)
@@ -81,7 +82,7 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.mlp = SiglipMLP(args)
 
-    def forward(self, x_ND: torch.Tensor, meta) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
         x_ND = x_ND + self.self_attn(self.layer_norm1(x_ND), meta)
         return x_ND + self.mlp(self.layer_norm2(x_ND))
 
@@ -101,7 +102,9 @@ class SiglipVisionTransformer(nn.Module):
         self.encoder = SiglipEncoder(args, attention_factory)
         self.post_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
 
-    def forward(self, pixels_NP: torch.Tensor, position_ids_N: torch.Tensor, meta) -> torch.Tensor:
+    def forward(
+        self, pixels_NP: torch.Tensor, position_ids_N: torch.Tensor, meta: AttentionMeta
+    ) -> torch.Tensor:
         x_ND = self.embeddings(pixels_NP, position_ids_N)
         for layer in self.encoder.layers:
             x_ND = layer(x_ND, meta)
@@ -116,7 +119,9 @@ class SiglipVisionModel(nn.Module):
         self.args = args
         self.vision_model = SiglipVisionTransformer(args, attention_factory)
 
-    def forward(self, pixels_NP: torch.Tensor, position_ids_N: torch.Tensor, meta) -> torch.Tensor:
+    def forward(
+        self, pixels_NP: torch.Tensor, position_ids_N: torch.Tensor, meta: AttentionMeta
+    ) -> torch.Tensor:
         """[N, p*p*3] packed patches of every image -> [N, Dv] (last layer + post_layernorm);
         `meta` holds one full-attention document per image."""
         return self.vision_model(pixels_NP, position_ids_N, meta)

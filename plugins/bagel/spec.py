@@ -9,15 +9,28 @@ from torch import nn
 
 from bagel_titan.errors import UserError
 from bagel_titan.lora import LoRAExport, LoRAGroups
-from bagel_titan.protocols import AttentionLayerSpec, GeneratedSamples, LossComponent, LossTerm, ModelOutputs
+from bagel_titan.protocols import (
+    GeneratedSamples,
+    LossComponent,
+    LossTerm,
+    ModelOutputs,
+    ModelSpec,
+)
 
 from . import weights
 from .batch import BagelPackedBatch
 from .config import FLAVORS, BagelArchitecture, BagelConfig, architecture_for
 from .flops import training_flops
-from .modeling import Bagel, BagelForwardResult
+from .modeling import AttentionFactory, Bagel, BagelForwardResult
+from .modeling_qwen2_mot import Qwen2MoTDecoderLayer
 
 if TYPE_CHECKING:
+    from bagel_titan.config.job_config import JobConfig
+    from bagel_titan.metrics.memory_estimate import ActivationEstimate
+    from bagel_titan.plugins import PluginManager
+
+    from .collator import BagelCollator
+    from .processor import BagelProcessor
     from .sampling import BagelSampler
     from .sampling_config import SamplingConfig
 
@@ -61,17 +74,13 @@ GEN_MODULES = ("vae2llm", "llm2vae", "time_embedder")
 
 
 def attention_factories(
-    job_config, plugins
-) -> tuple[Callable[[AttentionLayerSpec], nn.Module], Callable[[AttentionLayerSpec], nn.Module]]:
+    job_config: JobConfig, plugins: PluginManager
+) -> tuple[AttentionFactory, AttentionFactory]:
     """(LLM, ViT) attention-module factories from `[attention]`; the ViT uses `[bagel] vit_backend`, else
-    the LLM backend's `vit_fallback` (nsa), else the LLM backend."""
+    the LLM backend's `encoder_fallback` (nsa), else the LLM backend."""
     llm_name = job_config.attention.backend
     llm_backend = plugins.attention_backends.get(llm_name)
-    vit_name = (
-        BagelSpec.bagel_config(job_config).vit_backend
-        or getattr(llm_backend, "vit_fallback", None)
-        or llm_name
-    )
+    vit_name = BagelSpec.bagel_config(job_config).vit_backend or llm_backend.encoder_fallback or llm_name
     vit_backend = plugins.attention_backends.get(vit_name)
     llm_config = job_config.section_or_none(f"attention.{llm_name}")
     vit_config = job_config.section_or_none(f"attention.{vit_name}")
@@ -101,7 +110,7 @@ def build_bagel(
     )
 
 
-class BagelSpec:
+class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
     """ModelSpec "bagel" (see `bagel_titan.protocols.ModelSpec`)."""
 
     name = "bagel"
@@ -113,15 +122,15 @@ class BagelSpec:
     # -- build / weights -------------------------------------------------------------------------
 
     @staticmethod
-    def bagel_config(job_config) -> BagelConfig:
+    def bagel_config(job_config: JobConfig) -> BagelConfig:
         """`[bagel]`, or its defaults when the config has none."""
         return job_config.section("bagel") if job_config.has_section("bagel") else BagelConfig()
 
-    def attention_backends(self, job_config) -> dict[str, str]:
+    def attention_backends(self, job_config: JobConfig) -> dict[str, str]:
         """The ViT's own backend, for the config-time check that it trains where the run does."""
         return {"[bagel] vit_backend": self.bagel_config(job_config).vit_backend}
 
-    def architecture(self, job_config) -> BagelArchitecture:
+    def architecture(self, job_config: JobConfig) -> BagelArchitecture:
         """The shapes to build: the `[model] flavor`'s, with the LLM and ViT of `[bagel] llm_path`
         / `vit_path` when set (a subclass may derive its own)."""
         options = self.bagel_config(job_config)
@@ -131,7 +140,7 @@ class BagelSpec:
             return architecture(architecture_for(job_config.model.flavor), options)
         return architecture_for(job_config.model.flavor)
 
-    def build(self, job_config, plugins) -> Bagel:
+    def build(self, job_config: JobConfig, plugins: PluginManager) -> Bagel:
         options = self.bagel_config(job_config)
         if (options.llm_path or options.vit_path) and job_config.model.pretrained_path:
             raise UserError(
@@ -173,8 +182,13 @@ class BagelSpec:
         weights.export(model, path, dtype, state_dict, ema=ema, write=write, lora=lora)
 
     def activation_memory(
-        self, model: Bagel, job_config, tokens: int, compute_bytes: int, activation_checkpointing: bool
-    ):
+        self,
+        model: Bagel,
+        job_config: JobConfig,
+        tokens: int,
+        compute_bytes: int,
+        activation_checkpointing: bool,
+    ) -> ActivationEstimate:
         """Activation bytes of one pack of `tokens` (for `bagel-titan-estimate`)."""
         from .memory import activation_memory
 
@@ -192,7 +206,7 @@ class BagelSpec:
             vit_backend=vit_backend,
         )
 
-    def tokenizer_path(self, job_config) -> str:
+    def tokenizer_path(self, job_config: JobConfig) -> str:
         return (
             job_config.model.tokenizer_path
             or job_config.model.pretrained_path
@@ -212,7 +226,7 @@ class BagelSpec:
         their own so they are not held gathered with the root through the whole step."""
         return [model.language_model.model.embed_tokens, model.language_model.lm_head]
 
-    def frozen_modules(self, model: Bagel, job_config) -> list[nn.Module]:
+    def frozen_modules(self, model: Bagel, job_config: JobConfig) -> list[nn.Module]:
         groups = list(job_config.model.freeze)
         unknown = sorted(set(groups) - set(FREEZE_GROUPS))
         if unknown:
@@ -232,12 +246,14 @@ class BagelSpec:
         if group == "und":
             mods: list[nn.Module] = [lm.embed_tokens, lm.norm, model.language_model.lm_head]
             for layer in lm.layers:
+                assert isinstance(layer, Qwen2MoTDecoderLayer)
                 mods += [getattr(layer.self_attn, n) for n in UND_ATTN]
                 mods += [layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
             return mods
         if group == "gen":
             mods = [lm.norm_moe_gen]
             for layer in lm.layers:
+                assert isinstance(layer, Qwen2MoTDecoderLayer)
                 mods += [getattr(layer.self_attn, f"{n}_moe_gen") for n in UND_ATTN]
                 mods += [
                     layer.mlp_moe_gen,
@@ -289,11 +305,11 @@ class BagelSpec:
             raise RuntimeError("BagelSpec.flops needs the architecture: call build() first")
         return float(training_flops(batch, self._built.arch, self._built.options))
 
-    def _data_kwargs(self, job_config) -> dict[str, Any]:
+    def _data_kwargs(self, job_config: JobConfig) -> dict[str, Any]:
         arch = self.architecture(job_config)
         return {"vit_patch_size": arch.vit.patch_size, "vae_downsample": arch.vae.downsample}
 
-    def build_processor(self, job_config):
+    def build_processor(self, job_config: JobConfig) -> BagelProcessor:
         from .processor import BagelProcessor
 
         tokenizer_path = self.tokenizer_path(job_config)
@@ -301,7 +317,7 @@ class BagelSpec:
             job_config, self.bagel_config(job_config), tokenizer_path, **self._data_kwargs(job_config)
         )
 
-    def build_collator(self, job_config):
+    def build_collator(self, job_config: JobConfig) -> BagelCollator:
         from .collator import BagelCollator
 
         return BagelCollator(
@@ -311,7 +327,7 @@ class BagelSpec:
             **self._data_kwargs(job_config),
         )
 
-    def generate_samples(self, model: Bagel, job_config, step: int) -> GeneratedSamples:
+    def generate_samples(self, model: Bagel, job_config: JobConfig, step: int) -> GeneratedSamples:
         """Images for `[bagel.sampling] prompts` and answers to its `questions` from the model being
         trained (see `sampling.py`). Runs on every rank, the same forwards everywhere; the noise is
         the same at every `step`, so successive validations are comparable."""
@@ -327,7 +343,7 @@ class BagelSpec:
             return GeneratedSamples()
         return generate_samples(self.sampler(model, job_config, config))
 
-    def sampler(self, model: Bagel, job_config, config: SamplingConfig) -> BagelSampler:
+    def sampler(self, model: Bagel, job_config: JobConfig, config: SamplingConfig) -> BagelSampler:
         """Image sampling and greedy answering with `model`, through the processor and collator
         `job_config` trains with."""
         from .collator import BagelCollator

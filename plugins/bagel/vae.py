@@ -69,12 +69,29 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels)
-    return mid
+class _Mid(nn.Module):
+    """The middle blocks (`mid.block_1`, `mid.attn_1`, `mid.block_2` in FLUX's key layout)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class _Level(nn.Module):
+    """One resolution level (`down.<i>.block.<j>`, `down.<i>.downsample`, likewise `up.<i>`)."""
+
+    downsample: nn.Module | None
+    upsample: nn.Module | None
+
+    def __init__(self, blocks: nn.ModuleList):
+        super().__init__()
+        self.block = blocks
+        self.downsample = self.upsample = None  # plain attributes until a resampler is set
 
 
 class Encoder(nn.Module):
@@ -87,28 +104,28 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         block_in = a.ch
         for level, mult in enumerate(a.ch_mult):
-            down = nn.Module()
             block_in = a.ch * in_mult[level]
             blocks = nn.ModuleList()
             for _ in range(a.num_res_blocks):
                 blocks.append(ResnetBlock(block_in, a.ch * mult))
                 block_in = a.ch * mult
-            down.block = blocks
+            down = _Level(blocks)
             if level != len(a.ch_mult) - 1:
                 down.downsample = Downsample(block_in)
             self.down.append(down)
-        self.mid = _mid(block_in)
+        self.mid = _Mid(block_in)
         self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * a.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for down in self.down:
+            assert isinstance(down, _Level)
             for block in down.block:
                 h = block(h)
-            if hasattr(down, "downsample"):
+            if down.downsample is not None:
                 h = down.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -119,15 +136,14 @@ class Decoder(nn.Module):
         super().__init__()
         block_in = a.ch * a.ch_mult[-1]
         self.conv_in = nn.Conv2d(a.z_channels, block_in, 3, padding=1)
-        self.mid = _mid(block_in)
+        self.mid = _Mid(block_in)
         ups: list[nn.Module] = []
         for level in reversed(range(len(a.ch_mult))):
-            up = nn.Module()
             blocks = nn.ModuleList()
             for _ in range(a.num_res_blocks + 1):
                 blocks.append(ResnetBlock(block_in, a.ch * a.ch_mult[level]))
                 block_in = a.ch * a.ch_mult[level]
-            up.block = blocks
+            up = _Level(blocks)
             if level != 0:
                 up.upsample = Upsample(block_in)
             ups.insert(0, up)
@@ -136,11 +152,12 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, a.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        h = self.mid(self.conv_in(z))
         for up in reversed(self.up):
+            assert isinstance(up, _Level)
             for block in up.block:
                 h = block(h)
-            if hasattr(up, "upsample"):
+            if up.upsample is not None:
                 h = up.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 

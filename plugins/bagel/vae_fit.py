@@ -84,12 +84,11 @@ def _group_by_size(images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 @torch.no_grad()
 def _zero_init_residual(ae: AutoEncoder) -> None:
     for module in ae.modules():
-        if isinstance(module, ResnetBlock):
-            module.conv2.weight.zero_()
-            module.conv2.bias.zero_()
-        elif isinstance(module, AttnBlock):
-            module.proj_out.weight.zero_()
-            module.proj_out.bias.zero_()
+        if isinstance(module, (ResnetBlock, AttnBlock)):
+            out = module.conv2 if isinstance(module, ResnetBlock) else module.proj_out
+            out.weight.zero_()
+            if out.bias is not None:  # both convs have one
+                out.bias.zero_()
 
 
 def fit_vae(

@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 import math
-from typing import Any, Callable, Mapping
+from typing import AbstractSet, Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -179,12 +179,12 @@ class _Reader:
     def __enter__(self) -> "_Reader":
         return self
 
-    def __exit__(self, *_) -> None:
+    def __exit__(self, *_: object) -> None:
         for f in self._files.values():
             f.__exit__(None, None, None)
         self._files.clear()
 
-    def _open(self, path: str):
+    def _open(self, path: str) -> Any:
         if path not in self._files:
             handle = safe_open(path, "pt")
             self._files[path] = handle.__enter__()
@@ -307,6 +307,7 @@ def load_model_tensors(model: Bagel, source: WeightSource, where: str) -> None:
 
 
 def _load_vae(model: Bagel, refs: Mapping[str, StoredTensor], where: str) -> None:
+    assert model.vae is not None  # callers load a VAE only into a model that has one
     model.vae.materialize(model.language_model.lm_head.weight.device)
     vae_params = model.vae.module.state_dict(keep_vars=True)
     _check_keys("VAE", set(vae_params), set(refs), set(), where)
@@ -352,7 +353,7 @@ def _write_streamed(
     dtype: torch.dtype,
     write: bool,
     lora: LoRAExport | None = None,
-    skip: set[str] = frozenset(),
+    skip: AbstractSet[str] = frozenset(),
 ) -> None:
     """Gather, cast and write one tensor at a time (collective for sharded entries), leaving out
     `skip`. With `lora`, an adapted weight is gathered in fp32 with its A and B, merged, then cast."""

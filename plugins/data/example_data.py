@@ -28,7 +28,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -354,7 +354,7 @@ def _complete(paths: dict[str, str]) -> bool:
     return all(os.path.isfile(f) for f in files + ([paths["vae"]] if "vae" in paths else []))
 
 
-def ensure_example_data(out_dir: str, **kwargs) -> dict[str, str]:
+def ensure_example_data(out_dir: str, **kwargs: Any) -> dict[str, str]:
     """The example data in `out_dir`, written on first use and rewritten when a part is missing
     (a folder from an older version). Safe when several ranks call it at once: each writes a
     private folder and renames it into place; the first rename wins."""

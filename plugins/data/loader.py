@@ -10,24 +10,27 @@ are summed here (`data_stats()`), so they are exact and part of the checkpoint.
 from __future__ import annotations
 
 import atexit
-import inspect
 import os
 import signal
 import weakref
 from collections import Counter
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from bagel_titan.config.fields import ConfigError
 from bagel_titan.config.job_config import DatasetEntry, JobConfig
 
-from bagel_titan.protocols import ReadPass
+from bagel_titan.protocols import ModelSpec, Processor, ReadPass
 
 from .bad_samples import BadSampleError, DataError, DataPathError, as_bad_record
 from .mixture import Source
 from .packing import ReleasePackingConfig
 from .pipeline import PackedIterable, PipelineOptions, WorkerOutput
+
+
+if TYPE_CHECKING:
+    from bagel_titan.plugins import PluginManager
 
 
 def _identity(item: Any) -> Any:
@@ -50,7 +53,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def resolve_sources(
     entries: Sequence[DatasetEntry],
-    plugins: Any,
+    plugins: PluginManager,
     weight: float = 1.0,
     mandatory: bool = False,
     processor: dict[str, Any] | None = None,
@@ -71,10 +74,11 @@ def resolve_sources(
                 f"dataset path {entry.path!r} ([[data.datasets]] entry {i}) does not "
                 f"exist; fix `path` (relative paths resolve against {os.getcwd()!r})"
             )
-        if hasattr(reader, "expand"):
+        listed = reader.expand(entry.path)
+        if listed is not None:
             sources.extend(
                 resolve_sources(
-                    reader.expand(entry.path),
+                    listed,
                     plugins,
                     weight * entry.weight,
                     mandatory or entry.is_mandatory,
@@ -83,13 +87,8 @@ def resolve_sources(
             )
             continue
         name = entry.name or entry.path
-        if "read_pass" not in inspect.signature(reader.iter_samples).parameters:
-            raise TypeError(
-                f"dataset reader {reader.format!r} ({type(reader).__module__}.{type(reader).__name__}) "
-                f"has an iter_samples without the `read_pass` keyword; update it to "
-                f"bagel_titan.protocols.DatasetReader (it may ignore `read_pass.shuffle`)"
-            )
-        if next(iter(reader.iter_samples(entry.path, shard_index=0, num_shards=1, start=0)), None) is None:
+        first = reader.iter_samples(entry.path, shard_index=0, num_shards=1, start=0, read_pass=ReadPass())
+        if next(iter(first), None) is None:
             raise DataError(
                 f"dataset {name!r} ([[data.datasets]] entry {i}, format {reader.format!r}) "
                 f"holds no samples; fix `path` or remove the entry"
@@ -112,7 +111,7 @@ def resolve_sources(
     return sources
 
 
-def check_usable(sources: Sequence[Source], processor: Any) -> None:
+def check_usable(sources: Sequence[Source], processor: Processor) -> None:
     """Raise `DataError` for a dataset with no usable sample at all, decided over the whole
     dataset (not per shard, so the answer does not depend on ranks x workers). Reads until the
     first usable sample: usually the first one."""
@@ -250,8 +249,8 @@ class PackedDataloaderBuilder:
     def build(
         self,
         job_config: JobConfig,
-        plugins: Any,
-        model_spec: Any,
+        plugins: PluginManager,
+        model_spec: ModelSpec[Any, Any],
         *,
         dp_rank: int,
         dp_world_size: int,

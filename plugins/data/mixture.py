@@ -135,7 +135,8 @@ class MixtureStream:
         source = self.sources[i]
         read_pass = ReadPass(epoch=epoch, seed=self.seed, shuffle=self.shuffle)
 
-        whole = self.whole_from[i] is not None and epoch >= self.whole_from[i]
+        whole_from = self.whole_from[i]
+        whole = whole_from is not None and epoch >= whole_from
         shard, shards = (0, 1) if whole else (self.shard_index, self.num_shards)
 
         def open_at(first: int) -> Iterator[RawSample]:
@@ -151,9 +152,10 @@ class MixtureStream:
         )
 
     def _next_of(self, i: int) -> RawSample | None:
-        if self._iters[i] is None:
-            self._iters[i] = self._read(i, self.epochs[i], self.positions[i])
-        return next(self._iters[i], None)
+        samples = self._iters[i]
+        if samples is None:
+            samples = self._iters[i] = self._read(i, self.epochs[i], self.positions[i])
+        return next(samples, None)
 
     def __iter__(self) -> "MixtureStream":
         return self
@@ -176,7 +178,8 @@ class MixtureStream:
         sample = self._next_of(i)
         if sample is None:  # end of this shard's pass: next epoch
             if self.positions[i] == 0:
-                if self.whole_from[i] is not None and self.epochs[i] >= self.whole_from[i]:
+                whole_from = self.whole_from[i]
+                if whole_from is not None and self.epochs[i] >= whole_from:
                     raise ValueError(
                         f"dataset {self.sources[i].name!r} has no samples; fix `path` or drop it"
                     )
@@ -184,6 +187,11 @@ class MixtureStream:
             else:
                 self._next_epoch(i)
             sample = self._next_of(i)
+            if sample is None:  # a new pass that yields nothing: say so, not crash on a None sample
+                raise ValueError(
+                    f"dataset {self.sources[i].name!r} has no samples for this shard in epoch "
+                    f"{self.epochs[i]}; fix `path` or drop it"
+                )
         drawn = Drawn(i, self.epochs[i], self.positions[i], sample)
         self.positions[i] += 1
         return drawn

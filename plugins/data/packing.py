@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from bagel_titan.config.fields import ConfigError
+from bagel_titan.protocols import Packer
 
 
 def _check_length(length: int, capacity: int) -> None:
@@ -46,7 +47,7 @@ class _Bin:
     used: int = 0
 
 
-class NonePacker:
+class NonePacker(Packer):
     """One sample per pack (packing disabled)."""
 
     def __init__(self, capacity: int):
@@ -66,7 +67,7 @@ class NonePacker:
         pass
 
 
-class OpenBinPacker:
+class OpenBinPacker(Packer):
     """First fit or best fit over a bounded list of open bins (oldest first)."""
 
     def __init__(self, capacity: int, max_open_bins: int, best: bool):
@@ -116,7 +117,7 @@ class OpenBinPacker:
         self.bins = [_Bin(list(keys), used) for keys, used in state["bins"]]
 
 
-class BestFitDecreasingPacker:
+class BestFitDecreasingPacker(Packer):
     """Look-ahead packer: one greedy largest-first pack out of a window of buffered items."""
 
     def __init__(self, capacity: int, window: int):
@@ -145,7 +146,9 @@ class BestFitDecreasingPacker:
         if self.arrivals - self.items[oldest][1] > self.max_wait:
             length, _, key = self.items.pop(oldest)  # bounded latency: an old item goes first
         else:
-            length, _, key = self._pop_largest_fitting(self.capacity)
+            largest = self._pop_largest_fitting(self.capacity)
+            assert largest is not None, "every buffered item fits an empty pack (checked in add)"
+            length, _, key = largest
         room = self.capacity - length
         chosen = [key]
         if room == 0 or not self.items:
@@ -218,7 +221,7 @@ class ReleasePackingConfig:
                 raise ConfigError(f"{name} must be >= {least}, got {getattr(self, name)}")
 
 
-class ReleasePacker:
+class ReleasePacker(Packer):
     """The release's packing loop as a pure function of lengths.
 
     A pack starts with one sample of every mandatory source (`wanted_source()` tells the pipeline
@@ -342,7 +345,7 @@ class PackingStrategyEntry:
     description: str
     factory: Any
 
-    def new_packer(self, capacity: int, options: Mapping[str, Any]):
+    def new_packer(self, capacity: int, options: Mapping[str, Any]) -> Packer:
         """A fresh packer. Options: "window" (`[data] packing_window`), "release" (the
         `ReleasePackingConfig`), "mandatory" (indices of the mandatory sources)."""
         if capacity < 1:

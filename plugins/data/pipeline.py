@@ -12,11 +12,11 @@ from __future__ import annotations
 import traceback
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bagel_titan.protocols import RawSample
+from bagel_titan.protocols import Collator, PackingStrategy, ProcessedSample, Processor
 
 from .bad_samples import BadSampleCounter, BadSampleError, as_bad_record
 from .mixture import Drawn, MixtureStream, Source
@@ -27,7 +27,7 @@ class PipelineOptions:
     """The `[data]` settings one shard's pipeline needs."""
 
     packing_length: int
-    strategy: Any
+    strategy: PackingStrategy
     """A registered PackingStrategy."""
     window: int
     packer_options: dict[str, Any]
@@ -53,7 +53,8 @@ class WorkerOutput:
 
 
 def _as_key(key: Any) -> tuple[int, int, int]:
-    return tuple(int(k) for k in key)  # type: ignore[return-value]
+    source, epoch, position = key
+    return int(source), int(epoch), int(position)
 
 
 class PackedIterable(IterableDataset):
@@ -62,8 +63,8 @@ class PackedIterable(IterableDataset):
     def __init__(
         self,
         sources: list[Source],
-        processor: Callable[[RawSample], Any],
-        collator: Callable[[list[Any]], Any],
+        processor: Processor,
+        collator: Collator[Any],
         options: PipelineOptions,
         *,
         dp_rank: int,
@@ -119,7 +120,7 @@ class _ShardRun:
             shuffle_window=o.shuffle_window,
         )
         self.packer = o.strategy.new_packer(o.packing_length, {"window": o.window, **o.packer_options})
-        self.samples: dict[tuple[int, int, int], Any] = {}
+        self.samples: dict[tuple[int, int, int], ProcessedSample] = {}
         self.ready: list[list[tuple[int, int, int]]] = []
         self.bad = BadSampleCounter()
         self.pending_stats: Counter[str] = Counter()
@@ -156,7 +157,7 @@ class _ShardRun:
         self.bad.record(error, drawn.sample.dataset, drawn.sample.index)
         self.pending_stats[f"skipped/{error.reason}"] += 1
 
-    def _process(self, drawn: Drawn) -> Any | None:
+    def _process(self, drawn: Drawn) -> ProcessedSample | None:
         """The processed sample, or None (counted) when the record is bad."""
         bad = as_bad_record(drawn.sample.data)
         if bad is not None:
@@ -177,7 +178,7 @@ class _ShardRun:
         o = self.owner.options
         if sample.num_tokens > o.max_sample_tokens:
             truncated = None
-            if o.oversize_policy == "truncate" and hasattr(sample, "truncated"):
+            if o.oversize_policy == "truncate":
                 truncated = sample.truncated(o.max_sample_tokens)
             if truncated is None:
                 self._skip(
@@ -209,7 +210,7 @@ class _ShardRun:
             if self.finished:
                 return
             # Release packing starts each pack with one sample of every mandatory dataset.
-            wanted = self.packer.wanted_source() if hasattr(self.packer, "wanted_source") else None
+            wanted = self.packer.wanted_source()
             drawn = next(self.mixture, None) if wanted is None else self.mixture.draw_from(wanted)
             if drawn is None:
                 self.ready.extend([_as_key(k) for k in pack] for pack in self.packer.flush())

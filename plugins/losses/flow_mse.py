@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from bagel_titan.protocols import LossTerm, ModelOutputs
 
 from .options import FlowMSEOptions
@@ -29,7 +31,7 @@ class FlowMSELoss:
         return LossTerm(sum=per_token.sum(), count=count)
 
 
-def _zero_like_outputs(outputs: ModelOutputs):
+def _zero_like_outputs(outputs: ModelOutputs) -> torch.Tensor:
     """A zero that stays in the autograd graph when possible (no generated image in the pack)."""
     ref = outputs.logits if outputs.logits is not None else next(iter(outputs.extras.values()), None)
     if ref is None:

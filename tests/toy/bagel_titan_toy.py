@@ -24,7 +24,7 @@ from torch import nn
 from bagel_titan.checkpoint.layout import step_of
 from bagel_titan.checkpoint.writer import CheckpointWriter
 from bagel_titan.hookspec import hookimpl
-from bagel_titan.protocols import AttentionLayerSpec, ModelOutputs
+from bagel_titan.protocols import AttentionLayerSpec, ModelOutputs, ModelSpec
 from bagel_titan_plugins.attention.meta import AttentionMeta
 
 
@@ -112,7 +112,7 @@ class ToyLM(nn.Module):
         return self.head(self.norm(x))
 
 
-class ToySpec:
+class ToySpec(ModelSpec["ToyLM", "ToyBatch"]):
     name = "toy_lm"
     flavors = {"tiny": ToyConfig()}
 

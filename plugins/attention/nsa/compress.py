@@ -73,6 +73,8 @@ def compress(
         windows_NKDk = windows_NKDk + pe_KkD.transpose(1, 2).to(x_LKD.dtype)
     if compress_type == "avgpool":
         return windows_NKDk.mean(dim=-1)
+    if weight is None:
+        raise ValueError(f"compress_type {compress_type!r} needs a compression weight")
     if compress_type == "weightedpool":
         return torch.einsum("nhdk,hk->nhd", windows_NKDk, weight.to(x_LKD.dtype))
     if compress_type == "linear":

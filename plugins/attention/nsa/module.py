@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bagel_titan.protocols import AttentionLayerSpec
+from bagel_titan.protocols import AttentionBackend, AttentionLayerSpec, AttentionModule
 
 from ..meta import AttentionMeta
 from ..sdpa import sdpa_gqa
@@ -31,7 +31,7 @@ from .triton_path import nsa_streams_triton, triton_unusable_reason
 BRANCHES = ("compressed", "selected", "sliding")
 
 
-class NSAAttention(nn.Module):
+class NSAAttention(AttentionModule[AttentionMeta]):
     """Native sparse attention for the causal queries of a packed batch, exact attention for
     the others (see `plan.py`). Called as ``module(q_THD, k_THD, v_THD, meta, hidden_TD)``."""
 
@@ -74,6 +74,7 @@ class NSAAttention(nn.Module):
                 init_mean_pool_(weight, cfg.compress_type, cfg.kernel_size)
         self.intra_block_pe.zero_()
         for branch, gate in self.gates.items():
+            assert isinstance(gate, nn.Linear)
             gate.weight.zero_()
             gate.bias.fill_(cfg.gate_init_bias if branch == "selected" else -cfg.gate_init_bias)
 
@@ -135,7 +136,8 @@ class NSAAttention(nn.Module):
 
     def gate_values(self, hidden_CD: torch.Tensor) -> torch.Tensor:
         """[C, 3, Hq] sigmoid gates of the causal queries (branches in `BRANCHES` order)."""
-        logits = [self.gates[branch](hidden_CD.to(self.gates[branch].weight.dtype)) for branch in BRANCHES]
+        dtype = next(self.gates.parameters()).dtype
+        logits = [self.gates[branch](hidden_CD.to(dtype)) for branch in BRANCHES]
         return torch.sigmoid(torch.stack(logits, dim=1).float())
 
     # -- forward ----------------------------------------------------------------------------
@@ -169,10 +171,9 @@ class NSAAttention(nn.Module):
             idx = plan.stream_index
             branches = self.stream_branches(q_THD[idx], k_THD[idx], v_THD[idx], plan, meta)
             gate_CBH = self.gate_values(hidden_TD[plan.causal_rows])
-            mixed_CHD = sum(
-                gate_CBH[:, i, :, None] * branch[plan.causal_in_stream].float()
-                for i, branch in enumerate(branches)
-            )
+            mixed_CHD = gate_CBH[:, 0, :, None] * branches[0][plan.causal_in_stream].float()
+            for i in range(1, len(branches)):
+                mixed_CHD = mixed_CHD + gate_CBH[:, i, :, None] * branches[i][plan.causal_in_stream].float()
             rows.append(plan.causal_rows)
             values.append(mixed_CHD.to(q_THD.dtype))
 
@@ -196,17 +197,17 @@ class NSAAttention(nn.Module):
         )
 
 
-class NSABackend:
-    """The `nsa` attention backend (LLM only: the ViT uses `vit_fallback`)."""
+class NSABackend(AttentionBackend):
+    """The `nsa` attention backend (LLM only: the ViT uses `encoder_fallback`)."""
 
     name = "nsa"
     config_section = "attention.nsa"
-    vit_fallback = "sdpa"
+    encoder_fallback = "sdpa"
 
-    def build(self, spec: AttentionLayerSpec, config: NSAConfig | None) -> nn.Module:
+    def build(self, spec: AttentionLayerSpec, config: NSAConfig | None) -> NSAAttention:
         if spec.role != "decoder":
             raise ValueError(
                 f"the nsa backend serves causal decoder attention, not role {spec.role!r}; set the encoder's "
-                f'backend (BAGEL: [bagel] vit_backend) to "{self.vit_fallback}", "flex" or "eager" (empty uses {self.vit_fallback!r})'
+                f'backend (BAGEL: [bagel] vit_backend) to "{self.encoder_fallback}", "flex" or "eager" (empty uses {self.encoder_fallback!r})'
             )
         return NSAAttention(spec, config or NSAConfig())

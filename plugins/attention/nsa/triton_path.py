@@ -12,7 +12,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from ..flex import _compiled_flex, bucketed_length
 from ..meta import AttentionMeta
@@ -43,7 +43,7 @@ def triton_unusable_reason(cfg: NSAConfig, device: torch.device, dtype: torch.dt
     return None
 
 
-def _sliding_block_mask(meta: AttentionMeta, plan: NSAPlan, length: int, window_size: int):
+def _sliding_block_mask(meta: AttentionMeta, plan: NSAPlan, length: int, window_size: int) -> BlockMask:
     def build():
         stream_doc = torch.repeat_interleave(
             torch.arange(len(plan.stream_lengths), device=meta.device),

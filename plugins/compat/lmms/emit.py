@@ -81,8 +81,10 @@ def to_toml(conv: Conversion, source_file: str) -> str:
         lines.extend(_datasets_toml("validation.datasets", conv.validation_datasets))
     if conv.skipped:
         lines.append("# ---- LMMS Engine keys not converted ----")
-        for item in conv.skipped:
-            lines.extend(_comment_lines(f"{item.key} = {_short(item.value)}: {item.reason}", prefix="# "))
+        for skipped in conv.skipped:
+            lines.extend(
+                _comment_lines(f"{skipped.key} = {_short(skipped.value)}: {skipped.reason}", prefix="# ")
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -394,14 +394,18 @@ def _skip_reason(reason: str) -> TrainerHandler:
     return handler
 
 
-def _read_by(other: str) -> TrainerHandler:
+@dataclass(frozen=True)
+class _ReadBy:
     """A training argument that `other`'s handler reads; noted only if that handler never runs."""
 
-    def handler(conv: Conversion, key: str, value: Any, ctx: TrainerContext) -> None:
+    other: str
+
+    def __call__(self, conv: Conversion, key: str, value: Any, ctx: TrainerContext) -> None:
         return None
 
-    handler.read_by = other  # type: ignore[attr-defined]
-    return handler
+
+def _read_by(other: str) -> TrainerHandler:
+    return _ReadBy(other)
 
 
 def _skip_if_set(reason: str, off: tuple[Any, ...] = (None, False, "", [], {})) -> TrainerHandler:
@@ -459,7 +463,7 @@ TRAINER_HANDLERS: dict[str, TrainerHandler] = {
     "fsdp_config": _fsdp_config,
     "fsdp": _skip_if_set("HF FSDP1 options: bagel-titan always uses FSDP2 ([parallelism])"),
     "fsdp_transformer_layer_cls_to_wrap": lambda conv, key, value, ctx: (
-        value and _wrap_classes(conv, value, ctx.source(key))
+        _wrap_classes(conv, value, ctx.source(key)) if value else None
     ),
     "sp_ulysses_degree": _skip_if_set("no sequence parallelism in bagel-titan", off=(None, 1)),
     "use_muon": _skip_if_set("bagel-titan trains with AdamW only"),
@@ -517,7 +521,7 @@ def convert_trainer_args(
         if value is None or value == {}:
             conv.skip(f"{prefix}{key}", value, "unset")
         elif handler is not None:
-            other = getattr(handler, "read_by", "")
+            other = handler.other if isinstance(handler, _ReadBy) else ""
             conv.skip(
                 f"{prefix}{key}",
                 value,

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from bagel_titan.protocols import RawSample, ReadPass
+from bagel_titan.protocols import DatasetReader, RawSample, ReadPass
 
 from .base import Unit, iter_units, list_files
 
@@ -21,15 +21,15 @@ def _open_batches(file: str) -> list[pa.RecordBatch] | pa.ipc.RecordBatchFileRea
         return list(pa.ipc.open_stream(pa.memory_map(file, "r")))
 
 
-def _num_batches(opened) -> int:
+def _num_batches(opened: list[pa.RecordBatch] | pa.ipc.RecordBatchFileReader) -> int:
     return opened.num_record_batches if isinstance(opened, pa.ipc.RecordBatchFileReader) else len(opened)
 
 
-def _batch(opened, i: int) -> pa.RecordBatch:
+def _batch(opened: list[pa.RecordBatch] | pa.ipc.RecordBatchFileReader, i: int) -> pa.RecordBatch:
     return opened.get_batch(i) if isinstance(opened, pa.ipc.RecordBatchFileReader) else opened[i]
 
 
-class ArrowReader:
+class ArrowReader(DatasetReader):
     """`.arrow` files, or a folder of them; an HF `save_to_disk` folder is read in the order of
     its `state.json` data files. Record batches are the decoding unit (memory mapped)."""
 

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import pyarrow.parquet as pq
 
-from bagel_titan.protocols import RawSample, ReadPass
+from bagel_titan.protocols import DatasetReader, RawSample, ReadPass
 
 from ..bad_samples import as_bad_record, bad_record
 from .base import Unit, iter_units, list_files
@@ -51,7 +51,7 @@ def _usable_texts(values: Any) -> list[str]:
     return [v for v in values if isinstance(v, str) and v.strip()] if isinstance(values, list) else []
 
 
-class ReleaseParquetReader(ABC):
+class ReleaseParquetReader(DatasetReader, ABC):
     """Shared by the release readers: parquet row groups, only `columns` decoded, each row
     converted by `convert(row, rng)`; a row that cannot be converted is a counted bad record."""
 

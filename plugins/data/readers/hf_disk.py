@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from bagel_titan.protocols import RawSample, ReadPass
+from bagel_titan.protocols import DatasetReader, RawSample, ReadPass
 
 from ..bad_samples import as_bad_record, bad_record
 from .arrow import ArrowReader
@@ -119,7 +119,7 @@ class RowForm:
         return llava_to_messages(row["conversations"], images, where)
 
 
-class HFDiskReader:
+class HFDiskReader(DatasetReader):
     """`format = "hf_disk"`: a `save_to_disk` folder (one split), rows mapped by their features."""
 
     format = "hf_disk"

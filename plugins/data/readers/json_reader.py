@@ -6,7 +6,7 @@ import codecs
 import json
 from typing import Iterator
 
-from bagel_titan.protocols import RawSample, ReadPass
+from bagel_titan.protocols import DatasetReader, RawSample, ReadPass
 
 from ..bad_samples import DataError, bad_record
 from .base import list_files
@@ -30,7 +30,7 @@ def _decode(raw: bytes, where: str) -> dict:
     return _record(text, where)
 
 
-class JsonlReader:
+class JsonlReader(DatasetReader):
     """`.jsonl` files (or a folder of them), one record per line, streamed; line i of the
     concatenated files (blank lines excluded) belongs to shard i % num_shards."""
 
@@ -59,7 +59,7 @@ class JsonlReader:
                     index += 1
 
 
-class JsonListReader:
+class JsonListReader(DatasetReader):
     """`.json` files holding a list of records (loaded whole: use jsonl or parquet for big data)."""
 
     format = "json"

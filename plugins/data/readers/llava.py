@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Sequence
 
-from bagel_titan.protocols import RawSample, ReadPass
+from bagel_titan.protocols import DatasetReader, RawSample, ReadPass
 
 from ..bad_samples import as_bad_record, bad_record
 from .base import list_files
@@ -182,7 +182,7 @@ def llava_record(record: Any, where: str) -> dict[str, Any]:
     return llava_to_messages(record.get("conversations"), images, where)
 
 
-class LlavaReader:
+class LlavaReader(DatasetReader):
     """`format = "llava"`: LLaVA conversation files, `.json` lists and `.jsonl` (or a folder of them)."""
 
     format = "llava"

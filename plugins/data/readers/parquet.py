@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from bagel_titan.protocols import RawSample, ReadPass
+from bagel_titan.protocols import DatasetReader, RawSample, ReadPass
 
 from ..bad_samples import DataError
 from .base import Unit, iter_units, list_files
@@ -15,7 +15,7 @@ _UNREADABLE = -1
 """The `part` of the one unit a damaged file becomes."""
 
 
-class ParquetReader:
+class ParquetReader(DatasetReader):
     """A parquet file or a folder of them; a row is a record (HF image structs included)."""
 
     format = "parquet"

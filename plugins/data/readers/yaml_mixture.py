@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import yaml
 
 from bagel_titan.config.job_config import DatasetEntry
-from bagel_titan.protocols import RawSample, ReadPass
+from bagel_titan.protocols import DatasetReader, RawSample, ReadPass
 
 _KEYS = {"path", "format", "data_folder", "weight", "name"}
 
@@ -28,7 +28,7 @@ def _resolve(base: str, value: str) -> str:
     return value if not value or os.path.isabs(value) else os.path.join(base, value)
 
 
-class YamlMixtureReader:
+class YamlMixtureReader(DatasetReader):
     format = "yaml"
     extensions = (".yaml", ".yml")
 
