@@ -234,6 +234,7 @@ def train_timed(argv: list[str], device_type: str) -> tuple[Any, StepClock]:
 def run_setting(s: TrainSetting) -> dict[str, Any]:
     """Train one row in this process; returns its figures."""
     import torch
+    from torch.distributed.fsdp import FSDPModule
 
     from bagel_titan.distributed.utils import destroy_distributed
     from bagel_titan.metrics.device_flops import peak_flops_per_second
@@ -270,6 +271,7 @@ def run_setting(s: TrainSetting) -> dict[str, Any]:
             "peak_gib": common.peak_memory_bytes(device) / 2**30,
             "params_m": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
             "device": common.device_description(device),
+            "fsdp_wrapped": isinstance(trainer.model, FSDPModule),
             "graphs_warmup": clock.graphs[s.warmup] - clock.graphs[0],
             "recompiles": sum(new_graphs),
             "last_recompile": max((i + 1 for i, n in enumerate(new_graphs) if n), default=0),
@@ -528,7 +530,8 @@ def main() -> None:
         + (f", LLM {s0.llm_layers} layers" if s0.llm_layers else "")
         + (f", ViT {s0.vit_layers} layers" if s0.vit_layers else "")
         + (f" ({ok[0]['params_m']:,.1f}M parameters)" if ok else "")
-        + f", {s0.dtype}, FSDP2 {'on' if s0.fsdp else 'off'}",
+        + f", {s0.dtype}, [parallelism] fsdp = {str(s0.fsdp).lower()}"
+        + (f" (model wrapped with FSDP2: {'yes' if ok[0]['fsdp_wrapped'] else 'no'})" if ok else ""),
         f"data: synthetic full packs of {s0.packing_length} tokens (60% understanding ViT {s0.vit_side[0]}-{s0.vit_side[1]} "
         f"patches/side, 30% generation VAE {s0.vae_side[0]}-{s0.vae_side[1]} latent patches/side, 10% text); "
         f"{s0.warmup} warm-up + {s0.steps} timed steps through `Trainer.train()`",
