@@ -164,3 +164,29 @@ def test_eager_full_ac_compiled_layer_matches_the_plain_layer_without_recompilin
         graphs.append(int(counters["stats"]["unique_graphs"]))
     assert graphs[0] > 0, "nothing was compiled"
     assert graphs[1] == graphs[0], f"the second pack's length recompiled: graphs {graphs}"
+
+
+def test_bench_grid_names_reach_the_activation_checkpoint_section(tmp_path):
+    """`bench_train_step.py --ac none,full,selective,op` trains what each name says."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train_step import AC_MODES, TrainSetting, job_argv
+
+    from bagel_titan.config.manager import load_job_config
+
+    sections = {}
+    for name in AC_MODES:
+        cfg, _ = load_job_config(job_argv(TrainSetting(ac=name), str(tmp_path)))
+        ac = cfg.activation_checkpoint
+        sections[name] = (ac.mode, ac.selective_granularity)
+    assert sections == {
+        "none": ("none", "layer"),
+        "full": ("full", "layer"),
+        "selective": ("selective", "layer"),
+        "op": ("selective", "op"),
+    }
+    with pytest.raises(ValueError, match="unknown activation checkpointing 'ful'"):
+        job_argv(TrainSetting(ac="ful"), str(tmp_path))
