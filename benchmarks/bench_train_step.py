@@ -8,6 +8,13 @@ text samples filling exactly `--packing-length` tokens) and times the last `--st
 trainer's step-end hook (CUDA synchronised): data, forward, loss, backward, clip, optimizer,
 metrics and hooks all included.
 
+`--ac` takes the `[activation_checkpoint]` settings by name (`AC_MODES`): none, full,
+selective (every `selective_every`-th unit) and op (every unit, matmul and attention outputs
+kept). With compile on, the "graphs" column counts dynamo's graphs compiled in the warm-up steps
+and in the timed steps: the packs differ in their understanding / generation / ViT token counts,
+so a timed-step graph is a recompile. A row the config refuses (e.g. a backend without a CPU
+backward) says "refused" with the one-line reason; any other error is a failed cell.
+
 MFU uses two FLOP counts per packed batch:
 
 - ours ("honest"): `BagelSpec.flops` = 3x forward matmuls: LLM dense (one MoT expert per token),
@@ -82,8 +89,20 @@ class TrainSetting:
     """torch intra-op threads on CPU (1 is stable on a shared machine; 0 keeps torch's default)."""
 
 
+AC_MODES = {
+    "none": ("none", "layer"),
+    "full": ("full", "layer"),
+    "selective": ("selective", "layer"),
+    "op": ("selective", "op"),
+}
+"""`--ac` names -> ([activation_checkpoint] mode, selective_granularity)."""
+
+
 def job_argv(s: TrainSetting, dump_folder: str) -> list[str]:
     """The `bagel-titan` command-line overrides of one row."""
+    if s.ac not in AC_MODES:
+        raise ValueError(f"unknown activation checkpointing {s.ac!r}; use one of {', '.join(AC_MODES)}")
+    ac_mode, ac_granularity = AC_MODES[s.ac]
 
     def ints(values: list[int]) -> str:
         return ",".join(str(v) for v in values)
@@ -120,7 +139,9 @@ def job_argv(s: TrainSetting, dump_folder: str) -> list[str]:
         "--attention.backend",
         s.backend,
         "--activation_checkpoint.mode",
-        s.ac,
+        ac_mode,
+        "--activation_checkpoint.selective_granularity",
+        ac_granularity,
         "--compile.enable",
         str(s.compile).lower(),
         "--parallelism.fsdp",
@@ -156,13 +177,22 @@ def anchor_style_flops(num_tokens: int, llm: Any) -> float:
     return 6.0 * dense * num_tokens + 12.0 * num_tokens**2 * hd * llm.num_heads * llm.num_layers
 
 
+def unique_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (each recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 class StepClock:
     """A plugin that timestamps the start of training and the end of every step (after a CUDA
-    synchronise): `times[k]` is the end of step k, `times[0]` the start."""
+    synchronise): `times[k]` is the end of step k, `times[0]` the start; `graphs[k]` is the
+    number of graphs compiled by then."""
 
     def __init__(self, device_type: str):
         self.device_type = device_type
         self.times: list[float] = []
+        self.graphs: list[int] = []
 
     def _stamp(self) -> None:
         if self.device_type == "cuda":
@@ -170,6 +200,7 @@ class StepClock:
 
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
+        self.graphs.append(unique_graphs())
 
     @hookimpl
     def bagel_titan_on_train_start(self, trainer: Any) -> None:
@@ -203,6 +234,7 @@ def train_timed(argv: list[str], device_type: str) -> tuple[Any, StepClock]:
 def run_setting(s: TrainSetting) -> dict[str, Any]:
     """Train one row in this process; returns its figures."""
     import torch
+    from torch.distributed.fsdp import FSDPModule
 
     from bagel_titan.distributed.utils import destroy_distributed
     from bagel_titan.metrics.device_flops import peak_flops_per_second
@@ -220,6 +252,8 @@ def run_setting(s: TrainSetting) -> dict[str, Any]:
         accum = job_config.training.grad_accum_steps
         measured = [packs[i % len(packs)] for i in range(s.warmup * accum, (s.warmup + s.steps) * accum)]
         seconds = clock.times[s.warmup + s.steps] - clock.times[s.warmup]
+        end = s.warmup + s.steps
+        new_graphs = [clock.graphs[k + 1] - clock.graphs[k] for k in range(s.warmup, end)]
         flops = sum(trainer.model_spec.flops(b) for b in measured)
         llm = trainer.model.arch.llm
         anchor = sum(anchor_style_flops(b.num_tokens, llm) for b in measured)
@@ -237,6 +271,10 @@ def run_setting(s: TrainSetting) -> dict[str, Any]:
             "peak_gib": common.peak_memory_bytes(device) / 2**30,
             "params_m": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
             "device": common.device_description(device),
+            "fsdp_wrapped": isinstance(trainer.model, FSDPModule),
+            "graphs_warmup": clock.graphs[s.warmup] - clock.graphs[0],
+            "recompiles": sum(new_graphs),
+            "last_recompile": max((i + 1 for i, n in enumerate(new_graphs) if n), default=0),
         }
     destroy_distributed()
     return result
@@ -247,8 +285,13 @@ def run_in_process(s: TrainSetting) -> dict[str, Any]:
     process's); a failure comes back as {"error": ...}."""
     from bagel_titan.distributed.utils import destroy_distributed
 
+    from bagel_titan.errors import UserError
+
     try:
         return run_setting(s)
+    except UserError as exc:  # the config refuses the row: its reason, not a failure
+        destroy_distributed()
+        return {"error": str(exc).splitlines()[0], "refused": True}
     except Exception as exc:  # a row that cannot run is reported, the others go on
         destroy_distributed()
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"[:200]}
@@ -277,9 +320,9 @@ def run_isolated(s: TrainSetting, timeout_s: float) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": failure_reason(proc.stderr, proc.returncode)}
-    return json.loads(lines[-1])
+    if lines:  # the result, or a refusal (`--single` prints it and exits 0)
+        return json.loads(lines[-1])
+    return {"error": failure_reason(proc.stderr, proc.returncode)}
 
 
 def torch_threads() -> int:
@@ -303,15 +346,19 @@ TABLE_HEADER = (
     "MFU",
     "anchor-style MFU",
     "peak GiB",
+    "graphs warm-up / timed",
     "note",
 )
+TABLE_ALIGN = "lllrrrrrrrrl"
 
 
 def table_row(s: TrainSetting, r: dict[str, Any], extra: tuple = ()) -> tuple:
     """One table row (the failure reason in "note" when the row could not run)."""
     head = (*extra, s.backend, s.ac, "on" if s.compile else "off")
     if "error" in r:
-        return (*head, "", "", "", "", "", "", "", f"skipped: {r['error']}")
+        kind = "refused at config load" if r.get("refused") else "FAILED"
+        return (*head, "", "", "", "", "", "", "", "", f"{kind}: {r['error']}")
+    graphs = f"{r['graphs_warmup']} / {r['recompiles']}" if s.compile else "-"
     return (
         *head,
         f"{r['tokens_per_step']:,.0f}",
@@ -321,6 +368,7 @@ def table_row(s: TrainSetting, r: dict[str, Any], extra: tuple = ()) -> tuple:
         pct(r["mfu"]),
         pct(r["anchor_mfu"]),
         f"{r['peak_gib']:.2f}",
+        graphs,
         "",
     )
 
@@ -350,6 +398,17 @@ def flops_note(results: list[dict[str, Any]]) -> str:
         f"FLOPs per token (training): ours {r['gflop_per_token']:.4f} GFLOP (ViT included, attention per "
         f"document and segment), anchor-style {r['anchor_gflop_per_token']:.4f} GFLOP "
         f"({r['anchor_gflop_per_token'] / r['gflop_per_token']:.2f}x ours)"
+    )
+
+
+def grid_note(results: list[dict[str, Any]]) -> str:
+    """How many cells ran, were refused by the config, failed; the recompiles in timed steps."""
+    refused = sum(1 for r in results if r.get("refused"))
+    failed = sum(1 for r in results if "error" in r and not r.get("refused"))
+    recompiles = sum(r.get("recompiles", 0) for r in results)
+    return (
+        f"cells: {len(results) - refused - failed} ran, {refused} refused at config load, {failed} failed; "
+        f"graphs compiled in timed steps (recompiles), all cells: {recompiles}"
     )
 
 
@@ -429,7 +488,9 @@ def main() -> None:
     add_model_options(parser)
     parser.add_argument("--backends", default="eager,sdpa")
     parser.add_argument(
-        "--ac", default="none,full", help="activation checkpointing modes: none,full,selective"
+        "--ac",
+        default="none,full",
+        help=f"activation checkpointing, comma-separated: {','.join(AC_MODES)} (op: selective at op granularity)",
     )
     parser.add_argument("--compile", default="off", help="off, on or off,on")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
@@ -441,7 +502,13 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.single:
-        print(json.dumps(run_setting(TrainSetting(**json.loads(args.single)))), flush=True)
+        from bagel_titan.errors import UserError
+
+        try:
+            result = run_setting(TrainSetting(**json.loads(args.single)))
+        except UserError as exc:  # refused by the config: the reason is the row's result
+            result = {"error": str(exc).splitlines()[0], "refused": True}
+        print(json.dumps(result), flush=True)
         return
     if args.smoke:
         args.packing_length, args.steps, args.warmup = 256, 1, 1
@@ -454,7 +521,7 @@ def main() -> None:
         results.append(r)
         rows.append(table_row(s, r))
         print(common.markdown_table(TABLE_HEADER, [rows[-1]]).splitlines()[-1], flush=True)
-    table = common.markdown_table(TABLE_HEADER, rows, "lllrrrrrrrl")
+    table = common.markdown_table(TABLE_HEADER, rows, TABLE_ALIGN)
     ok = [r for r in results if "error" not in r]
     device = ok[0]["device"] if ok else args.device
     s0 = settings[0]
@@ -463,7 +530,8 @@ def main() -> None:
         + (f", LLM {s0.llm_layers} layers" if s0.llm_layers else "")
         + (f", ViT {s0.vit_layers} layers" if s0.vit_layers else "")
         + (f" ({ok[0]['params_m']:,.1f}M parameters)" if ok else "")
-        + f", {s0.dtype}, FSDP2 {'on' if s0.fsdp else 'off'}",
+        + f", {s0.dtype}, [parallelism] fsdp = {str(s0.fsdp).lower()}"
+        + (f" (model wrapped with FSDP2: {'yes' if ok[0]['fsdp_wrapped'] else 'no'})" if ok else ""),
         f"data: synthetic full packs of {s0.packing_length} tokens (60% understanding ViT {s0.vit_side[0]}-{s0.vit_side[1]} "
         f"patches/side, 30% generation VAE {s0.vae_side[0]}-{s0.vae_side[1]} latent patches/side, 10% text); "
         f"{s0.warmup} warm-up + {s0.steps} timed steps through `Trainer.train()`",
@@ -485,10 +553,13 @@ def main() -> None:
     ]
     if s0.device == "cpu":
         notes.append(f"torch {s0.threads or torch_threads()} intra-op thread(s)")
+    notes.append(grid_note(results))
     print(table)
     for note in notes[2:]:
         print(note)
     common.append_section(args.results, "bench_train_step", device, notes, table)
+    if any("error" in r and not r.get("refused") for r in results):
+        raise SystemExit("some cells failed (see the note column)")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 import common
 from bench_train_step import (
     ANCHORS,
+    TABLE_ALIGN,
     TABLE_HEADER,
     TrainSetting,
     flops_note,
@@ -251,7 +252,7 @@ def main() -> None:
     device = ok[0]["device"] if ok else common.device_description("cuda" if gpu else "cpu")
     s0 = settings[0]
     checks = common.markdown_table(("check", "result", "detail"), check_rows, "lll")
-    table = common.markdown_table(("packing_length", *TABLE_HEADER), rows, "rlllrrrrrrrl")
+    table = common.markdown_table(("packing_length", *TABLE_HEADER), rows, "r" + TABLE_ALIGN)
     shape = GPU_SHAPE if gpu else SMOKE_SHAPE
     notes = [
         f"checks: {shape.heads}/{shape.kv_heads} heads of {shape.head_dim}, {shape.tokens}-token pack of {shape.docs} "

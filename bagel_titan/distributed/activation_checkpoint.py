@@ -8,6 +8,12 @@ Granularity of "selective":
 - "layer": checkpoint every Nth unit whole (`selective_every`);
 - "op": every unit, but the outputs of the expensive ops (matmuls, attention) are kept and only
   the cheap ones (norms, activations, elementwise) are recomputed.
+
+A checkpointed unit must compute the same thing in its recomputation as in its forward: per-batch
+state (masks, plans) is built before the units run, never cached on first call inside one. With
+compile, such a cache is a guard: the recomputation then runs another graph that saves other
+tensors, and backward fails with "CheckpointError: Recomputed values ... have different
+metadata" (see tests/test_ac_compile_grid.py).
 """
 
 from __future__ import annotations
