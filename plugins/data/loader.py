@@ -25,6 +25,7 @@ from bagel_titan.config.job_config import DatasetEntry, JobConfig
 from bagel_titan.protocols import ReadPass
 
 from .bad_samples import BadSampleError, DataError, DataPathError, as_bad_record
+from .handoff import FlatBatch
 from .mixture import Source
 from .packing import ReleasePackingConfig
 from .pipeline import PackedIterable, PipelineOptions, WorkerOutput
@@ -179,6 +180,8 @@ class PackedDataloader:
         for output in self.loader:
             assert isinstance(output, WorkerOutput)
             batch = output.batch
+            if isinstance(batch, FlatBatch):
+                batch = batch.unpack()
             self.stats.update(output.stats)
             self.stats["packs"] += 1
             self.stats["samples"] += batch.num_samples
