@@ -102,8 +102,25 @@ def synthetic_pack_of(trainer: Any, step: int) -> Any:
 
 
 def recorded_batch_of(trainer: Any, step: int) -> Any:
-    """The batch the "packed-recorded" loader served last, i.e. the one this step trained on."""
-    return trainer.dataloader.last
+    """The batch the "packed-recorded" loader served last, i.e. the one this step trained on,
+    without what the trainer's forward derived from it (`without_derived_caches`)."""
+    return without_derived_caches(trainer.dataloader.last)
+
+
+def without_derived_caches(batch: Any) -> Any:
+    """`batch` (same tensors) with fresh attention metadata: the masks and plans that a forward
+    caches per batch (`AttentionMeta.cached`) are rebuilt by the plain step, as they are by the
+    trainer and by any loop that receives a new batch. Reusing the trainer's cache had the plain
+    step skip that per-batch work, which counted it as trainer overhead (about 2-5 ms of a 25 ms
+    debug step with sdpa)."""
+    from bagel_titan_plugins.attention.meta import AttentionMeta
+
+    fresh = {
+        f.name: dataclasses.replace(value, _cache={})
+        for f in dataclasses.fields(batch)
+        if isinstance(value := getattr(batch, f.name), AttentionMeta)
+    }
+    return dataclasses.replace(batch, **fresh)
 
 
 def example_data_argv(folder: str) -> list[str]:
