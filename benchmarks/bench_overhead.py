@@ -6,7 +6,9 @@ packs (`synthetic_plugin.py`) with metrics logging (console, metrics.jsonl, Tens
 `--log-freq` steps, checkpointing enabled (bookkeeping every step; the interval is beyond the
 run, so no save falls inside the measurement) and its step-end hook. After every trainer step,
 the hook runs one plain step of a second, identical model on the very pack the trainer just
-used:
+used (with the real loader: the same tensors, but fresh attention metadata, so that the plain
+step builds its masks as any loop given a new batch does, instead of reusing what the trainer's
+forward cached on the batch; see `without_derived_caches`):
 
     loss = CE + flow MSE; loss.backward(); clip_grad_norm_(1.0); AdamW.step(); zero_grad()
 

@@ -29,8 +29,10 @@ import torch
 ALIGN = 64
 """Byte alignment of every tensor in the buffer (any dtype's element size divides it)."""
 
-INLINE_BYTES = 4 << 20
-"""Buffers up to this size travel inside the pickle; larger ones in shared memory."""
+INLINE_BYTES = 512 << 10
+"""Buffers up to this size travel inside the pickle; larger ones in shared memory. Measured on
+2 shared CPU cores (main-process CPU per batch): 256 KiB 0.28 ms piped vs 0.40 ms in a segment,
+1 MiB 1.5 ms vs 0.6 ms (the pipe moves 64 KiB per wake-up of the worker's writer thread)."""
 
 
 def _flattenable(obj: Any) -> bool:
