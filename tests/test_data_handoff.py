@@ -1,6 +1,6 @@
-"""A batch's hand-off from a loader worker (plugins/data/handoff.py): every field arrives exact,
-through the pickle (small buffers) and through one shared-memory segment (large ones), and the
-packed loader's worker batches equal the in-process ones field for field."""
+"""A batch's hand-off from a loader worker (plugins/data/handoff.py): every field arrives exact
+through one named shared-memory segment, and the packed loader's worker batches equal the
+in-process ones field for field."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import dataclasses
 import pickle
 from multiprocessing.reduction import ForkingPickler
 
-import pytest
 import torch
 
 from bagel_titan.config.job_config import DatasetEntry
 from bagel_titan_plugins.attention.meta import AttentionMeta
-from bagel_titan_plugins.data import handoff
 from bagel_titan_plugins.data.handoff import FlatBatch
 from test_data_loader import build, example, job, plugins  # noqa: F401 (fixtures)
 
@@ -66,11 +64,9 @@ def a_pack() -> Pack:
     )
 
 
-@pytest.mark.parametrize("inline_bytes", [1 << 30, 0], ids=["inline", "shared"])
-def test_pack_unpack_is_exact(inline_bytes):
+def test_pack_unpack_is_exact():
     pack = a_pack()
-    flat = FlatBatch.pack(pack, inline_bytes)
-    assert (flat.shared is None) == (inline_bytes > 0)
+    flat = FlatBatch.pack(pack)
     # the DataLoader's own pickler, as between a worker and the training process
     back = pickle.loads(ForkingPickler.dumps(flat)).unpack()
     assert_same(back, pack)
@@ -80,17 +76,21 @@ def test_pack_unpack_is_exact(inline_bytes):
     assert torch.equal(back.ids, torch.arange(1, 38)) and torch.equal(back.extras[0], pack.extras[0])
 
 
+def test_a_batch_without_tensor_bytes():
+    flat = FlatBatch.pack({"empty": torch.zeros(0, 3), "n": 3})
+    assert flat.segment is None
+    back = pickle.loads(ForkingPickler.dumps(flat)).unpack()
+    assert back["empty"].shape == (0, 3) and back["n"] == 3
+
+
 def test_tensors_that_cannot_be_flattened_still_travel():
     weight = torch.nn.Parameter(torch.ones(3))
     back = FlatBatch.pack({"w": weight, "x": torch.ones(2)}).unpack()
     assert isinstance(back["w"], torch.nn.Parameter) and torch.equal(back["w"], weight)
 
 
-@pytest.mark.parametrize("inline_bytes", [None, 0], ids=["default", "shared"])
-def test_worker_batches_equal_in_process_batches(example, plugins, monkeypatch, inline_bytes):  # noqa: F811
+def test_worker_batches_equal_in_process_batches(example, plugins):  # noqa: F811
     """One worker reads the same shard as the main process: the same batches, every field."""
-    if inline_bytes is not None:
-        monkeypatch.setattr(handoff, "INLINE_BYTES", inline_bytes)  # forked workers inherit it
     datasets = [DatasetEntry(path=example["data"])]
     in_process = iter(build(job(datasets, workers=0), plugins, example))
     loader = build(job(datasets, workers=1), plugins, example)
