@@ -4,7 +4,8 @@ Built on torchdata's `StatefulDataLoader`: each worker runs one shard of `Packed
 (shard = dp_rank * num_workers + worker), and the loader's `state_dict()` holds every worker's
 exact position plus the round-robin cursor, so a resumed run yields exactly the batches an
 uninterrupted one would have. Bad-sample counters travel with each batch from its worker and
-are summed here (`data_stats()`), so they are exact and part of the checkpoint.
+are summed here (`data_stats()`), so they are exact and part of the checkpoint. A worker's batch
+arrives as one shared-memory buffer (`handoff.FlatBatch`), unpacked here.
 """
 
 from __future__ import annotations
