@@ -23,7 +23,7 @@ and loss under bf16 autocast, as `[training] dtype = "bfloat16"` runs on one ran
 the same autocast), each on synthetic packs and on the example data through the real packed
 loader. On one rank the trainer never wraps with FSDP2 (it would shard nothing). Target: under 5%.
 
-    python benchmarks/bench_overhead.py [--steps 40] [--packing-length 512]
+    python benchmarks/bench_overhead.py [--steps 40] [--packing-length 512] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ from bagel_titan.hookspec import hookimpl
 from bench_train_step import TrainSetting, job_argv
 
 TARGET = 0.05
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+"""`--clock`: wall time, or the main thread's CPU time (waits excluded; steady on a loaded machine)."""
+clock = time.perf_counter
 
 
 class PlainStep:
@@ -89,15 +93,15 @@ class Interleaver:
 
     @hookimpl
     def bagel_titan_on_step_end(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
-        now = time.perf_counter()
+        now = clock()
         if self._resumed is not None and step > self.warmup:
             self.trainer_s.append(now - self._resumed)
         batch = self.batch_of(trainer, step)
-        start = time.perf_counter()
+        start = clock()
         self.plain(batch, step)
         if step > self.warmup:
-            self.plain_s.append(time.perf_counter() - start)
-        self._resumed = time.perf_counter()
+            self.plain_s.append(clock() - start)
+        self._resumed = clock()
 
 
 def synthetic_pack_of(trainer: Any, step: int) -> Any:
@@ -147,9 +151,9 @@ def _time_data_wait(trainer: Any) -> list[float]:
     fetch = trainer._next_batches
 
     def timed() -> Any:
-        start = time.perf_counter()
+        start = clock()
         batches = fetch()
-        waits.append(time.perf_counter() - start)
+        waits.append(clock() - start)
         return batches
 
     trainer._next_batches = timed
@@ -238,12 +242,20 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared CPU)"
     )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or the main thread's CPU time (leaves out waits and other processes' load)",
+    )
     parser.add_argument("--smoke", action="store_true", help="CI size: 4 pairs of 256-token packs")
     common.add_results_option(parser)
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.warmup, args.packing_length = 4, 1, 256
     torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     setup_logging()  # the trainer's console metrics are printed, as in a real run
     base = TrainSetting(
         backend=args.backend,
@@ -285,11 +297,12 @@ def main() -> None:
     )
     notes = [
         f"model: bagel flavor debug, fp32 master weights, attention {args.backend}; packs of {args.packing_length} tokens: synthetic "
-        f"(full, 4 distinct, cycled) or the example data (best_fit_decreasing); the plain step runs the same batch "
-        f"right after each trainer step",
+        f"(full, 4 distinct, cycled) or the example data (best_fit_decreasing); the plain step runs right after "
+        f"each trainer step (synthetic: the same pack; real loader: see below)",
         f"trainer: metrics every {args.log_freq} steps (console, jsonl, TensorBoard), checkpointing on (no save "
         f"inside the window), EMA off; both sides clip at 1.0 and use foreach AdamW",
-        f"{args.warmup} warm-up pairs, then {args.steps}; torch {args.threads} intra-op thread(s)",
+        f"{args.warmup} warm-up pairs, then {args.steps}; torch {args.threads} intra-op thread(s); "
+        f"clock: {'wall time' if args.clock == 'wall' else 'CPU time of the main thread (waits left out)'}",
         "data wait: the trainer step's time fetching its batch from the loader, the part of the overhead that is data "
         "delivery rather than the trainer's bookkeeping (the plain step's batch is fetched untimed)",
         "real loader: the plain step runs the next pack of the same stream (not the trainer's pack again: a rerun "
