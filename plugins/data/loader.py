@@ -4,7 +4,8 @@ Built on torchdata's `StatefulDataLoader`: each worker runs one shard of `Packed
 (shard = dp_rank * num_workers + worker), and the loader's `state_dict()` holds every worker's
 exact position plus the round-robin cursor, so a resumed run yields exactly the batches an
 uninterrupted one would have. Bad-sample counters travel with each batch from its worker and
-are summed here (`data_stats()`), so they are exact and part of the checkpoint.
+are summed here (`data_stats()`), so they are exact and part of the checkpoint. A worker's batch
+arrives as one shared-memory buffer (`handoff.FlatBatch`), unpacked here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bagel_titan.config.job_config import DatasetEntry, JobConfig
 from bagel_titan.protocols import ModelSpec, Processor, ReadPass
 
 from .bad_samples import BadSampleError, DataError, DataPathError, as_bad_record
+from .handoff import FlatBatch
 from .mixture import Source
 from .packing import ReleasePackingConfig
 from .pipeline import PackedIterable, PipelineOptions, WorkerOutput
@@ -178,6 +180,8 @@ class PackedDataloader:
         for output in self.loader:
             assert isinstance(output, WorkerOutput)
             batch = output.batch
+            if isinstance(batch, FlatBatch):
+                batch = batch.unpack()
             self.stats.update(output.stats)
             self.stats["packs"] += 1
             self.stats["samples"] += batch.num_samples

@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from bagel_titan.protocols import Collator, PackingStrategy, ProcessedSample, Processor
 
 from .bad_samples import BadSampleCounter, BadSampleError, as_bad_record
+from .handoff import FlatBatch
 from .mixture import Drawn, MixtureStream, Source
 
 
@@ -198,6 +199,8 @@ class _ShardRun:
     def _emit(self) -> WorkerOutput:
         keys = self.ready.pop(0)
         batch = self.owner.collator([self.samples.pop(k) for k in keys])
+        if get_worker_info() is not None:  # in a loader worker: one buffer, not one segment per tensor
+            batch = FlatBatch.pack(batch)
         stats = dict(self.pending_stats)
         self.pending_stats = Counter()
         return WorkerOutput(batch, stats)
