@@ -259,3 +259,23 @@ def test_cli_runs_on_the_example_data(data: Path, tmp_path: Path) -> None:
     )
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("bagel-titan-encode-latents: error: set the cache folder")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_benchmark_runs_and_checks_equality(tmp_path: Path) -> None:
+    from conftest import run_command
+
+    results = tmp_path / "RESULTS.md"
+    run_command(
+        [
+            str(REPO / ".venv" / "bin" / "python"),
+            "benchmarks/bench_latent_cache.py",
+            *("--vae", "tiny", "--steps", "1", "--warmup", "0", "--packs", "1", "--results", str(results)),
+        ]
+    )
+    text = results.read_text()
+    assert (
+        "losses bitwise equal on every step (cached vs encoded): yes" in text
+        and "| latent cache | 1 |" in text
+    )
