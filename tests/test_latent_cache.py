@@ -279,3 +279,36 @@ def test_benchmark_runs_and_checks_equality(tmp_path: Path) -> None:
         "losses bitwise equal on every step (cached vs encoded): yes" in text
         and "| latent cache | 1 |" in text
     )
+
+
+def test_mixed_sizes_in_one_pack_cached_equals_encoded(tmp_path: Path) -> None:
+    """A pack of images of three sizes (a padded batch): the latents the model samples from the
+    cache equal, bit for bit, those it samples after encoding the pixels, for the same generator;
+    and an image's latents do not change with its pack-mates."""
+    from bagel_titan_plugins.bagel.collator import BagelCollator
+    from bagel_titan_plugins.bagel.latent_cache import LatentCache, content_key
+    from bagel_titan_plugins.bagel.processor import BagelSample, SpecialTokens, TextSegment, VaeSegment
+    from bagel_titan_plugins.bagel.spec import build_bagel_for_tests
+
+    model = build_bagel_for_tests("debug", seed=3)
+    stride = model.arch.vae.downsample * model.options.latent_patch_size
+    g = torch.Generator().manual_seed(0)
+    sizes = [(32, 32), (16, 48), (40, 24)]
+    images = [torch.rand(3, h, w, generator=g) * 2 - 1 for h, w in sizes]
+    samples = [
+        BagelSample([TextSegment([5, 6], loss=False), VaeSegment(im, stride, noised=i != 1)], ("s", i))
+        for i, im in enumerate(images)
+    ]
+    cache = LatentCache(str(tmp_path), model.vae.identity(), torch.float32)
+    for im in images:  # as bagel-titan-encode-latents stores them
+        cache.put(content_key(im), model.vae.moments_of(im), tuple(im.shape[1:]))
+    kwargs = dict(special_tokens=SpecialTokens(1, 2, 3, 4), vit_patch_size=14, vae_downsample=2)
+    plain = BagelCollator(None, model.options, **kwargs)(samples)
+    cached = BagelCollator(None, model.options, latent_cache=cache, **kwargs)(samples)
+    assert cached.padded_images is None and cached.vae_moments is not None
+    x0, t, noise = model._latent_inputs(plain, torch.Generator().manual_seed(7), torch.device("cpu"))
+    x0c, tc, noisec = model._latent_inputs(cached, torch.Generator().manual_seed(7), torch.device("cpu"))
+    assert torch.equal(x0, x0c) and torch.equal(t, tc) and torch.equal(noise, noisec)
+    alone = BagelCollator(None, model.options, **kwargs)(samples[1:2])
+    moments_in_pack = model._vae_moments(plain)[1, :, :8, :24]
+    assert torch.equal(model._vae_moments(alone)[0], moments_in_pack)

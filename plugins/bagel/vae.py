@@ -261,7 +261,7 @@ class FrozenVAE:
         equal to what `bagel-titan-encode-latents` stored)."""
         ae = self.on(image_CHW.device)
         dtype = next(ae.parameters()).dtype
-        return ae.moments(image_CHW[None].to(dtype))[0]
+        return ae.moments(image_CHW[None].to(dtype).contiguous())[0]  # a crop of a padded batch is a view
 
     @torch.no_grad()
     def sample_padded(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
