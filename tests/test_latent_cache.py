@@ -312,3 +312,30 @@ def test_mixed_sizes_in_one_pack_cached_equals_encoded(tmp_path: Path) -> None:
     alone = BagelCollator(None, model.options, **kwargs)(samples[1:2])
     moments_in_pack = model._vae_moments(plain)[1, :, :8, :24]
     assert torch.equal(model._vae_moments(alone)[0], moments_in_pack)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_ranks_with_the_cache_train_as_without(data: Path, tmp_path: Path) -> None:
+    """FSDP2 on 2 ranks, each with its loader worker: the same losses with and without the cache,
+    and a run whose cache misses an image stops with the one-line error."""
+    from conftest import run_bagel_titan
+
+    cache = tmp_path / "latents"
+    _encode(_args(data, tmp_path / "enc", "--bagel.latent_cache", str(cache)))
+    two = ["--training.steps", "3"]
+    run_bagel_titan(_args(data, tmp_path / "plain", *two), nproc=2)
+    run_bagel_titan(_args(data, tmp_path / "cached", *two, "--bagel.latent_cache", str(cache)), nproc=2)
+
+    def losses(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: json.loads(line)[k] for k in LOSSES} for line in lines]
+
+    assert len(losses("plain")) == 3 and losses("plain") == losses("cached")
+    empty = tmp_path / "empty"
+    failed = run_bagel_titan(
+        _args(data, tmp_path / "miss", *two, "--bagel.latent_cache", str(empty)), nproc=2, check=False
+    )
+    assert failed.returncode != 0
+    errors = [line for line in failed.stdout.splitlines() + failed.stderr.splitlines() if "error:" in line]
+    assert any("bagel-titan-encode-latents" in line and "missing" in line for line in errors), errors
