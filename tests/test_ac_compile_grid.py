@@ -27,12 +27,13 @@ from bagel_titan.distributed.activation_checkpoint import apply_activation_check
 from bagel_titan.distributed.compile import apply_compile
 from bagel_titan_plugins.attention.eager import EagerBackend
 from bagel_titan_plugins.attention.meta import AttentionMeta
+from bagel_titan_plugins.attention.nsa.config import NSAConfig
 from bagel_titan_plugins.attention.nsa.module import NSABackend
-from bagel_titan_plugins.attention.sdpa import SDPABackend
+from bagel_titan_plugins.attention.sdpa import SDPABackend, SDPAConfig
 from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
 from bagel_titan_plugins.bagel.modeling_qwen2_mot import MoTRouting, Qwen2MoTDecoderLayer, rotary_cos_sin
 from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel
-from bagel_titan_plugins.bagel.synthetic import Text, VaeImage, VitImage, synthetic_batch
+from synthetic_bagel import Text, VaeImage, VitImage, synthetic_batch
 
 ARCH = architecture_for("debug")
 OPTS = BagelConfig()
@@ -41,23 +42,23 @@ PACK = [[VitImage(3, 4), Text(4, loss=False), Text(5)], [Text(3, loss=False), Va
 
 @dataclasses.dataclass
 class Configured:
-    """A registered backend built with fixed options (e.g. one sdpa strategy)."""
+    """A registered backend built with its fixed typed section (e.g. one sdpa strategy)."""
 
     backend: object
-    options: dict
+    config: object
 
-    def build(self, spec, options):
-        return self.backend.build(spec, self.options)
+    def build(self, spec, config):
+        return self.backend.build(spec, self.config)
 
 
 # Every backend that trains on CPU (flex is refused there at config load), sdpa per strategy.
 CPU_BACKENDS = {
     "eager": (EagerBackend(), None),
-    "sdpa-dense": (Configured(SDPABackend(), {"strategy": "dense"}), None),
-    "sdpa-per-document": (Configured(SDPABackend(), {"strategy": "per_document"}), None),
+    "sdpa-dense": (Configured(SDPABackend(), SDPAConfig(strategy="dense")), None),
+    "sdpa-per-document": (Configured(SDPABackend(), SDPAConfig(strategy="per_document")), None),
     "nsa": (
         Configured(
-            NSABackend(), {"block_size": 4, "kernel_size": 4, "kernel_stride": 2, "topk": 4, "window_size": 8}
+            NSABackend(), NSAConfig(block_size=4, kernel_size=4, kernel_stride=2, topk=4, window_size=8)
         ),
         SDPABackend(),
     ),
@@ -145,11 +146,11 @@ def test_eager_full_ac_compiled_layer_matches_the_plain_layer_without_recompilin
     counters.clear()
     attention = EagerBackend()
     torch.manual_seed(0)
-    plain = Qwen2MoTDecoderLayer(ARCH.llm, 0, lambda spec: attention.build(spec, {}))
+    plain = Qwen2MoTDecoderLayer(ARCH.llm, 0, lambda spec: attention.build(spec, None))
     with torch.no_grad():  # non-trivial norms and the generation expert's own weights
         for p in plain.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    layer = Qwen2MoTDecoderLayer(ARCH.llm, 0, lambda spec: attention.build(spec, {}))
+    layer = Qwen2MoTDecoderLayer(ARCH.llm, 0, lambda spec: attention.build(spec, None))
     layer.load_state_dict(plain.state_dict())
     apply_activation_checkpointing(layer, [layer], ActivationCheckpoint(mode="full"))
     apply_compile([layer], backend="aot_eager")  # dynamo + AOTAutograd, no C++ build

@@ -52,7 +52,8 @@ class BagelPackedBatch:
     """[n_vit] int32 tokens per ViT image."""
     # -- VAE images (generation targets and clean conditions) --
     padded_images: torch.Tensor | None
-    """[n_vae, 3, Hmax, Wmax] pixels in [-1, 1], zero padded; the frozen VAE encodes them."""
+    """[n_vae, 3, Hmax, Wmax] pixels in [-1, 1], zero padded; the frozen VAE encodes each image
+    on its own (cropped to its size). None in a batch whose every image the latent cache served."""
     patchified_vae_latent_shapes: list[tuple[int, int]]
     """Per VAE image (h, w) in latent patches."""
     packed_latent_position_ids: torch.Tensor
@@ -70,6 +71,15 @@ class BagelPackedBatch:
     """[Nz] raw timesteps (N(0,1) per noised image, -inf for clean); drawn in forward if None."""
     noise: torch.Tensor | None = None
     """[Nz, P] flow-matching noise; drawn in forward if None."""
+    # -- the latent cache (`[bagel] latent_cache`; see latent_cache.py) --
+    vae_moments: torch.Tensor | None = None
+    """[n_vae, 2z, h, w] posterior moments served by the latent cache (the VAE's dtype, zero
+    padded; zeros for an image without an entry): the model samples them instead of encoding."""
+    vae_cache_misses: list[str] = field(default_factory=list)
+    """Per VAE image of a cached batch: "" when its moments are in `vae_moments`, else why not (the
+    model raises it, or encodes the image from `padded_images`, per `latent_cache_miss`)."""
+    latent_cache_tag: str = ""
+    """The cache's VAE and dtype the moments belong to; the model checks it names its own VAE."""
     num_samples: int = 0
     """Samples in the pack (documents)."""
     sample_keys: list = field(default_factory=list)

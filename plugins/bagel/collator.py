@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .batch import BagelPackedBatch
+from .latent_cache import LatentCache, content_key, miss_message
 from .processor import BagelSample, DroppedImage, SpecialTokens, TextSegment, VaeSegment, VitSegment
 
 
@@ -213,6 +214,7 @@ class BagelCollator:
         vae_downsample: int,
         special_tokens: SpecialTokens | None = None,
         tokenizer_path: str | None = None,
+        latent_cache: LatentCache | None = None,
     ):
         """`special_tokens` (or `tokenizer_path`, to look them up like the processor) gives the ids of
         <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>; without either they come from
@@ -230,6 +232,9 @@ class BagelCollator:
         self.interpolate_pos = bool(getattr(bagel_config, "interpolate_pos", False))
         self.vit_feature_dim = vit_patch_size * vit_patch_size * 3
         self.vae_downsample = vae_downsample
+        self.latent_patch_size = int(bagel_config.latent_patch_size)
+        self.latent_cache = latent_cache
+        """`[bagel] latent_cache` of the model's VAE: the batch carries the stored moments."""
 
     def __call__(self, samples: Sequence[BagelSample]) -> BagelPackedBatch:
         if not samples:
@@ -239,4 +244,39 @@ class BagelCollator:
         )
         for sample in samples:
             builder.add(sample)
-        return builder.build([s.key for s in samples], self.vit_feature_dim)
+        batch = builder.build([s.key for s in samples], self.vit_feature_dim)
+        if self.latent_cache is not None and batch.patchified_vae_latent_shapes:
+            attach_cached_moments(batch, samples, self.latent_cache, self.latent_patch_size)
+        return batch
+
+
+def attach_cached_moments(
+    batch: BagelPackedBatch, samples: Sequence[BagelSample], cache: LatentCache, latent_patch_size: int
+) -> None:
+    """Put the latent cache's moments of the batch's VAE images into `batch.vae_moments` (zero
+    padded like `padded_images`) and say per image why one was not served; the pixels stay in the
+    batch only when some image must still be encoded."""
+    p = latent_patch_size
+    images = [
+        (sample.key, i, seg)
+        for sample in samples
+        for i, seg in enumerate(s for s in sample.segments if isinstance(s, VaeSegment))
+    ]
+    h_max, w_max = (max(s[k] for s in batch.patchified_vae_latent_shapes) * p for k in (0, 1))
+    moments, misses = None, []
+    for n, (key, i, seg) in enumerate(images):
+        h, w = seg.grid
+        found = cache.get(content_key(seg.image), (h * p, w * p))
+        if found.moments is None:
+            where = f"VAE image {i} of sample {key}"
+            misses.append(miss_message(cache, where, found.reason, (seg.image.shape[1], seg.image.shape[2])))
+            continue
+        misses.append("")
+        if moments is None:
+            moments = torch.zeros(len(images), found.moments.shape[0], h_max, w_max, dtype=cache.dtype)
+        moments[n, :, : h * p, : w * p] = found.moments
+    batch.vae_moments = moments
+    batch.vae_cache_misses = misses
+    batch.latent_cache_tag = cache.tag
+    if not any(misses):
+        batch.padded_images = None

@@ -163,6 +163,15 @@ class BagelConfig:
     It wins over both the random init of a fresh model and the `ae.safetensors` of `[model]
     pretrained_path`. Empty: the pretrained folder's VAE, or a random one without a folder.
     A relative path is relative to the working directory."""
+    latent_cache: str = ""
+    """A folder of cached VAE latents (`bagel-titan-encode-latents` with this run's config fills it,
+    e.g. `data/example/latents`): the loader serves each VAE image's stored posterior moments and
+    the model skips the VAE encoder; the posterior is still sampled every step, so training is
+    bitwise the same as without it. Empty: encode every step."""
+    latent_cache_miss: Literal["error", "encode"] = "error"
+    """An image without a valid cache entry (new data, another resolution, processor or VAE):
+    "error" stops the run naming the image and `bagel-titan-encode-latents`; "encode" encodes it
+    in the step (the same bits) and logs how many it encoded."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights in a fresh model."""
     llm_path: str = ""

@@ -9,6 +9,7 @@ submodule.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bagel_titan.distributed.tensor_io import assign_full
+from bagel_titan.errors import UserError
 from bagel_titan.protocols import AttentionLayerSpec, AttentionModule
 from bagel_titan_plugins.attention.meta import AttentionMeta
 
@@ -25,7 +27,10 @@ from .batch import BagelPackedBatch
 from .config import BagelArchitecture, BagelConfig
 from .modeling_qwen2_mot import MoTRouting, Qwen2MoTForCausalLM, RMSNorm
 from .siglip_navit import SiglipVisionModel
+from .latent_cache import LatentCacheMiss, vae_folder_name
 from .vae import FrozenVAE
+
+logger = logging.getLogger(__name__)
 
 AttentionFactory = Callable[[AttentionLayerSpec], AttentionModule[AttentionMeta]]
 
@@ -164,6 +169,8 @@ class Bagel(nn.Module):
         self.vae = FrozenVAE(arch.vae, options.vae_dtype) if options.visual_gen else None
         self.tokenizer_path = ""
         """Folder whose tokenizer files an export copies (set by the model spec)."""
+        self.latent_cache_encoded = 0
+        """Images encoded because the latent cache had no entry (`latent_cache_miss = "encode"`)."""
 
     # -- initialisation --------------------------------------------------------------------
 
@@ -308,13 +315,11 @@ class Bagel(nn.Module):
                 )
         padded = batch.padded_latent
         if padded is None:
-            if batch.padded_images is None:
-                raise ValueError("the batch has VAE images but neither padded_images nor padded_latent")
             if self.vae is None:
                 raise ValueError(
                     "the batch has VAE images but the model has no VAE ([bagel] visual_gen = false)"
                 )
-            padded = self.vae.encode(batch.padded_images, generator=generator)
+            padded = self.vae.sample_padded(self._vae_moments(self.vae, batch), generator)
         x0_NP = patchify_latents(padded.float(), list(batch.patchified_vae_latent_shapes), p)
         device = x0_NP.device
         raw_t = batch.packed_timesteps
@@ -330,3 +335,53 @@ class Bagel(nn.Module):
         if noise is None:
             noise = torch.randn(x0_NP.shape, generator=generator, device=device, dtype=x0_NP.dtype)
         return x0_NP, flow_timesteps(raw_t.float(), self.options.timestep_shift), noise.to(x0_NP.dtype)
+
+    def _vae_moments(self, vae: FrozenVAE, batch: BagelPackedBatch) -> torch.Tensor:
+        """[n, 2z, h_max, w_max] posterior moments of the pack's VAE images (zero padded).
+
+        Each image is encoded alone, at its own size (not the release's padded batch: there the
+        encoder's GroupNorm statistics include the padding, so an image's latents depend on its
+        pack-mates; see docs/differences_from_release.md), or taken from the latent cache, which
+        stored exactly that. Both give the same bits, so the cache does not change training."""
+        p, ds = self.options.latent_patch_size, self.arch.vae.downsample
+        shapes = list(batch.patchified_vae_latent_shapes)
+        cached = batch.vae_moments
+        encode = list(range(len(shapes)))
+        if batch.vae_cache_misses:  # a batch of a `[bagel] latent_cache` run
+            if cached is not None:
+                own = vae_folder_name(vae.identity(), vae.dtype_for(cached.device))
+                if batch.latent_cache_tag != own:
+                    raise UserError(
+                        f"the latent cache served moments of VAE {batch.latent_cache_tag}, but this model's VAE "
+                        f"is {own}; run bagel-titan-encode-latents again with this run's config"
+                    )
+            encode = [i for i, why in enumerate(batch.vae_cache_misses) if why]
+            if encode:
+                self._cache_misses([batch.vae_cache_misses[i] for i in encode])
+        if not encode and cached is not None:
+            return cached
+        if batch.padded_images is None:
+            raise ValueError("the batch has VAE images to encode but no padded_images")
+        images = batch.padded_images
+        h_max, w_max = (max(s[k] for s in shapes) * p for k in (0, 1))
+        moments = None if cached is None else cached.clone()  # the batch may be served again
+        for i in encode:
+            h, w = shapes[i]
+            one = vae.moments_of(images[i, :, : h * p * ds, : w * p * ds])
+            if moments is None:
+                moments = one.new_zeros(len(shapes), one.shape[0], h_max, w_max)
+            moments[i, :, : h * p, : w * p] = one
+        if moments is None:
+            raise ValueError("the batch has VAE shapes but no VAE images")
+        return moments
+
+    def _cache_misses(self, misses: list[str]) -> None:
+        """Images the latent cache did not serve: an error, or encoded here and counted."""
+        if self.options.latent_cache_miss == "error":
+            raise LatentCacheMiss(misses[0])
+        self.latent_cache_encoded += len(misses)
+        if self.latent_cache_encoded == len(misses) or self.latent_cache_encoded % 1000 < len(misses):
+            logger.warning(
+                f"latent cache: {self.latent_cache_encoded} image(s) encoded so far because the cache had no "
+                f"entry (latest: {misses[-1]})"
+            )

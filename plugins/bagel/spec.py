@@ -320,10 +320,17 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
     def build_collator(self, job_config: JobConfig) -> BagelCollator:
         from .collator import BagelCollator
 
+        options = self.bagel_config(job_config)
+        cache = None
+        if options.latent_cache and self._built is not None:  # the model's VAE names the entries
+            from .latent_cache import for_model
+
+            cache = for_model(options.latent_cache, self._built, job_config.training.device)
         return BagelCollator(
             job_config,
-            self.bagel_config(job_config),
+            options,
             tokenizer_path=self.tokenizer_path(job_config),
+            latent_cache=cache,
             **self._data_kwargs(job_config),
         )
 

@@ -6,6 +6,8 @@ keeps it outside the trained module tree, so neither FSDP nor the optimizer ever
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -178,7 +180,16 @@ class AutoEncoder(nn.Module):
         self, images: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Sample the posterior (mean + std * eps) and scale/shift it; `eps` overrides the draw."""
-        mean, logvar = self.moments(images).chunk(2, dim=1)
+        return self.sample(self.moments(images), generator, eps)
+
+    def sample(
+        self, moments: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Moments [n, 2z, h, w] -> scaled latents: mean + std * eps, eps drawn here unless given.
+
+        The one place the posterior is sampled, so that encoded and cached moments (the latent
+        cache stores moments, not samples) give the same bits for the same draw."""
+        mean, logvar = moments.chunk(2, dim=1)
         if eps is None:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * logvar) * eps
@@ -200,6 +211,26 @@ class FrozenVAE:
         self.args = args
         self.dtype_policy = dtype_policy
         self.module = AutoEncoder(args).requires_grad_(False).eval()
+        self._identity: tuple[tuple, str] | None = None
+
+    def _stamp(self) -> tuple:
+        """Changes whenever a parameter is replaced or written in place (weights loaded)."""
+        return tuple((p.data_ptr(), p._version, p.dtype) for p in self.module.parameters())
+
+    def identity(self) -> str:
+        """Hex digest of the architecture and the weights as loaded: what a latent cache names
+        its VAE by, so that another VAE (or the same one at another size) never reads its entries.
+
+        Computed from the weights before `on` first casts them (the cast is ours, not a change of
+        VAE) and kept until a parameter changes."""
+        stamp = self._stamp()
+        if self._identity is None or self._identity[0] != stamp:
+            digest = hashlib.blake2b(repr(self.args).encode(), digest_size=16)
+            for name, tensor in sorted(self.module.state_dict().items()):
+                digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            self._identity = (stamp, digest.hexdigest())
+        return self._identity[1]
 
     def dtype_for(self, device: torch.device) -> torch.dtype:
         policy = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -221,7 +252,10 @@ class FrozenVAE:
         p = next(self.module.parameters())
         dtype = self.dtype_for(device)
         if p.device != device or p.dtype != dtype:
+            known = self.identity() if not p.is_meta else None
             self.module.to(device=device, dtype=dtype)
+            if known is not None:
+                self._identity = (self._stamp(), known)
         return self.module
 
     @torch.no_grad()
@@ -233,6 +267,27 @@ class FrozenVAE:
         dtype = next(ae.parameters()).dtype
         eps = None if eps is None else eps.to(dtype)
         return ae.encode(images.to(dtype), generator=generator, eps=eps).float()
+
+    @torch.no_grad()
+    def moments_of(self, image_CHW: torch.Tensor) -> torch.Tensor:
+        """One image [3, H, W] (no padding) -> its moments [2z, H/ds, W/ds] in the VAE's dtype.
+
+        Always one image per encoder call: GroupNorm's statistics would include a pack-mate's
+        padding, and on CPU even a batch of equal-sized images differs from single calls in the
+        last bits, so only batch-1 calls make an image's moments independent of its pack (and
+        equal to what `bagel-titan-encode-latents` stored)."""
+        ae = self.on(image_CHW.device)
+        dtype = next(ae.parameters()).dtype
+        return ae.moments(image_CHW[None].to(dtype).contiguous())[0]  # a crop of a padded batch is a view
+
+    @torch.no_grad()
+    def sample_padded(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Padded moments [n, 2z, h, w] (VAE dtype) -> fp32 scaled latents [n, z, h, w].
+
+        eps is drawn over the whole padded shape, as the release's padded encode draws it, so the
+        generator advances by the same amount whether the moments were encoded or cached."""
+        ae = self.on(moments.device)
+        return ae.sample(moments.to(next(ae.parameters()).dtype), generator).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -199,11 +199,11 @@ class _ShardRun:
     def _emit(self) -> WorkerOutput:
         keys = self.ready.pop(0)
         batch = self.owner.collator([self.samples.pop(k) for k in keys])
-        if get_worker_info() is not None:  # in a loader worker: one buffer, not one segment per tensor
-            batch = FlatBatch.pack(batch)
+        # in a loader worker: one buffer, not one segment per tensor
+        sent = FlatBatch.pack(batch) if get_worker_info() is not None else batch
         stats = dict(self.pending_stats)
         self.pending_stats = Counter()
-        return WorkerOutput(batch, stats)
+        return WorkerOutput(sent, stats)
 
     def __iter__(self) -> Iterator[WorkerOutput]:
         while True:
