@@ -7,7 +7,7 @@ colour, shape colour = the largest blob's colour, shape = the blob's fill ratio 
 One row per exported folder (and per `--cfg` value); the chance column is a uniform guess.
 
     python benchmarks/eval_example_gen.py outputs/debug/exports/final [more exports ...] \\
-        [--prompts 60] [--cfg 4.0 [2.0 ...]] [--steps 20] [--grid docs/first_run_samples.png] \\
+        [--prompts 60] [--cfg 4.0 [2.0 ...]] [--steps 20] [--grid docs/first_run/samples.png] \\
         [--config RUN/config.toml] [-- --section.key value ...]
 
 Sampler settings default to the `[bagel.sampling]` table of the run's config (the export's

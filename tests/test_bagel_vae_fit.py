@@ -3,8 +3,11 @@ and `[bagel] vae_path` loads it into the model's frozen VAE (winning over a pret
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import io
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from synthetic_bagel import build_bagel_for_tests
 from bagel_titan_plugins.bagel.vae import AutoEncoder
 from bagel_titan_plugins.bagel.vae_fit import VAEFitConfig, fit_vae, reconstruction_psnr
 from bagel_titan_plugins.bagel.weights import export
+from bagel_titan_plugins.data import example_data as example_data_module
 from bagel_titan_plugins.data.example_data import (
     DEFAULT_IMAGE_SIZE,
     QUESTION_SCENES,
@@ -51,7 +55,7 @@ def held_out_images(n: int = 16) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae_fit")
-    return ensure_example_data(str(root / "data"), num_samples=96, vae_fit=FIT)
+    return ensure_example_data(str(root / "data"), num_samples=96, vae_fit=dataclasses.asdict(FIT))
 
 
 def _autoencoder(state: dict[str, torch.Tensor]) -> AutoEncoder:
@@ -92,9 +96,29 @@ def test_example_folder_has_question_images_and_is_rewritten_when_outdated(examp
     out = tmp_path / "data"
     old = ensure_example_data(str(out), num_samples=8)  # a folder without the VAE (as before)
     assert "vae" not in old and not (out / "ae.safetensors").exists()
-    new = ensure_example_data(str(out), num_samples=8, vae_fit=VAEFitConfig(steps=1))
+    new = ensure_example_data(str(out), num_samples=8, vae_fit={"steps": 1})
     assert (out / "ae.safetensors").is_file() and new["vae"] == str(out / "ae.safetensors")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".example_data.")]
+
+
+def test_the_data_plugin_does_not_import_the_model_plugin():
+    """The fit lives in the bagel plugin, which imports the example data; the example data runs
+    the fit as a command, so the two packages do not import each other (issue 15), not even
+    inside a function."""
+    data_dir = Path(example_data_module.__file__).parent
+    imports = []
+    for path in sorted(data_dir.rglob("*.py")):
+        package = ["bagel_titan_plugins", "data", *path.relative_to(data_dir).parent.parts]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):  # resolve relative imports against the file's package
+                base = package[: len(package) - node.level + 1] if node.level else []
+                names = [".".join([*base, *([node.module] if node.module else [])])]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            imports += [(path.name, n) for n in names if n.startswith("bagel_titan_plugins.bagel")]
+    assert len(list(data_dir.rglob("*.py"))) > 5 and imports == []
 
 
 def _job(tmp_path, vae_path: str):

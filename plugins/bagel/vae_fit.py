@@ -17,18 +17,31 @@ of GroupNorm on 32 channels the debug VAE's decoder normalises every channel per
 absolute colours take many steps to learn). The result is an `AutoEncoder.state_dict()` with the
 key layout of FLUX's `ae.safetensors`. The fit is deterministic for a given seed on a given
 machine (CPU, fixed batch order).
+
+``python -m bagel_titan_plugins.bagel.vae_fit DATA_DIR [--fit JSON]`` fits the debug flavor's VAE
+to the images of an example-data folder (``DATA_DIR/train.parquet``) and writes
+``DATA_DIR/ae.safetensors``; ``bagel-titan-example-data DATA_DIR --vae`` runs it.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import io
+import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from .config import VAEArgs
+from bagel_titan_plugins.data.example_data import record_images
+
+from .config import VAEArgs, architecture_for
 from .vae import AttnBlock, AutoEncoder, ResnetBlock
 
 
@@ -172,3 +185,39 @@ def reconstruction_psnr(
         squared += ((recon - x_BCHW) / 2).square().sum().item()
         count += x_BCHW.numel()
     return 10.0 * math.log10(1.0 / max(squared / count, 1e-12))
+
+
+def _pixels(png: bytes) -> torch.Tensor:
+    """[3, H, W] in [-1, 1], as the processor normalises."""
+    from PIL import Image
+
+    array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def fit_example_vae(data_dir: str, config: VAEFitConfig = VAEFitConfig()) -> str:
+    """Fit the debug flavor's VAE to the images of `data_dir`/train.parquet (an example-data
+    folder) and save it as `data_dir`/ae.safetensors; returns that path."""
+    from safetensors.torch import save_file
+
+    records = pq.read_table(os.path.join(data_dir, "train.parquet")).to_pylist()
+    images = [_pixels(png) for png in record_images(records)]
+    state = fit_vae(architecture_for("debug").vae, images, config=config)
+    path = os.path.join(data_dir, "ae.safetensors")
+    save_file(state, path, metadata={"format": "pt", "fit": json.dumps(dataclasses.asdict(config))})
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fit the debug VAE to an example-data folder's images.")
+    parser.add_argument("data_dir", help="a folder written by bagel-titan-example-data (its train.parquet)")
+    parser.add_argument(
+        "--fit", default="{}", help="VAEFitConfig fields to change, as JSON: '{\"steps\": 100}'"
+    )
+    args = parser.parse_args(argv)
+    config = dataclasses.replace(VAEFitConfig(), **json.loads(args.fit))
+    print("wrote " + fit_example_vae(args.data_dir, config))
+
+
+if __name__ == "__main__":
+    main()

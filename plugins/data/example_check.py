@@ -9,7 +9,9 @@ an image shows, to score generated images against their prompts (`benchmarks/eva
   corners: 4 for a square, 2 half-filled for a triangle, none for a circle); the shape whose
   cleanly rendered image measures nearest wins.
 
-An image without a blob (all background) gets shape and shape colour None (wrong).
+An image without a blob (all background) gets shape and shape colour None (wrong), and so does a
+blob whose most common colour covers less than `MIN_BLOB_PURITY` of it: a patch of mixed-colour
+noise is no shape (its bounding box is full, so it would otherwise read as a square).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from .example_data import COLOURS, SHAPES, Scene, render
 
 CORNER_FRACTION = 0.2
 """Side of a corner cell as a fraction of the blob's bounding box side."""
+MIN_BLOB_PURITY = 0.5
+"""Least share of the blob's pixels of its own (most common) colour for it to count as a shape."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,10 @@ def read_image(image_HW3: np.ndarray) -> ImageReading:
     blob_HW = largest_region(labels_HW != background)
     if not blob_HW.any():
         return ImageReading(names[background], None, None, 0.0, 0.0)
-    colour = int(np.bincount(labels_HW[blob_HW], minlength=len(names)).argmax())
+    counts = np.bincount(labels_HW[blob_HW], minlength=len(names))
+    colour = int(counts.argmax())
+    if counts[colour] < MIN_BLOB_PURITY * counts.sum():
+        return ImageReading(names[background], None, None, 0.0, 0.0)
     fill, corners = shape_measures(blob_HW)
     prototypes = shape_prototypes(*labels_HW.shape)
     shape = min(prototypes, key=lambda s: (fill - prototypes[s][0]) ** 2 + (corners - prototypes[s][1]) ** 2)

@@ -11,9 +11,12 @@ writes, deterministically:
   loadable with ``AutoTokenizer.from_pretrained`` and holding the Qwen2 special tokens;
 - ``OUT_DIR/samples/``: the images of `QUESTION_SCENES` (``red_circle.png``, ...) that the
   debug config's sampling questions ask about;
-- ``OUT_DIR/ae.safetensors`` (with ``--vae``, or ``vae_fit=VAEFitConfig()``): the debug flavor's
-  VAE fitted to the dataset's images, in FLUX's key layout, for ``[bagel] vae_path`` (a random
-  VAE's latents carry no picture, so generated samples could never show one).
+- ``OUT_DIR/ae.safetensors`` (with ``--vae``, or ``vae_fit={}``): the debug flavor's VAE fitted
+  to the dataset's images, in FLUX's key layout, for ``[bagel] vae_path`` (a random VAE's latents
+  carry no picture, so generated samples could never show one). The fit belongs to the bagel
+  plugin (`bagel_titan_plugins.bagel.vae_fit`), which imports this module; this module runs it as
+  a command (`VAE_FIT_COMMAND`) instead of importing it, so the data plugin never imports the
+  model plugin.
 
 So the debug config trains with no download.
 """
@@ -21,25 +24,24 @@ So the debug config trains with no download.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:  # the fit needs torch: imported only when a VAE is written
-    from bagel_titan_plugins.bagel.vae_fit import VAEFitConfig
-
 # Six well separated colours, three shapes, two sizes: 180 kinds of scene, few enough for the
-# tiny debug model to learn every combination in a few minutes of CPU, shapes large enough to
-# tell apart at 32 px.
+# tiny debug model to learn every combination in a few minutes of CPU. Both sizes are large (a
+# small shape is 19 px wide at 32 px, a large one 24 px): a triangle of a few pixels is hard to
+# see, to draw and to check.
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -50,7 +52,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
-SHAPE_RADIUS = {"small": 0.22, "large": 0.34}
+SHAPE_RADIUS = {"small": 0.30, "large": 0.38}
 """Half the shape's width (a circle's radius) as a fraction of the image's shorter side."""
 QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
@@ -110,13 +112,17 @@ def render(scene: Scene, width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+QUESTION_WEIGHTS = {"shape": 0.55, "colour": 0.15, "background": 0.15, "describe": 0.15}
+"""How often each question kind is asked: the shape most, since colours are learnt much sooner."""
+
+
 def _question(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    kind = rng.randrange(4)
-    if kind == 0:
+    kind = rng.choices(list(QUESTION_WEIGHTS), weights=list(QUESTION_WEIGHTS.values()))[0]
+    if kind == "colour":
         return "what colour is the shape ?", f"the shape is {scene.colour} ."
-    if kind == 1:
+    if kind == "shape":
         return "what shape is in the image ?", f"it is a {scene.shape} ."
-    if kind == 2:
+    if kind == "describe":
         return "describe the image .", f"the image shows {scene.caption()} ."
     return "what colour is the background ?", f"the background is {scene.background} ."
 
@@ -140,7 +146,8 @@ def _text_only(rng: random.Random) -> dict:
 
 
 def make_records(num_samples: int, seed: int, image_size: tuple[int, int]) -> list[dict]:
-    """The records: about 55% understanding, 40% text-to-image, 5% text only."""
+    """The records: about 45% understanding, 50% text-to-image, 5% text only (drawing the shapes
+    is learnt last, so it gets the most samples)."""
     rng = random.Random(seed)
     records = []
     for i in range(num_samples):
@@ -151,7 +158,7 @@ def make_records(num_samples: int, seed: int, image_size: tuple[int, int]) -> li
         scene = random_scene(rng)
         w, h = image_size if rng.random() < 0.5 else (image_size[1], image_size[0])
         image = {"bytes": render(scene, w, h), "path": f"shape_{i:05d}.png"}
-        if u < 0.6:
+        if u < 0.5:
             question, answer = _question(scene, rng)
             records.append(
                 {
@@ -275,22 +282,14 @@ def record_images(records: list[dict]) -> list[bytes]:
     ]
 
 
-def write_fitted_vae(path: str, png_images: list[bytes], fit: "VAEFitConfig") -> str:
-    """Fit the debug flavor's VAE to the images and save it as an ``ae.safetensors`` at `path`."""
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
+VAE_FIT_COMMAND = (sys.executable, "-m", "bagel_titan_plugins.bagel.vae_fit")
+"""The bagel plugin's command that fits the debug VAE to ``DATA_DIR/train.parquet``'s images and
+writes ``DATA_DIR/ae.safetensors`` (``--fit JSON``: `VAEFitConfig` fields to change)."""
 
-    from bagel_titan_plugins.bagel.config import architecture_for
-    from bagel_titan_plugins.bagel.vae_fit import fit_vae
 
-    def pixels(png: bytes) -> torch.Tensor:  # [3, H, W] in [-1, 1], as the processor normalises
-        array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-    state = fit_vae(architecture_for("debug").vae, [pixels(png) for png in png_images], config=fit)
-    save_file(state, path, metadata={"format": "pt", "fit": json.dumps(dataclasses.asdict(fit))})
-    return path
+def fit_vae_command(data_dir: str, fit: Mapping[str, Any]) -> None:
+    """Run `VAE_FIT_COMMAND` on `data_dir` with the `VAEFitConfig` overrides `fit` ({}: defaults)."""
+    subprocess.run([*VAE_FIT_COMMAND, data_dir, "--fit", json.dumps(dict(fit))], check=True)
 
 
 DEFAULT_NUM_SAMPLES = 8000
@@ -306,10 +305,11 @@ def write_example_data(
     seed: int = 0,
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
     row_group_size: int = 64,
-    vae_fit: "VAEFitConfig | None" = None,
+    vae_fit: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Write the dataset, tokenizer and question images into `out_dir`, and with `vae_fit` the
-    fitted debug VAE (tens of seconds of CPU, hence opt-in here); returns their paths."""
+    """Write the dataset, tokenizer and question images into `out_dir`, and with `vae_fit` (the
+    bagel plugin's `VAEFitConfig` fields to change, {} for none) the fitted debug VAE (tens of
+    seconds of CPU, hence opt-in here); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     records = make_records(num_samples, seed, image_size)
     content = pa.list_(
@@ -329,7 +329,7 @@ def write_example_data(
     build_tokenizer(_texts(records), paths["tokenizer"])
     write_question_images(paths["samples"], image_size)
     if vae_fit is not None:
-        write_fitted_vae(paths["vae"], record_images(records), vae_fit)
+        fit_vae_command(out_dir, vae_fit)
     return paths
 
 
@@ -393,10 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     fit = None
     if args.vae:
-        from bagel_titan_plugins.bagel.vae_fit import VAEFitConfig
-
-        fit = VAEFitConfig(seed=args.seed)
-        fit = fit if args.vae_steps is None else dataclasses.replace(fit, steps=args.vae_steps)
+        fit = {"seed": args.seed} if args.vae_steps is None else {"seed": args.seed, "steps": args.vae_steps}
     paths = write_example_data(args.out_dir, args.num_samples, args.seed, tuple(args.image_size), vae_fit=fit)
     print("wrote " + ", ".join(paths.values()))
 
