@@ -64,9 +64,11 @@ def test_each_epoch_is_a_new_permutation_and_shards_partition_it(sorted_parquet)
     assert orders[0] != orders[1] != orders[2]
     assert all(order != sorted(order) for order in orders)
     # Unit order is permuted, not only neighbours swapped: a sorted dataset's first quarter
-    # reaches into its second half.
-    whole = epochs_of(stream(sorted_parquet), 1)[0]
-    assert max(whole[: ROWS // 4]) >= ROWS // 2
+    # reaches into its second half (the window alone cannot carry a row that far). The
+    # permutation is keyed by the dataset's path (a new tmp folder each run), and for about 3% of
+    # keys the first units all come from the first half, so the claim is made over five seeds.
+    firsts = [epochs_of(stream(sorted_parquet, seed=seed), 1)[0][: ROWS // 4] for seed in range(5)]
+    assert any(max(first) >= ROWS // 2 for first in firsts)
 
 
 def test_order_is_a_function_of_the_seed(sorted_parquet):
