@@ -29,6 +29,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from bagel_titan.config.fields import build_dataclass
+from bagel_titan.errors import UserError
 from bagel_titan.protocols import ProcessedSample, RawSample
 from bagel_titan_plugins.data.bad_samples import BadSampleError
 from bagel_titan_plugins.data.images import fit_size, load_rgb, to_tensor
@@ -147,13 +148,18 @@ class SpecialTokens:
     vision_end: int
 
 
+class TokenizerNotFound(UserError, FileNotFoundError):
+    """`[model] tokenizer_path` (or a pretrained folder) holds no loadable tokenizer."""
+
+
 def load_tokenizer(path: str) -> tuple[Any, SpecialTokens]:
     """`AutoTokenizer` from `path`, with the Qwen2 chat and vision tokens added if missing."""
     try:
         tokenizer: Any = AutoTokenizer.from_pretrained(path)  # str in, int out: not what its stubs say
     except (OSError, ValueError) as exc:
-        raise FileNotFoundError(
-            f"cannot load a tokenizer from {path!r} ({exc}); set [model] "
+        first_line = str(exc).strip().splitlines()[0].rstrip(": ") if str(exc).strip() else type(exc).__name__
+        raise TokenizerNotFound(
+            f"cannot load a tokenizer from {path!r} ({first_line}); set [model] "
             f"tokenizer_path to a folder with tokenizer.json"
         ) from exc
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import nn
 
+from bagel_titan.config.fields import ConfigError
 from bagel_titan.errors import UserError
 from bagel_titan.lora import LoRAExport, LoRAGroups
 from bagel_titan.protocols import (
@@ -230,7 +231,7 @@ class BagelSpec(ModelSpec[Bagel, BagelPackedBatch]):
         groups = list(job_config.model.freeze)
         unknown = sorted(set(groups) - set(FREEZE_GROUPS))
         if unknown:
-            raise ValueError(f"unknown group(s) {unknown} in [model] freeze; known: {list(FREEZE_GROUPS)}")
+            raise ConfigError(f"unknown group(s) {unknown} in [model] freeze; known: {list(FREEZE_GROUPS)}")
         return [m for g in groups for m in self.group_modules(model, g)]
 
     @staticmethod

@@ -22,7 +22,7 @@ import math
 from typing import AbstractSet, Any, Callable, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from bagel_titan.distributed.tensor_io import (
     Region,
@@ -31,6 +31,7 @@ from bagel_titan.distributed.tensor_io import (
     gather_full,
     local_region,
 )
+from bagel_titan.errors import UserError
 from bagel_titan.lora import LoRAExport, adapter_state_keys
 from bagel_titan_plugins.attention.state_keys import optional_attention_state_keys
 
@@ -98,8 +99,31 @@ class WeightSource:
     """Model keys no file holds that keep their fresh init (the HF start's new modules)."""
 
 
+class WeightsError(UserError, ValueError):
+    """Pretrained weights that do not fit the model (shapes, tables) or cannot be read."""
+
+
+class WeightsNotFound(UserError, FileNotFoundError):
+    """A pretrained folder or file that is missing or has an unknown layout."""
+
+
+class WeightKeysMismatch(UserError, KeyError):
+    """Stored keys that do not match the model's (another architecture or options)."""
+
+
+def _open_safetensors(path: str) -> Any:
+    """`safe_open(path)`, with a file that is not safetensors (or is truncated) as a user error."""
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(
+            f"{path!r} is not a readable safetensors file ({exc}); point the setting that names it at a "
+            f"*.safetensors file (or re-download it if it is truncated)"
+        ) from exc
+
+
 def _keys_of(path: str) -> list[str]:
-    with safe_open(path, "pt") as f:
+    with _open_safetensors(path) as f:
         return list(f.keys())
 
 
@@ -112,11 +136,11 @@ def detect(folder: str) -> WeightSource:
     has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
     join = lambda name: os.path.join(folder, name)  # noqa: E731
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"[model] pretrained_path {folder!r} is not a folder")
+        raise WeightsNotFound(f"[model] pretrained_path {folder!r} is not a folder")
     if has("llm_config.json") and (has("ema.safetensors") or has("model.safetensors")):
         model_file = join("ema.safetensors" if has("ema.safetensors") else "model.safetensors")
         if not has("ae.safetensors"):
-            raise FileNotFoundError(f"official BAGEL folder {folder!r} has no ae.safetensors (the FLUX VAE)")
+            raise WeightsNotFound(f"official BAGEL folder {folder!r} has no ae.safetensors (the FLUX VAE)")
         return WeightSource("official", _same_keys(model_file), _same_keys(join("ae.safetensors")))
     if has("weights.safetensors") and has("vae_weights.safetensors") and has("config.json"):
         return WeightSource(
@@ -136,7 +160,7 @@ def detect(folder: str) -> WeightSource:
             else:
                 source.model[k] = StoredTensor(path, k)
         return source
-    raise FileNotFoundError(
+    raise WeightsNotFound(
         f"cannot tell the weight layout of {folder!r}: expected an official BAGEL folder (llm_config.json + "
         f"ema.safetensors or model.safetensors + ae.safetensors) or the LE layout (config.json + "
         f"model.safetensors.index.json or model.safetensors)"
@@ -186,7 +210,7 @@ class _Reader:
 
     def _open(self, path: str) -> Any:
         if path not in self._files:
-            handle = safe_open(path, "pt")
+            handle = _open_safetensors(path)
             self._files[path] = handle.__enter__()
         return self._files[path]
 
@@ -203,7 +227,7 @@ class _Reader:
         if ref.shape is None:
             return stored
         if stored[0] != ref.shape[0] or math.prod(stored) != math.prod(ref.shape):
-            raise ValueError(
+            raise WeightsError(
                 f"{ref.key} in {ref.file} has shape {stored}, which no row-keeping reshape "
                 f"turns into {ref.shape}"
             )
@@ -239,7 +263,7 @@ def _check_keys(kind: str, expected: set[str], found: set[str], optional: set[st
     missing = sorted(expected - found - optional)
     unexpected = sorted(found - expected)
     if missing or unexpected:
-        raise KeyError(
+        raise WeightKeysMismatch(
             f"{kind} weights in {where} do not match the model: missing {len(missing)} {missing[:20]}"
             f"{' ...' if len(missing) > 20 else ''}; unexpected {len(unexpected)} {unexpected[:20]}"
             f"{' ...' if len(unexpected) > 20 else ''} (check [model] flavor and the [bagel] visual_und / "
@@ -252,7 +276,7 @@ def _check_position_table(model: Bagel, key: str, shape: tuple[int, ...], where:
     if shape != own:
         setting = POSITION_TABLES[key]
         side = int(round(shape[0] ** 0.5))
-        raise ValueError(
+        raise WeightsError(
             f"{key} in {where} has {shape[0]} rows ({side}x{side}) but [bagel] {setting} = "
             f"{getattr(model.options, setting)} gives {own[0]}; set {setting} = {side}"
         )
@@ -260,7 +284,7 @@ def _check_position_table(model: Bagel, key: str, shape: tuple[int, ...], where:
 
 def _check_shape(key: str, param: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
     if tuple(param.shape) != tuple(shape):
-        raise ValueError(
+        raise WeightsError(
             f"{key} in {where} has shape {tuple(shape)} but the model's is {tuple(param.shape)}; "
             f"the checkpoint is another architecture: check [model] flavor"
         )
@@ -317,12 +341,12 @@ def _load_vae(model: Bagel, refs: Mapping[str, StoredTensor], where: str) -> Non
 def load_vae_file(model: Bagel, path: str) -> None:
     """Load `[bagel] vae_path` (one `ae.safetensors`, FLUX key layout) into the model's frozen VAE."""
     if model.vae is None:
-        raise ValueError(
+        raise WeightsError(
             f"[bagel] vae_path = {path!r} is set but [bagel] visual_gen = false (the model has "
             f"no VAE); remove vae_path or enable visual_gen"
         )
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise WeightsNotFound(
             f"[bagel] vae_path = {path!r} does not exist (working directory {os.getcwd()!r}); for the debug "
             f"flavor write it with `bagel-titan-example-data data/example --vae`, or point vae_path at an "
             f"ae.safetensors"

@@ -99,3 +99,80 @@ def test_user_mistakes_are_one_line_exit_2(
     assert len(lines) == 1 and lines[0].startswith("bagel-titan: error: "), err
     assert message in lines[0]
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def bagel_example(tmp_path_factory) -> dict[str, str]:
+    from bagel_titan_plugins.data.example_data import ensure_example_data
+
+    return ensure_example_data(str(tmp_path_factory.mktemp("example") / "data"))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("vae_not_safetensors", "is not a readable safetensors file"),
+        ("pretrained_bad_weights", "ema.safetensors' is not a readable safetensors file"),
+        ("pretrained_unknown_layout", "cannot tell the weight layout"),
+        ("pretrained_wrong_keys", "do not match the model: missing"),
+        ("tokenizer_folder_without_one", "cannot load a tokenizer from"),
+        ("freeze_group", "unknown group(s) ['nope'] in [model] freeze"),
+    ],
+)
+def test_bagel_weight_and_tokenizer_mistakes_are_one_line_exit_2(
+    tmp_path: Path, bagel_example: dict[str, str], capsys, case: str, message: str
+) -> None:
+    """The BAGEL model spec's own inputs (weights, VAE file, tokenizer, freeze groups) fail the
+    same way as the core's: one line naming the file or key, exit 2."""
+    from safetensors.torch import save_file
+    import torch
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    extra: list[str] = []
+    if case == "vae_not_safetensors":
+        (folder / "ae.safetensors").write_text("not a safetensors file")
+        extra = ["--bagel.vae_path", str(folder / "ae.safetensors")]
+    elif case == "pretrained_bad_weights":
+        (folder / "llm_config.json").write_text("{}")
+        (folder / "ema.safetensors").write_bytes(b"\x00" * 16)
+        (folder / "ae.safetensors").write_bytes(b"\x00" * 16)
+        extra = ["--model.pretrained_path", str(folder)]
+    elif case == "pretrained_unknown_layout":
+        (folder / "weights.bin").write_bytes(b"\x00")
+        extra = ["--model.pretrained_path", str(folder)]
+    elif case == "pretrained_wrong_keys":
+        (folder / "config.json").write_text("{}")
+        save_file({"not_a_bagel.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+        extra = ["--model.pretrained_path", str(folder)]
+    elif case == "tokenizer_folder_without_one":
+        extra = ["--model.tokenizer_path", str(folder)]
+    elif case == "freeze_group":
+        extra = ["--model.freeze", '["nope"]']
+    args = [
+        "--job.config_file",
+        str(Path(__file__).resolve().parents[2] / "train_configs" / "debug_model.toml"),
+        "--job.dump_folder",
+        str(tmp_path / "run"),
+        "--model.tokenizer_path",
+        bagel_example["tokenizer"],
+        "--data.datasets",
+        f'[{{path = "{bagel_example["data"]}"}}]',
+        "--data.num_workers",
+        "0",
+        "--training.steps",
+        "1",
+        "--training.device",
+        "cpu",
+        "--bagel.vae_path",
+        "",
+        "--validation.enable",
+        "false",
+        *extra,
+    ]
+    code, err = _run_in_process(args, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("bagel-titan: error: "), err
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in err
