@@ -121,7 +121,13 @@ class LatentCache:
     def write_manifest(self, info: dict) -> None:
         """`vae.json` beside the entries: which VAE, dtype, device and threads encoded them (for a
         reader; lookups never depend on it)."""
-        os.makedirs(self.root, exist_ok=True)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise UserError(
+                f"[bagel] latent_cache {self.folder!r}: cannot create {self.root!r} ({exc.strerror}); "
+                f"choose a writable folder"
+            ) from exc
         path = os.path.join(self.root, "vae.json")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:

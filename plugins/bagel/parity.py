@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
+from bagel_titan.errors import UserError
 from bagel_titan.protocols import AttentionBackend
 from bagel_titan_plugins.losses.ce import CELoss
 from bagel_titan_plugins.losses.flow_mse import FlowMSELoss
@@ -195,7 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bagel_titan.plugins import get_plugin_manager
 
-    backend = get_plugin_manager().attention_backends.get(args.backend)
+    try:
+        backend = get_plugin_manager().attention_backends.get(args.backend)
+    except UserError as exc:
+        print(f"bagel-titan-parity: error: {exc}", file=sys.stderr)
+        return 2
+    for folder in args.fixtures:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            print(
+                f"bagel-titan-parity: error: {folder!r} is not a reference fixture folder (no config.json); "
+                f"pass folders of the format of tests/fixtures/bagel_reference/seed0",
+                file=sys.stderr,
+            )
+            return 2
     failed = False
     for folder in args.fixtures:
         diffs = compare_fixture(folder, backend)

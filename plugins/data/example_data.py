@@ -375,7 +375,7 @@ def ensure_example_data(out_dir: str, **kwargs: Any) -> dict[str, str]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
@@ -394,9 +394,20 @@ def main(argv: list[str] | None = None) -> None:
     fit = None
     if args.vae:
         fit = {"seed": args.seed} if args.vae_steps is None else {"seed": args.seed, "steps": args.vae_steps}
-    paths = write_example_data(args.out_dir, args.num_samples, args.seed, tuple(args.image_size), vae_fit=fit)
+    try:
+        paths = write_example_data(
+            args.out_dir, args.num_samples, args.seed, tuple(args.image_size), vae_fit=fit
+        )
+    except OSError as exc:
+        print(
+            f"bagel-titan-example-data: error: cannot write {args.out_dir!r} ({exc.strerror}); choose a "
+            f"writable folder",
+            file=sys.stderr,
+        )
+        return 2
     print("wrote " + ", ".join(paths.values()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

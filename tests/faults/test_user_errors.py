@@ -176,3 +176,42 @@ def test_bagel_weight_and_tokenizer_mistakes_are_one_line_exit_2(
     assert len(lines) == 1 and lines[0].startswith("bagel-titan: error: "), err
     assert message in lines[0], lines[0]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "command, argv, message",
+    [
+        ("parity", ["{tmp}/no-fixture"], "is not a reference fixture folder (no config.json)"),
+        ("example_data", ["{tmp}/a-file/data"], "cannot write"),
+        ("encode_latents", ["--bagel.latent_cache", "{tmp}/a-file/cache"], "[bagel] latent_cache"),
+    ],
+)
+def test_helper_commands_fail_in_one_line(
+    tmp_path: Path, capsys, command: str, argv: list[str], message: str
+):
+    """The other commands' user mistakes: one `<command>: error:` line, exit 2, no traceback."""
+    from bagel_titan_plugins.bagel import encode_latents, parity
+    from bagel_titan_plugins.data import example_data
+
+    (tmp_path / "a-file").write_text("")  # a file where a folder is expected
+    mains = {"parity": parity.main, "example_data": example_data.main, "encode_latents": encode_latents.main}
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if command == "encode_latents":
+        from safetensors.torch import save_file
+
+        from bagel_titan_plugins.bagel.spec import build_bagel
+        from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
+
+        vae = build_bagel(architecture_for("debug"), BagelConfig()).vae
+        assert vae is not None
+        save_file(
+            {k: v.contiguous() for k, v in vae.module.state_dict().items()}, str(tmp_path / "ae.safetensors")
+        )
+        debug = Path(__file__).resolve().parents[2] / "train_configs" / "debug_model.toml"
+        args = ["--job.config_file", str(debug), "--bagel.vae_path", str(tmp_path / "ae.safetensors"), *args]
+    code = mains[command](args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and ": error: " in lines[0] and message in lines[0], err
+    assert "Traceback" not in err
