@@ -59,6 +59,52 @@ def test_collated_packs_have_the_anchors_lengths():
     assert torch.equal(batch.packed_text_ids[:1], torch.tensor([cfg["special_tokens"]["bos_token_id"]]))
 
 
+def first_pack_batch():
+    from bagel_titan.config.job_config import JobConfig
+    from bagel_titan_plugins.bagel.collator import BagelCollator
+
+    cfg = anchor.load_config()
+    pack = anchor.first_fit_packs(anchor.make_rows(cfg, "t2i=3,text=1"), cfg, 2048, 1)[0]
+    arch = anchor.anchor_architecture(cfg)
+    collate = BagelCollator(
+        JobConfig(),
+        anchor.anchor_bagel_config(cfg, "t2i=3,text=1"),
+        special_tokens=anchor.special_tokens(cfg),
+        vit_patch_size=arch.vit.patch_size,
+        vae_downsample=arch.vae.downsample,
+    )
+    return collate([anchor.bagel_sample(r, cfg) for r in pack])
+
+
+def test_release_inputs_lay_out_one_nested_mask_per_sample():
+    """`--release`'s input builder (no release code needed): one mask per sample over exactly that
+    sample's splits, timesteps per noised VAE token, and the loss indexes carried over."""
+    import numpy as np
+    import torch
+
+    batch = first_pack_batch()
+    seen = []
+
+    def mask_fn(split_lens, attn_modes):
+        seen.append((list(split_lens), list(attn_modes)))
+        return torch.zeros(sum(split_lens), sum(split_lens))
+
+    timesteps = anchor.draw_timesteps(batch, np.random.default_rng(0))
+    data = anchor.release_inputs(batch, mask_fn, timesteps)
+    assert [m.shape[0] for m in data["nested_attention_masks"]] == batch.sample_lens
+    assert [n for splits, _ in seen for n in splits] == batch.split_lens
+    assert [m for _, modes in seen for m in modes] == batch.attn_modes
+    assert data["sequence_length"] == sum(data["sample_lens"]) == batch.sequence_length
+    assert timesteps.shape == batch.packed_vae_token_indexes.shape and bool(torch.isfinite(timesteps).all())
+    assert len(set(timesteps.tolist())) == len(batch.patchified_vae_latent_shapes)  # one draw per image
+    assert torch.equal(data["mse_loss_indexes"], batch.mse_loss_indexes)
+    assert torch.equal(data["ce_loss_indexes"], batch.ce_loss_indexes)
+    assert data["padded_images"] is batch.padded_images and "packed_vit_tokens" not in data
+    fixed = anchor.check_inputs(batch, 16, 2)
+    assert fixed["noise"].shape == (batch.packed_vae_token_indexes.numel(), 64)
+    assert torch.equal(fixed["noise"], anchor.check_inputs(batch, 16, 2)["noise"])  # seeded
+
+
 @pytest.mark.dist
 def test_script_runs_through_the_trainer_and_records_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
