@@ -45,7 +45,9 @@ def test_optimizer_implementation_and_frozen_params():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[0].requires_grad_(False)
     opt = build_optimizer(model, Optimizer(lr=1e-3, betas=[0.9, 0.95], eps=1e-15, weight_decay=0.1), "cpu")
-    assert opt.defaults["foreach"] is True and opt.defaults["betas"] == (0.9, 0.95)
+    assert opt.defaults["fused"] is True and opt.defaults["betas"] == (0.9, 0.95)  # auto: fused on CPU
+    foreach = build_optimizer(model, Optimizer(implementation="foreach"), "cpu")
+    assert foreach.defaults["foreach"] is True and not foreach.defaults["fused"]
     assert sum(len(g["params"]) for g in opt.param_groups) == 2
     model[1].requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):

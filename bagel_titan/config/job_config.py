@@ -101,7 +101,8 @@ class Optimizer:
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
-    """Kernel: "auto" takes fused on GPU, foreach otherwise."""
+    """Kernel: "auto" takes fused (one vectorised kernel over all parameters) on GPU and CPU,
+    foreach on other devices."""
 
     def __post_init__(self) -> None:
         _require(self.lr >= 0, "lr", ">= 0", self.lr)

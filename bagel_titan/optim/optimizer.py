@@ -9,13 +9,14 @@ from bagel_titan.config.job_config import Optimizer as OptimizerConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; fused on GPU, foreach elsewhere (by default)."""
+    """AdamW over the trainable parameters; fused on GPU and CPU (by default: on CPU 4-5x faster
+    than foreach, which runs one op per parameter there), foreach elsewhere."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: [model] freeze froze everything")
     implementation = cfg.implementation
     if implementation == "auto":
-        implementation = "fused" if device_type == "cuda" else "foreach"
+        implementation = "fused" if device_type in ("cuda", "cpu") else "foreach"
     kwargs = {
         "fused": implementation == "fused",
         "foreach": implementation == "foreach",
