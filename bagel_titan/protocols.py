@@ -216,6 +216,10 @@ class AttentionModule(nn.Module, Generic[MetaT]):
     and compression weights); they then live in the model's state dict under the attention layer.
     """
 
+    uses_hidden: bool = False
+    """Whether `forward` reads `hidden_TD`; when False the model passes None and saves building
+    it. Default: False."""
+
     def prepare(self, meta: MetaT) -> None:
         """Build what this module needs for the batch (masks, plans): the model calls it once per
         batch before its layers, outside checkpointed and compiled regions (built lazily inside

@@ -35,6 +35,8 @@ class NSAAttention(AttentionModule[AttentionMeta]):
     """Native sparse attention for the causal queries of a packed batch, exact attention for
     the others (see `plan.py`). Called as ``module(q_THD, k_THD, v_THD, meta, hidden_TD)``."""
 
+    uses_hidden = True  # its gates read the layer input
+
     def __init__(self, spec: AttentionLayerSpec, config: NSAConfig):
         super().__init__()
         if spec.num_heads % spec.num_kv_heads:
