@@ -544,6 +544,10 @@ class TrainDataloader(Protocol):
         since the start of the run (restored on resume)."""
         ...
 
+    def close(self) -> None:
+        """Stop the loader's worker processes now (the trainer calls it when the run ends; a
+        wrapper passes it on to the loader it wraps). Default: nothing (no workers)."""
+
 
 class DataloaderBuilder(Protocol):
     """Builds the dataloader of one rank. Registered through `bagel_titan_dataloaders`,

@@ -562,6 +562,4 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpointer.close()
-        close_loader = getattr(self.dataloader, "close", None)  # loaders with worker processes
-        if close_loader is not None:
-            close_loader()
+        self.dataloader.close()

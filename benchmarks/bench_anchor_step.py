@@ -361,6 +361,9 @@ class AnchorPacks:
     def data_stats(self) -> dict[str, float]:
         return {}
 
+    def close(self) -> None:
+        """Nothing to stop: no worker processes."""
+
 
 def _spec_class():
     from bagel_titan_plugins.bagel.spec import BagelSpec

@@ -66,7 +66,8 @@ class PlainStep:
         self.model = model
         self.dtype = dtype
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, eps=eps, foreach=True)
+        # The same kernel as the trainer's `[optimizer] implementation = "auto"` on CPU.
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, eps=eps, fused=True)
         self.max_norm = max_norm
 
     def __call__(self, batch: Any, seed: int) -> None:
@@ -300,7 +301,7 @@ def main() -> None:
         f"(full, 4 distinct, cycled) or the example data (best_fit_decreasing); the plain step runs right after "
         f"each trainer step (synthetic: the same pack; real loader: see below)",
         f"trainer: metrics every {args.log_freq} steps (console, jsonl, TensorBoard), checkpointing on (no save "
-        f"inside the window), EMA off; both sides clip at 1.0 and use foreach AdamW",
+        f"inside the window), EMA off; both sides clip at 1.0 and use fused AdamW",
         f"{args.warmup} warm-up pairs, then {args.steps}; torch {args.threads} intra-op thread(s); "
         f"clock: {'wall time' if args.clock == 'wall' else 'CPU time of the main thread (waits left out)'}",
         "data wait: the trainer step's time fetching its batch from the loader, the part of the overhead that is data "

@@ -203,6 +203,9 @@ class SyntheticPacks:
             stats["data/fill_rate"] = self.tokens / (self.served * self.packing_length)
         return stats
 
+    def close(self) -> None:
+        """Nothing to stop: no worker processes."""
+
 
 class SyntheticLoaderBuilder:
     """`[data] loader = "synthetic"`: full synthetic packs, no dataset, no tokenizer."""
@@ -246,6 +249,9 @@ class RecordingLoader:
 
     def data_stats(self) -> dict[str, float]:
         return self.inner.data_stats()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class RecordingPackedLoaderBuilder:

@@ -243,3 +243,40 @@ def test_mixture_follows_weights_and_repeats_epochs(tmp_path, plugins):
     assert [next(again).key for _ in range(50)] == [d.key for d in drawn[:50]]  # deterministic
     other_seed = MixtureStream(sources, shard_index=0, num_shards=1, seed=8, infinite=True)
     assert [next(other_seed).source for _ in range(50)] != [d.source for d in drawn[:50]]
+
+
+EXIT_SCRIPT = """
+import sys
+from bagel_titan.config.job_config import DatasetEntry
+from test_data_loader import build, job
+from bagel_titan.plugins import PluginManager
+
+example = {"data": sys.argv[1], "tokenizer": sys.argv[2]}
+manager = PluginManager(load_entry_points=False, extra_modules=["bagel_titan_plugins.data.plugin"])
+loader = build(job([DatasetEntry(path=example["data"])], workers=1), manager, example)
+first, second = iter(loader), iter(loader)  # two passes, both left open
+next(first), next(second)
+print("served", flush=True)
+"""
+
+
+@pytest.mark.dist
+def test_a_process_with_open_loader_passes_exits(example, tmp_path):
+    """Loader workers ignore SIGTERM (the main process decides how a run stops), and the
+    interpreter's exit terminates daemonic children with SIGTERM before it waits for them: every
+    pass over a loader, not only the last, must be closed at exit, or the process never ends."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import subprocess_env
+
+    tests = str(Path(__file__).resolve().parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, example["data"], example["tokenizer"]],
+        env=subprocess_env(PYTHONPATH=tests),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "served" in proc.stdout, proc.stderr[-2000:]

@@ -161,23 +161,28 @@ class PackedDataloader:
             dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity, **kwargs
         )
         self.stats: Counter[str] = Counter()
+        self._iterators: weakref.WeakSet[Any] = weakref.WeakSet()
         if num_workers > 0:
             atexit.register(_close_if_alive, weakref.ref(self))
 
     def close(self) -> None:
-        """Stop the loader workers now. They ignore SIGTERM, so the interpreter's exit, which
-        terminates daemonic children with SIGTERM and then waits for them, must not meet them."""
-        iterator = getattr(self.loader, "_iterator", None)
-        if iterator is None or not hasattr(iterator, "_shutdown_workers"):
-            return
-        iterator._shutdown_workers()  # asks the workers to finish, waits a moment for them
-        for worker in getattr(iterator, "_workers", []):
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+        """Stop the loader workers of every pass over this loader that is still open. They ignore
+        SIGTERM, so the interpreter's exit, which terminates daemonic children with SIGTERM and
+        then waits for them, must not meet them."""
+        for iterator in list(self._iterators):
+            if not hasattr(iterator, "_shutdown_workers"):
+                continue
+            iterator._shutdown_workers()  # asks the workers to finish, waits a moment for them
+            for worker in getattr(iterator, "_workers", []):
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
+        self._iterators.clear()
 
     def __iter__(self) -> Iterator[Any]:
-        for output in self.loader:
+        iterator = iter(self.loader)
+        self._iterators.add(iterator)  # a new pass does not end an earlier one: close() ends all
+        for output in iterator:
             assert isinstance(output, WorkerOutput)
             batch = output.batch
             if isinstance(batch, FlatBatch):

@@ -234,6 +234,9 @@ class ToyLoader:
     def data_stats(self):
         return {"data/packs": self.packs}
 
+    def close(self) -> None:
+        """Nothing to stop: no worker processes."""
+
 
 class ToyLoaderBuilder:
     name = "toy_synthetic"
