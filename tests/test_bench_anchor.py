@@ -34,20 +34,9 @@ def test_stream_and_first_fit_packs_match_the_anchors():
 def test_collated_packs_have_the_anchors_lengths():
     import torch
 
-    from bagel_titan.config.job_config import JobConfig
-    from bagel_titan_plugins.bagel.collator import BagelCollator
-
     cfg = anchor.load_config()
     pack = anchor.first_fit_packs(anchor.make_rows(cfg, "t2i=3,text=1"), cfg, 2048, 1)[0]
-    arch = anchor.anchor_architecture(cfg)
-    collate = BagelCollator(
-        JobConfig(),
-        anchor.anchor_bagel_config(cfg, "t2i=3,text=1"),
-        special_tokens=anchor.special_tokens(cfg),
-        vit_patch_size=arch.vit.patch_size,
-        vae_downsample=arch.vae.downsample,
-    )
-    batch = collate([anchor.bagel_sample(r, cfg) for r in pack])
+    batch = first_pack_batch()
     assert batch.sequence_length == FIRST_PACKS[0] and batch.sample_lens == [
         anchor.num_tokens(r, cfg) for r in pack
     ]
