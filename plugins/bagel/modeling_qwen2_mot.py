@@ -50,18 +50,17 @@ class RMSNorm(nn.Module):
 class MoTRouting:
     """Which tokens of the pack go to which expert; built once per batch.
 
-    `und` and `gen` partition [0, T); `order` = cat(und, gen) groups a pack's rows by expert and
-    `inverse` puts them back in pack order.
+    The understanding positions (text, ViT) and the generation positions (all VAE tokens)
+    partition [0, T); `order` lists them in that order, so `x[order]` groups a pack's rows by
+    expert, and `inverse` puts grouped rows back in pack order.
     """
 
-    und: torch.Tensor
-    """[Nu] int64 understanding token positions (text, ViT)."""
-    gen: torch.Tensor
-    """[Ng] int64 generation token positions (all VAE tokens, clean and noised)."""
-    inverse: torch.Tensor
-    """[T] int64 index into cat(und, gen) for every pack position."""
     order: torch.Tensor
-    """[T] int64 cat(und, gen): the pack position of every grouped row."""
+    """[T] int64 pack positions: the understanding ones, then the generation ones."""
+    inverse: torch.Tensor
+    """[T] int64 row of `x[order]` for every pack position."""
+    num_und: int
+    """How many of `order` are understanding positions."""
 
     @classmethod
     def build(cls, und: torch.Tensor, gen: torch.Tensor, num_tokens: int) -> "MoTRouting":
@@ -74,11 +73,11 @@ class MoTRouting:
             )
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(num_tokens, device=order.device)
-        return cls(und=und, gen=gen, inverse=inverse, order=order)
+        return cls(order=order, inverse=inverse, num_und=und.numel())
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grouped = _PermuteRows.apply(x, self.order, self.inverse)
-        return grouped[: self.und.numel()], grouped[self.und.numel() :]
+        return grouped[: self.num_und], grouped[self.num_und :]
 
     def merge(self, x_und: torch.Tensor, x_gen: torch.Tensor) -> torch.Tensor:
         return _PermuteRows.apply(torch.cat([x_und, x_gen]), self.inverse, self.order)

@@ -117,8 +117,8 @@ def _open_safetensors(path: str) -> Any:
         return safe_open(path, "pt")
     except (SafetensorError, OSError) as exc:
         raise WeightsError(
-            f"{path!r} is not a readable safetensors file ({exc}); point the setting that names it at a "
-            f"*.safetensors file (or re-download it if it is truncated)"
+            f"{path!r} is not a readable safetensors file ({exc}); replace it with the safetensors file "
+            f"it should be (re-download it if it is truncated)"
         ) from exc
 
 
