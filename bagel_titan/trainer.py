@@ -31,6 +31,7 @@ from bagel_titan.config.job_config import JobConfig
 from bagel_titan.config.manager import check_run_environment, to_toml
 from bagel_titan.distributed.parallel_dims import ParallelDims
 from bagel_titan.distributed.parallelize import compute_autocast, parallelize
+from bagel_titan.metrics.profiler import build_profiler, phase
 from bagel_titan.distributed.utils import (
     Reducer,
     all_reduce_sum,
@@ -397,11 +398,14 @@ class Trainer:
         sums = torch.zeros(len(self.loss_components), dtype=torch.float64, device=self.device)
         for index, batch in enumerate(batches):
             with self._compute_context():
-                outputs = self.model_spec.forward(self.model, batch, self._noise_generator(step, index))
-                loss, term_sums = self.loss_fn(outputs, batch, normalisers[index])
+                with phase("forward"):
+                    outputs = self.model_spec.forward(self.model, batch, self._noise_generator(step, index))
+                with phase("loss"):
+                    loss, term_sums = self.loss_fn(outputs, batch, normalisers[index])
             # FSDP averages gradients over the data-parallel ranks; the loss is already a global
             # mean, so undo that average.
-            (loss * self.dp_world_size).backward()
+            with phase("backward"):
+                (loss * self.dp_world_size).backward()
             sums += torch.stack(term_sums).double()
         return sums, global_counts, global_tokens, stop_requested
 
@@ -409,10 +413,12 @@ class Trainer:
         """One optimizer step over this rank's microbatches; returns whether to stop the run."""
         step = self.train_state.step + 1
         sums, global_counts, global_tokens, stop_requested = self.forward_backward(batches, step)
-        grad_norm = self._clip_grad_norm()
+        with phase("clip_grad_norm"):
+            grad_norm = self._clip_grad_norm()
         finite = math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()
+            with phase("optimizer"):
+                self.optimizer.step()
             self.consecutive_nonfinite = 0
         else:
             self.consecutive_nonfinite += 1
@@ -510,13 +516,19 @@ class Trainer:
         cfg = self.job_config
         previous_handlers = self._install_signal_handlers()
         self.plugins.hook.bagel_titan_on_train_start(trainer=self)
+        profiler = build_profiler(
+            cfg.profiling, self.run_folder, self.rank, self.device, first_step=self.train_state.step
+        )
         try:
             while self.train_state.step < cfg.training.steps:
                 data_start = time.perf_counter()
-                batches = self._next_batches()
+                with phase("data"):
+                    batches = self._next_batches()
                 data_wait = time.perf_counter() - data_start
                 stop_requested = self.train_step(batches)
                 step = self.train_state.step
+                if profiler is not None:
+                    profiler.step(step)
                 metrics: dict[str, float] = {}
                 if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
                     metrics = self._step_metrics()
@@ -538,6 +550,8 @@ class Trainer:
                 if cfg.checkpoint.export_at_end:
                     self.export(os.path.join(self.run_folder, "exports", "final"))
         finally:
+            if profiler is not None:
+                profiler.stop()
             self.checkpointer.wait()
             self.plugins.hook.bagel_titan_on_train_end(trainer=self)
             self.metrics_logger.close()

@@ -87,6 +87,9 @@ class TrainSetting:
     """Synthetic packs cycled through (each a different mix of samples)."""
     threads: int = 1
     """torch intra-op threads on CPU (1 is stable on a shared machine; 0 keeps torch's default)."""
+    profile_dir: str = ""
+    """Record the timed steps with `[profiling]` into this folder (the timings then include the
+    profiler's own cost); empty: no profiler."""
 
 
 AC_MODES = {
@@ -164,6 +167,20 @@ def job_argv(s: TrainSetting, dump_folder: str) -> list[str]:
         "false",
         "--ema.enable",
         "false",
+        *(
+            [
+                "--profiling.enable",
+                "true",
+                "--profiling.start_step",
+                str(s.warmup + 1),
+                "--profiling.steps",
+                str(s.steps),
+                "--profiling.folder",
+                os.path.abspath(s.profile_dir),
+            ]
+            if s.profile_dir
+            else []
+        ),
     ]
 
 
@@ -369,7 +386,7 @@ def table_row(s: TrainSetting, r: dict[str, Any], extra: tuple = ()) -> tuple:
         pct(r["anchor_mfu"]),
         f"{r['peak_gib']:.2f}",
         graphs,
-        "",
+        f"profiled into {s.profile_dir} (timings include the profiler)" if s.profile_dir else "",
     )
 
 
@@ -425,6 +442,7 @@ def parse_grid(args: argparse.Namespace) -> list[TrainSetting]:
         peak_tflops=args.peak_tflops,
         fsdp=not args.no_fsdp,
         threads=args.threads,
+        profile_dir=args.profile_dir,
         vit_side=args.vit_side,
         vae_side=args.vae_side,
         text_ids=args.text_ids,
@@ -454,6 +472,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--peak-tflops", type=float, default=0.0, help="peak TFLOP/s of one device (0: table)"
     )
     parser.add_argument("--no-fsdp", action="store_true", help="train without FSDP2 (single rank only)")
+    parser.add_argument(
+        "--profile-dir",
+        default="",
+        help="record the timed steps with torch.profiler into DIR/rank0 (a trace and a summary of the top ops)",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads on CPU (0: torch's default)"
     )

@@ -130,7 +130,7 @@ def check_nsa_triton(shape: CheckShape) -> tuple[str, str]:
     reason = triton_unusable_reason(base, torch.device(shape.device), shape.dtype)
     if reason is not None:
         return "skipped", f"the Triton path cannot run here: {reason}"
-    spec = AttentionLayerSpec(shape.heads, shape.kv_heads, shape.head_dim, shape.hidden, 0, "llm")
+    spec = AttentionLayerSpec(shape.heads, shape.kv_heads, shape.head_dim, shape.hidden, 0, "decoder")
     all_blocks = -(-shape.tokens // base.block_size)
     modules = {
         impl: NSABackend()
@@ -169,8 +169,7 @@ def run_checks(shape: CheckShape) -> list[tuple[str, str, str]]:
 
 
 def grid(args: argparse.Namespace) -> list[TrainSetting]:
-    """Rows in order of importance: every length and backend without compile first (fast),
-    then with compile (slow to build: first in line for the time budget)."""
+    """Rows in order of importance (`PRIORITY`), the first one profiled with `--profile-dir`."""
     if args.smoke:
         base = TrainSetting(
             flavor="debug",
@@ -184,8 +183,21 @@ def grid(args: argparse.Namespace) -> list[TrainSetting]:
             text_ids=[8, 32],
             distinct_packs=2,
         )
-        return [dataclasses.replace(base, backend=b) for b in ("sdpa", "flex")]
-    base = TrainSetting(
+        rows = [dataclasses.replace(base, backend=b) for b in ("sdpa", "flex")]
+    else:
+        rows = [
+            dataclasses.replace(gpu_base(args), packing_length=n, backend=b, ac=ac, compile=c)
+            for n, ac, c in PRIORITY
+            for b in ("sdpa", "flex")
+        ]
+    if args.profile_dir:  # where a step's time goes
+        rows[0] = dataclasses.replace(rows[0], profile_dir=args.profile_dir)
+    return rows
+
+
+def gpu_base(args: argparse.Namespace) -> TrainSetting:
+    """BAGEL at 7B width with few layers, bf16, on the GPU, realistic image sizes."""
+    return TrainSetting(
         flavor="7b-mot",
         llm_layers=args.llm_layers,
         vit_layers=args.vit_layers,
@@ -199,13 +211,20 @@ def grid(args: argparse.Namespace) -> list[TrainSetting]:
         text_ids=[16, 256],
         distinct_packs=2,
     )
-    return [
-        dataclasses.replace(base, packing_length=n, backend=b, ac=ac, compile=c)
-        for c in (False, True)
-        for n in (8192, 16384)
-        for b in ("sdpa", "flex")
-        for ac in ("none", "full")
-    ]
+
+
+PRIORITY = (
+    (16384, "none", False),
+    (16384, "full", False),
+    (16384, "none", True),
+    (8192, "none", False),
+    (16384, "full", True),
+    (8192, "full", False),
+    (8192, "none", True),
+    (8192, "full", True),
+)
+"""(packing_length, AC, compile) in the order the rows run (sdpa then flex each), so that a spent
+time budget drops the least telling rows."""
 
 
 def main() -> None:
@@ -220,6 +239,11 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=570.0, help="wall-clock budget of the whole suite")
     parser.add_argument("--row-timeout-s", type=float, default=240.0, help="seconds one row may take")
     parser.add_argument("--smoke", action="store_true", help="the CPU-capable parts at CI size, on CPU")
+    parser.add_argument(
+        "--profile-dir",
+        default="",
+        help="record the first row's timed steps with torch.profiler into DIR/rank0 (trace and top-op summary)",
+    )
     common.add_results_option(parser)
     args = parser.parse_args()
     start = time.perf_counter()

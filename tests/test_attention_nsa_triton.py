@@ -53,11 +53,25 @@ def _branches(options: dict, seed: int):
     return outs["triton"], outs["torch"]
 
 
+def _mismatch(name: str, a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """None when `a` and `b` [S, H, D] agree within bf16 tolerance, else where they do not (the
+    stream rows and heads), so that one GPU run says which tokens disagree."""
+    bad = ~torch.isclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    if not bad.any():
+        return None
+    rows, heads = bad.any(dim=2).nonzero(as_tuple=True)
+    return (
+        f"{name}: {int(bad.sum())} of {bad.numel()} elements, max abs difference "
+        f"{float((a.float() - b.float()).abs().max()):.3g}, stream rows {sorted(set(rows.tolist()))[:24]}, "
+        f"heads {sorted(set(heads.tolist()))}"
+    )
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_triton_matches_torch_when_topk_covers_every_block(seed):
     triton, torch_ = _branches({**BASE, "topk": 64}, seed)
-    for name, a, b in zip(triton._fields, triton, torch_):
-        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+    problems = [_mismatch(name, a, b) for name, a, b in zip(triton._fields, triton, torch_)]
+    assert not any(problems), "; ".join(p for p in problems if p)
 
 
 def test_triton_matches_torch_with_sparse_selection():

@@ -231,6 +231,26 @@ class Metrics:
 
 
 @dataclass
+class Profiling:
+    enable: bool = False
+    """Record a few steps with `torch.profiler` (CPU and GPU activity, the trainer's and the model's
+    named ranges) into `<run>/<folder>/rank<r>/`: `trace_step<N>.json` (Chrome trace, opened in
+    Perfetto or chrome://tracing) and `summary_step<N>.txt` (the ops that took the most time)."""
+    start_step: int = 5
+    """First recorded step; the step before it warms the profiler up. Leave room for compile and
+    the first batches' set-up. A run resumed past it records the steps after its first instead."""
+    steps: int = 2
+    """Steps recorded (one trace file for all of them)."""
+    folder: str = "profile"
+    """Folder inside the run folder, or an absolute path."""
+
+    def __post_init__(self) -> None:
+        _require(self.start_step >= 2, "start_step", ">= 2 (step 1 warms the profiler up)", self.start_step)
+        _require(self.steps >= 1, "steps", ">= 1", self.steps)
+        _require(bool(self.folder), "folder", "a folder name", self.folder)
+
+
+@dataclass
 class DatasetEntry:
     path: str = ""
     """A file, a folder, or a .yaml list of datasets."""
@@ -391,6 +411,7 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
     data: Data = field(default_factory=Data)
     validation: Validation = field(default_factory=Validation)
     attention: Attention = field(default_factory=Attention)
@@ -429,6 +450,7 @@ CORE_SECTIONS: dict[str, type] = {
     "compile": Compile,
     "checkpoint": Checkpoint,
     "metrics": Metrics,
+    "profiling": Profiling,
     "data": Data,
     "validation": Validation,
     "attention": Attention,

@@ -80,7 +80,9 @@ def set_deterministic(enabled: bool) -> None:
     """Deterministic kernels for bitwise-reproducible runs (`[training] deterministic`)."""
     torch.use_deterministic_algorithms(enabled, warn_only=False)
     torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled
+    # No cuDNN autotuning: packs bring new image sizes to the VAE's convolutions all run long, and
+    # benchmark mode times every algorithm again for each new shape.
+    torch.backends.cudnn.benchmark = False
     if enabled:
         # cuBLAS needs a fixed workspace to be deterministic; must be set before first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

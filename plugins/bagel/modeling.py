@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from bagel_titan.distributed.tensor_io import assign_full
 from bagel_titan.errors import UserError
@@ -241,7 +242,8 @@ class Bagel(nn.Module):
                 pixels_NP = pixels_NP.new_zeros(
                     0, self.vit_model.vision_model.embeddings.patch_embedding.in_features
                 )
-            vit_ND = self.vit_model(pixels_NP, batch.packed_vit_position_ids, vit_meta)
+            with record_function("bagel/vit"):
+                vit_ND = self.vit_model(pixels_NP, batch.packed_vit_position_ids, vit_meta)
             keep("vit_output", vit_ND)
             conn_ND = self.connector(vit_ND)
             keep("connector_output", conn_ND)
@@ -288,14 +290,18 @@ class Bagel(nn.Module):
         assert meta is not None  # built by BagelPackedBatch.__post_init__
         meta.prepare_for(first_attention_core(self.language_model.model.layers))
         layer_outputs: list[torch.Tensor] | None = [] if keep_intermediates else None
-        hidden_TD = self.language_model.model(seq_TD, routing, batch.packed_position_ids, meta, layer_outputs)
+        with record_function("bagel/llm"):
+            hidden_TD = self.language_model.model(
+                seq_TD, routing, batch.packed_position_ids, meta, layer_outputs
+            )
         for i, out in enumerate(layer_outputs or []):
             keep(f"llm_layer_{i}_output", out)
         keep("last_hidden_state", hidden_TD)
 
-        if self.options.visual_gen:
-            pred_velocity = self.llm2vae(hidden_TD[batch.mse_loss_indexes])
-        ce_logits = self.language_model.lm_head(hidden_TD[batch.ce_loss_indexes])
+        with record_function("bagel/heads"):
+            if self.options.visual_gen:
+                pred_velocity = self.llm2vae(hidden_TD[batch.mse_loss_indexes])
+            ce_logits = self.language_model.lm_head(hidden_TD[batch.ce_loss_indexes])
         return BagelForwardResult(hidden_TD, ce_logits, pred_velocity, target_velocity, inter)
 
     def _latent_inputs(
@@ -319,7 +325,8 @@ class Bagel(nn.Module):
                 raise ValueError(
                     "the batch has VAE images but the model has no VAE ([bagel] visual_gen = false)"
                 )
-            padded = self.vae.sample_padded(self._vae_moments(self.vae, batch), generator)
+            with record_function("bagel/vae_encode"):
+                padded = self.vae.sample_padded(self._vae_moments(self.vae, batch), generator)
         x0_NP = patchify_latents(padded.float(), list(batch.patchified_vae_latent_shapes), p)
         device = x0_NP.device
         raw_t = batch.packed_timesteps

@@ -1,0 +1,99 @@
+"""`[profiling]`: a few training steps recorded with `torch.profiler`.
+
+The trainer calls `step()` after every step; the profiler records the configured steps, then
+writes a Chrome trace and a table of the ops that took the most time (self time on the GPU when
+one is used, on the CPU otherwise) and stops. The trainer and the model mark their phases with
+`torch.profiler.record_function`, so the trace shows data / forward / loss / backward / optimizer
+and the model's own parts (see `phase`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import AbstractContextManager
+
+import torch
+from torch.autograd.profiler_util import EventList
+from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+from bagel_titan.config.job_config import Profiling
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_ROWS = 40
+
+
+def phase(name: str) -> AbstractContextManager:
+    """A named range in profiler traces (a no-op cost when no profiler runs)."""
+    return record_function(name)
+
+
+def phase_table(averages: EventList) -> str:
+    """The named ranges (`phase`, `ProfilerStep#N`): calls, CPU and device time in ms."""
+    rows = [e for e in averages if e.is_user_annotation]
+    rows.sort(key=lambda e: -max(e.cpu_time_total, e.device_time_total))
+    lines = [f"{'range':<40} {'calls':>6} {'CPU total ms':>13} {'device total ms':>16}"]
+    for e in rows:
+        lines.append(
+            f"{e.key:<40} {e.count:>6} {e.cpu_time_total / 1e3:>13.2f} {e.device_time_total / 1e3:>16.2f}"
+        )
+    return "\n".join(lines)
+
+
+class StepProfiler:
+    """Records steps `start_step` .. `start_step + steps - 1` of the run, the step before them
+    warming the profiler up (a run resumed past that point records the steps after its first)."""
+
+    def __init__(self, cfg: Profiling, run_folder: str, rank: int, device: torch.device, first_step: int):
+        self.folder = os.path.join(run_folder, cfg.folder, f"rank{rank}")
+        self.device = device
+        first_active = max(cfg.start_step, first_step + 2)  # after at least one warm-up step
+        self.last_step = first_active + cfg.steps - 1
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        # The profiler's step k covers the run's step first_step + 1 + k (`step()` is called after
+        # each training step): skip up to the warm-up step, warm up for one, record `steps`.
+        self._profile = profile(
+            activities=activities,
+            schedule=schedule(
+                skip_first=first_active - first_step - 2, wait=0, warmup=1, active=cfg.steps, repeat=1
+            ),
+            on_trace_ready=self._write,
+            record_shapes=True,
+        )
+        self._profile.start()
+        self._running = True
+
+    def step(self, step: int) -> None:
+        """Called after training step `step`."""
+        if not self._running:
+            return
+        self._profile.step()
+        if step >= self.last_step:
+            self.stop()
+
+    def stop(self) -> None:
+        if self._running:
+            self._running = False
+            self._profile.stop()
+
+    def _write(self, prof: profile) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        trace = os.path.join(self.folder, f"trace_step{self.last_step}.json")
+        prof.export_chrome_trace(trace)
+        averages = prof.key_averages()
+        sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = averages.table(sort_by=sort_by, row_limit=SUMMARY_ROWS)
+        summary = os.path.join(self.folder, f"summary_step{self.last_step}.txt")
+        with open(summary, "w") as f:
+            f.write(f"ops by {sort_by.replace('_', ' ')}, steps up to {self.last_step}\n{table}\n")
+            f.write(f"\nnamed ranges (the trainer's phases and the model's parts)\n{phase_table(averages)}\n")
+        logger.info(f"profiler: wrote {trace} and {summary}")
+
+
+def build_profiler(
+    cfg: Profiling, run_folder: str, rank: int, device: torch.device, first_step: int
+) -> StepProfiler | None:
+    return StepProfiler(cfg, run_folder, rank, device, first_step) if cfg.enable else None
