@@ -23,7 +23,8 @@ def test_the_configured_steps_are_recorded_with_the_phases(tmp_path, toy_args):
     for phase in ("data", "forward", "loss", "backward", "clip_grad_norm", "optimizer"):
         assert names.count(phase) == 2, phase
     summary = (folder / "summary_step4.txt").read_text()
-    assert summary.startswith("ops by self cpu time total, steps up to 4")
+    assert summary.startswith("2 step(s) recorded: ")
+    assert "ops by self cpu time total, steps up to 4" in summary
     assert "aten::" in summary
     ranges = summary.split("named ranges")[1]
     assert "forward" in ranges and "bagel" not in ranges  # the toy model names no parts

@@ -14,6 +14,7 @@ import os
 from contextlib import AbstractContextManager
 
 import torch
+from torch.autograd import DeviceType
 from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
@@ -30,7 +31,7 @@ def phase(name: str) -> AbstractContextManager:
 
 
 def phase_table(averages: EventList) -> str:
-    """The named ranges (`phase`, `ProfilerStep#N`): calls, CPU and device time in ms."""
+    """The named ranges (`phase`, `ProfilerStep*`): calls, CPU and device time in ms."""
     rows = [e for e in averages if e.is_user_annotation]
     rows.sort(key=lambda e: -max(e.cpu_time_total, e.device_time_total))
     lines = [f"{'range':<40} {'calls':>6} {'CPU total ms':>13} {'device total ms':>16}"]
@@ -39,6 +40,25 @@ def phase_table(averages: EventList) -> str:
             f"{e.key:<40} {e.count:>6} {e.cpu_time_total / 1e3:>13.2f} {e.device_time_total / 1e3:>16.2f}"
         )
     return "\n".join(lines)
+
+
+def busy_line(prof: profile, device: torch.device) -> str:
+    """Wall time of a recorded step and, on a GPU, how much of it the device spent in kernels and
+    copies (a low share: the step waits on the host, not on the GPU) and the allocator's retries."""
+    events = prof.events()
+    steps = [e for e in events if e.name.startswith("ProfilerStep")]
+    wall_us = sum(e.time_range.elapsed_us() for e in steps) / max(len(steps), 1)
+    line = f"{len(steps)} step(s) recorded: {wall_us / 1e3:.1f} ms of wall time a step"
+    if device.type != "cuda":
+        return line
+    busy_us = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
+    busy_us /= max(len(steps), 1)
+    stats = torch.cuda.memory_stats(device)
+    return (
+        f"{line}; GPU busy (kernels and copies) {busy_us / 1e3:.1f} ms a step, "
+        f"{100 * busy_us / max(wall_us, 1e-9):.0f}% of it; allocator: {stats.get('num_alloc_retries', 0)} "
+        f"retries, {stats.get('num_device_alloc', 0)} device allocations so far"
+    )
 
 
 class StepProfiler:
@@ -88,6 +108,7 @@ class StepProfiler:
         table = averages.table(sort_by=sort_by, row_limit=SUMMARY_ROWS)
         summary = os.path.join(self.folder, f"summary_step{self.last_step}.txt")
         with open(summary, "w") as f:
+            f.write(busy_line(prof, self.device) + "\n\n")
             f.write(f"ops by {sort_by.replace('_', ' ')}, steps up to {self.last_step}\n{table}\n")
             f.write(f"\nnamed ranges (the trainer's phases and the model's parts)\n{phase_table(averages)}\n")
         logger.info(f"profiler: wrote {trace} and {summary}")
