@@ -31,7 +31,6 @@ from bagel_titan.config.job_config import JobConfig
 from bagel_titan.config.manager import check_run_environment, to_toml
 from bagel_titan.distributed.parallel_dims import ParallelDims
 from bagel_titan.distributed.parallelize import compute_autocast, parallelize
-from bagel_titan.metrics.profiler import build_profiler, phase
 from bagel_titan.distributed.utils import (
     Reducer,
     all_reduce_sum,
@@ -45,6 +44,7 @@ from bagel_titan.errors import UserError
 from bagel_titan.lora import apply_lora, init_adapters
 from bagel_titan.metrics.device_flops import device_name, peak_flops_per_second
 from bagel_titan.metrics.logger import MetricsLogger
+from bagel_titan.metrics.profiler import build_profiler, phase
 from bagel_titan.metrics.throughput import ThroughputMeter
 from bagel_titan.optim.ema import EMA
 from bagel_titan.optim.lr_scheduler import build_lr_scheduler

@@ -40,6 +40,21 @@ def test_a_resumed_run_records_the_steps_after_its_first(tmp_path, toy_args):
     assert sorted(p.name for p in folder.iterdir()) == ["summary_step6.txt", "trace_step6.json"]
 
 
+def test_a_run_that_ends_inside_the_window_writes_what_it_recorded(tmp_path, toy_args):
+    argv = [*toy_args, "--training.steps", "3", "--profiling.enable", "true", "--profiling.start_step", "3"]
+    assert cli_main([*argv, "--profiling.steps", "2"]) == 0
+    folder = tmp_path / "toy" / "profile" / "rank0"
+    assert sorted(p.name for p in folder.iterdir()) == ["summary_step3.txt", "trace_step3.json"]
+    assert (folder / "summary_step3.txt").read_text().startswith("1 step(s) recorded: ")
+
+
+def test_a_run_that_ends_before_the_window_says_so(tmp_path, toy_args, caplog):
+    argv = [*toy_args, "--training.steps", "2", "--profiling.enable", "true", "--profiling.start_step", "3"]
+    assert cli_main(argv) == 0
+    assert not (tmp_path / "toy" / "profile").exists()
+    assert "the run ended at step 2, before the first step to record; nothing written" in caplog.text
+
+
 def test_a_bad_setting_names_its_key():
     with pytest.raises(UserError, match=r"profiling\.start_step must be >= 2"):
         load_job_config(["--profiling.start_step", "1"])

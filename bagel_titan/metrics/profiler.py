@@ -42,17 +42,26 @@ def phase_table(averages: EventList) -> str:
     return "\n".join(lines)
 
 
-def busy_line(prof: profile, device: torch.device) -> str:
+def busy_line(prof: profile, device: torch.device, recorded: int) -> str:
     """Wall time of a recorded step and, on a GPU, how much of it the device spent in kernels and
-    copies (a low share: the step waits on the host, not on the GPU) and the allocator's retries."""
-    events = prof.events()
-    steps = [e for e in events if e.name.startswith("ProfilerStep")]
-    wall_us = sum(e.time_range.elapsed_us() for e in steps) / max(len(steps), 1)
+    copies (a low share: the step waits on the host, not on the GPU) and the allocator's retries.
+    Only the first `recorded` step ranges count (a run that ends early leaves its tail in one more)."""
+    steps = sorted(
+        (e for e in prof.events() if e.name.startswith("ProfilerStep")), key=lambda e: e.time_range.start
+    )
+    steps = steps[:recorded]
+    if not steps:
+        return "no complete step recorded"
+    start, end = steps[0].time_range.start, steps[-1].time_range.end
+    wall_us = (end - start) / len(steps)
     line = f"{len(steps)} step(s) recorded: {wall_us / 1e3:.1f} ms of wall time a step"
     if device.type != "cuda":
         return line
-    busy_us = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
-    busy_us /= max(len(steps), 1)
+    busy_us = sum(
+        e.time_range.elapsed_us()
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and start <= e.time_range.start < end
+    ) / len(steps)
     stats = torch.cuda.memory_stats(device)
     return (
         f"{line}; GPU busy (kernels and copies) {busy_us / 1e3:.1f} ms a step, "
@@ -69,7 +78,7 @@ class StepProfiler:
         self.folder = os.path.join(run_folder, cfg.folder, f"rank{rank}")
         self.device = device
         first_active = max(cfg.start_step, first_step + 2)  # after at least one warm-up step
-        self.last_step = first_active + cfg.steps - 1
+        self.first_active, self.last_step = first_active, first_active + cfg.steps - 1
         activities = [ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
@@ -85,11 +94,14 @@ class StepProfiler:
         )
         self._profile.start()
         self._running = True
+        self._written = False
+        self._last_seen = first_step
 
     def step(self, step: int) -> None:
         """Called after training step `step`."""
         if not self._running:
             return
+        self._last_seen = step
         self._profile.step()
         if step >= self.last_step:
             self.stop()
@@ -98,19 +110,29 @@ class StepProfiler:
         if self._running:
             self._running = False
             self._profile.stop()
+            if not self._written:
+                logger.warning(
+                    f"profiler: the run ended at step {self._last_seen}, before the first step to "
+                    f"record; nothing written (lower [profiling] start_step or raise [training] steps)"
+                )
 
     def _write(self, prof: profile) -> None:
+        last = min(self.last_step, self._last_seen)  # a run that ends early writes what it recorded
+        recorded = last - self.first_active + 1
+        if recorded < 1:  # stopped before the first step to record: only the run's tail was traced
+            return
         os.makedirs(self.folder, exist_ok=True)
-        trace = os.path.join(self.folder, f"trace_step{self.last_step}.json")
+        trace = os.path.join(self.folder, f"trace_step{last}.json")
         prof.export_chrome_trace(trace)
         averages = prof.key_averages()
         sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = averages.table(sort_by=sort_by, row_limit=SUMMARY_ROWS)
-        summary = os.path.join(self.folder, f"summary_step{self.last_step}.txt")
+        summary = os.path.join(self.folder, f"summary_step{last}.txt")
         with open(summary, "w") as f:
-            f.write(busy_line(prof, self.device) + "\n\n")
-            f.write(f"ops by {sort_by.replace('_', ' ')}, steps up to {self.last_step}\n{table}\n")
+            f.write(busy_line(prof, self.device, recorded) + "\n\n")
+            f.write(f"ops by {sort_by.replace('_', ' ')}, steps up to {last}\n{table}\n")
             f.write(f"\nnamed ranges (the trainer's phases and the model's parts)\n{phase_table(averages)}\n")
+        self._written = True
         logger.info(f"profiler: wrote {trace} and {summary}")
 
 
