@@ -3,7 +3,7 @@
 #   make test    # creates .venv, installs, runs the whole test suite (what CI runs)
 #   make test-fast  # the suite without multi-process and long tests (-m "not slow and not dist")
 #   make lint    # ruff check (lint rules in pyproject.toml), ruff format --check and make typecheck
-#   make typecheck  # mypy over bagel_titan and the plugins ([tool.mypy] in pyproject.toml)
+#   make typecheck  # mypy over bagel_titan, the plugins and benchmarks/ ([tool.mypy] in pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a GPU machine use e.g. `make TORCH_SPEC="torch==2.11.0" train`.

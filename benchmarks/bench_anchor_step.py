@@ -62,11 +62,23 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import numpy as np
 
 import common
+
+if TYPE_CHECKING:  # the parent process imports this module with numpy only
+    import torch
+
+    from bagel_titan.config.job_config import JobConfig
+    from bagel_titan.plugins import PluginManager
+    from bagel_titan.protocols import ModelSpec
+    from bagel_titan_plugins.bagel.batch import BagelPackedBatch
+    from bagel_titan_plugins.bagel.config import BagelArchitecture, BagelConfig
+    from bagel_titan_plugins.bagel.modeling import Bagel
+    from bagel_titan_plugins.bagel.processor import BagelSample, SpecialTokens
+    from bagel_titan_plugins.bagel.spec import BagelSpec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_PATH = os.path.join(HERE, "tiny_bagel.json")
@@ -207,7 +219,7 @@ def first_fit_packs(
     return packs[:n_packs]
 
 
-def image_pixels(row: dict[str, Any]):
+def image_pixels(row: dict[str, Any]) -> torch.Tensor:
     """[3, H, W] float32 in [-1, 1]: the row's uint8 noise image."""
     import torch
 
@@ -232,11 +244,11 @@ class AnchorSection:
     """Packs the loader serves (cycled)."""
 
 
-def anchor_section(job_config) -> AnchorSection:
+def anchor_section(job_config: JobConfig) -> AnchorSection:
     return job_config.section("anchor") if job_config.has_section("anchor") else AnchorSection()
 
 
-def anchor_architecture(cfg: dict[str, Any], vae: str = "tiny"):
+def anchor_architecture(cfg: dict[str, Any], vae: str = "tiny") -> BagelArchitecture:
     from bagel_titan_plugins.bagel.config import BagelArchitecture, LLMArgs, VAEArgs, ViTArgs
 
     llm, vit, ae = cfg["llm"], cfg["vit"], cfg["vae"][vae]
@@ -278,7 +290,7 @@ def anchor_architecture(cfg: dict[str, Any], vae: str = "tiny"):
     )
 
 
-def special_tokens(cfg: dict[str, Any]):
+def special_tokens(cfg: dict[str, Any]) -> SpecialTokens:
     from bagel_titan_plugins.bagel.processor import SpecialTokens
 
     s = cfg["special_tokens"]
@@ -290,7 +302,7 @@ def special_tokens(cfg: dict[str, Any]):
     )
 
 
-def bagel_sample(row: dict[str, Any], cfg: dict[str, Any]):
+def bagel_sample(row: dict[str, Any], cfg: dict[str, Any]) -> BagelSample:
     """A row as the `BagelSample` BAGEL's processor makes of it (t2i: caption, causal, no loss +
     noised VAE image; text: prompt, no loss + answer with CE on it and on <|im_end|>; und: ViT
     image + question + answer)."""
@@ -324,7 +336,7 @@ def bagel_sample(row: dict[str, Any], cfg: dict[str, Any]):
     )
 
 
-def anchor_bagel_config(cfg: dict[str, Any], mix: str):
+def anchor_bagel_config(cfg: dict[str, Any], mix: str) -> BagelConfig:
     from bagel_titan_plugins.bagel.config import BagelConfig
 
     b = cfg["bagel"]
@@ -365,7 +377,7 @@ class AnchorPacks:
         """Nothing to stop: no worker processes."""
 
 
-def _spec_class():
+def _spec_class() -> type[BagelSpec]:
     from bagel_titan_plugins.bagel.spec import BagelSpec
 
     class AnchorSpec(BagelSpec):
@@ -400,7 +412,9 @@ class AnchorLoaderBuilder:
 
     name = "anchor"
 
-    def build(self, job_config, plugins, model_spec, **kwargs: Any) -> AnchorPacks:
+    def build(
+        self, job_config: JobConfig, plugins: PluginManager, model_spec: ModelSpec[Any, Any], **kwargs: Any
+    ) -> AnchorPacks:
         cfg, section = load_config(), anchor_section(job_config)
         rows = make_rows(cfg, section.mix)
         collate = model_spec.build_collator(job_config)
@@ -590,7 +604,7 @@ CHECK_SEED = 20
 """Seed of `check_inputs`: the latents, timesteps and noise of the check step."""
 
 
-def check_inputs(batch, z_channels: int, latent_patch_size: int) -> dict[str, Any]:
+def check_inputs(batch: BagelPackedBatch, z_channels: int, latent_patch_size: int) -> dict[str, Any]:
     """Fixed `padded_latent` [n, z, h, w], raw `packed_timesteps` [Nz] (one N(0, 1) draw per noised
     image, -inf for a clean one) and flow `noise` [Nz, p*p*z] of a batch's VAE images, drawn from
     `CHECK_SEED`: fed to both harnesses in the check step, so that its loss is the same function."""
@@ -609,7 +623,7 @@ def check_inputs(batch, z_channels: int, latent_patch_size: int) -> dict[str, An
     return {"padded_latent": latent, "packed_timesteps": timesteps, "noise": noise}
 
 
-def draw_timesteps(batch, rng: np.random.Generator):
+def draw_timesteps(batch: BagelPackedBatch, rng: np.random.Generator) -> torch.Tensor:
     """Raw timesteps [Nz] as the release's `PackedDataset.pack_sequence` draws them (data side):
     one `randn` per noised image, repeated over its tokens; -inf for a clean image."""
     import torch
@@ -620,7 +634,9 @@ def draw_timesteps(batch, rng: np.random.Generator):
     return torch.tensor(values, dtype=torch.float32)
 
 
-def release_inputs(batch, mask_fn, packed_timesteps) -> dict[str, Any]:
+def release_inputs(
+    batch: BagelPackedBatch, mask_fn: Callable[[list[int], list[str]], Any], packed_timesteps: torch.Tensor
+) -> dict[str, Any]:
     """The keyword arguments of the release's `Bagel.forward` for one of our packs, as its
     `PackedDataset.to_tensor` lays them out without flex attention (`nested_attention_masks`: one
     mask per sample, `mask_fn(split_lens, attn_modes)` of that sample's splits), plus
@@ -698,7 +714,12 @@ def import_release(release_dir: str, fp32: bool) -> Any:
 
     from transformers import modeling_rope_utils
 
-    def default_rope(config=None, device=None, seq_len=None, **kwargs: Any):
+    def default_rope(
+        config: Any = None,
+        device: torch.device | str | None = None,
+        seq_len: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, float]:
         base = kwargs.get("base") or config.rope_theta
         dim = kwargs.get("dim") or config.hidden_size // config.num_attention_heads
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim))
@@ -706,7 +727,7 @@ def import_release(release_dir: str, fp32: bool) -> Any:
 
     modeling_rope_utils.ROPE_INIT_FUNCTIONS.setdefault("default", default_rope)
     sys.path.insert(0, os.path.abspath(release_dir))
-    navit = importlib.import_module("modeling.bagel.qwen2_navit")
+    navit: Any = importlib.import_module("modeling.bagel.qwen2_navit")  # the release's, untyped
     if not torch.cuda.is_available():
         navit.sdpa_kernel = lambda *args, **kwargs: contextlib.nullcontext()
     if fp32:
@@ -721,7 +742,7 @@ def import_release(release_dir: str, fp32: bool) -> Any:
     )
 
 
-def build_release_model(rel: Any, cfg: dict[str, Any], vae: str, visual_und: bool):
+def build_release_model(rel: Any, cfg: dict[str, Any], vae: str, visual_und: bool) -> tuple[Any, Any]:
     """The release's `Bagel` (their Qwen2ForCausalLM with `Qwen2MoTDecoderLayer`) and their
     `AutoEncoder`, with tiny_bagel.json's shapes, as `pretrain_unified_navit.py` assembles them."""
     if visual_und:
@@ -769,9 +790,9 @@ def our_weights_and_packs(row: Row) -> tuple[dict[str, Any], dict[str, Any], lis
         trainer = Trainer(*load_job_config(job_argv(plain, tmp)))
         try:
             state = {k: v.detach().float().clone() for k, v in trainer.model.state_dict().items()}
-            vae_state = {
-                k: v.detach().float().clone() for k, v in trainer.model.vae.module.state_dict().items()
-            }
+            vae = cast("Bagel", trainer.model).vae
+            assert vae is not None  # anchor_bagel_config: visual_gen=True
+            vae_state = {k: v.detach().float().clone() for k, v in vae.module.state_dict().items()}
             batches = list(trainer.dataloader.batches)
         finally:
             trainer.close()
@@ -819,7 +840,9 @@ def run_release_row(row: Row) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     inputs = [release_inputs(b, mask_fn, draw_timesteps(b, rng)) for b in batches]  # untimed
 
-    def step(data: dict[str, Any], latent=None, noise=None) -> dict[str, float]:
+    def step(
+        data: dict[str, Any], latent: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> dict[str, float]:
         data = dict(data)
         data.pop("ce_loss_weights", None)
         images = data.pop("padded_images", None)
@@ -836,7 +859,9 @@ def run_release_row(row: Row) -> dict[str, Any]:
                 out = compute(**data)
             else:  # the forward's `torch.randn_like` draw, replaced by the check's noise
                 randn_like = torch.randn_like
-                torch.randn_like = lambda t, **kw: noise.to(t.dtype)
+                # A stand-in for the release's `randn_like(t)` calls only, narrower than torch's
+                # overloads: patched by name.
+                setattr(torch, "randn_like", lambda t, **kw: noise.to(t.dtype))
                 try:
                     out = compute(**data)
                 finally:
@@ -844,6 +869,7 @@ def run_release_row(row: Row) -> dict[str, Any]:
         ce = out["ce"].sum() / len(data["ce_loss_indexes"]) if out["ce"] is not None else 0.0
         mse = out["mse"].mean(dim=-1).sum() / len(data["mse_loss_indexes"]) if out["mse"] is not None else 0.0
         loss = ce + mse
+        assert isinstance(loss, torch.Tensor)  # the release's forward returns a CE or an MSE term
         loss.backward()
         loss, ce, mse = (x.detach() if isinstance(x, torch.Tensor) else x for x in (loss, ce, mse))
         if bf16:
@@ -1017,7 +1043,7 @@ def main() -> None:
     ]
     # The release has one row per dtype (its step has no backend, compile or AC options); it runs
     # right after the first grid row of its dtype, in every round.
-    first_of_dtype = {}
+    first_of_dtype: dict[str, int] = {}
     for i, base in enumerate(grid):
         first_of_dtype.setdefault(base.dtype, i)
     results: dict[tuple[int, str], list[dict[str, Any]]] = {}

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 BACKENDS = {
     "eager": ("eager", {}),
@@ -98,7 +99,7 @@ def run_one(args: argparse.Namespace, name: str, seq_len: int) -> dict:
         if args.backward:
             out.float().square().sum().backward()
 
-    def timed(fn) -> float:
+    def timed(fn: Callable[[], None]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

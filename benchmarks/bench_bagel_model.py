@@ -18,22 +18,25 @@ import time
 import torch
 
 from bagel_titan.plugins import get_plugin_manager
+from bagel_titan_plugins.bagel.batch import BagelPackedBatch
 from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
 from bagel_titan_plugins.bagel.flops import llm_layer_linear_params, training_flops
+from bagel_titan_plugins.bagel.modeling import Bagel
 from bagel_titan_plugins.bagel.spec import build_bagel
-from synthetic_bagel import Text, VaeImage, VitImage, synthetic_batch
+from synthetic_bagel import Segment, Text, VaeImage, VitImage, synthetic_batch
 
 RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
 
 
-def mixed_pack(target_tokens: int, vit_side: int, vae_side: int):
+def mixed_pack(target_tokens: int, vit_side: int, vae_side: int) -> list[list[Segment]]:
     """Samples of the three kinds (text, understanding, generation) until ~target_tokens."""
-    kinds = [
+    kinds: list[list[Segment]] = [
         [Text(40, loss=False), Text(120)],
         [VitImage(vit_side, vit_side), Text(30, loss=False), Text(60)],
         [Text(30, loss=False), VaeImage(vae_side, vae_side)],
     ]
-    samples, total, i = [], 0, 0
+    samples: list[list[Segment]] = []
+    total, i = 0, 0
     while True:
         sample = kinds[i % 3]
         size = sum(s.num_ids + 2 if isinstance(s, Text) else s.h * s.w + 2 for s in sample)
@@ -44,7 +47,7 @@ def mixed_pack(target_tokens: int, vit_side: int, vae_side: int):
         i += 1
 
 
-def time_step(model, batch, repeats: int) -> float:
+def time_step(model: Bagel, batch: BagelPackedBatch, repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):
         model.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,7 @@ from PIL import Image
 import common
 from bagel_titan.config.job_config import DatasetEntry, JobConfig
 from bagel_titan.plugins import PluginManager
+from bagel_titan.protocols import ModelSpec
 from bagel_titan_plugins.bagel.collator import BagelCollator
 from bagel_titan_plugins.bagel.config import BagelConfig
 from bagel_titan_plugins.bagel.processor import BagelProcessor
@@ -59,7 +61,7 @@ class Spec:
     def __init__(self, setting: Setting, tokenizer: str):
         self.setting, self.tokenizer = setting, tokenizer
 
-    def build_processor(self, job_config):
+    def build_processor(self, job_config: JobConfig) -> BagelProcessor:
         s = self.setting
         return BagelProcessor(
             job_config,
@@ -69,7 +71,7 @@ class Spec:
             vae_downsample=s.vae_downsample,
         )
 
-    def build_collator(self, job_config):
+    def build_collator(self, job_config: JobConfig) -> BagelCollator:
         s = self.setting
         return BagelCollator(
             job_config,
@@ -130,7 +132,9 @@ def write_large_images(path: str, n: int, seed: int) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=8)
 
 
-def run(setting: Setting, data: str, tokenizer: str, plugins, shuffle: bool = True) -> dict[str, float]:
+def run(
+    setting: Setting, data: str, tokenizer: str, plugins: PluginManager, shuffle: bool = True
+) -> dict[str, float]:
     cfg = JobConfig()
     cfg.data.datasets = [DatasetEntry(path=data)]
     cfg.data.shuffle = shuffle
@@ -139,8 +143,10 @@ def run(setting: Setting, data: str, tokenizer: str, plugins, shuffle: bool = Tr
     cfg.data.packing_window = 64
     cfg.data.packing_length = setting.packing_length
     cfg.plugin_sections["bagel.processor"] = setting.processor
+    # The packed loader reads only the processor/collator half of the spec (`Spec` above).
+    spec = cast("ModelSpec[Any, Any]", Spec(setting, tokenizer))
     loader = plugins.dataloaders.get("packed").build(
-        cfg, plugins, Spec(setting, tokenizer), dp_rank=0, dp_world_size=1, infinite=False
+        cfg, plugins, spec, dp_rank=0, dp_world_size=1, infinite=False
     )
     start = time.perf_counter()
     for _ in loader:

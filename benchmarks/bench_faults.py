@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -73,7 +74,7 @@ def trained_to(log: Path) -> int:
     return int(found[-1]) if found else 0
 
 
-def wait(predicate, job: subprocess.Popen, timeout: float) -> bool:
+def wait(predicate: Callable[[], bool], job: subprocess.Popen, timeout: float) -> bool:
     """Poll `predicate` until true (True), the job ends or the timeout passes (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and job.poll() is None:
@@ -108,9 +109,11 @@ def kill_group(job: subprocess.Popen, sig: int) -> None:
 
 def soak(args: argparse.Namespace, work: Path) -> dict:
     dataset = write_jsonl(work / "data.jsonl", text_corpus(400))
-    env = {"FAULTS_SLEEP_PER_STEP": str(args.sleep_per_step)}
+    sleep = str(args.sleep_per_step)  # FAULTS_SLEEP_PER_STEP of every attempt
     reference = work / "reference"
-    job = start_run(job_args(reference, dataset, args.steps), work / "reference.log", **env)
+    job = start_run(
+        job_args(reference, dataset, args.steps), work / "reference.log", FAULTS_SLEEP_PER_STEP=sleep
+    )
     assert job.wait(timeout=900) == 0, (work / "reference.log").read_text()[-3000:]
 
     rng = random.Random(args.seed)
@@ -124,7 +127,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
         log = work / f"soak-{attempts}.log"
         before = complete_steps(run)
         interrupting = sum(outcomes.values()) < args.interruptions
-        job = start_run(job_args(run, dataset, args.steps), log, **env)
+        job = start_run(job_args(run, dataset, args.steps), log, FAULTS_SLEEP_PER_STEP=sleep)
         if not interrupting:
             code = job.wait(timeout=900)
             assert code == 0, log.read_text()[-3000:]

@@ -22,6 +22,7 @@ import copy
 import statistics
 import tempfile
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,8 +37,14 @@ from bench_anchor_step import (
     special_tokens,
 )
 
+if TYPE_CHECKING:
+    from bagel_titan_plugins.bagel.batch import BagelPackedBatch
+    from bagel_titan_plugins.bagel.modeling import Bagel
 
-def build(args, cache_dir: str):
+
+def build(
+    args: argparse.Namespace, cache_dir: str
+) -> tuple[dict[str, Bagel], dict[str, list[BagelPackedBatch]], int, float]:
     from bagel_titan.plugins import get_plugin_manager
     from bagel_titan_plugins.bagel.collator import BagelCollator
     from bagel_titan_plugins.bagel.latent_cache import LatentCache, content_key
@@ -55,18 +62,20 @@ def build(args, cache_dir: str):
     packs = first_fit_packs(make_rows(cfg, args.mix), cfg, args.pack_len, args.packs)
     samples = [[bagel_sample(r, cfg) for r in pack] for pack in packs]
 
-    cache = LatentCache(cache_dir, model.vae.identity(), model.vae.dtype_for(torch.device("cpu")))
+    vae = model.vae
+    assert vae is not None  # anchor_bagel_config: visual_gen=True
+    cache = LatentCache(cache_dir, vae.identity(), vae.dtype_for(torch.device("cpu")))
     start, images = time.perf_counter(), 0
     for pack in samples:  # what bagel-titan-encode-latents does per image
         for seg in (s for sample in pack for s in sample.segments if isinstance(s, VaeSegment)):
             key = content_key(seg.image)
             hw = (seg.image.shape[1] // arch.vae.downsample, seg.image.shape[2] // arch.vae.downsample)
             if cache.get(key, hw).moments is None:
-                cache.put(key, model.vae.moments_of(seg.image), tuple(seg.image.shape[1:]))
+                cache.put(key, vae.moments_of(seg.image), (seg.image.shape[1], seg.image.shape[2]))
                 images += 1
     fill_s = time.perf_counter() - start
 
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         special_tokens=special_tokens(cfg),
         vit_patch_size=arch.vit.patch_size,
         vae_downsample=arch.vae.downsample,
@@ -78,7 +87,7 @@ def build(args, cache_dir: str):
     return {"encoded": model, "cached": twin}, batches, images, fill_s
 
 
-def step(model, optimizer, batch, seed: int) -> float:
+def step(model: Bagel, optimizer: torch.optim.Optimizer, batch: BagelPackedBatch, seed: int) -> float:
     from bagel_titan_plugins.bagel.spec import bagel_loss_term, bagel_outputs
     from bagel_titan_plugins.losses.ce import CELoss
     from bagel_titan_plugins.losses.flow_mse import FlowMSELoss
@@ -86,10 +95,11 @@ def step(model, optimizer, batch, seed: int) -> float:
 
     generator = torch.Generator().manual_seed(seed)
     outputs = bagel_outputs(model(batch, generator), batch)
-    loss = 0.0
+    loss: torch.Tensor | float = 0.0
     for component in (CELoss(CEOptions()), FlowMSELoss(FlowMSEOptions())):
         term = bagel_loss_term(component, outputs, batch)
         loss = loss + term.sum / max(term.count, 1)
+    assert isinstance(loss, torch.Tensor)  # two terms were added
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

@@ -34,7 +34,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +166,7 @@ def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> dict[str, 
     from bagel_titan.config.manager import load_job_config
     from bagel_titan.distributed.utils import destroy_distributed
     from bagel_titan.trainer import Trainer
-    from bagel_titan_plugins.bagel.spec import build_bagel
+    from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel
     from synthetic_plugin import architecture_of
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +188,7 @@ def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> dict[str, 
         torch.manual_seed(job_config.training.seed)
         model = build_bagel(
             architecture_of(job_config),
-            trainer.model_spec.bagel_config(job_config),
+            cast(BagelSpec, trainer.model_spec).bagel_config(job_config),  # the bagel-bench spec
             backend=plugins.attention_backends.get(setting.backend),
         )
         model.init_weights()

@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from typing import Any, Mapping
 
 import common
-from bagel_titan_plugins.data.packing import STRATEGIES, ReleasePackingConfig
+from bagel_titan_plugins.data.packing import STRATEGIES, PackingStrategyEntry, ReleasePackingConfig
 
 
 def realistic_lengths(n: int, seed: int) -> list[int]:
@@ -44,7 +45,9 @@ def realistic_lengths(n: int, seed: int) -> list[int]:
     return out
 
 
-def measure(strategy, capacity: int, window: int, lengths: list[int]) -> dict[str, float]:
+def measure(
+    strategy: PackingStrategyEntry, capacity: int, window: int, lengths: list[int]
+) -> dict[str, float]:
     packer = strategy.new_packer(capacity, {"window": window})
     packs = []
     leave_at: dict[int, int] = {}
@@ -71,7 +74,9 @@ GROUPS = (("und", 0.6, 300, 3000), ("t2i", 0.3, 256, 1100), ("text", 0.1, 50, 15
 """The realistic mix as three dataset groups: (name, weight, min tokens, max tokens)."""
 
 
-def run_mode(name: str, capacity: int, options: dict, samples: int, seed: int) -> dict[str, float]:
+def run_mode(
+    name: str, capacity: int, options: Mapping[str, Any], samples: int, seed: int
+) -> dict[str, float]:
     """Feed `samples` items of the grouped mix (mandatory groups drawn when the packer asks)."""
     rng = random.Random(seed)
     group_rngs = [random.Random(f"{seed}:{g[0]}") for g in GROUPS]
@@ -103,7 +108,7 @@ def run_mode(name: str, capacity: int, options: dict, samples: int, seed: int) -
     }
 
 
-def modes(args) -> None:
+def modes(args: argparse.Namespace) -> None:
     finetune = ReleasePackingConfig(
         expected_num_tokens=10240,
         max_num_tokens_per_sample=10240,
@@ -116,7 +121,7 @@ def modes(args) -> None:
         prefer_buffer_before=16384,
         max_buffer_size=50,
     )
-    runs = [
+    runs: list[tuple[str, str, int, dict[str, Any]]] = [
         ("best_fit_decreasing, window 256", "best_fit_decreasing", 11520, {"window": 256}),
         ("best_fit_decreasing, window 256", "best_fit_decreasing", 16384, {"window": 256}),
         ("best_fit_decreasing, window 256", "best_fit_decreasing", 36864, {"window": 256}),

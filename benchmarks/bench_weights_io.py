@@ -22,6 +22,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -44,7 +46,7 @@ def register_flavor(llm_layers: int, vit_layers: int) -> None:
     )
 
 
-def job_args(args, folder: str, data: dict[str, str], run: str) -> list[str]:
+def job_args(args: argparse.Namespace, folder: str, data: dict[str, str], run: str) -> list[str]:
     return [
         "--job.config_file",
         os.path.join(REPO, "train_configs", "debug_model.toml"),
@@ -106,7 +108,7 @@ def _peak_gib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def worker(args) -> None:
+def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from safetensors import safe_open
 
@@ -133,9 +135,14 @@ def worker(args) -> None:
 
     # The export reloads to the trained weights: EMA shadow for trainable tensors, else the model's.
     expected = dict(trainer.model.state_dict())
+    assert trainer.ema is not None  # job_args: --ema.enable true
     expected.update(trainer.ema.state_dict())
     mismatched = []
-    with safe_open(os.path.join(export, "ema.safetensors"), "pt") if rank == 0 else open(os.devnull) as f:
+    # Rank 0 reads the export; the other ranks only join gather_full's collectives.
+    reader: AbstractContextManager[Any] = (
+        safe_open(os.path.join(export, "ema.safetensors"), "pt") if rank == 0 else open(os.devnull)
+    )
+    with reader as f:
         for key, value in expected.items():
             full = gather_full(value, torch.bfloat16)
             if rank == 0 and not torch.equal(f.get_tensor(key), full):

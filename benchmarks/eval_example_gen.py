@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,8 +27,9 @@ from PIL import Image, ImageDraw
 
 import common
 from bagel_titan_plugins.bagel.generate import load_sampler, run_config_of
+from bagel_titan_plugins.bagel.sampling import BagelSampler
 from bagel_titan_plugins.data.example_check import read_image
-from bagel_titan_plugins.data.example_data import COLOURS, SHAPES, random_scene
+from bagel_titan_plugins.data.example_data import COLOURS, SHAPES, Scene, random_scene
 
 ATTRIBUTES = {"background": 1 / len(COLOURS), "shape colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)}
 
@@ -49,7 +51,9 @@ def grid(images: list[np.ndarray], captions: list[str], columns: int, scale: int
 
 
 @torch.no_grad()
-def evaluate(sampler, scenes, seed: int) -> tuple[dict[str, float], list[np.ndarray]]:
+def evaluate(
+    sampler: BagelSampler, scenes: Sequence[Scene], seed: int
+) -> tuple[dict[str, float], list[np.ndarray]]:
     right = dict.fromkeys(ATTRIBUTES, 0)
     images = []
     for i, scene in enumerate(scenes):

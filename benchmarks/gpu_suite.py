@@ -26,7 +26,7 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -41,6 +41,9 @@ from bench_train_step import (
     run_row,
     table_row,
 )
+
+if TYPE_CHECKING:
+    from synthetic_attention import AttentionInputs
 
 
 @dataclass
@@ -63,7 +66,7 @@ SMOKE_SHAPE = CheckShape(4, 2, 16, 32, 300, 3, torch.float32, "cpu", False)
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
 
-def _inputs(shape: CheckShape, seed: int):
+def _inputs(shape: CheckShape, seed: int) -> AttentionInputs:
     from synthetic_attention import random_inputs, random_pack
 
     docs = random_pack(random.Random(seed), shape.tokens, shape.docs)
@@ -80,7 +83,7 @@ def _inputs(shape: CheckShape, seed: int):
     )
 
 
-def _run(module: torch.nn.Module, inputs, backward: bool) -> list[torch.Tensor]:
+def _run(module: torch.nn.Module, inputs: AttentionInputs, backward: bool) -> list[torch.Tensor]:
     """Output, and the q/k/v gradients of a fixed random projection of it when `backward`."""
     for t in (inputs.q_THD, inputs.k_THD, inputs.v_THD):
         t.grad = None
@@ -90,7 +93,11 @@ def _run(module: torch.nn.Module, inputs, backward: bool) -> list[torch.Tensor]:
         return [out.detach().float()]
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
     (out * weight).float().sum().backward()
-    return [out.detach().float()] + [t.grad.float() for t in (inputs.q_THD, inputs.k_THD, inputs.v_THD)]
+    grads = []
+    for t in (inputs.q_THD, inputs.k_THD, inputs.v_THD):
+        assert t.grad is not None  # q/k/v require grad when `backward` (`_inputs`)
+        grads.append(t.grad.float())
+    return [out.detach().float()] + grads
 
 
 def _compare(

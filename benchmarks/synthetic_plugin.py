@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -31,6 +31,11 @@ from bagel_titan_plugins.bagel.batch import BagelPackedBatch
 from bagel_titan_plugins.bagel.config import BagelArchitecture, BagelConfig, architecture_for
 from bagel_titan_plugins.bagel.spec import BagelSpec
 from synthetic_bagel import Segment, Text, VaeImage, VitImage, synthetic_batch
+
+if TYPE_CHECKING:
+    from bagel_titan.config.job_config import JobConfig
+    from bagel_titan.plugins import PluginManager
+    from bagel_titan.protocols import ModelSpec
 
 
 @dataclass
@@ -69,7 +74,7 @@ class BenchSection:
             raise ValueError("[bench] understanding_share + generation_share must lie in [0, 1]")
 
 
-def bench_section(job_config) -> BenchSection:
+def bench_section(job_config: JobConfig) -> BenchSection:
     return job_config.section("bench") if job_config.has_section("bench") else BenchSection()
 
 
@@ -81,7 +86,7 @@ def bench_architecture(flavor: str, llm_layers: int = 0, vit_layers: int = 0) ->
     return dataclasses.replace(arch, llm=llm, vit=vit)
 
 
-def architecture_of(job_config) -> BagelArchitecture:
+def architecture_of(job_config: JobConfig) -> BagelArchitecture:
     bench = bench_section(job_config)
     return bench_architecture(job_config.model.flavor, bench.llm_layers, bench.vit_layers)
 
@@ -91,7 +96,7 @@ class BagelBenchSpec(BagelSpec):
 
     name = "bagel-bench"
 
-    def architecture(self, job_config) -> BagelArchitecture:
+    def architecture(self, job_config: JobConfig) -> BagelArchitecture:
         return architecture_of(job_config)
 
 
@@ -152,7 +157,7 @@ def build_packs(
     ]
 
 
-def packs_for(job_config) -> list[BagelPackedBatch]:
+def packs_for(job_config: JobConfig) -> list[BagelPackedBatch]:
     """The packs the "synthetic" loader of `job_config` cycles through."""
     options = BagelSpec.bagel_config(job_config)
     return build_packs(
@@ -214,9 +219,9 @@ class SyntheticLoaderBuilder:
 
     def build(
         self,
-        job_config,
-        plugins,
-        model_spec,
+        job_config: JobConfig,
+        plugins: PluginManager,
+        model_spec: ModelSpec[Any, Any],
         *,
         dp_rank: int,
         dp_world_size: int,
@@ -259,7 +264,9 @@ class RecordingPackedLoaderBuilder:
 
     name = "packed-recorded"
 
-    def build(self, job_config, plugins, model_spec, **kwargs: Any) -> RecordingLoader:
+    def build(
+        self, job_config: JobConfig, plugins: PluginManager, model_spec: ModelSpec[Any, Any], **kwargs: Any
+    ) -> RecordingLoader:
         return RecordingLoader(
             plugins.dataloaders.get("packed").build(job_config, plugins, model_spec, **kwargs)
         )
