@@ -1,5 +1,7 @@
 """The GPU suite: one command, one H100, under 10 minutes (`benchmarks/gpu_suite.sh`).
 
+0. The matrix-product rate of the device as found (an 8192^3 product in bf16): the ceiling the
+   rows' MFU is read against.
 1. Correctness of the fast attention paths at BAGEL-7B's head shapes (28 query / 4 KV heads of
    128, bf16) on a packed batch with causal / full / noise segments: `flex` against `eager`
    (outputs and q/k/v gradients), and NSA's Triton path against its PyTorch path (outputs and
@@ -157,7 +159,28 @@ def check_nsa_triton(shape: CheckShape) -> tuple[str, str]:
     return ("pass" if ok else "FAIL"), f"top-k {all_blocks} (every block); " + detail
 
 
+def check_matmul_ceiling(shape: CheckShape) -> tuple[str, str]:
+    """The device's matrix rate as found (clocks, neighbours): what the rows' MFU is read against.
+    An 8192^3 product in the checks' dtype on a GPU (1024^3 on a CPU), median of 10 after 3."""
+    n = 8192 if shape.device == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=shape.device, dtype=shape.dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        if shape.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if shape.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    tflops = 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+    return "measured", f"{n}^3 {str(shape.dtype).replace('torch.', '')} matrix product: {tflops:,.1f} TFLOP/s"
+
+
 CHECKS: dict[str, Callable[[CheckShape], tuple[str, str]]] = {
+    "matrix-product ceiling": check_matmul_ceiling,
     "flex vs eager": check_flex,
     "NSA Triton vs NSA PyTorch": check_nsa_triton,
 }

@@ -169,6 +169,8 @@ def test_gpu_suite_smoke_checks_flex_and_reports_unavailable_parts_as_skipped_ro
     assert "refused" not in sdpa_row and "FAILED" not in sdpa_row
     nsa = next(line for line in text.splitlines() if line.startswith("| NSA Triton vs NSA PyTorch |"))
     assert "| skipped |" in nsa or "| pass |" in nsa
+    ceiling = next(line for line in text.splitlines() if line.startswith("| matrix-product ceiling |"))
+    assert "1024^3 float32 matrix product:" in ceiling and "TFLOP/s" in ceiling
 
 
 # -- helpers ---------------------------------------------------------------------------------
