@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from torch import nn
+from torch.profiler import record_function
 
 from bagel_titan.checkpoint.export import export_weights
 from bagel_titan.checkpoint.manager import CheckpointManager, ResumePoint
@@ -44,7 +45,7 @@ from bagel_titan.errors import UserError
 from bagel_titan.lora import apply_lora, init_adapters
 from bagel_titan.metrics.device_flops import device_name, peak_flops_per_second
 from bagel_titan.metrics.logger import MetricsLogger
-from bagel_titan.metrics.profiler import build_profiler, phase
+from bagel_titan.metrics.profiler import build_profiler
 from bagel_titan.metrics.throughput import ThroughputMeter
 from bagel_titan.optim.ema import EMA
 from bagel_titan.optim.lr_scheduler import build_lr_scheduler
@@ -398,13 +399,13 @@ class Trainer:
         sums = torch.zeros(len(self.loss_components), dtype=torch.float64, device=self.device)
         for index, batch in enumerate(batches):
             with self._compute_context():
-                with phase("forward"):
+                with record_function("forward"):
                     outputs = self.model_spec.forward(self.model, batch, self._noise_generator(step, index))
-                with phase("loss"):
+                with record_function("loss"):
                     loss, term_sums = self.loss_fn(outputs, batch, normalisers[index])
             # FSDP averages gradients over the data-parallel ranks; the loss is already a global
             # mean, so undo that average.
-            with phase("backward"):
+            with record_function("backward"):
                 (loss * self.dp_world_size).backward()
             sums += torch.stack(term_sums).double()
         return sums, global_counts, global_tokens, stop_requested
@@ -413,11 +414,11 @@ class Trainer:
         """One optimizer step over this rank's microbatches; returns whether to stop the run."""
         step = self.train_state.step + 1
         sums, global_counts, global_tokens, stop_requested = self.forward_backward(batches, step)
-        with phase("clip_grad_norm"):
+        with record_function("clip_grad_norm"):
             grad_norm = self._clip_grad_norm()
         finite = math.isfinite(grad_norm)
         if finite:
-            with phase("optimizer"):
+            with record_function("optimizer"):
                 self.optimizer.step()
             self.consecutive_nonfinite = 0
         else:
@@ -522,7 +523,7 @@ class Trainer:
         try:
             while self.train_state.step < cfg.training.steps:
                 data_start = time.perf_counter()
-                with phase("data"):
+                with record_function("data"):
                     batches = self._next_batches()
                 data_wait = time.perf_counter() - data_start
                 stop_requested = self.train_step(batches)

@@ -4,19 +4,18 @@ The trainer calls `step()` after every step; the profiler records the configured
 writes a Chrome trace and a table of the ops that took the most time (self time on the GPU when
 one is used, on the CPU otherwise) and stops. The trainer and the model mark their phases with
 `torch.profiler.record_function`, so the trace shows data / forward / loss / backward / optimizer
-and the model's own parts (see `phase`).
+and the model's own parts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from contextlib import AbstractContextManager
 
 import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import EventList
-from torch.profiler import ProfilerActivity, profile, record_function, schedule
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from bagel_titan.config.job_config import Profiling
 
@@ -25,13 +24,8 @@ logger = logging.getLogger(__name__)
 SUMMARY_ROWS = 40
 
 
-def phase(name: str) -> AbstractContextManager:
-    """A named range in profiler traces (a no-op cost when no profiler runs)."""
-    return record_function(name)
-
-
 def phase_table(averages: EventList) -> str:
-    """The named ranges (`phase`, `ProfilerStep*`): calls, CPU and device time in ms."""
+    """The named ranges (`record_function`, `ProfilerStep*`): calls, CPU and device time in ms."""
     rows = [e for e in averages if e.is_user_annotation]
     rows.sort(key=lambda e: -max(e.cpu_time_total, e.device_time_total))
     lines = [f"{'range':<40} {'calls':>6} {'CPU total ms':>13} {'device total ms':>16}"]
@@ -46,9 +40,8 @@ def busy_line(prof: profile, device: torch.device, recorded: int) -> str:
     """Wall time of a recorded step and, on a GPU, how much of it the device spent in kernels and
     copies (a low share: the step waits on the host, not on the GPU) and the allocator's retries.
     Only the first `recorded` step ranges count (a run that ends early leaves its tail in one more)."""
-    steps = sorted(
-        (e for e in prof.events() if e.name.startswith("ProfilerStep")), key=lambda e: e.time_range.start
-    )
+    events = prof.events()
+    steps = sorted((e for e in events if e.name.startswith("ProfilerStep")), key=lambda e: e.time_range.start)
     steps = steps[:recorded]
     if not steps:
         return "no complete step recorded"
@@ -59,7 +52,7 @@ def busy_line(prof: profile, device: torch.device, recorded: int) -> str:
         return line
     busy_us = sum(
         e.time_range.elapsed_us()
-        for e in prof.events()
+        for e in events
         if e.device_type == DeviceType.CUDA and start <= e.time_range.start < end
     ) / len(steps)
     stats = torch.cuda.memory_stats(device)
