@@ -31,7 +31,12 @@ from bagel_titan_plugins.attention.nsa.config import NSAConfig
 from bagel_titan_plugins.attention.nsa.module import NSABackend
 from bagel_titan_plugins.attention.sdpa import SDPABackend, SDPAConfig
 from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
-from bagel_titan_plugins.bagel.modeling_qwen2_mot import MoTRouting, Qwen2MoTDecoderLayer, rotary_cos_sin
+from bagel_titan_plugins.bagel.modeling_qwen2_mot import (
+    ExpertRotary,
+    MoTRouting,
+    Qwen2MoTDecoderLayer,
+    rotary_cos_sin,
+)
 from bagel_titan_plugins.bagel.spec import BagelSpec, build_bagel
 from synthetic_bagel import Text, VaeImage, VitImage, synthetic_batch
 
@@ -130,7 +135,7 @@ def _layer_step(layer: Qwen2MoTDecoderLayer, index: int) -> tuple[torch.Tensor, 
     hidden, routing, cos, sin, meta = _pack(LAYER_PACKS[index], seed=index)
     meta.prepare_for(layer.self_attn.attn_core)  # as Bagel.forward does, before its layers
     hidden.requires_grad_(True)
-    out = layer(hidden, routing, cos, sin, meta)
+    out = routing.merge(*layer(*routing.split(hidden), routing, ExpertRotary.build(routing, cos, sin), meta))
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(10 + index))
     layer.zero_grad(set_to_none=True)
     (out * weight).sum().backward()

@@ -112,6 +112,23 @@ def rotary_cos_sin(
     return emb_TD.cos(), emb_TD.sin()
 
 
+@dataclass
+class ExpertRotary:
+    """RoPE's cos and sin rows of each expert's tokens (`MoTRouting.split` of the [T, head_dim]
+    tables), built once per forward: queries and keys are rotated per expert, before the merge."""
+
+    cos_und: torch.Tensor
+    sin_und: torch.Tensor
+    cos_gen: torch.Tensor
+    sin_gen: torch.Tensor
+
+    @classmethod
+    def build(cls, routing: "MoTRouting", cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> "ExpertRotary":
+        cos_und, cos_gen = routing.split(cos_TD)
+        sin_und, sin_gen = routing.split(sin_TD)
+        return cls(cos_und, sin_und, cos_gen, sin_gen)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -136,6 +153,16 @@ class Qwen2MLP(nn.Module):
 
 def _frozen(x: torch.Tensor, freeze: bool) -> torch.Tensor:
     return x.detach() if freeze else x
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """`x` in autocast's compute dtype when autocast is on: a normed activation that feeds
+    several projections (q/k/v, gate/up) is then cast once, not once per projection (and its
+    gradient converted back once)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
 
 
 class PackedAttentionMoT(nn.Module):
@@ -170,30 +197,34 @@ class PackedAttentionMoT(nn.Module):
             )
         )
 
-    def _qkv(self, x_ND: torch.Tensor, suffix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(
+        self, x_ND: torch.Tensor, suffix: str, cos_ND: torch.Tensor, sin_ND: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = x_ND.shape[0]
         q_NHD = getattr(self, f"q_proj{suffix}")(x_ND).view(n, self.num_heads, self.head_dim)
         k_NHD = getattr(self, f"k_proj{suffix}")(x_ND).view(n, self.num_kv_heads, self.head_dim)
         v_NHD = getattr(self, f"v_proj{suffix}")(x_ND).view(n, self.num_kv_heads, self.head_dim)
-        # qk-norm and RoPE run in fp32 (as the release does), attention in the compute dtype.
-        q_NHD = getattr(self, f"q_norm{suffix}")(q_NHD.float())
-        k_NHD = getattr(self, f"k_norm{suffix}")(k_NHD.float())
-        return q_NHD, k_NHD, v_NHD
+        # qk-norm and RoPE run in fp32 (as the release does), attention in the compute dtype; both
+        # act per token, so they run before the merge, which then moves compute-dtype rows.
+        q_NHD = apply_rotary(getattr(self, f"q_norm{suffix}")(q_NHD.float()), cos_ND, sin_ND)
+        k_NHD = apply_rotary(getattr(self, f"k_norm{suffix}")(k_NHD.float()), cos_ND, sin_ND)
+        return q_NHD.to(v_NHD.dtype), k_NHD.to(v_NHD.dtype), v_NHD
 
     def forward(
         self,
         x_und: torch.Tensor,
         x_gen: torch.Tensor,
         routing: MoTRouting,
-        cos_TD: torch.Tensor,
-        sin_TD: torch.Tensor,
+        rotary: ExpertRotary,
         meta: AttentionMeta,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q_und, k_und, v_und = (_frozen(t, self.freeze_und) for t in self._qkv(x_und, ""))
-        q_gen, k_gen, v_gen = self._qkv(x_gen, "_moe_gen")
-        v_THD = routing.merge(v_und, v_gen)
-        q_THD = apply_rotary(routing.merge(q_und, q_gen).float(), cos_TD, sin_TD).to(v_THD.dtype)
-        k_THD = apply_rotary(routing.merge(k_und, k_gen).float(), cos_TD, sin_TD).to(v_THD.dtype)
+        q_und, k_und, v_und = (
+            _frozen(t, self.freeze_und) for t in self._qkv(x_und, "", rotary.cos_und, rotary.sin_und)
+        )
+        q_gen, k_gen, v_gen = self._qkv(x_gen, "_moe_gen", rotary.cos_gen, rotary.sin_gen)
+        q_THD, k_THD, v_THD = (
+            routing.merge(u, g) for u, g in ((q_und, q_gen), (k_und, k_gen), (v_und, v_gen))
+        )
         hidden_TD = routing.merge(x_und, x_gen) if self.attn_core.uses_hidden else None
         out_THD = self.attn_core(q_THD, k_THD, v_THD, meta, hidden_TD)
         out_und, out_gen = routing.split(out_THD.reshape(out_THD.shape[0], self.num_heads * self.head_dim))
@@ -218,21 +249,26 @@ class Qwen2MoTDecoderLayer(nn.Module):
 
     def forward(
         self,
-        h_TD: torch.Tensor,
+        h_und: torch.Tensor,
+        h_gen: torch.Tensor,
         routing: MoTRouting,
-        cos_TD: torch.Tensor,
-        sin_TD: torch.Tensor,
+        rotary: ExpertRotary,
         meta: AttentionMeta,
-    ) -> torch.Tensor:
-        h_und, h_gen = routing.split(h_TD)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each expert's rows of the residual stream in, the same rows out (the stream stays
+        split between layers: only attention needs the pack order)."""
         h_und = _frozen(h_und, self.freeze_und)
         a_und, a_gen = self.self_attn(
-            self.input_layernorm(h_und), self.input_layernorm_moe_gen(h_gen), routing, cos_TD, sin_TD, meta
+            _autocast_input(self.input_layernorm(h_und)),
+            _autocast_input(self.input_layernorm_moe_gen(h_gen)),
+            routing,
+            rotary,
+            meta,
         )
         h_und, h_gen = h_und + a_und, h_gen + a_gen
-        h_und = h_und + self.mlp(self.post_attention_layernorm(h_und))
-        h_gen = h_gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h_gen))
-        return routing.merge(h_und, h_gen)
+        h_und = h_und + self.mlp(_autocast_input(self.post_attention_layernorm(h_und)))
+        h_gen = h_gen + self.mlp_moe_gen(_autocast_input(self.post_attention_layernorm_moe_gen(h_gen)))
+        return h_und, h_gen
 
 
 class Qwen2MoTModel(nn.Module):
@@ -259,12 +295,14 @@ class Qwen2MoTModel(nn.Module):
     ) -> torch.Tensor:
         """Run every layer on the packed input embeddings; returns the final-normed hidden states.
         `layer_outputs`, when given, collects each layer's residual stream (parity checks)."""
-        cos_TD, sin_TD = rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
-        for layer in self.layers:
-            h_TD = layer(h_TD, routing, cos_TD, sin_TD, meta)
-            if layer_outputs is not None:
-                layer_outputs.append(h_TD)
+        rotary = ExpertRotary.build(
+            routing, *rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+        )
         h_und, h_gen = routing.split(h_TD)
+        for layer in self.layers:
+            h_und, h_gen = layer(h_und, h_gen, routing, rotary, meta)
+            if layer_outputs is not None:
+                layer_outputs.append(routing.merge(h_und, h_gen))
         return routing.merge(_frozen(self.norm(h_und), self.freeze_und), self.norm_moe_gen(h_gen))
 
 
