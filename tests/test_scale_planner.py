@@ -176,3 +176,26 @@ def test_estimate_without_world_size_is_a_user_error():
         cwd=REPO,
     )
     assert proc.returncode == 2 and "--world-size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}),
+        (
+            {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"},
+            {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"},
+        ),
+        (
+            {"PYTORCH_ALLOC_CONF": "expandable_segments:False"},
+            {"PYTORCH_ALLOC_CONF": "expandable_segments:False"},
+        ),
+    ],
+)
+def test_cuda_allocator_gets_expandable_segments_unless_the_user_chose(environ, expected):
+    """Packs change shape every step; fixed allocator segments fragment under that. The trainer
+    turns on expandable segments before the first CUDA allocation, leaving a user's setting."""
+    from bagel_titan.distributed.utils import set_default_allocator_settings
+
+    set_default_allocator_settings(environ)
+    assert environ == expected

@@ -9,11 +9,17 @@ from __future__ import annotations
 import os
 import random
 from datetime import timedelta
+from typing import MutableMapping
 
 import torch
 import torch.distributed as dist
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+DEFAULT_ALLOCATOR_SETTINGS = "expandable_segments:True"
+"""The CUDA caching allocator's settings when the user sets none: packs change shape every step
+(new image sizes, new document mixes), and fixed-size segments fragment under that until
+allocations fail and the allocator frees its cache and retries (a device sync each time)."""
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -24,9 +30,18 @@ def select_device(device: str = "auto") -> torch.device:
     """
     if device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
+    set_default_allocator_settings(os.environ)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def set_default_allocator_settings(environ: MutableMapping[str, str]) -> None:
+    """Give the CUDA caching allocator `DEFAULT_ALLOCATOR_SETTINGS` unless `PYTORCH_ALLOC_CONF`
+    or `PYTORCH_CUDA_ALLOC_CONF` is set (the user's choice wins). It takes effect only before
+    the first CUDA allocation of the process, which is why `select_device` calls it."""
+    if not any(environ.get(key) for key in _ALLOCATOR_ENV):
+        environ["PYTORCH_ALLOC_CONF"] = DEFAULT_ALLOCATOR_SETTINGS
 
 
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
