@@ -446,6 +446,7 @@ def parse_grid(args: argparse.Namespace) -> list[TrainSetting]:
         vit_side=args.vit_side,
         vae_side=args.vae_side,
         text_ids=args.text_ids,
+        distinct_packs=args.distinct_packs,
     )
     compile_values = {"off": False, "on": True}
     unknown = set(args.compile.split(",")) - set(compile_values)
@@ -495,6 +496,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=[2, 4],
         metavar=("MIN", "MAX"),
         help="latent patches per generated image side (7b-mot realistic: 32 64)",
+    )
+    parser.add_argument(
+        "--distinct-packs",
+        type=int,
+        default=4,
+        help="synthetic packs cycled through: warm-up steps >= this time every pack with its shapes seen before",
     )
     parser.add_argument(
         "--text-ids",
@@ -557,7 +564,8 @@ def main() -> None:
         + (f" (model wrapped with FSDP2: {'yes' if ok[0]['fsdp_wrapped'] else 'no'})" if ok else ""),
         f"data: synthetic full packs of {s0.packing_length} tokens (60% understanding ViT {s0.vit_side[0]}-{s0.vit_side[1]} "
         f"patches/side, 30% generation VAE {s0.vae_side[0]}-{s0.vae_side[1]} latent patches/side, 10% text); "
-        f"{s0.warmup} warm-up + {s0.steps} timed steps through `Trainer.train()`",
+        f"{s0.distinct_packs} distinct packs cycled; {s0.warmup} warm-up + {s0.steps} timed steps through "
+        f"`Trainer.train()`",
         flops_note(results),
         *(
             [

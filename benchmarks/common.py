@@ -27,13 +27,31 @@ def add_results_option(parser: argparse.ArgumentParser) -> None:
 
 
 def device_description(device: torch.device | str = "cpu") -> str:
-    """ "NVIDIA H100 80GB HBM3, CUDA 12.x, torch 2.x" or "x86_64 CPU, 2 cores, torch 2.x, 2 threads"."""
+    """ "NVIDIA H100 80GB HBM3, CUDA 12.x, torch 2.x" or "<CPU model> (x86_64, bf16: AMX), 2 cores, torch 2.x, 2 threads"."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
-    return f"{cpu} CPU, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread{'s' if threads > 1 else ''}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its native bf16 support (where bf16 rows stand against fp32 rows
+    depends on it): "AMD EPYC 7B13 (x86_64, bf16: emulated)", "Intel(R) Xeon(R) ... (bf16: AMX)"."""
+    name, flags = "", set[str]()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    bf16 = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512_bf16" in flags else "emulated"
+    arch = platform.machine()
+    return f"{name or arch + ' CPU'} ({arch}, bf16: {bf16 if flags else 'unknown'})"
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

@@ -70,6 +70,12 @@ SCRIPTS = [
         "## bench_vae_fit",
         "| fitted, 4 steps |",
     ),
+    (
+        "bench_vae_layout.py",
+        ["--vaes", "tiny", "--sizes", "64x96", "--dtypes", "float32", "--calls", "1"],
+        "## bench_vae_layout",
+        "| tiny | 64x96 | float32 |",
+    ),
 ]
 
 

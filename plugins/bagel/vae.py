@@ -15,6 +15,12 @@ from torch import nn
 from .config import VAEArgs
 
 
+MEMORY_FORMAT = torch.channels_last
+"""The frozen VAE's layout for its weights and activations: oneDNN (and cuDNN, for bf16) run
+convolutions fastest channels-last (NHWC). `benchmarks/bench_vae_layout.py`, one CPU thread: the
+full FLUX encoder at 256x256 1.1x faster in fp32 and 2.9x in bf16, the anchors' tiny VAE 2.2-3.7x."""
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
@@ -248,12 +254,13 @@ class FrozenVAE:
                     m.reset_parameters()
 
     def on(self, device: torch.device) -> AutoEncoder:
-        """The module on `device` in its dtype (moved once, then a no-op)."""
-        p = next(self.module.parameters())
+        """The module on `device` in its dtype and `MEMORY_FORMAT` (moved once, then a no-op)."""
+        p = self.module.encoder.conv_in.weight
         dtype = self.dtype_for(device)
-        if p.device != device or p.dtype != dtype:
+        if p.device != device or p.dtype != dtype or not p.is_contiguous(memory_format=MEMORY_FORMAT):
             known = self.identity() if not p.is_meta else None
             self.module.to(device=device, dtype=dtype)
+            self.module.to(memory_format=MEMORY_FORMAT)  # type: ignore[call-overload]  # real, absent from torch's stubs
             if known is not None:
                 self._identity = (self._stamp(), known)
         return self.module
@@ -266,7 +273,8 @@ class FrozenVAE:
         ae = self.on(images.device)
         dtype = next(ae.parameters()).dtype
         eps = None if eps is None else eps.to(dtype)
-        return ae.encode(images.to(dtype), generator=generator, eps=eps).float()
+        images = images.to(dtype).contiguous(memory_format=MEMORY_FORMAT)
+        return ae.encode(images, generator=generator, eps=eps).float().contiguous()
 
     @torch.no_grad()
     def moments_of(self, image_CHW: torch.Tensor) -> torch.Tensor:
@@ -278,7 +286,8 @@ class FrozenVAE:
         equal to what `bagel-titan-encode-latents` stored)."""
         ae = self.on(image_CHW.device)
         dtype = next(ae.parameters()).dtype
-        return ae.moments(image_CHW[None].to(dtype).contiguous())[0]  # a crop of a padded batch is a view
+        image = image_CHW[None].to(dtype).contiguous(memory_format=MEMORY_FORMAT)  # may be a crop (a view)
+        return ae.moments(image)[0].contiguous()
 
     @torch.no_grad()
     def sample_padded(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -292,4 +301,5 @@ class FrozenVAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         ae = self.on(latents.device)
-        return ae.decode(latents.to(next(ae.parameters()).dtype)).float()
+        latents = latents.to(next(ae.parameters()).dtype).contiguous(memory_format=MEMORY_FORMAT)
+        return ae.decode(latents).float().contiguous()
