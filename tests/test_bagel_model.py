@@ -253,3 +253,51 @@ def test_training_forward_reads_nothing_back_from_the_device(strategy):
         loss.backward()
     synced = sorted({e.key for e in prof.key_averages()} & HOST_SYNC_OPS)
     assert not synced, f"the training step reads device values on the host through {synced}"
+
+
+def test_one_rank_bf16_decoder_computes_what_bf16_parameters_compute():
+    """One rank trains bf16 under autocast over fp32 master weights; several ranks gather FSDP2's
+    bf16 parameters (as the release does). With weights that bf16 represents exactly, the decoder
+    gives the same bits both ways, forward and every gradient: the residual stream runs in bf16
+    under autocast too, so a config trains alike on one GPU and on many."""
+    import copy
+
+    from bagel_titan_plugins.attention.meta import AttentionMeta
+    from bagel_titan_plugins.attention.sdpa import SDPABackend
+    from bagel_titan_plugins.bagel.modeling_qwen2_mot import MoTRouting, Qwen2MoTModel
+
+    torch.manual_seed(0)
+    backend = SDPABackend()
+    master = Qwen2MoTModel(ARCH.llm, lambda spec: backend.build(spec, None))
+    with torch.no_grad():
+        for p in master.parameters():
+            p.add_(0.1 * torch.randn_like(p)).copy_(p.to(torch.bfloat16))
+    gathered = copy.deepcopy(master).to(torch.bfloat16)  # what FSDP2's param_dtype computes with
+    layout = [
+        [(5, "causal", "und"), (4, "full", "gen"), (3, "causal", "und")],
+        [(7, "causal", "und"), (6, "noise", "gen")],
+    ]
+    experts = [expert for doc in layout for n, _, expert in doc for _ in range(n)]
+    und, gen = (torch.tensor([i for i, e in enumerate(experts) if e == want]) for want in ("und", "gen"))
+    routing = MoTRouting.build(und, gen, len(experts))
+    positions = torch.cat([torch.arange(sum(n for n, _, _ in doc)) for doc in layout])
+    hidden = torch.randn(len(experts), ARCH.llm.hidden_size)
+    weight = torch.randn(len(experts), ARCH.llm.hidden_size)
+
+    def step(model: Qwen2MoTModel, h: torch.Tensor, autocast: bool) -> torch.Tensor:
+        meta = AttentionMeta.from_segments([[(n, mode) for n, mode, _ in doc] for doc in layout])
+        meta.prepare_for(model.layers[0].self_attn.attn_core)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(h, routing, positions, meta)
+        (out.float() * weight).sum().backward()
+        return out
+
+    out_one_rank = step(master, hidden, autocast=True)
+    out_gathered = step(gathered, hidden.to(torch.bfloat16), autocast=False)
+    assert out_one_rank.dtype == torch.bfloat16
+    assert torch.equal(out_one_rank, out_gathered)
+    grads = [(n, p.grad, q.grad) for (n, p), q in zip(master.named_parameters(), gathered.parameters())]
+    assert all(g is not None for _, g, _ in grads[1:])  # all but the embedding, unused here
+    for name, g_master, g_gathered in grads[1:]:
+        assert g_master.dtype == torch.float32
+        assert torch.equal(g_master.to(torch.bfloat16), g_gathered), name
