@@ -81,7 +81,9 @@ class MoTRouting:
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grouped = _PermuteRows.apply(x, self.order, self.inverse)
-        return grouped[: self.num_und], grouped[self.num_und :]
+        # A split, not two slices: each slice's backward would zero-fill a gradient of all rows.
+        x_und, x_gen = grouped.split([self.num_und, grouped.shape[0] - self.num_und])
+        return x_und, x_gen
 
     def merge(self, x_und: torch.Tensor, x_gen: torch.Tensor) -> torch.Tensor:
         return _PermuteRows.apply(torch.cat([x_und, x_gen]), self.inverse, self.order)
