@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HEADER = ["VAE", "image", "dtype", "contiguous ms", "channels-last ms", "speed-up", "max diff of moments"]
 
 
 def time_encode(
@@ -113,9 +114,6 @@ def main() -> None:
         "tiny: the anchors' VAE (tiny_bagel.json); full: FLUX's architecture (ch 128, ch_mult 1,2,4,4)",
     ]
     common.append_section(args.results, "bench_vae_layout", common.device_description(device), notes, table)
-
-
-HEADER = ["VAE", "image", "dtype", "contiguous ms", "channels-last ms", "speed-up", "max diff of moments"]
 
 
 if __name__ == "__main__":
