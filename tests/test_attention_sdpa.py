@@ -6,13 +6,20 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bagel_titan.config.fields import ConfigError
 from bagel_titan.config.manager import load_job_config
 from bagel_titan.protocols import AttentionLayerSpec
 from bagel_titan_plugins.attention.eager import EagerBackend
 from bagel_titan_plugins.attention.meta import AttentionMeta
-from bagel_titan_plugins.attention.sdpa import SDPABackend, SDPAConfig, document_calls
+from bagel_titan_plugins.attention.sdpa import (
+    CPU_FP32_ATTENTION_TOKENS,
+    SDPABackend,
+    SDPAConfig,
+    document_calls,
+    sdpa_gqa,
+)
 from synthetic_attention import random_inputs, random_pack
 
 SPEC = AttentionLayerSpec(
@@ -90,6 +97,36 @@ def test_sdpa_bf16_close_to_eager():
         )
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("length", [CPU_FP32_ATTENTION_TOKENS, CPU_FP32_ATTENTION_TOKENS + 1])
+def test_short_bf16_cpu_calls_with_a_backward_compute_in_fp32(length):
+    """Up to `CPU_FP32_ATTENTION_TOKENS` query tokens, a bf16 CPU call that will be differentiated
+    is the fp32 call with its inputs cast up and its output cast back (also under autocast, which
+    would cast them down again), gradients included; longer calls and calls without a backward
+    run the bf16 kernel."""
+    gen = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, h, length, 16, generator=gen).bfloat16() for h in (4, 2, 2))
+    grad_out = torch.randn(1, 4, length, 16, generator=gen).bfloat16()
+    mask = torch.ones(length, length, dtype=torch.bool).tril()
+    mask[length // 4 :, length // 4 :] = True
+
+    def call(dtype: torch.dtype, autocast: bool = False):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = sdpa_gqa(*(x.to(dtype) for x in leaves), mask)
+        out.to(torch.bfloat16).backward(grad_out)
+        return [out.to(torch.bfloat16)] + [x.grad for x in leaves]
+
+    in_fp32 = length <= CPU_FP32_ATTENTION_TOKENS
+    expected = call(torch.float32)
+    for actual in (call(torch.bfloat16), call(torch.bfloat16, autocast=True)):
+        for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+            assert a.dtype == torch.bfloat16
+            assert torch.equal(a, e) == in_fp32, f"{name} at {length} tokens"
+    with torch.no_grad():
+        bf16_kernel = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+        assert torch.equal(sdpa_gqa(q, k, v, mask), bf16_kernel)
 
 
 def test_unknown_option_names_the_section_and_known_keys():

@@ -76,6 +76,12 @@ SCRIPTS = [
         "## bench_vae_layout",
         "| tiny | 64x96 | float32 |",
     ),
+    (
+        "bench_sdpa_cpu_precision.py",
+        ["--lengths", "32", "--masks", "text+image", "--calls", "1"],
+        "## bench_sdpa_cpu_precision",
+        "| 32 | text+image |",
+    ),
 ]
 
 

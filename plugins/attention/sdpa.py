@@ -16,7 +16,8 @@ Three settings of ``[attention.sdpa] strategy`` apply BAGEL's mask rule:
 
 Grouped-query attention uses ``enable_gqa=True`` (no repeated K/V) whenever a fused kernel
 accepts it for the call at hand; on CUDA, masked calls whose only fused kernel lacks GQA support
-get K/V repeated instead, which beats the unfused fallback by far.
+get K/V repeated instead, which beats the unfused fallback by far. On a CPU, short bf16 calls
+that will be differentiated compute in fp32 (`CPU_FP32_ATTENTION_TOKENS`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,24 @@ def _native_gqa_is_fused(
     return not _fused_kernel_accepts(SDPAParams(q, kv_rep, kv_rep, mask, 0.0, causal, False))
 
 
+CPU_FP32_ATTENTION_TOKENS = 256
+"""On a CPU, a bf16 call with a backward and at most this many query tokens computes in fp32:
+there PyTorch's bf16 flash attention (forward + backward) takes about twice the fp32 time up to
+128 tokens and as long at 256, casts included, and less beyond, where calls stay in bf16
+(`benchmarks/bench_sdpa_cpu_precision.py`, torch 2.13). The fp32 result is the more accurate."""
+
+
+def _computes_in_fp32_on_cpu(q_BHTD: torch.Tensor) -> bool:
+    return (
+        q_BHTD.device.type == "cpu"
+        and q_BHTD.dtype == torch.bfloat16
+        and q_BHTD.shape[2] <= CPU_FP32_ATTENTION_TOKENS
+        and torch.is_grad_enabled()
+        and q_BHTD.requires_grad
+        and not torch.compiler.is_compiling()
+    )
+
+
 def sdpa_gqa(
     q_BHTD: torch.Tensor,
     k_BHTD: torch.Tensor,
@@ -106,6 +125,10 @@ def sdpa_gqa(
     is_causal: bool = False,
 ) -> torch.Tensor:
     """SDPA with Hq a multiple of Hkv, without repeating K/V where a fused kernel allows it."""
+    if _computes_in_fp32_on_cpu(q_BHTD):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
+            out_BHTD = sdpa_gqa(q_BHTD.float(), k_BHTD.float(), v_BHTD.float(), attn_mask, is_causal)
+        return out_BHTD.to(q_BHTD.dtype)
     num_heads, num_kv_heads = q_BHTD.shape[1], k_BHTD.shape[1]
     if num_heads == num_kv_heads:
         return F.scaled_dot_product_attention(
