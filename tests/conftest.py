@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,14 +115,26 @@ def run_command(
     """Run `cmd` in the repository with the test environment; with `check`, a non-zero exit
     fails the test with the end of its output."""
     _require_dist_marker()
-    proc = subprocess.run(
-        cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
+    # Output goes to files, not pipes: a pipe reaches end-of-file only when every process holding
+    # it has exited, and each rank with a loader worker leaves a torch_shm_manager (the handoff's
+    # shared-memory segments) that lingers for about 1.5 s after the job has ended.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        returncode = subprocess.run(
+            cmd, env=subprocess_env(**env), stdout=out, stderr=err, timeout=timeout, cwd=REPO
+        ).returncode
+        stdout, stderr = (_read_back(f) for f in (out, err))
+    proc = subprocess.CompletedProcess(cmd, returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def _read_back(file) -> str:
+    """What a finished process wrote into the temporary `file`, as text."""
+    file.seek(0)
+    return file.read().decode("utf-8", errors="replace")
 
 
 def run_torchrun(
@@ -136,6 +149,30 @@ def run_bagel_titan(
 ) -> subprocess.CompletedProcess:
     """Run `bagel-titan` (under torchrun when nproc > 1) and return the finished process."""
     return run_command(bagel_titan_cmd(args, nproc), timeout=timeout, check=check, **env)
+
+
+def train_in_process(args: list[str]) -> None:
+    """What `bagel-titan ARGS` does on one rank (the real Trainer, built, trained, closed), in
+    this process: no process start-up to pay, for tests that read only the run folder. torch's
+    deterministic-algorithms switch, which the Trainer sets, is put back afterwards."""
+    import torch
+
+    from bagel_titan.config.manager import load_job_config
+    from bagel_titan.distributed.utils import destroy_distributed
+    from bagel_titan.trainer import Trainer
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        job_config, plugins = load_job_config(args)
+        trainer = Trainer(job_config, plugins)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:
+        destroy_distributed()
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def start_bagel_titan(args: list[str], log: Path, nproc: int = 1, **env: str) -> subprocess.Popen:
@@ -175,6 +212,21 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.1)
+
+
+SHIPPED_7B_CONFIGS = ("bagel_7b.toml", "bagel_7b_nsa.toml", "bagel_7b_lora.toml")
+
+
+@pytest.fixture(scope="session")
+def plans_7b(tmp_path_factory) -> dict[str, dict]:
+    """tests/scripts/plan_7b.py's report for each shipped 7B config (by file name): the whole
+    parallelize plan applied to the 7B model on the meta device over 2 gloo ranks, the three
+    configs one after the other in one launch (test_configs_7b.py, test_lora_train.py)."""
+    out = tmp_path_factory.mktemp("plan_7b") / "plans.json"
+    configs = [str(REPO / "train_configs" / name) for name in SHIPPED_7B_CONFIGS]
+    proc = run_torchrun(2, str(REPO / "tests" / "scripts" / "plan_7b.py"), str(out), *configs, timeout=300)
+    print(proc.stdout)  # parameter counts and the memory estimate per rank for 8 GPUs
+    return json.loads(out.read_text())
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ and optimizer state, losses that differ from fp32 (bf16 is really used), and a b
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 
 from bagel_titan.config.manager import load_job_config
 from bagel_titan.distributed.parallelize import compute_autocast, wraps_with_fsdp
-from conftest import run_bagel_titan, toy_cli_args, toy_step_values, toy_trace
+from conftest import run_bagel_titan, toy_cli_args, toy_step_values, toy_trace, train_in_process
 
 STEPS = ["--training.steps", "3", "--training.deterministic", "true"]
 BF16 = ["--training.dtype", "bfloat16"]
@@ -61,15 +62,11 @@ def test_one_rank_bf16_computes_in_bf16_with_fp32_master_weights(tmp_path: Path)
 @pytest.mark.dist
 @pytest.mark.slow
 def test_one_rank_bf16_trains_differently_and_resumes_bitwise(tmp_path: Path) -> None:
-    run_bagel_titan([*toy_cli_args(tmp_path, "fp32"), *STEPS])
-    full = [*toy_cli_args(tmp_path, "bf16"), *STEPS, *BF16, "--toy.trace", "true"]
-    run_bagel_titan(full)
-    fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
-    torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=1e-6)
-    assert bf16 != fp32  # bf16 is really used
-
-    resumed = [
-        *toy_cli_args(tmp_path, "resumed"),
+    """3 bf16 steps: close to fp32's losses but not equal; a new job resumed from their step-2
+    checkpoint redoes step 3 bitwise (metrics, weights, EMA, data position). The fp32 reference
+    runs in this process."""
+    train_in_process([*toy_cli_args(tmp_path, "fp32"), *STEPS])
+    checkpointed = [
         *STEPS,
         *BF16,
         "--toy.trace",
@@ -81,9 +78,16 @@ def test_one_rank_bf16_trains_differently_and_resumes_bitwise(tmp_path: Path) ->
         "--checkpoint.export_at_end",
         "false",
     ]
-    run_bagel_titan([*resumed, "--training.steps", "2"])
-    run_bagel_titan(resumed)
-    assert [r["step"] for r in toy_trace(tmp_path / "resumed", "start")] == [0, 2]
+    run_bagel_titan([*toy_cli_args(tmp_path, "bf16"), *checkpointed])
+    fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
+    torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=1e-6)
+    assert bf16 != fp32  # bf16 is really used
+
+    step2 = Path("checkpoint") / "step-2"
+    shutil.copytree(tmp_path / "bf16" / step2, tmp_path / "resumed" / step2)
+    run_bagel_titan([*toy_cli_args(tmp_path, "resumed"), *checkpointed])
+    assert [r["step"] for r in toy_trace(tmp_path / "resumed", "start")] == [2]
     want = [toy_step_values(r) for r in toy_trace(tmp_path / "bf16", "step")]
     got = [toy_step_values(r) for r in toy_trace(tmp_path / "resumed", "step")]
-    assert got == want
+    assert [r["step"] for r in want] == [1, 2, 3]
+    assert got == want[2:]

@@ -8,17 +8,16 @@ from __future__ import annotations
 import pytest
 
 import json
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bagel_titan_plugins.compat.lmms.cli import main as from_lmms
 from bagel_titan_plugins.data.example_data import Scene, render, write_example_data
 
-from conftest import run_bagel_titan
+from conftest import train_in_process
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test here launches processes
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # an end-to-end run (its Trainer in this process)
 
 COLOURS = ("red", "green", "blue", "yellow")
 
@@ -135,20 +134,16 @@ def test_converted_lmms_config_trains_on_every_compat_layout(tmp_path):
     config = tmp_path / "lmms.yaml"
     config.write_text(LMMS_YAML.format(**paths, tokenizer=tokenizer, output=tmp_path / "runs" / "compat"))
     toml = tmp_path / "train.toml"
-    converted = subprocess.run(
-        [sys.executable, "-m", "bagel_titan_plugins.compat.lmms.cli", str(config), "-o", str(toml)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert converted.returncode == 0, converted.stderr
+    # `bagel-titan-from-lmms` (its `main`, here in this process: test_compat_from_lmms.py checks
+    # the command's own behaviour).
+    assert from_lmms([str(config), "-o", str(toml)]) == 0
     text = toml.read_text()
     for fmt in ("bagel_t2i", "bagel_edit", "llava", "hf_disk"):
         assert f'format = "{fmt}"' in text
 
     # 8 steps, not the YAML's 3: the order and the conditioning dropout are keyed by the dataset
     # names, here the tmp paths, so which packs hold answer text (a CE term) changes between runs.
-    run_bagel_titan(
+    train_in_process(  # one rank: the Trainer in this process
         [
             "--job.config_file",
             str(toml),
@@ -160,8 +155,7 @@ def test_converted_lmms_config_trains_on_every_compat_layout(tmp_path):
             "false",
             "--training.steps",
             "8",
-        ],
-        timeout=300,
+        ]
     )
 
     lines = [

@@ -3,12 +3,10 @@ on a 2-rank gloo world (no weights are allocated)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from bagel_titan.config.manager import load_job_config
-from conftest import REPO, run_torchrun
+from conftest import REPO
 
 
 @pytest.mark.parametrize("name", ["bagel_7b.toml", "bagel_7b_nsa.toml"])
@@ -29,17 +27,8 @@ def test_7b_config_parses(name):
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bagel_7b.toml", "bagel_7b_nsa.toml"])
-def test_7b_plan_on_meta_with_two_ranks(tmp_path, name):
-    out = tmp_path / "plan.json"
-    proc = run_torchrun(
-        2,
-        str(REPO / "tests" / "scripts" / "plan_7b.py"),
-        str(out),
-        str(REPO / "train_configs" / name),
-        timeout=300,
-    )
-    print(proc.stdout)  # parameter counts and the memory estimate per rank for 8 GPUs
-    report = json.loads(out.read_text())
+def test_7b_plan_on_meta_with_two_ranks(plans_7b, name):
+    report = plans_7b[name]
     extra = report["params_total"] - 14_607_000_000
     if name == "bagel_7b.toml":
         assert abs(extra) < 1_000_000  # 14.607B

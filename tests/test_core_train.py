@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,13 @@ from conftest import (
     REPO,
     kill_session,
     run_bagel_titan,
-    run_command,
     run_torchrun,
     start_bagel_titan,
+    train_in_process,
     wait_for,
 )
 
-pytestmark = pytest.mark.dist  # every test here launches processes
+pytestmark = pytest.mark.dist  # every test here but the validation one launches processes
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -64,14 +63,33 @@ def test_two_ranks_train_with_gloo(tmp_path, toy_args):
 
 
 def _gradients(tmp_path: Path, layout: str, nproc: int, toy_args: list[str]) -> dict[str, torch.Tensor]:
-    out = tmp_path / f"grads_{layout.replace('|', '_').replace(',', '-')}.pt"
-    script = str(REPO / "tests" / "scripts" / "toy_gradients.py")
+    """One step's gradients of the toy model on fixed documents (tests/scripts/toy_gradients.py):
+    on one rank in this process, on more under torchrun."""
     args = [*toy_args, "--training.deterministic", "true"]
     if nproc == 1:
-        run_command([sys.executable, script, str(out), layout, *args], timeout=300)
-    else:
-        run_torchrun(nproc, script, str(out), layout, *args, timeout=300)
+        return _gradients_in_this_process(layout, args)
+    out = tmp_path / f"grads_{layout.replace('|', '_').replace(',', '-')}.pt"
+    script = str(REPO / "tests" / "scripts" / "toy_gradients.py")
+    run_torchrun(nproc, script, str(out), layout, *args, timeout=300)
     return torch.load(out)
+
+
+def _gradients_in_this_process(layout: str, args: list[str]) -> dict[str, torch.Tensor]:
+    """toy_gradients.py's `step_gradients` on one rank here (no process start-up to pay), with
+    torch's deterministic-algorithms switch, which the Trainer sets, put back afterwards."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "toy_gradients", REPO / "tests" / "scripts" / "toy_gradients.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        return module.step_gradients(layout, args)
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def test_global_loss_normalisation_gives_the_same_gradients(tmp_path, toy_args):
@@ -156,7 +174,7 @@ def test_validation_logs_held_out_loss(tmp_path, toy_args):
     config.write_text(
         '[validation]\nenable = true\ninterval = 2\nsteps = 2\n[[validation.datasets]]\npath = "held_out"\n'
     )
-    run_bagel_titan(["--job.config_file", str(config), *toy_args, "--training.steps", "4"])
+    train_in_process(["--job.config_file", str(config), *toy_args, "--training.steps", "4"])  # one rank, here
     records = read_jsonl(tmp_path / "toy" / "metrics.jsonl")
     val = [r for r in records if "val/loss" in r]
     assert [r["step"] for r in val] == [2, 4]

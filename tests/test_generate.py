@@ -16,17 +16,18 @@ from bagel_titan_plugins.bagel.generate import load_sampler, main, run_config_of
 from bagel_titan_plugins.bagel.modeling import flow_timesteps, patchify_latents
 from bagel_titan_plugins.bagel.processor import BagelSample, TextSegment, VaeSegment
 from bagel_titan_plugins.data.example_data import ensure_example_data
-from conftest import REPO, run_bagel_titan, subprocess_env
+from conftest import REPO, subprocess_env, train_in_process
 
 DEBUG_CONFIG = str(REPO / "train_configs" / "debug_model.toml")
 
 
 @pytest.fixture(scope="module")
 def debug_export(tmp_path_factory) -> Path:
-    """exports/final of a 3-step run of the debug config (random VAE: fitting one takes a minute)."""
+    """exports/final of a 3-step run of the debug config (random VAE: fitting one takes a minute),
+    with the Trainer in this process (`train_in_process`)."""
     root = tmp_path_factory.mktemp("generate")
     data = ensure_example_data(str(root / "data"), num_samples=64)
-    run_bagel_titan(
+    train_in_process(
         [
             "--job.config_file",
             DEBUG_CONFIG,
@@ -155,27 +156,38 @@ def test_edit_velocity_is_the_training_forward_of_an_editing_sample(debug_export
 
 
 @pytest.mark.dist
-def test_user_errors_are_one_line(debug_export, tmp_path):
-    def generate(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "bagel_titan_plugins.bagel.generate", *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=subprocess_env(),
-            cwd=tmp_path,
-        )
-
-    missing = generate(str(tmp_path / "nowhere"), "--prompt", "a red circle")
+def test_user_errors_are_one_line(debug_export, tmp_path, capsys):
+    """The command in its own process once (exit status 2, no traceback); the other mistakes
+    through its `main` in this process, where a traceback would be an exception that fails the
+    test."""
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bagel_titan_plugins.bagel.generate",
+            str(tmp_path / "nowhere"),
+            "--prompt",
+            "a red circle",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
+        cwd=tmp_path,
+    )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "export folder" in missing.stderr and "does not exist" in missing.stderr
-    bad_size = generate(
+
+    def generate(*args: str) -> tuple[int, str]:
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code
+        return code, capsys.readouterr().err
+
+    code, err = generate(
         str(debug_export), "--prompt", "a red circle", "--size", "18", "24", "--device", "cpu"
     )
-    assert (
-        bad_size.returncode == 2
-        and "Traceback" not in bad_size.stderr
-        and "multiples of 4" in bad_size.stderr
-    )
-    no_image = generate(str(debug_export), "--question", "what shape ?")
-    assert no_image.returncode == 2 and "--question and --edit need --image" in no_image.stderr
+    assert code == 2 and "multiples of 4" in err and len(err.strip().splitlines()) == 1, err
+    code, err = generate(str(debug_export), "--question", "what shape ?")
+    assert code == 2 and "--question and --edit need --image" in err, err

@@ -240,8 +240,12 @@ def test_an_images_latents_do_not_depend_on_its_pack_mates() -> None:
 
 
 @pytest.mark.dist
-def test_cli_runs_on_the_example_data(data: Path, tmp_path: Path) -> None:
+def test_cli_runs_on_the_example_data(data: Path, tmp_path: Path, capsys) -> None:
+    """The installed command encodes the example data; without a cache folder its `main` (here in
+    this process) stops with exit status 2 and the one error line."""
     from conftest import run_command
+
+    from bagel_titan_plugins.bagel.encode_latents import main
 
     cache = tmp_path / "latents"
     out = run_command(
@@ -253,12 +257,10 @@ def test_cli_runs_on_the_example_data(data: Path, tmp_path: Path) -> None:
     assert "done:" in out.stdout and "skipped bad samples: 0" in out.stdout, out.stdout
     manifest = json.loads(next(cache.glob("*/vae.json")).read_text())
     assert manifest["dtype"] == "float32" and manifest["device"] == "cpu"
-    missing = run_command(
-        [str(REPO / ".venv" / "bin" / "bagel-titan-encode-latents"), *_args(data, tmp_path / "cli")],
-        check=False,
-    )
-    assert missing.returncode == 2
-    assert missing.stderr.strip().startswith("bagel-titan-encode-latents: error: set the cache folder")
+    capsys.readouterr()
+    assert main(_args(data, tmp_path / "cli")) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("bagel-titan-encode-latents: error: set the cache folder"), err
 
 
 @pytest.mark.dist
@@ -317,8 +319,7 @@ def test_mixed_sizes_in_one_pack_cached_equals_encoded(tmp_path: Path) -> None:
 @pytest.mark.dist
 @pytest.mark.slow
 def test_two_ranks_with_the_cache_train_as_without(data: Path, tmp_path: Path) -> None:
-    """FSDP2 on 2 ranks, each with its loader worker: the same losses with and without the cache,
-    and a run whose cache misses an image stops with the one-line error."""
+    """FSDP2 on 2 ranks, each with its loader worker: the same losses with and without the cache."""
     from conftest import run_bagel_titan
 
     cache = tmp_path / "latents"
@@ -332,10 +333,21 @@ def test_two_ranks_with_the_cache_train_as_without(data: Path, tmp_path: Path) -
         return [{k: json.loads(line)[k] for k in LOSSES} for line in lines]
 
     assert len(losses("plain")) == 3 and losses("plain") == losses("cached")
+
+
+@pytest.mark.dist
+def test_a_job_whose_cache_misses_an_image_stops_with_the_one_line_error(data: Path, tmp_path: Path) -> None:
+    """The `bagel-titan` command with its loader worker: a cache miss ends the job with the one
+    error line naming the command that fills the cache. (One rank: how an error on a rank ends
+    a multi-rank job is tests/faults/test_rank_failure_and_signals.py's subject.)"""
+    from conftest import run_bagel_titan
+
     empty = tmp_path / "empty"
     failed = run_bagel_titan(
-        _args(data, tmp_path / "miss", *two, "--bagel.latent_cache", str(empty)), nproc=2, check=False
+        _args(data, tmp_path / "miss", "--training.steps", "3", "--bagel.latent_cache", str(empty)),
+        check=False,
     )
     assert failed.returncode != 0
     errors = [line for line in failed.stdout.splitlines() + failed.stderr.splitlines() if "error:" in line]
     assert any("bagel-titan-encode-latents" in line and "missing" in line for line in errors), errors
+    assert "Traceback" not in failed.stderr, failed.stderr[-3000:]

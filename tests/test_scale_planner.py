@@ -90,18 +90,19 @@ def test_plan_is_within_15_percent_of_a_measured_cpu_step(arch):
 
 
 def _estimate(*args: str) -> str:
-    import subprocess
-    import sys
+    """What `bagel-titan-estimate ARGS` prints: its `main` in this process (a process start-up
+    costs more than the estimate; test_estimate_without_world_size_is_a_user_error runs the
+    command in its own process)."""
+    import contextlib
+    import io
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "bagel_titan.estimate", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    from bagel_titan.estimate import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    assert code == 0, err.getvalue()[-3000:]
+    return out.getvalue()
 
 
 def _peak_gib(report: str) -> float:
