@@ -6,6 +6,7 @@ subprocesses, mp.spawn), `slow` for tests over ~20 s. `make test-fast` runs the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -155,23 +157,34 @@ def train_in_process(args: list[str]) -> None:
     """What `bagel-titan ARGS` does on one rank (the real Trainer, built, trained, closed), in
     this process: no process start-up to pay, for tests that read only the run folder. torch's
     deterministic-algorithms switch, which the Trainer sets, is put back afterwards."""
-    import torch
 
     from bagel_titan.config.manager import load_job_config
     from bagel_titan.distributed.utils import destroy_distributed
     from bagel_titan.trainer import Trainer
 
+    with determinism_restored():
+        try:
+            job_config, plugins = load_job_config(args)
+            trainer = Trainer(job_config, plugins)
+            try:
+                trainer.train()
+            finally:
+                trainer.close()
+        finally:
+            destroy_distributed()
+
+
+@contextlib.contextmanager
+def determinism_restored() -> Iterator[None]:
+    """Puts torch's deterministic-algorithms switch back as it was: a Trainer run in the test
+    process sets it from `[training] deterministic`."""
+    import torch
+
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        job_config, plugins = load_job_config(args)
-        trainer = Trainer(job_config, plugins)
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+        yield
     finally:
-        destroy_distributed()
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 

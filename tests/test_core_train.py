@@ -13,6 +13,7 @@ import torch
 
 from conftest import (
     REPO,
+    determinism_restored,
     kill_session,
     run_bagel_titan,
     run_torchrun,
@@ -84,12 +85,8 @@ def _gradients_in_this_process(layout: str, args: list[str]) -> dict[str, torch.
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
+    with determinism_restored():
         return module.step_gradients(layout, args)
-    finally:
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def test_global_loss_normalisation_gives_the_same_gradients(tmp_path, toy_args):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_bagel_titan
+from conftest import determinism_restored, run_bagel_titan
 from faults_helpers import complete_steps, env, faults_args, text_corpus, write_jsonl
 
 pytestmark = pytest.mark.dist
@@ -18,17 +18,11 @@ pytestmark = pytest.mark.dist
 def _main_in_process(args: list[str], capsys) -> tuple[int, str]:
     """`bagel-titan ARGS` through its `main` in this process: the exit status and the standard
     error. torch's deterministic-algorithms switch, which the Trainer sets, is put back."""
-    import torch
-
     from bagel_titan.cli import main
 
     capsys.readouterr()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
+    with determinism_restored():
         code = main(args)
-    finally:
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     return code, capsys.readouterr().err
 
 
