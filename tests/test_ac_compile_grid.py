@@ -33,6 +33,7 @@ from bagel_titan_plugins.attention.sdpa import SDPABackend, SDPAConfig
 from bagel_titan_plugins.bagel.config import BagelConfig, architecture_for
 from bagel_titan_plugins.bagel.modeling_qwen2_mot import (
     ExpertRotary,
+    ROW_MULTIPLE,
     MoTRouting,
     Qwen2MoTDecoderLayer,
     rotary_cos_sin,
@@ -108,9 +109,9 @@ def test_no_per_batch_state_is_built_inside_a_checkpointed_layer(name):
         assert not added, f"{name}: built inside the {key}'s checkpointed layers: {sorted(added)}"
 
 
-def _pack(layout: list[list[tuple[int, str, str]]], seed: int):
+def _pack(layout: list[list[tuple[int, str, str]]], seed: int, row_multiple: int = 1):
     """Layer inputs for documents of (length, segment mode, expert) runs: hidden states,
-    MoT routing, RoPE tables, attention metadata."""
+    MoT routing (experts' rows padded to `row_multiple`), RoPE tables, attention metadata."""
     segments = [[(n, mode) for n, mode, _ in doc] for doc in layout]
     experts = [expert for doc in layout for n, _, expert in doc for _ in range(n)]
     num_tokens = len(experts)
@@ -121,7 +122,7 @@ def _pack(layout: list[list[tuple[int, str, str]]], seed: int):
     positions = torch.cat([torch.arange(sum(n for n, _, _ in doc)) for doc in layout])
     cos, sin = rotary_cos_sin(positions, ARCH.llm.head_dim, ARCH.llm.rope_theta)
     meta = AttentionMeta.from_segments(segments)
-    return hidden, MoTRouting.build(und, gen, num_tokens), cos, sin, meta
+    return hidden, MoTRouting.build(und, gen, num_tokens, row_multiple), cos, sin, meta
 
 
 # Two packs of different lengths and layouts (text, a clean image, noised latents, text).
@@ -131,8 +132,10 @@ LAYER_PACKS = [
 ]
 
 
-def _layer_step(layer: Qwen2MoTDecoderLayer, index: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    hidden, routing, cos, sin, meta = _pack(LAYER_PACKS[index], seed=index)
+def _layer_step(
+    layer: Qwen2MoTDecoderLayer, index: int, row_multiple: int = 1
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    hidden, routing, cos, sin, meta = _pack(LAYER_PACKS[index], seed=index, row_multiple=row_multiple)
     meta.prepare_for(layer.self_attn.attn_core)  # as Bagel.forward does, before its layers
     hidden.requires_grad_(True)
     out = routing.merge(*layer(*routing.split(hidden), routing, ExpertRotary.build(routing, cos, sin), meta))
@@ -142,9 +145,11 @@ def _layer_step(layer: Qwen2MoTDecoderLayer, index: int) -> tuple[torch.Tensor, 
     return out.detach(), [hidden.grad, *(p.grad for p in layer.parameters())]
 
 
-def test_eager_full_ac_compiled_layer_matches_the_plain_layer_without_recompiling():
+@pytest.mark.parametrize("row_multiple", [1, ROW_MULTIPLE])
+def test_eager_full_ac_compiled_layer_matches_the_plain_layer_without_recompiling(row_multiple):
     """The cell that failed, on one decoder layer: eager attention, full AC, compiled with
-    dynamic shapes; same outputs and gradients as the plain layer, one graph for both packs."""
+    dynamic shapes; same outputs and gradients as the plain layer (unpadded experts), one graph
+    for both packs; also with the experts' rows padded as in 16-bit compute."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -163,7 +168,7 @@ def test_eager_full_ac_compiled_layer_matches_the_plain_layer_without_recompilin
     graphs = []
     for index in range(len(LAYER_PACKS)):
         expected_out, expected_grads = _layer_step(plain, index)
-        out, grads = _layer_step(layer, index)
+        out, grads = _layer_step(layer, index, row_multiple)
         torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)
         for g, e in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)

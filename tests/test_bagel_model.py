@@ -305,3 +305,65 @@ def test_one_rank_bf16_decoder_computes_what_bf16_parameters_compute():
         assert g_master is not None and g_gathered is not None, name
         assert g_master.dtype == torch.float32
         assert torch.equal(g_master.to(torch.bfloat16), g_gathered), name
+
+
+def test_experts_work_on_padded_rows_that_never_reach_the_pack():
+    """In 16-bit compute each expert's rows are padded to a multiple of ROW_MULTIPLE (a few
+    shapes over a run, so oneDNN's per-shape bf16 kernels are built once): the padding rows are
+    zero going in, dropped coming out, and add nothing to any gradient: an expert's weight
+    gradient equals the one computed over its real rows alone. fp32 does not pad."""
+    from bagel_titan_plugins.bagel.modeling_qwen2_mot import (
+        ROW_MULTIPLE,
+        MoTRouting,
+        on_padded_rows,
+        row_multiple,
+    )
+
+    torch.manual_seed(0)
+    num_tokens, width = 150, 8
+    is_gen = torch.rand(num_tokens) < 0.4
+    und, gen = torch.nonzero(~is_gen)[:, 0], torch.nonzero(is_gen)[:, 0]
+    routing = MoTRouting.build(und, gen, num_tokens, ROW_MULTIPLE)
+    experts = (torch.nn.Linear(width, width), torch.nn.Linear(width, width))
+    x = torch.randn(num_tokens, width, requires_grad=True)
+    weight = torch.randn(num_tokens, width)
+
+    x_und, x_gen = routing.split(x)
+    assert x_und.shape[0] % ROW_MULTIPLE == 0 and x_gen.shape[0] % ROW_MULTIPLE == 0
+    assert torch.equal(x_und[: und.numel()], x[und]) and not x_und[und.numel() :].any()
+    assert torch.equal(x_gen[: gen.numel()], x[gen]) and not x_gen[gen.numel() :].any()
+    out = routing.merge(experts[0](x_und), experts[1](x_gen))
+    assert out.shape == (num_tokens, width)
+    (out * weight).sum().backward()
+
+    reference_x = x.detach().clone().requires_grad_()
+    reference = torch.empty(num_tokens, width)
+    reference_experts = [torch.nn.Linear(width, width) for _ in experts]
+    for mine, theirs, rows in zip(experts, reference_experts, (und, gen)):
+        theirs.load_state_dict(mine.state_dict())
+        reference = reference.index_put((rows,), theirs(reference_x[rows]))
+    (reference * weight).sum().backward()
+    assert torch.allclose(out, reference, atol=1e-6)
+    assert torch.allclose(x.grad, reference_x.grad, atol=1e-6)
+    for mine, theirs in zip(experts, reference_experts):
+        assert torch.allclose(mine.weight.grad, theirs.weight.grad, atol=1e-5)
+        assert torch.allclose(mine.bias.grad, theirs.bias.grad, atol=1e-5)
+
+    head = torch.nn.Linear(width, 3)
+    rows_seen: list[int] = []
+
+    def recorded_head(rows: torch.Tensor) -> torch.Tensor:
+        rows_seen.append(rows.shape[0])
+        return head(rows)
+
+    inputs = torch.randn(ROW_MULTIPLE + 5, width, requires_grad=True)
+    assert row_multiple(inputs) == 1 and on_padded_rows(recorded_head, inputs).shape[0] == rows_seen[-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert row_multiple(inputs) == ROW_MULTIPLE
+        padded_out = on_padded_rows(recorded_head, inputs)
+        plain_out = head(inputs)
+    assert rows_seen[-1] == 2 * ROW_MULTIPLE and padded_out.shape == plain_out.shape
+    assert torch.allclose(padded_out, plain_out, atol=1e-2)
+    padded_grads = torch.autograd.grad(padded_out.float().sum(), [inputs, head.weight])
+    plain_grads = torch.autograd.grad(plain_out.float().sum(), [inputs, head.weight])
+    assert all(torch.allclose(a, b, atol=1e-2) for a, b in zip(padded_grads, plain_grads))

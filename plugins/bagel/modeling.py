@@ -26,7 +26,7 @@ from bagel_titan_plugins.attention.meta import AttentionMeta
 
 from .batch import BagelPackedBatch
 from .config import BagelArchitecture, BagelConfig
-from .modeling_qwen2_mot import MoTRouting, Qwen2MoTForCausalLM, RMSNorm
+from .modeling_qwen2_mot import MoTRouting, Qwen2MoTForCausalLM, RMSNorm, on_padded_rows, row_multiple
 from .siglip_navit import SiglipVisionModel
 from .latent_cache import LatentCacheMiss, vae_folder_name
 from .vae import FrozenVAE
@@ -267,10 +267,10 @@ class Bagel(nn.Module):
                 xt_NP, t_N = noised
             keep("timesteps_shifted", t_N)
             keep("noisy_latent_tokens", xt_NP)
-            temb_ND = self.time_embedder(t_N)
+            temb_ND = on_padded_rows(self.time_embedder, t_N)
             keep("timestep_embeds", temb_ND)
             vae_in_ND = (
-                self.vae2llm(xt_NP.to(self.vae2llm.weight.dtype))
+                on_padded_rows(self.vae2llm, xt_NP.to(self.vae2llm.weight.dtype))
                 + temb_ND
                 + self.latent_pos_embed(batch.packed_latent_position_ids).to(temb_ND.dtype)
             )
@@ -285,7 +285,9 @@ class Bagel(nn.Module):
         und = batch.packed_text_indexes
         if num_vit > 0:
             und = torch.cat([und, batch.packed_vit_token_indexes])
-        routing = MoTRouting.build(und, batch.packed_vae_token_indexes, batch.sequence_length)
+        routing = MoTRouting.build(
+            und, batch.packed_vae_token_indexes, batch.sequence_length, row_multiple(seq_TD)
+        )
         meta = batch.attention
         assert meta is not None  # built by BagelPackedBatch.__post_init__
         meta.prepare_for(first_attention_core(self.language_model.model.layers))
@@ -300,8 +302,8 @@ class Bagel(nn.Module):
 
         with record_function("bagel/heads"):
             if self.options.visual_gen:
-                pred_velocity = self.llm2vae(hidden_TD[batch.mse_loss_indexes])
-            ce_logits = self.language_model.lm_head(hidden_TD[batch.ce_loss_indexes])
+                pred_velocity = on_padded_rows(self.llm2vae, hidden_TD[batch.mse_loss_indexes])
+            ce_logits = on_padded_rows(self.language_model.lm_head, hidden_TD[batch.ce_loss_indexes])
         return BagelForwardResult(hidden_TD, ce_logits, pred_velocity, target_velocity, inter)
 
     def _latent_inputs(

@@ -50,59 +50,123 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+ROW_MULTIPLE = 64
+"""In 16-bit compute, the row counts of the per-token matrix products (each expert's rows, the
+heads' inputs) are padded with zero rows up to a multiple of this, so a run meets a handful of
+shapes instead of new ones with every pack: oneDNN builds its bf16 CPU kernels per shape (about
+4 ms each against 0.4 ms for a cached one; a sixth of the anchors' bf16 step). fp32 kernels
+(MKL, cuBLAS) are not built per shape, so fp32 does not pad (padding cost the fp32 step 4-6%).
+On a GPU the padding is at most 2 x 63 rows a pack. Padding rows never reach the pack:
+attention, the outputs and the gradients see real rows only."""
+
+
+def row_multiple(x: torch.Tensor) -> int:
+    """`ROW_MULTIPLE` when `x`'s matrix products run in a 16-bit dtype (its own or autocast's),
+    else 1."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    return ROW_MULTIPLE if dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def padded_rows(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def on_padded_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`fn(x)` for a row-wise `fn`, computed over `x` padded with zero rows to a multiple of
+    `row_multiple(x)`; the padding rows of the result are dropped (so their gradient is zero)."""
+    n = x.shape[0]
+    extra = padded_rows(n, row_multiple(x)) - n
+    if extra == 0:
+        return fn(x)
+    return fn(torch.cat([x, x.new_zeros(extra, *x.shape[1:])]))[:n]
+
+
 @dataclass
 class MoTRouting:
     """Which tokens of the pack go to which expert; built once per batch.
 
     The understanding positions (text, ViT) and the generation positions (all VAE tokens)
-    partition [0, T); `order` lists them in that order, so `x[order]` groups a pack's rows by
-    expert, and `inverse` puts grouped rows back in pack order.
+    partition [0, T). The experts work on a grouped layout: the understanding rows, then the
+    generation rows, each padded to a multiple of `row_multiple` (1: no padding). `split` takes a
+    [T, ...] pack tensor to the grouped layout (zero padding rows), `merge` takes grouped rows
+    back to pack order (dropping the padding).
     """
 
     order: torch.Tensor
-    """[T] int64 pack positions: the understanding ones, then the generation ones."""
+    """[P] int64 pack position of every grouped row (padding rows: position 0, then zeroed)."""
     inverse: torch.Tensor
-    """[T] int64 row of `x[order]` for every pack position."""
-    num_und: int
-    """How many of `order` are understanding positions."""
+    """[T] int64 grouped row of every pack position."""
+    padding: torch.Tensor
+    """[P, 1] bool, true on the padding rows of the grouped layout. A mask, not row ranges: a
+    compiled layer would specialize on a range's length (recompiling when it is 0 or 1)."""
+    und_rows: int
+    """Grouped rows of the understanding expert, padding included."""
 
     @classmethod
-    def build(cls, und: torch.Tensor, gen: torch.Tensor, num_tokens: int) -> "MoTRouting":
-        order = torch.cat([und, gen])
-        if order.numel() != num_tokens:
+    def build(
+        cls, und: torch.Tensor, gen: torch.Tensor, num_tokens: int, row_multiple: int = 1
+    ) -> "MoTRouting":
+        num_und, num_gen = und.numel(), gen.numel()
+        if num_und + num_gen != num_tokens:
             raise ValueError(
-                f"MoT routing covers {order.numel()} positions but the pack has {num_tokens} tokens: every "
-                f"token must be text, ViT or VAE (check packed_text_indexes / packed_vit_token_indexes / "
-                f"packed_vae_token_indexes)"
+                f"MoT routing covers {num_und + num_gen} positions but the pack has {num_tokens} tokens: "
+                f"every token must be text, ViT or VAE (check packed_text_indexes / "
+                f"packed_vit_token_indexes / packed_vae_token_indexes)"
             )
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(num_tokens, device=order.device)
-        return cls(order=order, inverse=inverse, num_und=und.numel())
+        und_rows, gen_rows = padded_rows(num_und, row_multiple), padded_rows(num_gen, row_multiple)
+        fill_und, fill_gen = und.new_zeros(und_rows - num_und), und.new_zeros(gen_rows - num_gen)
+        order = torch.cat([und, fill_und, gen, fill_gen])
+        rows = torch.arange(max(und_rows, gen_rows), device=order.device)
+        padding = torch.cat([rows[:und_rows] >= num_und, rows[:gen_rows] >= num_gen])
+        inverse = torch.empty(num_tokens, dtype=order.dtype, device=order.device)
+        inverse[und] = rows[:num_und]
+        inverse[gen] = rows[:num_gen] + und_rows
+        return cls(order, inverse, padding[:, None], und_rows)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grouped = _PermuteRows.apply(x, self.order, self.inverse)
+        grouped = _GroupRows.apply(x, self.order, self.inverse, self.padding)
         # A split, not two slices: each slice's backward would zero-fill a gradient of all rows.
-        x_und, x_gen = grouped.split([self.num_und, grouped.shape[0] - self.num_und])
+        x_und, x_gen = grouped.split([self.und_rows, grouped.shape[0] - self.und_rows])
         return x_und, x_gen
 
     def merge(self, x_und: torch.Tensor, x_gen: torch.Tensor) -> torch.Tensor:
-        return _PermuteRows.apply(torch.cat([x_und, x_gen]), self.inverse, self.order)
+        return _GroupRows.apply(torch.cat([x_und, x_gen]), self.inverse, self.order, self.padding, True)
 
 
-class _PermuteRows(torch.autograd.Function):
-    """`x[perm]` for a permutation, whose backward gathers with the inverse permutation: the
-    same values as indexing's backward (a zero-filled scatter with accumulation), without the
-    scatter, which runs serially on CPU and took up to 1/10 of a small model's step."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
+class _GroupRows(torch.autograd.Function):
+    """`x.index_select(0, index)` between pack order and the grouped layout, whose backward
+    gathers with `back_index`: the same values as indexing's backward (a zero-filled scatter with
+    accumulation), without the scatter, which runs serially on CPU and took up to 1/10 of a small
+    model's step. The grouped side's `padding` rows are zero: in the forward when grouping, in
+    the gradient when ungrouping (`to_pack`)."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        back_index: torch.Tensor,
+        padding: torch.Tensor,
+        to_pack: bool = False,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(back_index, padding)
+        ctx.to_pack = to_pack
+        rows = x.index_select(0, index)
+        return rows if to_pack else rows.masked_fill(_rows_mask(padding, rows), 0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        back_index, padding = ctx.saved_tensors
+        rows = grad.index_select(0, back_index)
+        if ctx.to_pack:
+            rows = rows.masked_fill(_rows_mask(padding, rows), 0)
+        return rows, None, None, None, None
+
+
+def _rows_mask(padding: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The [P, 1] row mask shaped to broadcast over `rows` ([P, ...])."""
+    return padding.view(-1, *[1] * (rows.dim() - 1))
 
 
 def rotary_cos_sin(
