@@ -55,7 +55,7 @@ ROW_MULTIPLE = 64
 heads' inputs) are padded with zero rows up to a multiple of this, so a run meets a handful of
 shapes instead of new ones with every pack: oneDNN builds its bf16 CPU kernels per shape (about
 4 ms each against 0.4 ms for a cached one; a sixth of the anchors' bf16 step). fp32 kernels
-(MKL, cuBLAS) are not built per shape, so fp32 does not pad (padding cost the fp32 step 4-6%).
+(MKL, cuBLAS) are not built per shape, so fp32 does not pad (padding cost the fp32 step 3-5%).
 On a GPU the padding is at most 2 x 63 rows a pack. Padding rows never reach the pack:
 attention, the outputs and the gradients see real rows only."""
 
@@ -97,9 +97,10 @@ class MoTRouting:
     """[P] int64 pack position of every grouped row (padding rows: position 0, then zeroed)."""
     inverse: torch.Tensor
     """[T] int64 grouped row of every pack position."""
-    padding: torch.Tensor
-    """[P, 1] bool, true on the padding rows of the grouped layout. A mask, not row ranges: a
-    compiled layer would specialize on a range's length (recompiling when it is 0 or 1)."""
+    padding: torch.Tensor | None
+    """[P, 1] bool, true on the padding rows of the grouped layout; None without padding. A mask,
+    not row ranges: a compiled layer would specialize on a range's length (recompiling when it is
+    0 or 1)."""
     und_rows: int
     """Grouped rows of the understanding expert, padding included."""
 
@@ -122,7 +123,7 @@ class MoTRouting:
         inverse = torch.empty(num_tokens, dtype=order.dtype, device=order.device)
         inverse[und] = rows[:num_und]
         inverse[gen] = rows[:num_gen] + und_rows
-        return cls(order, inverse, padding[:, None], und_rows)
+        return cls(order, inverse, padding[:, None] if row_multiple > 1 else None, und_rows)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grouped = _GroupRows.apply(x, self.order, self.inverse, self.padding)
@@ -147,26 +148,26 @@ class _GroupRows(torch.autograd.Function):
         x: torch.Tensor,
         index: torch.Tensor,
         back_index: torch.Tensor,
-        padding: torch.Tensor,
+        padding: torch.Tensor | None,
         to_pack: bool = False,
     ) -> torch.Tensor:
-        ctx.save_for_backward(back_index, padding)
-        ctx.to_pack = to_pack
+        # The backward zeroes the padding's gradient when ungrouping (to pack order).
+        ctx.save_for_backward(back_index, *([padding] if to_pack and padding is not None else []))
         rows = x.index_select(0, index)
-        return rows if to_pack else rows.masked_fill(_rows_mask(padding, rows), 0)
+        return rows if to_pack else _zero_padding(rows, padding)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        back_index, padding = ctx.saved_tensors
-        rows = grad.index_select(0, back_index)
-        if ctx.to_pack:
-            rows = rows.masked_fill(_rows_mask(padding, rows), 0)
+        back_index, *padding = ctx.saved_tensors
+        rows = _zero_padding(grad.index_select(0, back_index), padding[0] if padding else None)
         return rows, None, None, None, None
 
 
-def _rows_mask(padding: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The [P, 1] row mask shaped to broadcast over `rows` ([P, ...])."""
-    return padding.view(-1, *[1] * (rows.dim() - 1))
+def _zero_padding(rows: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """`rows` ([P, ...]) with the rows that `padding` ([P, 1] bool) marks set to zero."""
+    if padding is None:
+        return rows
+    return rows.masked_fill(padding.view(-1, *[1] * (rows.dim() - 1)), 0)
 
 
 def rotary_cos_sin(
