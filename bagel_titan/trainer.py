@@ -175,7 +175,8 @@ class Trainer:
         # bf16 on one unwrapped rank: autocast around forward and loss (backward follows its casts).
         self._compute_context = lambda: compute_autocast(cfg, self.world_size, self.device.type)
         if cfg.compile.enable and "loss" in cfg.compile.components:
-            self.loss_fn = torch.compile(self._compute_loss)
+            # Dynamic from the start, as the units (see distributed/compile.py): packs change length.
+            self.loss_fn = torch.compile(self._compute_loss, dynamic=True)
 
         # -- resume point, then the one dataloader (its seed depends on whether data restarts) --
         resume = CheckpointManager.peek(cfg.checkpoint, self.run_folder, self.dp_world_size)

@@ -14,9 +14,10 @@ from the length itself: inductor's CPU code sums a float32 reduction longer than
 in chunks (`need_use_acc_helper`), so for every reduction over k x tokens a graph holds on one
 side of 4096 / k tokens (debug shapes: 1024 and 2048 tokens of one MoT expert), and a pack on
 the other side compiles once more. Bounded by the thresholds crossed, not by the steps: on the
-anchor packs (1695-2027 tokens) 2 more layer graphs, plus 2 of the trainer's compiled loss (its
-second shape, and a pack without CE labels), all in the first two timed steps
-(`benchmarks/bench_anchor_step.py` counts them; TORCH_LOGS=recompiles names each guard).
+anchor packs (1695-2027 tokens) 2 more layer graphs, plus 2 of the trainer's compiled loss (also
+dynamic from the start: a batch with None where the first had a tensor, and a pack without CE
+labels), all in the first four steps (`benchmarks/bench_anchor_step.py` counts them;
+TORCH_LOGS=recompiles names each guard).
 """
 
 from __future__ import annotations
