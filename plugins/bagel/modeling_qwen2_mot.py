@@ -5,7 +5,9 @@ through the `_moe_gen` twin of every per-token module; attention is one joint at
 whole pack through the configured attention backend. Between layers the residual stream stays
 split per expert (`MoTRouting.split` once before the first layer, `merge` after the last): only
 attention needs the pack order, so each layer merges its queries, keys and values and splits the
-attention output. Module names equal the release's state-dict keys
+attention output. In 16-bit compute each expert's rows are padded with zero rows to a multiple of
+`ROW_MULTIPLE` (fewer distinct matrix shapes over a run); merging drops the padding. Module
+names equal the release's state-dict keys
 (`language_model.model.layers.{i}.self_attn.q_proj_moe_gen.weight`, ...).
 
 `freeze_und` is the release's option of that name: the understanding tokens' activations are
