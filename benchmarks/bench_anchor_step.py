@@ -12,8 +12,9 @@ Each pack goes through bagel-titan's own pieces: `BagelSample`s -> `BagelCollato
 loader, untimed, as the anchors leave data loading out) -> `Trainer.train_step` (timed: VAE
 encode, forward, CE + flow-MSE loss, backward, clip 1.0, AdamW lr 1e-4). The first `--warmup`
 steps (10 by default, each on a pack of its own) are left out of the medians: compiling and
-oneDNN's per-shape bf16 kernels happen there, as in the first steps of a long run; graphs compiled during each timed step (recompiles: dynamo's
-`unique_graphs`) are counted, and the table says in which timed step the last one happened.
+oneDNN's per-shape bf16 kernels happen there, as in the first steps of a long run. Graphs
+compiled during each timed step (recompiles: dynamo's `unique_graphs`) are counted, and the
+table says in which timed step the last one happened.
 
     python benchmarks/bench_anchor_step.py                        # fp32, default backend
     python benchmarks/bench_anchor_step.py --dtype bf16 --backend sdpa,eager --compile off,on

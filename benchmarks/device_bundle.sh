@@ -13,10 +13,10 @@ rm -rf .whl
 mkdir -p .whl
 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w .whl .
 # Pure-Python wheels, pinned to the versions the suite here runs with.
+pinned() { echo "$1==$("$PYTHON" -c "import importlib.metadata as m; print(m.version('$1'))")"; }
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "torchdata==$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("torchdata"))')" \
-    "tomli_w==$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("tomli_w"))')"
+    -d .whl "$(pinned torchdata)" "$(pinned tomli_w)"
 if compgen -G "$NSA_WHEEL_DIR/native_sparse_attention_triton-*.whl" > /dev/null; then
     cp "$NSA_WHEEL_DIR"/native_sparse_attention_triton-*.whl .whl/
 else

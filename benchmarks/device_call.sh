@@ -10,7 +10,7 @@ OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHON=python3
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 python3 -c "import torch, bagel_titan; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
     2>&1 | tee "$OUT/versions.txt"

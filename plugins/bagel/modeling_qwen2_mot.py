@@ -100,9 +100,9 @@ class MoTRouting:
     inverse: torch.Tensor
     """[T] int64 grouped row of every pack position."""
     padding: torch.Tensor | None
-    """[P, 1] bool, true on the padding rows of the grouped layout; None without padding. A mask,
-    not row ranges: a compiled layer would specialize on a range's length (recompiling when it is
-    0 or 1)."""
+    """[P] bool, true on the padding rows of the grouped layout; None without padding. A mask, not
+    row ranges: a compiled layer would specialize on a range's length (recompiling when it is 0 or
+    1)."""
     und_rows: int
     """Grouped rows of the understanding expert, padding included."""
 
@@ -121,28 +121,30 @@ class MoTRouting:
         fill_und, fill_gen = und.new_zeros(und_rows - num_und), und.new_zeros(gen_rows - num_gen)
         order = torch.cat([und, fill_und, gen, fill_gen])
         rows = torch.arange(max(und_rows, gen_rows), device=order.device)
-        padding = torch.cat([rows[:und_rows] >= num_und, rows[:gen_rows] >= num_gen])
         inverse = torch.empty(num_tokens, dtype=order.dtype, device=order.device)
         inverse[und] = rows[:num_und]
         inverse[gen] = rows[:num_gen] + und_rows
-        return cls(order, inverse, padding[:, None] if row_multiple > 1 else None, und_rows)
+        padding = None
+        if row_multiple > 1:
+            padding = torch.cat([rows[:und_rows] >= num_und, rows[:gen_rows] >= num_gen])
+        return cls(order, inverse, padding, und_rows)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grouped = _GroupRows.apply(x, self.order, self.inverse, self.padding)
+        grouped = _GatherRows.apply(x, self.order, self.inverse, self.padding, None)
         # A split, not two slices: each slice's backward would zero-fill a gradient of all rows.
         x_und, x_gen = grouped.split([self.und_rows, grouped.shape[0] - self.und_rows])
         return x_und, x_gen
 
     def merge(self, x_und: torch.Tensor, x_gen: torch.Tensor) -> torch.Tensor:
-        return _GroupRows.apply(torch.cat([x_und, x_gen]), self.inverse, self.order, self.padding, True)
+        return _GatherRows.apply(torch.cat([x_und, x_gen]), self.inverse, self.order, None, self.padding)
 
 
-class _GroupRows(torch.autograd.Function):
-    """`x.index_select(0, index)` between pack order and the grouped layout, whose backward
-    gathers with `back_index`: the same values as indexing's backward (a zero-filled scatter with
+class _GatherRows(torch.autograd.Function):
+    """`x.index_select(0, index)`, whose backward gathers the gradient with `back_index` (the
+    inverse map): the same values as indexing's backward (a zero-filled scatter with
     accumulation), without the scatter, which runs serially on CPU and took up to 1/10 of a small
-    model's step. The grouped side's `padding` rows are zero: in the forward when grouping, in
-    the gradient when ungrouping (`to_pack`)."""
+    model's step. Rows marked by `zero_out` are zeroed in the result (grouping: the padding
+    rows), rows marked by `zero_grad` in the gradient (ungrouping: the padding's gradient)."""
 
     @staticmethod
     def forward(
@@ -150,26 +152,23 @@ class _GroupRows(torch.autograd.Function):
         x: torch.Tensor,
         index: torch.Tensor,
         back_index: torch.Tensor,
-        padding: torch.Tensor | None,
-        to_pack: bool = False,
+        zero_out: torch.Tensor | None,
+        zero_grad: torch.Tensor | None,
     ) -> torch.Tensor:
-        # The backward zeroes the padding's gradient when ungrouping (to pack order).
-        ctx.save_for_backward(back_index, *([padding] if to_pack and padding is not None else []))
-        rows = x.index_select(0, index)
-        return rows if to_pack else _zero_padding(rows, padding)
+        ctx.save_for_backward(back_index, zero_grad)
+        return _zero_rows(x.index_select(0, index), zero_out)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        back_index, *padding = ctx.saved_tensors
-        rows = _zero_padding(grad.index_select(0, back_index), padding[0] if padding else None)
-        return rows, None, None, None, None
+        back_index, zero_grad = ctx.saved_tensors
+        return _zero_rows(grad.index_select(0, back_index), zero_grad), None, None, None, None
 
 
-def _zero_padding(rows: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-    """`rows` ([P, ...]) with the rows that `padding` ([P, 1] bool) marks set to zero."""
-    if padding is None:
+def _zero_rows(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`rows` ([P, ...]) with the rows that `mask` ([P] bool) marks set to zero."""
+    if mask is None:
         return rows
-    return rows.masked_fill(padding.view(-1, *[1] * (rows.dim() - 1)), 0)
+    return rows.masked_fill(mask.view(-1, *[1] * (rows.dim() - 1)), 0)
 
 
 def rotary_cos_sin(
