@@ -239,6 +239,7 @@ def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> Pairs:
             job_config.training.max_norm,
             job_config.training.dtype,
         )
+        plain_loader = None
         fetch: Callable[[Any, int], Any] = synthetic_pack_of
         if real_data:
             warm_up_shapes(trainer, plain, setting.warmup + setting.steps)
@@ -249,7 +250,7 @@ def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> Pairs:
             trainer.train()
         finally:
             plugins.pm.unregister(interleaver)
-            if real_data:
+            if plain_loader is not None:
                 plain_loader.close()
             trainer.close()
             destroy_distributed()
