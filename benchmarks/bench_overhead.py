@@ -28,7 +28,7 @@ bf16 autocast, as `[training] dtype = "bfloat16"` runs on one rank; the plain st
 autocast), each on synthetic packs and on the example data through the real packed loader. On
 one rank the trainer never wraps with FSDP2 (it would shard nothing). Target: under 5%.
 
-    python benchmarks/bench_overhead.py [--steps 40] [--packing-length 512] [--clock wall|cpu]
+    python benchmarks/bench_overhead.py [--steps 40] [--rounds 2] [--packing-length 512] [--clock wall|cpu]
 """
 
 from __future__ import annotations
