@@ -257,7 +257,7 @@ def measure(setting: TrainSetting, log_freq: int, real_data: bool) -> Pairs:
     return Pairs(
         interleaver.trainer_s,
         interleaver.plain_s,
-        data_wait_s[setting.warmup + 1 :],
+        data_wait_s[setting.warmup :],  # the fetches of the timed steps (step n fetches batch n)
         interleaver.plain_fetch_s,
     )
 
