@@ -184,7 +184,7 @@ def example_data_argv(folder: str) -> list[str]:
 
 def _time_data_wait(trainer: Any) -> list[float]:
     """Time every `trainer._next_batches()` (the step's wait for the loader, part of the trainer
-    step): the share of the overhead that is data delivery rather than the trainer's bookkeeping."""
+    step), to set beside the plain loop's own fetch."""
     waits: list[float] = []
     fetch = trainer._next_batches
 

@@ -234,8 +234,8 @@ class SyntheticLoaderBuilder:
 
 
 class RecordingLoader:
-    """A dataloader that keeps the batch it served last (`last`), so that a benchmark can rerun
-    exactly the batch the trainer just trained on; everything else is the wrapped loader's."""
+    """A dataloader that keeps the batch it served last (`last`), so that a benchmark can check
+    which batch the trainer just trained on; everything else is the wrapped loader's."""
 
     def __init__(self, inner: Any):
         self.inner = inner
