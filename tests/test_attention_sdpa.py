@@ -17,7 +17,7 @@ from bagel_titan_plugins.attention.sdpa import (
     CPU_FP32_ATTENTION_TOKENS,
     SDPABackend,
     SDPAConfig,
-    document_calls,
+    document_plan,
     sdpa_gqa,
 )
 from synthetic_attention import random_inputs, random_pack
@@ -57,29 +57,75 @@ def test_sdpa_matches_eager_forward_and_grad(strategy, seed, kv_heads):
     assert torch.equal(pad_out, torch.zeros_like(pad_out)), "padding tokens must give exactly zero"
 
 
-def test_vit_full_documents_use_unmasked_calls():
-    meta = AttentionMeta.full_documents([5, 9, 3])
-    calls = document_calls(meta)
-    assert [(c.start, c.end, c.is_causal, c.mask_LL) for c in calls] == [
-        (0, 5, False, None),
-        (5, 14, False, None),
-        (14, 17, False, None),
+def _calls(meta: AttentionMeta) -> list[tuple[int, int, int, int, bool, bool]]:
+    """(q_start, q_end, kv_start, kv_end, is_causal, masked) of each planned call."""
+    return [
+        (c.q_start, c.q_end, c.kv_start, c.kv_end, c.is_causal, c.mask is not None)
+        for c in document_plan(meta).calls
     ]
-    inputs = random_inputs(
-        [[(5, "full")], [(9, "full")], [(3, "full")]], num_heads=4, num_kv_heads=2, head_dim=16
-    )
-    out = SDPABackend().build(SPEC, SDPAConfig(strategy="per_document"))(
-        inputs.q_THD, inputs.k_THD, inputs.v_THD, meta
-    )
-    ref = EagerBackend().build(SPEC, None)(inputs.q_THD, inputs.k_THD, inputs.v_THD, meta)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _assert_matches_eager(meta: AttentionMeta, documents) -> None:
+    inputs = random_inputs(documents, num_heads=4, num_kv_heads=2, head_dim=16, requires_grad=True)
+    sdpa = SDPABackend().build(SPEC, SDPAConfig(strategy="per_document"))
+    eager = EagerBackend().build(SPEC, None)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), _grads(sdpa, inputs), _grads(eager, inputs)):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_vit_full_documents_use_unmasked_calls():
+    documents = [[(5, "full")], [(9, "full")], [(3, "full")]]
+    meta = AttentionMeta.from_segments(documents)
+    assert _calls(meta) == [
+        (0, 5, 0, 5, False, False),
+        (5, 14, 5, 14, False, False),
+        (14, 17, 14, 17, False, False),
+    ]
+    _assert_matches_eager(meta, documents)
 
 
 def test_text_only_documents_use_is_causal():
-    meta = AttentionMeta.from_segments([[(4, "causal"), (3, "causal")], [(6, "causal"), (2, "full")]])
-    calls = document_calls(meta)
-    assert calls[0].is_causal and calls[0].mask_LL is None
-    assert not calls[1].is_causal and calls[1].mask_LL is not None
+    meta = AttentionMeta.from_segments([[(4, "causal"), (3, "causal")]])
+    assert _calls(meta) == [(0, 7, 0, 7, True, False)]
+    assert document_plan(meta).rows == [(0, 0, 7)]
+
+
+def test_t2i_samples_are_a_causal_call_and_an_unmasked_call_over_the_prefix():
+    """Caption then noised image: the image rows see the whole sample, the caption rows only
+    their causal prefix; no mask, and a third less work than one masked 70x70 call."""
+    documents = [[(30, "causal"), (40, "noise")], [(6, "causal"), (5, "causal")]]
+    meta = AttentionMeta.from_segments(documents)
+    assert _calls(meta) == [
+        (0, 30, 0, 30, True, False),
+        (30, 70, 0, 70, False, False),
+        (70, 81, 70, 81, True, False),
+    ]
+    assert document_plan(meta).work == 30 * 30 + 40 * 70 + 11 * 11 < 70 * 70 + 11 * 11
+    _assert_matches_eager(meta, documents)
+
+
+def test_causal_rows_after_an_image_come_from_one_causal_call_over_the_document():
+    """ViT image, question, answer, second image, text: the causal call covers the document up to
+    its last causal segment (its rows of the images are not used); each image is its own call."""
+    documents = [[(8, "full"), (5, "causal"), (4, "causal"), (6, "full"), (3, "causal")]]
+    meta = AttentionMeta.from_segments(documents)
+    assert _calls(meta) == [
+        (0, 26, 0, 26, True, False),
+        (0, 8, 0, 8, False, False),
+        (17, 23, 0, 23, False, False),
+    ]
+    assert document_plan(meta).rows == [(1, 0, 8), (0, 8, 9), (2, 0, 6), (0, 23, 3)]
+    _assert_matches_eager(meta, documents)
+
+
+def test_a_noise_segment_with_later_tokens_keeps_the_document_mask():
+    """Tokens after a noised image must not see it: only a mask says so; other documents of the
+    pack still go unmasked, and padding gives zeros."""
+    documents = [[(5, "causal"), (6, "noise"), (4, "causal")], [(2, "causal")]]
+    meta = AttentionMeta.from_segments(documents, pad_to=20)
+    assert _calls(meta) == [(0, 15, 0, 15, False, True), (15, 17, 15, 17, True, False)]
+    assert document_plan(meta).rows == [(0, 0, 15), (1, 0, 2), (-1, 0, 3)]
+    _assert_matches_eager(AttentionMeta.from_segments(documents), documents)
 
 
 def test_sdpa_bf16_close_to_eager():

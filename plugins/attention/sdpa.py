@@ -5,14 +5,16 @@ Three settings of ``[attention.sdpa] strategy`` apply BAGEL's mask rule:
 - ``dense``: one SDPA call over the whole pack with the [T, T] boolean mask, built once per batch
   and cached on the metadata. No Python loop; memory and work grow with T^2 (the kernel skips
   nothing), which is fine for packs of a few thousand tokens.
-- ``per_document``: one SDPA call per document, each with its own [L, L] mask, or none at all
-  when the document is plain causal text (``is_causal``) or a single ``full`` segment (a ViT
-  image): then flash attention applies on a GPU. Work grows with the sum of L^2.
+- ``per_document``: SDPA calls per document, unmasked wherever the rule allows: plain causal
+  text is one ``is_causal`` call, a ``full`` or ``noise`` segment one call over its document's
+  prefix, so a t2i sample (caption, then its noised image) is two unmasked calls and flash
+  attention applies on a GPU. Only a document where a ``noise`` segment has later tokens keeps
+  an [L, L] mask. Work grows with the sum over documents of at most L^2.
 - ``auto`` (default): whichever costs less for the pack at hand. A dense call does T^2 pairs of
-  work; the per-document calls do the sum of L^2 plus a fixed cost per call (launch, slicing),
-  counted as ``document_call_tokens``^2 pairs. A pack of several documents goes per document
-  (a 2k pack of 8-10 samples: about 8x less attention work); only a pack of very many tiny
-  documents stays dense.
+  work; the per-document calls do their queries x keys plus a fixed cost per call (launch,
+  slicing), counted as ``document_call_tokens``^2 pairs. A pack of several documents goes per
+  document (a 2k pack of 8-10 samples: about 10x less attention work); only a pack of very many
+  tiny documents stays dense.
 
 Grouped-query attention uses ``enable_gqa=True`` (no repeated K/V) whenever a fused kernel
 accepts it for the call at hand; on CUDA, masked calls whose only fused kernel lacks GQA support
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from bagel_titan.protocols import AttentionBackend, AttentionLayerSpec, AttentionModule
 
-from .meta import CAUSAL, FULL, AttentionMeta
+from .meta import CAUSAL, NOISE, AttentionMeta
 
 STRATEGIES = ("auto", "dense", "per_document")
 
@@ -46,8 +48,8 @@ class SDPAConfig:
     work; see `document_call_tokens`)."""
     document_call_tokens: int = 64
     """The fixed cost of one per-document call (launch, slicing, concatenation), in tokens of a
-    document whose attention would cost the same: "auto" goes dense when T^2 <= sum over
-    documents of (L^2 + document_call_tokens^2). 64 is measured on a CPU (one fp32 call with its
+    document whose attention would cost the same: "auto" goes dense when T^2 <= sum over the
+    calls of (queries x keys + document_call_tokens^2). 64 is measured on a CPU (one fp32 call with its
     backward: about 0.07 ms, as much as the attention of a 45-token document). On a GPU a call's
     fixed cost is worth more attention work, so a larger value may fit there (not measured)."""
 
@@ -64,8 +66,8 @@ class SDPAConfig:
 
 def prefers_dense(meta: AttentionMeta, document_call_tokens: int) -> bool:
     """Whether one dense call costs no more than the per-document calls (host-side figures only)."""
-    per_document = sum(n * n + document_call_tokens**2 for n in meta.doc_lengths)
-    return meta.num_tokens**2 <= per_document
+    plan = document_plan(meta)
+    return meta.num_tokens**2 <= plan.work + len(plan.calls) * document_call_tokens**2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,39 +199,113 @@ def valid_token_mask(meta: AttentionMeta) -> torch.Tensor | None:
 
 
 @dataclass(frozen=True)
-class DocumentCall:
-    """One SDPA call of the per-document strategy: tokens [start, end) of one document."""
+class AttentionCall:
+    """One SDPA call of the per-document strategy: queries [q_start, q_end) of the pack over keys
+    [kv_start, kv_end), causal (upper-left aligned) or not, masked only when `mask` is set."""
 
-    start: int
-    end: int
-    is_causal: bool
-    mask_LL: torch.Tensor | None
-    """The document's own mask; None when `is_causal` or the document is one `full` segment."""
+    q_start: int
+    q_end: int
+    kv_start: int
+    kv_end: int
+    is_causal: bool = False
+    mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DocumentPlan:
+    """The per-document calls of a batch, the pieces their inputs are cut into and how their
+    outputs make up the pack's rows."""
+
+    calls: list[AttentionCall]
+    rows: list[tuple[int, int, int]]
+    """The output in pack order: (call, first row of that call's output, number of rows); call
+    -1 stands for rows outside every document (padding), which give zeros."""
+    q_sizes: list[int]
+    """Sizes of the pieces the queries are split into (at every call's query bounds)."""
+    kv_sizes: list[int]
+    """Sizes of the pieces the keys and values are split into (at every call's key bounds)."""
+    q_pieces: list[range]
+    """Per call: the query pieces it concatenates."""
+    kv_pieces: list[range]
+    """Per call: the key/value pieces it concatenates."""
+
+    @property
+    def work(self) -> int:
+        """Query-key pairs the calls compute (a causal call counts in full, as a masked one)."""
+        return sum((c.q_end - c.q_start) * (c.kv_end - c.kv_start) for c in self.calls)
+
+
+def _pieces(bounds: list[tuple[int, int]], num_tokens: int) -> tuple[list[int], list[range]]:
+    """Split sizes cutting [0, num_tokens) at every bound, and per (start, end) its pieces."""
+    cuts = sorted({0, num_tokens} | {b for pair in bounds for b in pair})
+    index = {cut: i for i, cut in enumerate(cuts)}
+    return [b - a for a, b in zip(cuts, cuts[1:])], [range(index[a], index[b]) for a, b in bounds]
+
+
+def _document_calls(
+    segments: list[tuple[int, int, int]], meta: AttentionMeta
+) -> tuple[list[AttentionCall], list[tuple[int, int, int]]]:
+    """The calls of one document (segments (start, end, mode) in order) and its output rows,
+    call indices local to the document.
+
+    BAGEL's rule lets a `full` or `noise` segment see every earlier visible token of its document
+    and all of its own, so such a segment is one unmasked call over the document's prefix; causal
+    rows come from one `is_causal` call over the prefix up to the last causal segment, whose
+    rows of other segments are not used. Only a document where a `noise` segment has later tokens
+    (which must not see it) needs its mask. A t2i sample (causal caption, noise image) becomes
+    two unmasked calls with about a third less work than one masked call, and flash attention
+    runs both on a GPU.
+    """
+    start, end = segments[0][0], segments[-1][1]
+    if any(mode == NOISE for _, _, mode in segments[:-1]):
+        idx = torch.arange(start, end, device=meta.device)
+        mask = meta.allowed(idx[:, None], idx[None, :])
+        return [AttentionCall(start, end, start, end, False, mask)], [(0, 0, end - start)]
+    calls: list[AttentionCall] = []
+    causal_end = max((e for _, e, mode in segments if mode == CAUSAL), default=None)
+    if causal_end is not None:
+        calls.append(AttentionCall(start, causal_end, start, causal_end, is_causal=True))
+    rows: list[tuple[int, int, int]] = []
+    for seg_start, seg_end, mode in segments:
+        if mode == CAUSAL:
+            piece = (0, seg_start - start, seg_end - seg_start)
+        else:
+            calls.append(AttentionCall(seg_start, seg_end, start, seg_end))
+            piece = (len(calls) - 1, 0, seg_end - seg_start)
+        last = rows[-1] if rows else None
+        if last and last[0] == piece[0] and last[1] + last[2] == piece[1]:
+            rows[-1] = (last[0], last[1], last[2] + piece[2])  # consecutive causal segments
+        else:
+            rows.append(piece)
+    return calls, rows
 
 
 @torch.compiler.disable
-def document_calls(meta: AttentionMeta) -> list[DocumentCall]:
-    """The per-document calls of a batch (cached): unmasked where a document's rule allows."""
+def document_plan(meta: AttentionMeta) -> DocumentPlan:
+    """The per-document calls of a batch (cached), unmasked wherever the mask rule allows."""
 
-    def build() -> list[DocumentCall]:
+    def build() -> DocumentPlan:
         segments_by_doc: dict[int, list[tuple[int, int, int]]] = {}
         for start, end, mode, doc in meta.segment_bounds:
             segments_by_doc.setdefault(doc, []).append((start, end, mode))
-        calls = []
+        calls: list[AttentionCall] = []
+        rows: list[tuple[int, int, int]] = []
+        pos = 0
         for doc in sorted(segments_by_doc):
             segments = segments_by_doc[doc]
-            start, end = segments[0][0], segments[-1][1]
-            modes = {mode for _, _, mode in segments}
-            if modes == {CAUSAL}:
-                calls.append(DocumentCall(start, end, True, None))
-            elif len(segments) == 1 and modes == {FULL}:
-                calls.append(DocumentCall(start, end, False, None))
-            else:
-                idx = torch.arange(start, end, device=meta.device)
-                calls.append(DocumentCall(start, end, False, meta.allowed(idx[:, None], idx[None, :])))
-        return calls
+            if segments[0][0] > pos:
+                rows.append((-1, 0, segments[0][0] - pos))
+            doc_calls, doc_rows = _document_calls(segments, meta)
+            rows.extend((len(calls) + call, first, n) for call, first, n in doc_rows)
+            calls.extend(doc_calls)
+            pos = segments[-1][1]
+        if pos < meta.num_tokens:
+            rows.append((-1, 0, meta.num_tokens - pos))
+        q_sizes, q_pieces = _pieces([(c.q_start, c.q_end) for c in calls], meta.num_tokens)
+        kv_sizes, kv_pieces = _pieces([(c.kv_start, c.kv_end) for c in calls], meta.num_tokens)
+        return DocumentPlan(calls, rows, q_sizes, kv_sizes, q_pieces, kv_pieces)
 
-    return meta.cached("sdpa_document_calls", build)
+    return meta.cached("sdpa_document_plan", build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,43 +322,44 @@ def sdpa_dense(
     return out_THD if valid_T11 is None else out_THD * valid_T11
 
 
+def _joined(pieces: tuple[torch.Tensor, ...], which: range) -> torch.Tensor:
+    return pieces[which.start] if len(which) == 1 else torch.cat(pieces[which.start : which.stop], dim=0)
+
+
 @torch.compiler.disable
 def sdpa_per_document(
     q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, meta: AttentionMeta
 ) -> torch.Tensor:
-    """One SDPA call per document (documents are contiguous); tokens outside any document give zeros.
+    """The calls of `document_plan`; tokens outside any document give zeros.
 
     Kept out of torch.compile: the document boundaries change every batch (a recompile each
     step) and each call is already a fused kernel.
     """
-    num_tokens = q_THD.shape[0]
-    sizes: list[int] = []
-    plan: list[DocumentCall | None] = []  # None: tokens outside every document (padding)
-    pos = 0
-    for call in document_calls(meta):
-        if call.start > pos:
-            sizes.append(call.start - pos)
-            plan.append(None)
-        sizes.append(call.end - call.start)
-        plan.append(call)
-        pos = call.end
-    if pos < num_tokens:
-        sizes.append(num_tokens - pos)
-        plan.append(None)
-    if not plan:
+    plan = document_plan(meta)
+    if not plan.calls:
         return torch.zeros_like(q_THD)
-    # One split, not a slice per document: a slice's backward zero-fills a gradient of the whole
-    # pack for every document; the split's concatenates the pieces once.
-    pieces: list[torch.Tensor] = []
-    for call, q_LHD, k_LHD, v_LHD in zip(plan, q_THD.split(sizes), k_THD.split(sizes), v_THD.split(sizes)):
-        if call is None:
-            pieces.append(torch.zeros_like(q_LHD))
-            continue
+    # One split per input, not a slice per call: a slice's backward zero-fills a gradient of the
+    # whole pack for every call; the split's concatenates the pieces once.
+    q_split = q_THD.split(plan.q_sizes)
+    k_split, v_split = k_THD.split(plan.kv_sizes), v_THD.split(plan.kv_sizes)
+    outputs = []
+    for call, q_which, kv_which in zip(plan.calls, plan.q_pieces, plan.kv_pieces):
         out_BHLD = sdpa_gqa(
-            _to_BHTD(q_LHD), _to_BHTD(k_LHD), _to_BHTD(v_LHD), call.mask_LL, is_causal=call.is_causal
+            _to_BHTD(_joined(q_split, q_which)),
+            _to_BHTD(_joined(k_split, kv_which)),
+            _to_BHTD(_joined(v_split, kv_which)),
+            call.mask,
+            is_causal=call.is_causal,
         )
-        pieces.append(_from_BHTD(out_BHLD))
-    return torch.cat(pieces, dim=0)
+        outputs.append(_from_BHTD(out_BHLD))
+    rows = []
+    for call_index, first, n in plan.rows:
+        if call_index < 0:
+            rows.append(q_THD.new_zeros(n, *q_THD.shape[1:]))
+        else:
+            out = outputs[call_index]
+            rows.append(out if n == out.shape[0] else out.narrow(0, first, n))
+    return torch.cat(rows, dim=0)
 
 
 class SDPAAttention(AttentionModule[AttentionMeta]):
@@ -310,7 +387,7 @@ class SDPAAttention(AttentionModule[AttentionMeta]):
             sdpa_dense_mask(meta)
             valid_token_mask(meta)
         else:
-            document_calls(meta)
+            document_plan(meta)
 
     def forward(
         self,
