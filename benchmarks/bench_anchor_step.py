@@ -55,6 +55,7 @@ printed and noted side by side (a relative loss difference above 1e-3 in fp32 is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -924,26 +925,27 @@ def run_release_row(row: Row) -> dict[str, Any]:
     }
 
 
-def worker_env(tree: str) -> dict[str, str]:
+@contextlib.contextmanager
+def worker_env(tree: str) -> Iterator[dict[str, str]]:
     """Environment of a worker: with `tree`, its `bagel_titan` and `plugins` (as
-    `bagel_titan_plugins`) come first on the path, ahead of this checkout's editable install."""
+    `bagel_titan_plugins`) come first on the path, ahead of this checkout's editable install,
+    through a folder of links removed afterwards."""
     env = dict(os.environ)
-    paths = [HERE]
-    if tree:
-        shim = tempfile.mkdtemp(prefix="anchor-tree-")
-        os.symlink(os.path.join(tree, "bagel_titan"), os.path.join(shim, "bagel_titan"))
-        os.symlink(os.path.join(tree, "plugins"), os.path.join(shim, "bagel_titan_plugins"))
-        paths.insert(0, shim)
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH", "")] if p])
-    return env
+    with tempfile.TemporaryDirectory(prefix="anchor-tree-") as shim:
+        paths = [HERE]
+        if tree:
+            os.symlink(os.path.join(tree, "bagel_titan"), os.path.join(shim, "bagel_titan"))
+            os.symlink(os.path.join(tree, "plugins"), os.path.join(shim, "bagel_titan_plugins"))
+            paths.insert(0, shim)
+        env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH", "")] if p])
+        yield env
 
 
 def run_isolated(row: Row, timeout_s: float) -> dict[str, Any]:
     cmd = [sys.executable, SCRIPT, "--single", json.dumps(asdict(row))]
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, env=worker_env(row.tree)
-        )
+        with worker_env(row.tree) as env:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     for line in proc.stdout.splitlines():
