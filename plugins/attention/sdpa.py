@@ -43,9 +43,9 @@ class SDPAConfig:
     """Options of the `sdpa` backend, the TOML table ``[attention.sdpa]``."""
 
     strategy: str = "auto"
-    """How the mask rule is applied: "dense" (one call, [T, T] mask), "per_document" (one call
-    per document, unmasked where the document allows) or "auto" (per pack, whichever does less
-    work; see `document_call_tokens`)."""
+    """How the mask rule is applied: "dense" (one call, [T, T] mask), "per_document" (calls per
+    document, unmasked wherever the rule allows) or "auto" (per pack, whichever does less work;
+    see `document_call_tokens`)."""
     document_call_tokens: int = 64
     """The fixed cost of one per-document call (launch, slicing, concatenation), in tokens of a
     document whose attention would cost the same: "auto" goes dense when T^2 <= sum over the

@@ -53,8 +53,8 @@ ATTENTION_BACKENDS = {
     "flash_attention_2": (
         "sdpa",
         "flash_attention_2 cannot express BAGEL's packed mask with noise segments; "
-        "bagel-titan's sdpa backend runs one SDPA call per document on long packs, "
-        "which takes the flash kernel for causal text and full ViT documents "
+        "bagel-titan's sdpa backend runs SDPA calls per document on long packs, "
+        "unmasked (the flash kernel) for causal text, ViT images and t2i samples "
         "(flex is the block-sparse alternative on GPU)",
     ),
     "flash_attention_3": ("sdpa", "no flash_attention_3 backend; sdpa (per-document flash kernels) is used"),
