@@ -26,7 +26,14 @@ from bagel_titan_plugins.attention.meta import AttentionMeta
 
 from .batch import BagelPackedBatch
 from .config import BagelArchitecture, BagelConfig
-from .modeling_qwen2_mot import MoTRouting, Qwen2MoTForCausalLM, RMSNorm, on_padded_rows, row_multiple
+from .modeling_qwen2_mot import (
+    HeadRows,
+    MoTRouting,
+    Qwen2MoTForCausalLM,
+    RMSNorm,
+    on_padded_rows,
+    row_multiple,
+)
 from .siglip_navit import SiglipVisionModel
 from .latent_cache import LatentCacheMiss, vae_folder_name
 from .vae import FrozenVAE
@@ -106,7 +113,9 @@ class MLPconnector(nn.Module):
 class BagelForwardResult:
     """Everything one forward computes that a loss or a parity check reads."""
 
-    last_hidden_state: torch.Tensor
+    last_hidden_state: torch.Tensor | None
+    """[T, D] after the final norm, with `keep_intermediates` only: otherwise the last layer
+    finishes just the rows the heads read (`HeadRows`)."""
     ce_logits: torch.Tensor | None
     pred_velocity: torch.Tensor | None
     target_velocity: torch.Tensor | None
@@ -291,19 +300,26 @@ class Bagel(nn.Module):
         meta = batch.attention
         assert meta is not None  # built by BagelPackedBatch.__post_init__
         meta.prepare_for(first_attention_core(self.language_model.model.layers))
-        layer_outputs: list[torch.Tensor] | None = [] if keep_intermediates else None
+        llm = self.language_model.model
+        hidden_TD: torch.Tensor | None = None
         with record_function("bagel/llm"):
-            hidden_TD = self.language_model.model(
-                seq_TD, routing, batch.packed_position_ids, meta, layer_outputs
-            )
-        for i, out in enumerate(layer_outputs or []):
-            keep(f"llm_layer_{i}_output", out)
-        keep("last_hidden_state", hidden_TD)
+            if keep_intermediates:  # every row of every layer, for parity checks
+                layer_outputs: list[torch.Tensor] = []
+                hidden_TD = llm(seq_TD, routing, batch.packed_position_ids, meta, layer_outputs)
+                for i, out in enumerate(layer_outputs):
+                    keep(f"llm_layer_{i}_output", out)
+                keep("last_hidden_state", hidden_TD)
+                ce_ND, mse_ND = hidden_TD[batch.ce_loss_indexes], hidden_TD[batch.mse_loss_indexes]
+            else:
+                rows = HeadRows.build(
+                    routing, batch.ce_loss_indexes, batch.mse_loss_indexes, row_multiple(seq_TD)
+                )
+                ce_ND, mse_ND = llm.final_rows(seq_TD, routing, batch.packed_position_ids, meta, rows)
 
         with record_function("bagel/heads"):
             if self.options.visual_gen:
-                pred_velocity = on_padded_rows(self.llm2vae, hidden_TD[batch.mse_loss_indexes])
-            ce_logits = on_padded_rows(self.language_model.lm_head, hidden_TD[batch.ce_loss_indexes])
+                pred_velocity = on_padded_rows(self.llm2vae, mse_ND)
+            ce_logits = on_padded_rows(self.language_model.lm_head, ce_ND)
         return BagelForwardResult(hidden_TD, ce_logits, pred_velocity, target_velocity, inter)
 
     def _latent_inputs(
