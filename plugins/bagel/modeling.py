@@ -224,7 +224,8 @@ class Bagel(nn.Module):
         keep_intermediates: bool = False,
         noised: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> BagelForwardResult:
-        """One packed batch -> last hidden state, CE logits, predicted and target velocities.
+        """One packed batch -> CE logits, predicted and target velocities (and, with
+        `keep_intermediates`, the last hidden state of every row and the intermediates).
 
         Timesteps and noise are drawn with `generator` unless the batch carries them; VAE
         latents come from the frozen VAE unless the batch carries `padded_latent`. A sampler
