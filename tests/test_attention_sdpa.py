@@ -92,7 +92,7 @@ def test_text_only_documents_use_is_causal():
 
 def test_t2i_samples_are_a_causal_call_and_an_unmasked_call_over_the_prefix():
     """Caption then noised image: the image rows see the whole sample, the caption rows only
-    their causal prefix; no mask, and a third less work than one masked 70x70 call."""
+    their causal prefix; no mask, and a quarter less work than one masked 70x70 call."""
     documents = [[(30, "causal"), (40, "noise")], [(6, "causal"), (5, "causal")]]
     meta = AttentionMeta.from_segments(documents)
     assert _calls(meta) == [

@@ -13,8 +13,8 @@ Three settings of ``[attention.sdpa] strategy`` apply BAGEL's mask rule:
 - ``auto`` (default): whichever costs less for the pack at hand. A dense call does T^2 pairs of
   work; the per-document calls do their queries x keys plus a fixed cost per call (launch,
   slicing), counted as ``document_call_tokens``^2 pairs. A pack of several documents goes per
-  document (a 2k pack of 8-10 samples: about 10x less attention work); only a pack of very many
-  tiny documents stays dense.
+  document (the anchors' 2k packs of 6-10 samples: 7-12x less attention work); only a pack of
+  very many tiny documents stays dense.
 
 Grouped-query attention uses ``enable_gqa=True`` (no repeated K/V) whenever a fused kernel
 accepts it for the call at hand; on CUDA, masked calls whose only fused kernel lacks GQA support
@@ -253,7 +253,7 @@ def _document_calls(
     rows come from one `is_causal` call over the prefix up to the last causal segment, whose
     rows of other segments are not used. Only a document where a `noise` segment has later tokens
     (which must not see it) needs its mask. A t2i sample (causal caption, noise image) becomes
-    two unmasked calls with about a third less work than one masked call, and flash attention
+    two unmasked calls with a fifth to a third less work than one masked call, and flash attention
     runs both on a GPU.
     """
     start, end = segments[0][0], segments[-1][1]
