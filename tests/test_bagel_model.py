@@ -62,7 +62,7 @@ def _with_fixed_noise(model, batch, seed=0):
 def test_samples_in_a_pack_do_not_see_each_other(model):
     samples = [TEXT_ONLY, UNDERSTANDING, EDITING]
     packed = _with_fixed_noise(model, synthetic_batch(ARCH, OPTS, samples))
-    out = model(packed, keep_intermediates=True).last_hidden_state
+    out = model(packed, keep_intermediates=True).intermediates["last_hidden_state"]
     start = 0
     vae_row = 0
     for i, sample in enumerate(samples):
@@ -84,7 +84,7 @@ def test_samples_in_a_pack_do_not_see_each_other(model):
         )
         if n_vae:  # the only VAE sample: the packed latents are its own
             assert packed.padded_latent.shape[0] == len(alone.patchified_vae_latent_shapes)
-        got = model(alone, keep_intermediates=True).last_hidden_state
+        got = model(alone, keep_intermediates=True).intermediates["last_hidden_state"]
         torch.testing.assert_close(got, out[start : start + alone.sequence_length], atol=1e-5, rtol=1e-5)
         start += alone.sequence_length
         vae_row += n_vae
@@ -374,20 +374,36 @@ def test_last_layer_finishing_only_the_heads_rows_changes_no_output_or_gradient(
     """The training forward finishes only the CE and MSE rows in the last layer (`HeadRows`);
     the full forward (`keep_intermediates`) computes every row. Same logits, velocities and
     gradients (under bf16 autocast too, where the kept rows are padded to ROW_MULTIPLE)."""
+    from bagel_titan_plugins.bagel.modeling_qwen2_mot import ROW_MULTIPLE, padded_rows
+
     model = build_bagel_for_tests("debug", seed=0)
     _randomise_zero_init(model)
     batch = _with_fixed_noise(model, synthetic_batch(ARCH, OPTS, [TEXT_ONLY, UNDERSTANDING, EDITING]))
+    last = model.language_model.model.layers[-1]
+    mlp_rows: list[int] = []
+    hooks = [
+        mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[0]))
+        for mlp in (last.mlp, last.mlp_moe_gen)
+    ]
     results = []
     for full in (False, True):
         model.zero_grad(set_to_none=True)
+        mlp_rows.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             r = model(batch, keep_intermediates=full)
             weight = torch.randn(r.ce_logits.shape, generator=torch.Generator().manual_seed(1))
             loss = (r.ce_logits.float() * weight).sum() + r.pred_velocity.float().square().sum()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((r.ce_logits, r.pred_velocity, grads))
-    (ce, vel, grads), (ce_full, vel_full, grads_full) = results
+        results.append((r.ce_logits, r.pred_velocity, grads, list(mlp_rows)))
+    for hook in hooks:
+        hook.remove()
+    (ce, vel, grads, rows), (ce_full, vel_full, grads_full, rows_full) = results
+    # The last layer's MLPs saw the heads' rows only (padded in bf16), fewer than the pack's.
+    multiple = 1 if dtype == torch.float32 else ROW_MULTIPLE
+    assert rows == [padded_rows(ce.shape[0], multiple), padded_rows(vel.shape[0], multiple)]
+    assert ce.shape[0] + vel.shape[0] < batch.sequence_length
+    assert sum(rows_full) >= batch.sequence_length
     assert (
         ce.shape[0] == batch.ce_loss_indexes.numel() > 0
         and vel.shape[0] == batch.mse_loss_indexes.numel() > 0

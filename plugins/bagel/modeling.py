@@ -113,13 +113,12 @@ class MLPconnector(nn.Module):
 class BagelForwardResult:
     """Everything one forward computes that a loss or a parity check reads."""
 
-    last_hidden_state: torch.Tensor | None
-    """[T, D] after the final norm, with `keep_intermediates` only: otherwise the last layer
-    finishes just the rows the heads read (`HeadRows`)."""
     ce_logits: torch.Tensor | None
     pred_velocity: torch.Tensor | None
     target_velocity: torch.Tensor | None
     intermediates: dict[str, torch.Tensor] = field(default_factory=dict)
+    """With `keep_intermediates`: every row of every stage by name ("last_hidden_state", ...);
+    without it the last layer finishes only the rows the heads read (`HeadRows`)."""
 
 
 def flow_timesteps(raw_N: torch.Tensor, shift: float) -> torch.Tensor:
@@ -225,7 +224,7 @@ class Bagel(nn.Module):
         noised: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> BagelForwardResult:
         """One packed batch -> CE logits, predicted and target velocities (and, with
-        `keep_intermediates`, the last hidden state of every row and the intermediates).
+        `keep_intermediates`, the intermediates, the last hidden state of every row included).
 
         Timesteps and noise are drawn with `generator` unless the batch carries them; VAE
         latents come from the frozen VAE unless the batch carries `padded_latent`. A sampler
@@ -302,7 +301,6 @@ class Bagel(nn.Module):
         assert meta is not None  # built by BagelPackedBatch.__post_init__
         meta.prepare_for(first_attention_core(self.language_model.model.layers))
         llm = self.language_model.model
-        hidden_TD: torch.Tensor | None = None
         with record_function("bagel/llm"):
             if keep_intermediates:  # every row of every layer, for parity checks
                 layer_outputs: list[torch.Tensor] = []
@@ -321,7 +319,7 @@ class Bagel(nn.Module):
             if self.options.visual_gen:
                 pred_velocity = on_padded_rows(self.llm2vae, mse_ND)
             ce_logits = on_padded_rows(self.language_model.lm_head, ce_ND)
-        return BagelForwardResult(hidden_TD, ce_logits, pred_velocity, target_velocity, inter)
+        return BagelForwardResult(ce_logits, pred_velocity, target_velocity, inter)
 
     def _latent_inputs(
         self, batch: BagelPackedBatch, generator: torch.Generator | None, device: torch.device

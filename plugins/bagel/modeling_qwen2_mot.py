@@ -196,7 +196,8 @@ class HeadRows:
         tokens respectively (what `MoTRouting.inverse` maps to grouped rows)."""
 
         def rows(index: torch.Tensor, n: int) -> torch.Tensor:
-            return torch.cat([index, index.new_zeros(padded_rows(n, multiple) - n)])
+            extra = padded_rows(n, multiple) - n
+            return torch.cat([index, index.new_zeros(extra)]) if extra else index
 
         num_und, num_gen = und_positions.numel(), gen_positions.numel()
         und, gen = (
